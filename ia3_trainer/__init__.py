@@ -1,0 +1,35 @@
+"""Fine-tune Hugging Face seq2seq models with IA3 from declarative JSON recipes."""
+
+__version__ = "0.1.0.dev0"
+
+from .recipe import Recipe, RecipeError, apply_overrides, load_recipe
+
+
+def __getattr__(name):
+    # The trainer pulls in torch and transformers; import it only when asked for, so that
+    # `ia3-trainer --help` and `ia3-trainer validate` start at once.
+    if name == "IA3Seq2SeqTrainer":
+        from .trainer import IA3Seq2SeqTrainer
+
+        return IA3Seq2SeqTrainer
+    if name == "IA3TrainingArguments":
+        from .training_args import IA3TrainingArguments
+
+        return IA3TrainingArguments
+    if name == "PushAdapterToHubCallback":
+        from .callbacks import PushAdapterToHubCallback
+
+        return PushAdapterToHubCallback
+    raise AttributeError(f"module 'ia3_trainer' has no attribute {name!r}")
+
+
+__all__ = [
+    "IA3Seq2SeqTrainer",
+    "IA3TrainingArguments",
+    "PushAdapterToHubCallback",
+    "Recipe",
+    "RecipeError",
+    "__version__",
+    "apply_overrides",
+    "load_recipe",
+]

@@ -1,0 +1,224 @@
+"""Load the recipe's splits, check columns and labels, tokenize, and build the padding collator.
+
+Every problem found here is a [`RecipeError`] naming the `data.*` field to change, raised before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .recipe import DataSection, RecipeError, _first_line
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Tokenized splits ready for the trainer, plus what evaluation needs to know about the labels."""
+
+    train_dataset: object
+    eval_dataset: object | None
+    label_names: list[str] | None
+    max_label_tokens: int
+
+
+def load_splits(data: DataSection):
+    """Return `(train, validation_or_None)` as `datasets.Dataset`s with text `text_column` and `label_column`."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(data.path, data.name, data_files=data.data_files, **data.load_kwargs)
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise RecipeError(
+            f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {_first_line(error)}; "
+            "check data.path / data.data_files, the network, or use local files"
+        ) from error
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({data.train_split: loaded})
+    available = sorted(loaded)
+    for key in ("train_split", "validation_split"):
+        split = getattr(data, key)
+        if split is not None and split not in loaded:
+            raise RecipeError(f"data.{key}: no split {split!r}; the dataset has {available}")
+    train = loaded[data.train_split]
+    validation = loaded[data.validation_split] if data.validation_split is not None else None
+
+    if data.label_separator is not None:
+        train = split_lines(train, data, data.train_split)
+        validation = split_lines(validation, data, data.validation_split) if validation is not None else None
+
+    check_columns(train, data, data.train_split)
+    if validation is None and data.validation_size:
+        if len(train) < 2:
+            raise RecipeError(f"data.train_split: split {data.train_split!r} has {len(train)} example(s); need >= 2")
+        parts = train.train_test_split(test_size=data.validation_size, seed=data.split_seed)
+        train, validation = parts["train"], parts["test"]
+    if validation is not None:
+        check_columns(validation, data, data.validation_split or data.train_split)
+    if data.max_train_samples is not None:
+        train = train.select(range(min(data.max_train_samples, len(train))))
+    if validation is not None and data.max_eval_samples is not None:
+        validation = validation.select(range(min(data.max_eval_samples, len(validation))))
+    for split, dataset in (("train_split", train), ("validation_split", validation)):
+        if dataset is not None and len(dataset) == 0:
+            raise RecipeError(f"data.{split}: the split is empty; check data.data_files and the split names")
+    return train, validation
+
+
+def split_lines(dataset, data: DataSection, split: str):
+    """Turn one-column `text<sep>label` lines into `text_column` and `label_column`, splitting on the last `sep`."""
+    column = dataset.column_names[0] if len(dataset.column_names) == 1 else None
+    if column is None:
+        raise RecipeError(
+            f"data.label_separator: split {split!r} has columns {dataset.column_names}; a separator needs "
+            "one text column (e.g. data.path 'text'); remove data.label_separator"
+        )
+    sep = data.label_separator
+    dataset = dataset.filter(lambda row: bool(row[column].strip()))
+    bad = dataset.filter(lambda batch: [sep not in line for line in batch[column]], batched=True)
+    if len(bad):
+        raise RecipeError(
+            f"data.label_separator: {len(bad)} line(s) of split {split!r} have no {sep!r}, e.g. {bad[0][column][:80]!r}"
+        )
+
+    def split_batch(batch):
+        pairs = [line.rsplit(sep, 1) for line in batch[column]]
+        return {data.text_column: [p[0].strip() for p in pairs], data.label_column: [p[1].strip() for p in pairs]}
+
+    return dataset.map(split_batch, batched=True, remove_columns=[column], desc="Splitting lines")
+
+
+def check_columns(dataset, data: DataSection, split: str) -> None:
+    for key in ("text_column", "label_column"):
+        column = getattr(data, key)
+        if column not in dataset.column_names:
+            raise RecipeError(
+                f"data.{key}: no column {column!r} in split {split!r}; its columns are {dataset.column_names}; "
+                f"set data.{key} to one of them"
+            )
+
+
+def label_texts(train, validation, data: DataSection):
+    """Map labels to text. Returns `(train, validation, label_names)`; `label_names` is None for free-text targets.
+
+    Integer labels become text through the dataset's ClassLabel names or `data.label_names`; text labels are
+    used as they are and, when `data.label_names` is given, must be among them.
+    """
+    import datasets
+
+    feature = train.features[data.label_column]
+    names = data.label_names
+    if isinstance(feature, datasets.ClassLabel):
+        names = names or feature.names
+        if len(names) != feature.num_classes:
+            raise RecipeError(
+                f"data.label_names: has {len(names)} names but the dataset's ClassLabel has {feature.num_classes}"
+            )
+    is_int = getattr(feature, "dtype", "").startswith(("int", "uint")) or isinstance(feature, datasets.ClassLabel)
+    if is_int and names is None:
+        raise RecipeError(
+            f"data.label_names: labels in column {data.label_column!r} are integers and the dataset has no "
+            "ClassLabel names; set data.label_names to the text of each label, e.g. [\"negative\", \"neutral\", "
+            "\"positive\"]"
+        )
+
+    def to_text(dataset, split):
+        if dataset is None:
+            return None
+        if is_int:
+            values = set(dataset.unique(data.label_column))
+            outside = sorted(v for v in values if not 0 <= v < len(names))
+            if outside:
+                raise RecipeError(
+                    f"data.label_names: split {split!r} has label ids {outside[:5]} but only {len(names)} names"
+                )
+            column = data.label_column
+            return dataset.map(lambda batch: {column: [names[v] for v in batch[column]]}, batched=True,
+                               features=_text_features(dataset, column), desc="Label ids to text")
+        values = set(dataset.unique(data.label_column))
+        if names is not None:
+            outside = sorted(str(v) for v in values - set(names))
+            if outside:
+                raise RecipeError(
+                    f"data.label_names: split {split!r} has labels {outside[:5]} that are not in {names}; "
+                    "add them to data.label_names or fix the data"
+                )
+        return dataset
+
+    train = to_text(train, data.train_split)
+    validation = to_text(validation, data.validation_split or "validation")
+    if names is None and is_classification(train, data):
+        names = sorted(train.unique(data.label_column))
+    if names is not None and validation is not None:
+        unseen = sorted(set(validation.unique(data.label_column)) - set(train.unique(data.label_column)))
+        if unseen:
+            logger.warning("The validation split has labels the training split never has: %s", unseen)
+    return train, validation, None if names is None else list(names)
+
+
+def is_classification(dataset, data: DataSection, max_classes: int = 50) -> bool:
+    """Text labels drawn from a small set are classes (label accuracy, rank classification apply)."""
+    return len(dataset.unique(data.label_column)) <= min(max_classes, max(2, len(dataset) // 2))
+
+
+def check_label_lengths(tokenizer, texts, max_target_length: int) -> int:
+    """Fail when a label would be truncated; return the longest label's token count (with EOS)."""
+    longest = 0
+    for text in sorted(set(texts)):
+        ids = tokenizer(text_target=text)["input_ids"]
+        if len(ids) > max_target_length:
+            raise RecipeError(
+                f"data.max_target_length: label {text[:60]!r} is {len(ids)} tokens (with end-of-sequence) but "
+                f"data.max_target_length is {max_target_length}; raise it to at least {len(ids)}"
+            )
+        longest = max(longest, len(ids))
+    return longest
+
+
+def tokenize(dataset, tokenizer, data: DataSection):
+    """Tokenize sources (truncated to `max_source_length`) and labels; keep only model inputs."""
+    if dataset is None:
+        return None
+
+    def encode(batch):
+        sources = [data.source_prefix + str(text) for text in batch[data.text_column]]
+        model_inputs = tokenizer(sources, max_length=data.max_source_length, truncation=True)
+        targets = tokenizer(text_target=[str(label) for label in batch[data.label_column]],
+                            max_length=data.max_target_length, truncation=True)
+        model_inputs["labels"] = targets["input_ids"]
+        return model_inputs
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+
+
+def prepare_data(data: DataSection, tokenizer) -> PreparedData:
+    """Load, check and tokenize the recipe's data: the whole path from `data` section to trainer datasets."""
+    train, validation = load_splits(data)
+    train, validation, names = label_texts(train, validation, data)
+    all_labels = train.unique(data.label_column) + (validation.unique(data.label_column) if validation else [])
+    longest = check_label_lengths(tokenizer, [str(label) for label in all_labels], data.max_target_length)
+    return PreparedData(
+        train_dataset=tokenize(train, tokenizer, data),
+        eval_dataset=tokenize(validation, tokenizer, data),
+        label_names=names,
+        max_label_tokens=longest,
+    )
+
+
+def build_collator(tokenizer, model=None, pad_to_multiple_of: int | None = 8):
+    """Dynamic padding to the longest sequence of each batch (rounded up for tensor cores); labels padded with -100."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(
+        tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of
+    )
+
+
+def _text_features(dataset, column: str):
+    import datasets
+
+    features = dataset.features.copy()
+    features[column] = datasets.Value("string")
+    return features
