@@ -49,6 +49,9 @@ def load_splits(data: DataSection):
         train = split_lines(train, data, data.train_split)
         validation = split_lines(validation, data, data.validation_split) if validation is not None else None
 
+    for key, dataset in (("train_split", train), ("validation_split", validation)):
+        if dataset is not None and len(dataset) == 0:
+            raise RecipeError(f"data.{key}: split {getattr(data, key)!r} is empty; check data.data_files")
     check_columns(train, data, data.train_split)
     if validation is None and data.validation_size:
         if len(train) < 2:
@@ -61,9 +64,6 @@ def load_splits(data: DataSection):
         train = train.select(range(min(data.max_train_samples, len(train))))
     if validation is not None and data.max_eval_samples is not None:
         validation = validation.select(range(min(data.max_eval_samples, len(validation))))
-    for split, dataset in (("train_split", train), ("validation_split", validation)):
-        if dataset is not None and len(dataset) == 0:
-            raise RecipeError(f"data.{split}: the split is empty; check data.data_files and the split names")
     return train, validation
 
 

@@ -436,7 +436,7 @@ def _known_keys(section: str) -> set[str] | None:
 
 def _did_you_mean(key: str, options, prefix: str = "") -> str:
     match = difflib.get_close_matches(key, sorted(options), n=1)
-    return f"; did you mean {prefix}{match[0]!r}?" if match else ""
+    return f"; did you mean {prefix + match[0]!r}?" if match else ""
 
 
 def _first_line(error: BaseException) -> str:
@@ -536,7 +536,7 @@ def _fits(value: Any, annotation: Any) -> bool:
     if annotation is type(None):
         return value is None
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in args)
+        return any(_fits(value, arg) for arg in _enum_over_str(args))
     if origin is Literal:
         return value in args
     if origin in (list, tuple, set):
@@ -565,11 +565,18 @@ def _fits(value: Any, annotation: Any) -> bool:
     return value is None
 
 
+def _enum_over_str(args: tuple) -> tuple:
+    """`SchedulerType | str` accepts only the enum's values: the `str` is there for callers, not free text."""
+    if any(isinstance(arg, type) and issubclass(arg, enum.Enum) for arg in args):
+        return tuple(arg for arg in args if arg is not str)
+    return args
+
+
 def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(arg) for arg in args))
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in _enum_over_str(args)))
     if origin is Literal:
         return "one of " + ", ".join(json.dumps(arg) for arg in args)
     if origin in (list, tuple, set) or annotation in (list, tuple, set):

@@ -221,6 +221,21 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 logs[key] = perplexity(logs[loss_key])
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter (never the base weights), the tokenizer and `recipe.json` to `output_dir`.
+
+        A base model built with `model.init: random` cannot be downloaded again, so the final save also keeps
+        it in `output_dir/base-model` and points the adapter at it, so `AutoPeftModelForSeq2SeqLM` can load it.
+        """
+        output_dir = output_dir or self.args.output_dir
+        if not _internal_call and self.recipe is not None and self.recipe.model.init == "random":
+            base_dir = Path(output_dir) / "base-model"
+            if self.args.should_save:
+                self.model.get_base_model().save_pretrained(base_dir)
+                self.processing_class.save_pretrained(base_dir)
+            self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(base_dir.resolve())
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if self.recipe is not None:

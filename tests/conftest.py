@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny models built from configs (random weights, offline) and the shipped tiny tokenizer."""
+
+import copy
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_ASSETS = REPO / "recipes" / "assets"
+TINY_MODEL_DIR = TINY_ASSETS / "tiny-t5"
+PHRASEBANK_DIR = REPO.parent / "shared" / "data" / "financial_phrasebank"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def tiny_config(model_type: str = "t5", vocab_size: int = 512, **kwargs):
+    """A 16-wide, 2+2-layer config of each architecture we support, sized for the shipped tokenizer."""
+    from transformers import BartConfig, MT5Config, T5Config
+
+    if model_type in ("t5", "mt5"):
+        cls = T5Config if model_type == "t5" else MT5Config
+        defaults = dict(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
+                        num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        return cls(**{**defaults, **kwargs})
+    if model_type == "bart":
+        defaults = dict(vocab_size=vocab_size, d_model=16, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                        decoder_start_token_id=0, forced_eos_token_id=1, dropout=0.0)
+        return BartConfig(**{**defaults, **kwargs})
+    raise ValueError(model_type)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def _tiny_t5_session():
+    from transformers import T5ForConditionalGeneration, set_seed
+
+    set_seed(0)
+    return T5ForConditionalGeneration(tiny_config("t5"))
+
+
+@pytest.fixture
+def tiny_t5(_tiny_t5_session):
+    """A fresh copy per test, so training in one test never leaks into another."""
+    return copy.deepcopy(_tiny_t5_session)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, _tiny_t5_session):
+    """The tiny T5 saved with its tokenizer, loadable with from_pretrained (as a Hub model would be)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-t5-pretrained")
+    _tiny_t5_session.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(folder)
+    return folder
+
+
+def tiny_recipe(tmp_path, **overrides) -> dict:
+    """The shipped tiny recipe as a dict, writing into tmp_path, shortened to a few steps; dotted overrides."""
+    from ia3_trainer.recipe import apply_overrides
+
+    raw = json.loads((REPO / "recipes" / "tiny.json").read_text())
+    raw["model"]["name_or_path"] = str(TINY_MODEL_DIR)
+    raw["data"]["data_files"] = {"train": str(TINY_ASSETS / "tiny-sentiment.jsonl")}
+    raw["data"]["max_train_samples"] = 64
+    raw["data"]["max_eval_samples"] = 24
+    raw["training"].update(
+        output_dir=str(tmp_path / "out"), num_train_epochs=1, max_steps=4, logging_steps=1,
+        per_device_train_batch_size=8, eval_strategy="no", save_strategy="no", dataloader_num_workers=0,
+    )
+    return apply_overrides(raw, overrides) if overrides else raw
+
+
+@pytest.fixture
+def phrasebank_zip(tmp_path_factory):
+    """The original release's zip layout rebuilt from ../shared (skips when the data is absent)."""
+    if not (PHRASEBANK_DIR / "Sentences_AllAgree.txt").is_file():
+        pytest.skip(f"Financial PhraseBank not found at {PHRASEBANK_DIR}")
+    path = tmp_path_factory.mktemp("phrasebank") / "FinancialPhraseBank-v1.0.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(PHRASEBANK_DIR.glob("*.txt")):
+            archive.write(file, f"FinancialPhraseBank-v1.0/{file.name}")
+    return path

@@ -1,0 +1,122 @@
+"""Data loading and checks: each problem is one RecipeError naming the data.* field to change."""
+
+import json
+
+import pytest
+
+from conftest import tiny_recipe
+from ia3_trainer import RecipeError, load_recipe
+from ia3_trainer.data import check_label_lengths, load_splits, prepare_data
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def data_section(tmp_path, **fields):
+    raw = tiny_recipe(tmp_path)
+    raw["data"].update(fields)
+    return load_recipe(raw).data
+
+
+def test_label_separator_splits_on_the_last_one(tmp_path, tokenizer):
+    path = tmp_path / "lines.txt"
+    path.write_bytes("Profit rose @ 5 % in caf\xe9 sales@positive\r\nSales fell@negative\r\n\r\nIt is Monday@neutral\n"
+                     .encode("latin-1"))
+    data = data_section(tmp_path, path="text", data_files={"train": str(path)}, load_kwargs={"encoding": "latin-1"},
+                        label_separator="@", validation_size=0, max_train_samples=None)
+    train, validation = load_splits(data)
+    assert validation is None
+    assert train["sentence"][:] == ["Profit rose @ 5 % in caf\xe9 sales", "Sales fell", "It is Monday"]
+    assert train["label"][:] == ["positive", "negative", "neutral"]
+    prepared = prepare_data(data, tokenizer)
+    assert len(prepared.train_dataset) == 3 and prepared.eval_dataset is None
+    labels = tokenizer.batch_decode(list(prepared.train_dataset["labels"]), skip_special_tokens=True)
+    assert labels == ["positive", "negative", "neutral"]
+
+
+def test_line_without_separator(tmp_path, tokenizer):
+    path = tmp_path / "lines.txt"
+    path.write_text("good@positive\nno label here\n")
+    data = data_section(tmp_path, path="text", data_files={"train": str(path)}, label_separator="@",
+                        validation_size=0)
+    with pytest.raises(RecipeError, match=r"data.label_separator: 1 line\(s\) of split 'train' have no '@'"):
+        prepare_data(data, tokenizer)
+
+
+def test_missing_column_lists_the_columns(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "positive"}] * 4)
+    data = data_section(tmp_path, data_files={"train": path})
+    with pytest.raises(RecipeError) as info:
+        prepare_data(data, tokenizer)
+    assert str(info.value) == ("data.text_column: no column 'sentence' in split 'train'; its columns are "
+                               "['text', 'label']; set data.text_column to one of them")
+
+
+def test_integer_labels_need_names(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a b", "label": i % 3} for i in range(9)])
+    data = data_section(tmp_path, data_files={"train": path}, label_names=None)
+    with pytest.raises(RecipeError, match=r"^data.label_names: labels in column 'label' are integers"):
+        prepare_data(data, tokenizer)
+    data = data_section(tmp_path, data_files={"train": path}, label_names=["negative", "neutral", "positive"],
+                        validation_size=3)
+    prepared = prepare_data(data, tokenizer)
+    assert prepared.label_names == ["negative", "neutral", "positive"]
+    assert len(prepared.train_dataset) == 6 and len(prepared.eval_dataset) == 3
+    decoded = set(tokenizer.batch_decode(list(prepared.train_dataset["labels"]), skip_special_tokens=True))
+    assert decoded <= {"negative", "neutral", "positive"}
+
+
+def test_class_label_names_are_used(tmp_path, tokenizer):
+    import datasets
+
+    folder = tmp_path / "ds"
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "neutral", "positive"])})
+    datasets.Dataset.from_dict({"sentence": ["x y"] * 6, "label": [0, 1, 2] * 2}, features=features).to_parquet(
+        str(folder / "train.parquet"))
+    data = data_section(tmp_path, path="parquet", data_files={"train": str(folder / "train.parquet")},
+                        label_names=None, validation_size=0)
+    prepared = prepare_data(data, tokenizer)
+    assert prepared.label_names == ["negative", "neutral", "positive"]
+
+
+def test_text_labels_outside_label_names(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a", "label": "positive"}, {"sentence": "b", "label": "bullish"}])
+    data = data_section(tmp_path, data_files={"train": path}, validation_size=0)
+    with pytest.raises(RecipeError, match=r"data.label_names: split 'train' has labels \['bullish'\] that are not in"):
+        prepare_data(data, tokenizer)
+
+
+def test_label_longer_than_max_target_length(tokenizer):
+    with pytest.raises(RecipeError) as info:
+        check_label_lengths(tokenizer, ["positive", "very positive indeed"], max_target_length=3)
+    assert str(info.value).startswith("data.max_target_length: label 'very positive indeed' is ")
+    assert str(info.value).endswith("but data.max_target_length is 3; raise it to at least "
+                                    f"{len(tokenizer(text_target='very positive indeed').input_ids)}")
+    assert check_label_lengths(tokenizer, ["positive", "neutral"], 3) == 2
+
+
+def test_named_validation_split_and_empty_split(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"sentence": "a", "label": "positive"}] * 3)
+    valid = write_jsonl(tmp_path / "v.jsonl", [{"sentence": "b", "label": "negative"}] * 2)
+    data = data_section(tmp_path, data_files={"train": train, "validation": valid}, validation_split="validation")
+    prepared = prepare_data(data, tokenizer)
+    assert len(prepared.train_dataset) == 3 and len(prepared.eval_dataset) == 2
+    data = data_section(tmp_path, data_files={"train": train}, validation_split="dev")
+    with pytest.raises(RecipeError, match=r"data.validation_split: no split 'dev'; the dataset has \['train'\]"):
+        prepare_data(data, tokenizer)
+    lines, blank = tmp_path / "t.txt", tmp_path / "blank.txt"
+    lines.write_text("good@positive\n")
+    blank.write_text("\n  \n")
+    data = data_section(tmp_path, path="text", data_files={"train": str(lines), "validation": str(blank)},
+                        validation_split="validation", label_separator="@")
+    with pytest.raises(RecipeError, match=r"data.validation_split: split 'validation' is empty; check data.data_files"):
+        prepare_data(data, tokenizer)
+
+
+def test_unloadable_path(tmp_path, tokenizer):
+    data = data_section(tmp_path, data_files={"train": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(RecipeError, match=r"^data.path: cannot load 'json'"):
+        prepare_data(data, tokenizer)

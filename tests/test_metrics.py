@@ -1,0 +1,42 @@
+"""Metric functions against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+from transformers import EvalPrediction
+
+from ia3_trainer.metrics import build_compute_metrics, decode, label_accuracy, perplexity
+
+
+def test_perplexity_is_exp_of_token_mean():
+    assert perplexity(6.0, 3) == pytest.approx(math.exp(2.0))
+    assert perplexity(math.log(4.0)) == pytest.approx(4.0)
+    assert perplexity(1e6, 1) == float("inf")
+    assert math.isnan(perplexity(1.0, 0))
+
+
+def test_label_accuracy_strips_whitespace():
+    assert label_accuracy([" positive", "neutral ", "negative"], ["positive", "neutral", "positive"]) == 2 / 3
+    assert math.isnan(label_accuracy([], []))
+    with pytest.raises(ValueError, match="got 1 predictions for 2 references"):
+        label_accuracy(["a"], ["a", "b"])
+
+
+def test_decode_masks_minus_100(tokenizer):
+    ids = tokenizer(text_target=["positive", "neutral"], padding=True)["input_ids"]
+    batch = np.array([ids[0] + [-100, -100], ids[1] + [-100, -100]])
+    assert decode(batch, tokenizer) == ["positive", "neutral"]
+
+
+def test_compute_metrics_weights_perplexity_by_tokens(tokenizer):
+    gold = tokenizer(text_target=["positive", "neutral", "negative"])["input_ids"]
+    labels = np.array(gold)
+    generated = np.array([[0] + gold[0], [0] + gold[1], [0] + gold[0]])  # decoder start, then text
+    nll_sum = np.array([1.0, 2.0, 6.0])
+    tokens = np.array([1, 2, 3])
+    metrics = build_compute_metrics(tokenizer)(EvalPrediction(predictions=(generated, nll_sum, tokens),
+                                                              label_ids=labels))
+    assert metrics["label_accuracy"] == pytest.approx(2 / 3)
+    # 9 nats over 6 tokens, not the mean of per-example means (which would be exp(5/3))
+    assert metrics["perplexity"] == pytest.approx(math.exp(1.5))

@@ -1,0 +1,225 @@
+"""IA3Seq2SeqTrainer end to end on tiny models built from configs: only IA3 vectors train, metrics are exact."""
+
+import json
+import math
+
+import pytest
+import torch
+from peft import AutoPeftModelForSeq2SeqLM, IA3Config, LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    BartForConditionalGeneration,
+    MT5ForConditionalGeneration,
+    T5ForConditionalGeneration,
+)
+
+from conftest import TINY_MODEL_DIR, tiny_config, tiny_recipe
+from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
+from ia3_trainer.data import build_collator, prepare_data
+from ia3_trainer.metrics import decode
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_only_ia3_moved(before, model):
+    moved = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    ia3 = {name for name, _ in model.named_parameters() if "ia3_l" in name}
+    assert ia3 and moved, "training changed nothing"
+    assert moved <= ia3, f"base weights changed: {sorted(moved - ia3)[:3]}"
+
+
+def test_from_recipe_trains_only_the_ia3_vectors(tmp_path, capsys):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 3}))
+    assert "trainable params: " in capsys.readouterr().out
+    before = snapshot(trainer.model)
+    metrics = trainer.train().metrics
+    assert_only_ia3_moved(before, trainer.model)
+    assert metrics["train_perplexity"] == pytest.approx(math.exp(metrics["train_loss"]))
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(entry["perplexity"] == pytest.approx(math.exp(entry["loss"])) for entry in logged)
+
+
+def test_evaluate_matches_a_direct_computation(tmp_path):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 6,
+                                                                      "training.per_device_eval_batch_size": 5}))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert set(metrics) >= {"eval_loss", "eval_perplexity", "eval_label_accuracy"}
+
+    model, tokenizer = trainer.model.eval(), trainer.processing_class
+    collate = build_collator(tokenizer, model)
+    nll, tokens, correct = 0.0, 0, 0
+    for row in trainer.eval_dataset:  # one example at a time: no padding anywhere
+        batch = collate([row])
+        with torch.no_grad():
+            logits = model(**batch).logits
+            nll += torch.nn.functional.cross_entropy(logits[0], batch["labels"][0], reduction="sum").item()
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=trainer.max_new_tokens)
+        tokens += len(row["labels"])
+        correct += decode(generated, tokenizer)[0] == decode([row["labels"]], tokenizer)[0]
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    assert metrics["eval_label_accuracy"] == pytest.approx(correct / len(trainer.eval_dataset))
+    assert trainer.max_new_tokens == 2  # one label token + EOS: generation is bounded by the longest label
+
+
+def test_saved_adapter_reloads_and_predicts_the_same(tmp_path, tiny_t5_dir):
+    raw = tiny_recipe(tmp_path, **{"model.name_or_path": str(tiny_t5_dir), "model.init": "pretrained",
+                                   "training.max_steps": 5})
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    trainer.train()  # save_final_adapter: the adapter lands in output_dir without a save_model() call
+    out = tmp_path / "out"
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}, "base weights were saved"
+    assert (out / "adapter_model.safetensors").stat().st_size < 100_000
+    assert json.loads((out / "recipe.json").read_text())["model"]["name_or_path"] == str(tiny_t5_dir)
+
+    reloaded = AutoPeftModelForSeq2SeqLM.from_pretrained(out).eval()
+    batch = build_collator(trainer.processing_class)([{k: row[k] for k in ("input_ids", "attention_mask")}
+                                                     for row in trainer.eval_dataset])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained.generate(**batch, max_new_tokens=3)
+        got = reloaded.generate(**batch, max_new_tokens=3)
+    assert torch.equal(expected, got)
+
+
+def test_random_init_keeps_its_base_beside_the_adapter(tmp_path):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1}))
+    trainer.train()
+    out = tmp_path / "out"
+    assert (out / "base-model" / "model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base-model").resolve())
+    AutoPeftModelForSeq2SeqLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("model_type,cls,expected_targets", [
+    ("t5", T5ForConditionalGeneration, {"k", "v", "wo"}),
+    ("mt5", MT5ForConditionalGeneration, {"k", "v", "wi_1"}),
+    ("bart", BartForConditionalGeneration, {"q_proj", "v_proj", "fc2"}),
+])
+def test_each_architecture_trains_with_peft_defaults(tmp_path, tokenizer, model_type, cls, expected_targets):
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    prepared = prepare_data(recipe.data, tokenizer)
+    args = IA3TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                                learning_rate=0.1, use_cpu=True, save_strategy="no", save_final_adapter=False)
+    trainer = IA3Seq2SeqTrainer(cls(tiny_config(model_type)), args, train_dataset=prepared.train_dataset,
+                                eval_dataset=prepared.eval_dataset, processing_class=tokenizer)
+    assert set(trainer.model.peft_config["default"].target_modules) == expected_targets
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert_only_ia3_moved(before, trainer.model)
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_label_accuracy"] <= 1.0 and math.isfinite(metrics["eval_perplexity"])
+
+
+def _mt5_with_separate_head(folder):
+    torch.manual_seed(0)
+    model = MT5ForConditionalGeneration(tiny_config("mt5"))
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_untied_head_survives_tie_weights_and_save(tmp_path, tokenizer):
+    original = _mt5_with_separate_head(tmp_path / "mt5")
+    tokenizer.save_pretrained(tmp_path / "mt5")
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        expected = original(input_ids=ids, decoder_input_ids=ids).logits
+
+    raw = tiny_recipe(tmp_path, **{"model.name_or_path": str(tmp_path / "mt5"), "model.init": "pretrained",
+                                   "ia3.target_modules": None, "ia3.feedforward_modules": None})
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, decoder_input_ids=ids).logits
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)  # IA3 vectors start at 1: the wrapped model's logits are the same
+    trainer.model.get_base_model().tie_weights()
+    assert torch.equal(logits(trainer.model), expected)
+
+    base = IA3Seq2SeqTrainer.load_model(load_recipe(raw).model)
+    assert base.config.tie_word_embeddings is False
+    assert torch.equal(logits(base), expected)
+    base.tie_weights()
+    assert base.lm_head.weight is not base.shared.weight
+    assert torch.equal(logits(base), expected)
+    base.resize_token_embeddings(base.config.vocab_size)
+    assert torch.equal(logits(base), expected)
+
+    base.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(logits(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "again")), expected)
+
+
+def test_without_the_guard_tie_weights_breaks_the_head(tmp_path):
+    # Documents the transformers 5 behaviour the guard exists for; if this ever fails, the guard can go.
+    _mt5_with_separate_head(tmp_path / "mt5")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "mt5")
+    assert model.config.tie_word_embeddings is True
+    model.tie_weights()
+    assert model.lm_head.weight is model.shared.weight
+
+
+def test_mt0_large_shape_counts_like_the_guide():
+    from transformers import MT5Config
+
+    config = MT5Config(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
+                       num_heads=16, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = MT5ForConditionalGeneration(config)
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))  # as loaded: untied
+    peft_model = IA3Seq2SeqTrainer.wrap_model_with_ia3(model)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert (trainable, total) == (282_624, 1_229_863_936)
+    assert model.config.tie_word_embeddings is False
+
+
+def test_construction_errors(tiny_t5, tokenizer):
+    with pytest.raises(TypeError, match="peft_config must be a peft.IA3Config, got LoraConfig"):
+        IA3Seq2SeqTrainer(tiny_t5, processing_class=tokenizer, peft_config=LoraConfig())
+    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel or a peft PeftModel, got str"):
+        IA3Seq2SeqTrainer("t5-small", processing_class=tokenizer)
+    with pytest.raises(ValueError, match="needs processing_class"):
+        IA3Seq2SeqTrainer(tiny_t5)
+    peft_model = get_peft_model(tiny_t5, IA3Config(task_type="SEQ_2_SEQ_LM"))
+    with pytest.raises(ValueError, match="You passed a PeftModel together with peft_config"):
+        IA3Seq2SeqTrainer(peft_model, processing_class=tokenizer, peft_config=IA3Config())
+
+
+def test_lora_peft_model_is_refused(tiny_t5, tokenizer):
+    lora = get_peft_model(tiny_t5, LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"]))
+    with pytest.raises(ValueError, match="trains IA3 adapters, but the PeftModel has a LORA adapter"):
+        IA3Seq2SeqTrainer(lora, processing_class=tokenizer)
+
+
+def test_ready_peft_model_and_config_without_task_type(tiny_t5, tokenizer, tmp_path):
+    args = IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    trainer = IA3Seq2SeqTrainer(tiny_t5, args, processing_class=tokenizer, peft_config=IA3Config())
+    assert type(trainer.model).__name__ == "PeftModelForSeq2SeqLM"
+    ready = get_peft_model(T5ForConditionalGeneration(tiny_config("t5")), IA3Config(task_type="SEQ_2_SEQ_LM"))
+    assert IA3Seq2SeqTrainer(ready, args, processing_class=tokenizer).model is ready
+    assert isinstance(ready, PeftModel)
+
+
+def test_architecture_without_peft_default_names_the_field(tokenizer):
+    from transformers import MBartConfig, MBartForConditionalGeneration
+
+    config = MBartConfig(vocab_size=512, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16)
+    with pytest.raises(ValueError, match=r"ia3.target_modules: peft has no IA3 default for model type 'mbart'"):
+        IA3Seq2SeqTrainer(MBartForConditionalGeneration(config), processing_class=tokenizer)
+
+
+def test_unloadable_model_is_a_recipe_error(tmp_path):
+    from ia3_trainer import RecipeError
+
+    raw = tiny_recipe(tmp_path, **{"model.name_or_path": str(tmp_path / "no-such-model"), "model.init": "pretrained",
+                                   "model.tokenizer_name_or_path": str(TINY_MODEL_DIR)})
+    with pytest.raises(RecipeError, match=r"^model.name_or_path: cannot load a seq2seq model from '.*no-such-model'"):
+        IA3Seq2SeqTrainer.from_recipe(raw)
