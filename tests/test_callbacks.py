@@ -1,0 +1,304 @@
+"""PushAdapterToHubCallback and the model card, with the real huggingface_hub client against a fake Hub on 127.0.0.1.
+
+Nothing here reaches the internet: every Hub call goes to `tests/hub_server.py` (or to a closed port).
+"""
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import huggingface_hub
+import peft
+import pytest
+import torch
+from hub_server import FAKE_TOKEN, HubServer, closed_endpoint
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerControl,
+    TrainerState,
+)
+
+from ia3_trainer.callbacks import PushAdapterToHubCallback, push_adapter_folder
+from ia3_trainer.model_card import write_model_card
+
+
+ASSETS = Path(__file__).parent.parent / "recipes" / "assets"
+REPO_ID = "alice/tiny-t5-ia3"
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}  # what the shipped BPE tokenizer saves
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "README.md"} | TOKENIZER_FILES
+SENTENCES = [
+    "Acme Oyj said its net sales rose by 12 % in the first quarter .",
+    "Delta Foods said its operating profit fell by 30 % last year .",
+    "Orion Media will publish its interim report on Monday .",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The shipped tiny T5 (random weights, saved once so that adapters point at a loadable base) and 16 examples."""
+    # On small CPU machines torch's intra-op threads make each of these ~5 ms steps take ~1 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-t5")
+    torch.manual_seed(0)
+    base = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(ASSETS / "tiny-t5"))
+    base_dir = tmp_path_factory.mktemp("base")
+    base.save_pretrained(base_dir)
+    rows = [json.loads(line) for line in (ASSETS / "tiny-sentiment.jsonl").read_text().splitlines()[:16]]
+    examples = datasets.Dataset.from_list(rows).map(
+        lambda row: {
+            "input_ids": tokenizer(row["sentence"])["input_ids"],
+            "labels": tokenizer(text_target=row["label"])["input_ids"],
+        },
+        remove_columns=["sentence", "label"],
+    )
+    yield SimpleNamespace(tokenizer=tokenizer, base_dir=base_dir, examples=examples)
+    torch.set_num_threads(threads)
+
+
+def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN) -> None:
+    """Point huggingface_hub at `endpoint` with `token`, over plain HTTP (no Xet)."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)  # read at import: tests pass endpoint= explicitly as well
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    # huggingface_hub reads HF_HUB_DISABLE_XET once, into constants.HF_HUB_DISABLE_XET, when it is imported, and
+    # is_xet_available() checks that constant: the variable alone comes too late for this process. With hf_xet
+    # installed and Xet on, uploads and downloads would go to a Xet storage server, which the fake Hub is not.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    with HubServer() as server:
+        use_hub(monkeypatch, server.endpoint)
+        yield server
+
+
+def train(tiny, output_dir: Path, callback: PushAdapterToHubCallback, **overrides) -> Seq2SeqTrainer:
+    model = peft.get_peft_model(
+        AutoModelForSeq2SeqLM.from_pretrained(tiny.base_dir), peft.IA3Config(task_type="SEQ_2_SEQ_LM")
+    )
+    settings = {"max_steps": 4, "save_strategy": "no", **overrides}
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        learning_rate=0.05,
+        disable_tqdm=True,
+        **settings,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny.examples,
+        processing_class=tiny.tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tiny.tokenizer, model=model),
+        callbacks=[callback],
+    )
+    trainer.train()
+    return trainer
+
+
+def generate(model, tokenizer) -> list[list[int]]:
+    model.eval()
+    inputs = tokenizer(SENTENCES, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=3, do_sample=False).tolist()
+
+
+def test_end_strategy_pushes_adapter_only_and_loads_back(tiny, hub, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "recipe.json").write_text(json.dumps({"data": {"path": "json"}, "hub": {"repo_id": REPO_ID}}))
+    callback = PushAdapterToHubCallback(REPO_ID, endpoint=hub.endpoint)
+    trainer = train(tiny, tmp_path / "out", callback)
+
+    assert callback.failures == []
+    assert [commit["message"] for commit in hub.commits] == ["Upload final adapter (step 4)"]
+    assert callback.pushed_commits == [f"{hub.endpoint}/{REPO_ID}/commit/{hub.commits[0]['oid']}"]
+    files = hub.commits[0]["files"]
+    assert set(files) == ADAPTER_FILES | {"recipe.json"}
+    base_size = (tiny.base_dir / "model.safetensors").stat().st_size
+    assert all(len(content) < base_size for content in files.values())
+    assert json.loads(files["metrics.json"])["metrics"]["train_loss"] > 0
+    card = files["README.md"].decode()
+    assert "library_name: peft" in card and "| train_loss |" in card
+    assert f'AutoPeftModelForSeq2SeqLM.from_pretrained("{REPO_ID}")' in card
+    assert hub.repos[REPO_ID].private
+
+    # The token went to the Hub in headers only: not in any request body, uploaded file, local file or log.
+    assert any(r["headers"].get("authorization") == f"Bearer {FAKE_TOKEN}" for r in hub.requests)
+    assert not any(FAKE_TOKEN.encode() in r["body"] for r in hub.requests)
+    assert not any(
+        FAKE_TOKEN.encode() in path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()
+    )
+    assert FAKE_TOKEN not in caplog.text
+
+    downloaded = huggingface_hub.snapshot_download(REPO_ID, endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    assert {path.name for path in Path(downloaded).iterdir()} == set(files)
+    loaded = peft.AutoPeftModelForSeq2SeqLM.from_pretrained(downloaded)
+    assert generate(loaded, AutoTokenizer.from_pretrained(downloaded)) == generate(trainer.model, tiny.tokenizer)
+    trained_ia3 = {name: p for name, p in trainer.model.named_parameters() if "ia3_l" in name}
+    assert trained_ia3 and not all(torch.equal(p, torch.ones_like(p)) for p in trained_ia3.values())
+    loaded_ia3 = dict(loaded.named_parameters())
+    assert all(torch.equal(loaded_ia3[name], p) for name, p in trained_ia3.items())
+
+
+def test_epoch_strategy_pushes_every_epoch_then_final(tiny, hub, tmp_path):
+    callback = PushAdapterToHubCallback(REPO_ID, strategy="epoch", endpoint=hub.endpoint)
+    train(tiny, tmp_path / "out", callback, max_steps=-1, num_train_epochs=2)
+
+    assert callback.failures == []
+    assert [commit["message"] for commit in hub.commits] == [
+        "Upload adapter at epoch 1 (step 4)",
+        "Upload adapter at epoch 2 (step 8)",
+        "Upload final adapter (step 8)",
+    ]
+    assert set(hub.commits[0]["files"]) == ADAPTER_FILES
+    # The Hub skips unchanged files: the final adapter is the epoch-2 one, only metrics and card moved on.
+    assert set(hub.commits[2]["files"]) == {"metrics.json", "README.md"}
+    assert set(hub.repo_files(REPO_ID)) == ADAPTER_FILES
+
+
+def test_checkpoint_strategy_pushes_every_checkpoint_then_final(tiny, hub, tmp_path):
+    callback = PushAdapterToHubCallback(REPO_ID, strategy="checkpoint", endpoint=hub.endpoint)
+    train(tiny, tmp_path / "out", callback, save_strategy="steps", save_steps=2, save_total_limit=1)
+
+    assert callback.failures == []
+    assert [commit["message"] for commit in hub.commits] == [
+        "Upload adapter at step 2 (epoch 0.50)",
+        "Upload adapter at step 4 (epoch 1.00)",
+        "Upload final adapter (step 4)",
+    ]
+    assert len(callback.pushed_commits) == 3
+    # Checkpoints also hold optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin.
+    assert (tmp_path / "out" / "checkpoint-4" / "optimizer.pt").is_file()
+    assert set(hub.repo_files(REPO_ID)) == ADAPTER_FILES
+
+
+# Failing the first two writes hits create_repo (at train begin, then at the push); failing two commits makes the
+# push upload everything again (the LFS object is already there, so only the commit is sent again).
+@pytest.mark.parametrize("path", ["", "/commit/"], ids=["any-write", "commit"])
+def test_push_retries_after_server_errors(tiny, hub, tmp_path, path):
+    hub.fail_next(2, path=path)
+    callback = PushAdapterToHubCallback(REPO_ID, endpoint=hub.endpoint, backoff_seconds=0.05)
+    train(tiny, tmp_path / "out", callback)
+
+    assert [r["status"] for r in hub.requests if path in r["path"]].count(500) == 2
+    assert callback.failures == []
+    assert len(callback.pushed_commits) == 1
+    assert set(hub.repo_files(REPO_ID)) == ADAPTER_FILES
+
+
+def test_hub_down_keeps_training_and_reports_one_line(tiny, tmp_path, monkeypatch, caplog):
+    endpoint = closed_endpoint()
+    use_hub(monkeypatch, endpoint)
+    output_dir = tmp_path / "out"
+    callback = PushAdapterToHubCallback(REPO_ID, endpoint=endpoint, max_retries=2, backoff_seconds=0.01)
+    train(tiny, output_dir, callback)
+
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert callback.pushed_commits == []
+    [message] = callback.failures
+    assert "after 3 attempt(s)" in message
+    assert f"ia3-trainer push {output_dir} {REPO_ID}" in message
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR] == [message]
+    assert "\n" not in message
+
+
+def test_wrong_token_is_reported_without_retry_or_leak(tiny, hub, tmp_path, caplog):
+    bad_token = "hf_wrong_token_456"
+    output_dir = tmp_path / "out"
+    callback = PushAdapterToHubCallback(REPO_ID, token=bad_token, endpoint=hub.endpoint, backoff_seconds=0.01)
+    train(tiny, output_dir, callback)
+
+    assert hub.commits == []
+    assert {r["status"] for r in hub.requests} == {401}
+    [message] = callback.failures
+    assert "after 1 attempt(s)" in message and "401" in message
+    assert f"ia3-trainer push {output_dir} {REPO_ID}" in message
+    assert bad_token not in caplog.text and bad_token not in message
+    assert (output_dir / "adapter_config.json").is_file()
+
+
+def test_only_the_main_process_touches_the_hub(hub, tmp_path):
+    callback = PushAdapterToHubCallback(REPO_ID, strategy="epoch", endpoint=hub.endpoint)
+    args = SimpleNamespace(output_dir=str(tmp_path), save_strategy="epoch")
+    state, control = TrainerState(is_world_process_zero=False, global_step=4, epoch=1.0), TrainerControl()
+    for event in ("on_train_begin", "on_save", "on_epoch_end", "on_train_end"):
+        getattr(callback, event)(args, state, control, model=None, processing_class=None)
+
+    assert hub.requests == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_must_be_a_peft_model(tmp_path):
+    callback = PushAdapterToHubCallback(REPO_ID)
+    with pytest.raises(TypeError, match=r"Linear.*peft.get_peft_model"):
+        callback.on_train_begin(SimpleNamespace(), TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"repo_id": "alice/bad--name"}, r"^hub\.repo_id: .*use 'user/name'"),
+        ({"repo_id": "no-namespace"}, r"^hub\.repo_id: 'no-namespace' has no namespace"),
+        ({"repo_id": REPO_ID, "strategy": "steps"}, r"^hub\.strategy: 'steps' is not one of 'end', 'epoch'"),
+        ({"repo_id": REPO_ID, "max_retries": -1}, r"^max_retries: must be 0 or more"),
+    ],
+)
+def test_bad_arguments_fail_early(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PushAdapterToHubCallback(**kwargs)
+
+
+def test_push_adapter_folder_needs_an_adapter(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        push_adapter_folder(tmp_path, REPO_ID, endpoint=closed_endpoint())
+
+
+def test_model_card(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    config = {
+        "base_model_name_or_path": "google/flan-t5-small",
+        "peft_type": "IA3",
+        "task_type": "SEQ_2_SEQ_LM",
+        "target_modules": ["wo", "k", "v"],
+        "feedforward_modules": ["wo"],
+    }
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    recipe = {"description": "Sentiment of financial news.", "data": {"path": "takala/financial_phrasebank"}}
+    path = write_model_card(
+        tmp_path, repo_id=REPO_ID, metrics={"eval_loss": 0.41234, "step": 40}, recipe=recipe, trainable_parameters=1234
+    )
+
+    card = huggingface_hub.ModelCard.load(path)
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == "google/flan-t5-small"
+    assert card.data.datasets == ["takala/financial_phrasebank"]
+    assert card.data.tags == ["peft", "ia3", "ia3-trainer", "text2text-generation"]
+    assert f'AutoPeftModelForSeq2SeqLM.from_pretrained("{REPO_ID}")' in card.text
+    assert f'AutoTokenizer.from_pretrained("{REPO_ID}")' in card.text
+    assert "model.generate(" in card.text
+    assert "`k`, `v`, `wo`" in card.text and "1,234" in card.text and "| eval_loss | 0.4123 |" in card.text
+    assert "Sentiment of financial news." in card.text
+    assert FAKE_TOKEN not in path.read_text()
+
+
+def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
+    config = {"base_model_name_or_path": str(tmp_path), "task_type": "SEQ_2_SEQ_LM", "target_modules": ["k"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    recipe = {"data": {"path": "json", "data_files": "train.jsonl"}}
+    card = huggingface_hub.ModelCard.load(write_model_card(tmp_path, repo_id=REPO_ID, recipe=recipe))
+
+    assert card.data.base_model is None and card.data.datasets is None
+    assert f"`{tmp_path}`" in card.text and "`json` files: `train.jsonl`" in card.text
