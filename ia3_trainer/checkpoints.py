@@ -1,0 +1,94 @@
+"""Checkpoints that are whole or absent, and finding the newest one to resume from.
+
+transformers 5.24 `Trainer._save_checkpoint` writes `checkpoint-N` in place: adapter, then optimizer and scheduler,
+then RNG states, then `trainer_state.json`. A crash, `SIGKILL` or preempted node during a save leaves a
+`checkpoint-N` folder that `get_last_checkpoint` takes for whole, and resuming from it fails or, worse, resumes
+from a half-written optimizer. [`IA3Seq2SeqTrainer`] therefore lets Trainer write into `tmp-checkpoint-N/` and
+renames the finished folder to `checkpoint-N` once every process is done: a rename is atomic on one filesystem,
+so `checkpoint-N` exists only when it is whole. (transformers 4.36 did the same and reverted it in 4.37 because
+every process renamed; here only the process that saves does, after a barrier.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest whole `checkpoint-N` folder in `output_dir`, or None.
+
+    A folder counts as whole when its `trainer_state.json` (the last file Trainer writes) reads as JSON. Every
+    checkpoint this package writes is whole; the check skips folders that a crash left behind when they were
+    written in place (older versions, a plain `Trainer`), with a warning naming them.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        ((int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT.match(path.name))),
+        reverse=True,
+    )
+    for _, path in steps:
+        if path.is_dir() and _has_trainer_state(path):
+            return str(path)
+        logger.warning("Skipping %s: it has no readable trainer_state.json (a save that did not finish)", path)
+    return None
+
+
+def save_checkpoint_atomically(trainer, trial, save) -> None:
+    """Run `save()` (Trainer's `_save_checkpoint`) into a staging folder, then publish it as `checkpoint-N`.
+
+    Every process writes its part (its RNG state, its shard under FSDP or DeepSpeed) into the staging folder;
+    after a barrier the process that saves renames it, then rotates old checkpoints as Trainer would have.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    args, state = trainer.args, trainer.state
+    run_dir = trainer._get_output_dir(trial=trial)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    staging_root, final = os.path.join(run_dir, STAGING_PREFIX + name), os.path.join(run_dir, name)
+    staged = os.path.join(staging_root, name)
+    if args.should_save:  # a crash during an earlier save of this step left it
+        shutil.rmtree(staging_root, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer._checkpoint_staging_root = staging_root
+    try:
+        save()
+    finally:
+        trainer._checkpoint_staging_root = None
+    trainer.accelerator.wait_for_everyone()
+    # Trainer saw the staging folder as the run folder, so a best checkpoint saved just now has its staging path.
+    moved_best = state.best_model_checkpoint == staged
+    if moved_best:
+        state.best_model_checkpoint = final
+    if args.should_save:
+        if moved_best:
+            state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        if os.path.isdir(final):  # resumed from an older checkpoint and reached this step again
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        os.rmdir(staging_root)
+        rotate_checkpoints(
+            output_dir=run_dir, save_total_limit=args.save_total_limit,
+            best_model_checkpoint=state.best_model_checkpoint, use_mtime=True,
+        )
+    trainer.accelerator.wait_for_everyone()
+
+
+def _has_trainer_state(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True

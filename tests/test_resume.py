@@ -1,0 +1,214 @@
+"""Surviving crashes: kill a run and resume it, checkpoints that are whole or absent, and non-finite losses."""
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
+
+from conftest import REPO, tiny_recipe
+from ia3_trainer import IA3Seq2SeqTrainer, RecipeError
+from ia3_trainer.checkpoints import last_checkpoint
+from ia3_trainer.cli import main
+
+
+# 64 examples in batches of 2: 32 steps an epoch, so checkpoints every 5 steps fall mid-epoch.
+RUN = {
+    "data.validation_size": 0, "training.max_steps": 60, "training.per_device_train_batch_size": 2,
+    "training.save_strategy": "steps", "training.save_steps": 5, "training.save_total_limit": 2,
+    "training.seed": 42, "training.data_seed": 7, "training.use_cpu": True, "training.dataloader_num_workers": 0,
+    "training.logging_steps": 5, "training.disable_tqdm": True,
+}
+
+
+def write_recipe(tmp_path, name, **overrides):
+    raw = tiny_recipe(tmp_path, **overrides)
+    raw["training"]["output_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def adapter(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def global_step(checkpoint):
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path, caplog, capsys):
+    killed_recipe = write_recipe(tmp_path, "killed", **RUN)
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same single thread as this process (conftest)
+    process = subprocess.Popen([sys.executable, "-m", "ia3_trainer", "train", killed_recipe], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(killed_dir.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-2000:]}"
+    assert not (killed_dir / "adapter_model.safetensors").exists()
+    newest = last_checkpoint(killed_dir)
+    assert newest is not None
+    killed_at = int(newest.rsplit("-", 1)[1])
+    assert 0 < killed_at < RUN["training.max_steps"] and killed_at % 32, "not killed mid-epoch"
+    at_kill = adapter(newest)
+
+    whole_recipe = write_recipe(tmp_path, "whole", **RUN)
+    assert main(["train", whole_recipe]) == 0
+    with caplog.at_level(logging.INFO, logger="ia3_trainer"):
+        assert main(["train", killed_recipe, "--resume"]) == 0
+    resumed_from = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
+    assert resumed_from == [f"Resuming from {newest}"]
+
+    final = f"checkpoint-{RUN['training.max_steps']}"
+    assert global_step(killed_dir / final) == global_step(tmp_path / "whole" / final) == RUN["training.max_steps"]
+    expected, got = adapter(tmp_path / "whole"), adapter(killed_dir)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    assert not torch.equal(got[name], at_kill[name]), "the resumed run did not train"
+
+
+class CrashOnSave(IA3Seq2SeqTrainer):
+    """Dies while writing the checkpoint of `crash_step`, after its adapter and optimizer are written."""
+
+    crash_step = 4
+
+    def _save_rng_state(self, output_dir):
+        if self.state.global_step == self.crash_step:
+            raise RuntimeError("simulated crash during a save")
+        super()._save_rng_state(output_dir)
+
+
+def test_crash_during_save_leaves_no_checkpoint_that_looks_whole(tmp_path):
+    raw = tiny_recipe(tmp_path, **{**RUN, "training.max_steps": 6, "training.save_steps": 2,
+                                   "training.save_total_limit": None})
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        CrashOnSave.from_recipe(raw).train()
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "tmp-checkpoint-4"]
+    assert (out / "tmp-checkpoint-4" / "checkpoint-4" / "optimizer.pt").is_file()  # the half-written one
+    assert last_checkpoint(out) == get_last_checkpoint(out) == str(out / "checkpoint-2")
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    assert trainer.train(resume_from_checkpoint=True).global_step == 6
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for step in (2, 4, 6):
+        files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= files
+        assert not files & {"model.safetensors", "pytorch_model.bin", "base-model"}, "base weights in a checkpoint"
+
+
+def test_half_written_checkpoint_in_place_is_skipped(tmp_path, caplog):
+    for step, files in ((3, {"trainer_state.json": "{}"}), (5, {"trainer_state.json": '{"global_st'}), (9, {})):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    (tmp_path / "checkpoint-7").write_text("a file, not a folder")
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer"):
+        assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"Skipping {tmp_path / name}" for name in ("checkpoint-9", "checkpoint-7", "checkpoint-5")]
+    assert last_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_without_a_checkpoint_exits_2(tmp_path, capsys):
+    path = write_recipe(tmp_path, "fresh", **{"training.max_steps": 1})
+    with pytest.raises(SystemExit) as info:
+        main(["train", path, "--resume"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ia3-trainer: error: training.output_dir: no checkpoint to resume from in {tmp_path / 'fresh'}; train "
+        "without --resume to start over, or set training.save_strategy so that runs save checkpoints")
+
+
+def test_best_checkpoint_points_at_the_published_folder(tmp_path):
+    raw = tiny_recipe(tmp_path, **{
+        "training.max_steps": 4, "training.save_strategy": "steps", "training.save_steps": 2,
+        "training.eval_strategy": "steps", "training.eval_steps": 2, "training.load_best_model_at_end": True,
+        "training.save_total_limit": 1, "data.max_eval_samples": 8,
+    })
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best in (str(tmp_path / "out" / "checkpoint-2"), str(tmp_path / "out" / "checkpoint-4"))
+    assert os.path.isdir(best)
+    assert json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())[
+        "best_model_checkpoint"] == best
+    assert not list((tmp_path / "out").glob("tmp-*"))
+
+
+class NanLossAt(IA3Seq2SeqTrainer):
+    """A real non-finite loss: the loss of optimizer step `nan_step` is multiplied by nan before backward."""
+
+    nan_step = 4
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step + 1 == self.nan_step else loss
+
+
+def ia3_vectors(trainer):
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "ia3_l" in name}
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 6, "training.save_strategy": "steps",
+                                   "training.save_steps": 3})
+    trainer = NanLossAt.from_recipe(raw)
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    with pytest.raises(RecipeError) as info:
+        trainer.train()
+    assert str(info.value) == (
+        "training.non_finite_loss: loss is nan at step 4; lower training.learning_rate, set training.max_grad_norm "
+        "or check the data (or set training.non_finite_loss to 'skip'); the last checkpoint is "
+        f"{checkpoint}")
+    assert trainer.state.global_step == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    saved = adapter(checkpoint)
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert all(torch.isfinite(t).all() for t in ia3_vectors(trainer).values())
+
+
+def test_nan_loss_skip_drops_the_batch_and_goes_on(tmp_path, caplog):
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 5, "training.non_finite_loss": "skip"})
+    trainer = NanLossAt.from_recipe(raw)
+    seen = {}
+
+    class Snapshot:  # the IA3 vectors after each optimizer step
+        def __getattr__(self, name):
+            return lambda args, state, control, **kw: None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = ia3_vectors(trainer)
+
+    trainer.add_callback(Snapshot())
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer"):
+        result = trainer.train()
+    assert result.global_step == 5
+    assert [r.getMessage() for r in caplog.records if "non_finite_loss" in r.getMessage()] == [
+        "training.non_finite_loss: loss is nan at step 4; skipped this batch"]
+    for step in range(1, 6):
+        assert all(torch.isfinite(t).all() for t in seen[step].values()), step
+    for name in seen[3]:
+        assert torch.equal(seen[4][name], seen[3][name]), "the nan batch changed the weights"
+        assert not torch.equal(seen[5][name], seen[4][name])
+    assert math.isfinite(result.training_loss)
