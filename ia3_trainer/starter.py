@@ -1,0 +1,142 @@
+"""`ia3-trainer init`: write a starter recipe for a local data file, filled in from what the file holds.
+
+JSON has no comments, so the recipe carries a one-line `description` and `init` prints the notes a commented
+template would hold: what it inferred (label set, token lengths) and what to check before training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from .recipe import DataSection, RecipeError, _did_you_mean, _first_line
+
+
+# builder name and load_dataset keywords per file suffix
+_FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+DEFAULT_MODEL = "bigscience/mt0-large"
+
+
+def starter_recipe(
+    data_file: str | Path,
+    output: str | Path,
+    text_column: str = "sentence",
+    label_column: str = "label",
+    model: str = DEFAULT_MODEL,
+) -> tuple[dict[str, Any], list[str]]:
+    """Build a recipe for `data_file` that will be saved at `output`; return `(recipe, notes)`.
+
+    The label set (`data.label_names`) comes from the file when the labels are a few distinct values; otherwise
+    the targets are free text and the recipe reports ROUGE. Token lengths are measured with the model's tokenizer
+    when it is available without the network (a local folder or the cache), else set to safe defaults. A data file
+    or model folder next to or below the recipe is written as `./...` (recipe-relative), others as absolute paths.
+    """
+    import datasets
+
+    from .data import is_classification
+
+    data_file = Path(data_file)
+    if data_file.suffix.lower() not in _FORMATS:
+        raise RecipeError(f"--data: {data_file.name}: use a {', '.join(_FORMATS)} file")
+    if not data_file.is_file():
+        raise RecipeError(f"--data: no such file {str(data_file)!r}")
+    builder, load_kwargs = _FORMATS[data_file.suffix.lower()]
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+        raise RecipeError(f"--data: cannot read {data_file.name} as {builder}: {_first_line(error)}") from error
+    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
+        if column not in dataset.column_names:
+            hint = _did_you_mean(column, dataset.column_names)
+            raise RecipeError(
+                f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
+            )
+
+    recipe_dir = Path(output).resolve().parent
+    name = Path(output).stem
+    notes = [f"{data_file.name}: {len(dataset)} rows"]
+    data: dict[str, Any] = {
+        "path": builder, "data_files": {"train": _relative(data_file, recipe_dir)}, "validation_size": 0.1,
+        "text_column": text_column, "label_column": label_column,
+    }
+    if load_kwargs:
+        data["load_kwargs"] = load_kwargs
+
+    feature = dataset.features[label_column]
+    values = sorted(dataset.unique(label_column), key=str)
+    if isinstance(feature, datasets.ClassLabel):
+        label_names = list(feature.names)
+    elif getattr(feature, "dtype", "").startswith(("int", "uint")):
+        label_names = [str(i) for i in range(max(values) + 1)]
+        notes.append(f"labels are integers; data.label_names is {label_names}: rename them to words (e.g. "
+                     "\"negative\", \"positive\"), which the model learns faster than digits")
+    elif is_classification(dataset, DataSection(path=builder, text_column=text_column, label_column=label_column)):
+        label_names = [str(v) for v in values]
+    else:
+        label_names = None
+    if label_names is not None:
+        data["label_names"] = label_names
+        notes.append(f"classification with {len(label_names)} labels: {', '.join(label_names)}")
+    else:
+        notes.append(f"{len(values)} distinct targets: free-text generation (no label set)")
+
+    tokenizer = _local_tokenizer(model)
+    targets = label_names or [str(v) for v in values]
+    if tokenizer is not None:
+        longest_source = max(len(ids) for ids in tokenizer([str(t) for t in dataset[text_column]])["input_ids"])
+        longest_target = max(len(ids) for ids in tokenizer(text_target=targets)["input_ids"])
+        data["max_source_length"] = min(longest_source, 512)
+        data["max_target_length"] = longest_target if label_names else min(longest_target, 256)
+        notes.append(f"lengths measured with {model}'s tokenizer: max_source_length {data['max_source_length']}, "
+                     f"max_target_length {data['max_target_length']}")
+    else:
+        data["max_source_length"] = 128
+        data["max_target_length"] = 8 if label_names else 128
+        notes.append(f"{model}'s tokenizer is not available offline, so the lengths are defaults (128 and "
+                     f"{data['max_target_length']}); training stops with the exact number if a label does not fit")
+
+    metrics = ["perplexity", "label_accuracy", "rank_accuracy"]
+    if label_names is None:
+        has_rouge = importlib.util.find_spec("rouge_score") is not None
+        metrics = ["perplexity", "rouge"] if has_rouge else ["perplexity", "label_accuracy"]
+        if not has_rouge:
+            notes.append("pip install rouge-score, then add \"rouge\" to eval.metrics to score summaries")
+    model_path = _relative(Path(model), recipe_dir) if Path(model).is_dir() else model
+    recipe = {
+        "name": name,
+        "description": f"Starter recipe from ia3-trainer init: {model} on {data_file.name}; "
+                       f"ia3-trainer train {Path(output).name}",
+        "model": {"name_or_path": model_path},
+        "ia3": {"target_modules": None, "feedforward_modules": None},
+        "data": data,
+        # The PEFT IA3 task guide's settings: a good first run for models of mt0-large's size.
+        "training": {
+            "output_dir": f"outputs/{name}", "learning_rate": 8e-3, "num_train_epochs": 3,
+            "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "eval_strategy": "epoch",
+            "save_strategy": "epoch", "save_total_limit": 2, "logging_steps": 10,
+        },
+        "eval": {"metrics": metrics},
+    }
+    return recipe, notes
+
+
+def _relative(path: Path, base: Path) -> str:
+    """`./x` (recipe-relative) for a file next to or below the recipe, else the absolute path."""
+    path = path.resolve()
+    return f"./{path.relative_to(base).as_posix()}" if path.is_relative_to(base) else str(path)
+
+
+def _local_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,134 @@
+"""`ia3-trainer sweep`: train one recipe at every point of a hyperparameter grid, one point after another.
+
+Each point is the recipe with the point's overrides applied and `training.output_dir` set to its own subfolder
+(`<output_dir>/learning_rate=0.003`), so checkpoints and adapters never mix. Every point is validated before the
+first one trains. The results land in `<output_dir>/sweep.json` and print as a table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .recipe import Recipe, RecipeError, _parse_value, load_recipe
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`.
+
+    Values are split on commas and each parsed as JSON (else kept as a string), like `--set`; a JSON list
+    (`key=[[1,2],[3]]`) gives values that themselves hold commas.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise RecipeError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
+        if key in grid:
+            raise RecipeError(f"--grid {key}: given twice; list all its values in one --grid")
+        if key == "training.output_dir":
+            raise RecipeError("--grid training.output_dir: the sweep sets it (one subfolder per point)")
+        parsed = _parse_value(text)
+        values = parsed if isinstance(parsed, list) else [_parse_value(part.strip()) for part in text.split(",")]
+        if len(values) != len({json.dumps(v, sort_keys=True) for v in values}):
+            raise RecipeError(f"--grid {key}: has duplicate values {values}")
+        grid[key] = values
+    if not grid:
+        raise RecipeError("sweep: give at least one --grid key=v1,v2")
+    return grid
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the first key varying slowest."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """Folder name of a point: `learning_rate=0.003,seed=1`, `target_modules=k+v` (the last part of each key; a list
+    joined with `+`; characters unsafe in a file name as `_`)."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return "+".join(text(item) for item in value)
+        return value if isinstance(value, str) else json.dumps(value)
+
+    parts = [f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items()]
+    return re.sub(r"[^\w.=,+-]", "_", ",".join(parts))
+
+
+def plan_sweep(
+    recipe: str | Path | dict | Recipe,
+    grid: dict[str, list[Any]],
+    overrides: dict | list[str] | None = None,
+    extra_sections: dict[str, type] | None = None,
+) -> list[tuple[dict[str, Any], Recipe]]:
+    """Validate every point; return `(point, recipe)` pairs, each recipe writing into its own subfolder."""
+    if isinstance(recipe, Recipe):
+        recipe = recipe.to_dict()
+    base = load_recipe(recipe, overrides, extra_sections=extra_sections)
+    root = Path(base.training["output_dir"])
+    plan, errors = [], []
+    for point in grid_points(grid):
+        try:
+            point_overrides = {**point, "training.output_dir": str(root / point_name(point))}
+            plan.append((point, load_recipe(base.to_dict(), point_overrides, extra_sections=extra_sections)))
+        except RecipeError as error:
+            errors.extend(f"sweep point {point_name(point)}: {line}" for line in error.errors)
+    if errors:
+        raise RecipeError(errors)
+    return plan
+
+
+def run_sweep(
+    recipe: str | Path | dict | Recipe,
+    grid: dict[str, list[Any]],
+    overrides: dict | list[str] | None = None,
+    trainer_cls=None,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every point of `grid` in turn; return one row per point (its values, then its metrics).
+
+    `trainer_cls` defaults to [`IA3Seq2SeqTrainer`]; a subclass brings its own recipe sections.
+    """
+    import gc
+
+    if trainer_cls is None:
+        from .trainer import IA3Seq2SeqTrainer as trainer_cls
+    plan = plan_sweep(recipe, grid, overrides, extra_sections=trainer_cls.recipe_sections)
+    root = Path(plan[0][1].training["output_dir"]).parent
+    rows = []
+    for point, point_recipe in plan:
+        trainer = trainer_cls.from_recipe(point_recipe)
+        metrics = dict(trainer.train().metrics)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        rows.append({**point, "output_dir": point_recipe.training["output_dir"], **metrics})
+        if trainer.is_world_process_zero():
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "sweep.json").write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")
+        del trainer
+        gc.collect()  # free the model before the next point loads its own
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], grid_keys: list[str]) -> str:
+    """A Markdown table: the grid's keys, then the loss and every eval metric (timings left out)."""
+    skip = ("_runtime", "_per_second", "_flos")
+    metric_keys = [key for key in dict.fromkeys(k for row in rows for k in row)
+                   if (key == "train_loss" or key.startswith("eval_")) and not key.endswith(skip)]
+    keys = [*grid_keys, *metric_keys]
+    header = [key.rsplit(".", 1)[-1] for key in grid_keys] + metric_keys
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key in keys) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return "" if value is None else str(value)

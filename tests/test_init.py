@@ -1,0 +1,79 @@
+"""ia3-trainer init: a starter recipe read off a local data file; what it writes validates and trains."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY_ASSETS, TINY_MODEL_DIR
+from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
+from ia3_trainer.cli import main
+
+
+def test_init_writes_a_recipe_that_validates_and_trains(tmp_path, tiny_t5_dir, capsys):
+    shutil.copy(TINY_ASSETS / "tiny-sentiment.jsonl", tmp_path / "reviews.jsonl")
+    output = tmp_path / "reviews-ia3.json"
+    assert main(["init", "--data", str(tmp_path / "reviews.jsonl"), "--model", str(tiny_t5_dir),
+                 "-o", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert f"Wrote {output}" in out and "classification with 3 labels: negative, neutral, positive" in out
+    assert f"Next: ia3-trainer validate {output} && ia3-trainer train {output}" in out
+
+    raw = json.loads(output.read_text())
+    assert raw["data"]["data_files"] == {"train": "./reviews.jsonl"}  # next to the recipe: recipe-relative
+    assert raw["data"]["label_names"] == ["negative", "neutral", "positive"]
+    assert raw["data"]["max_target_length"] == 2  # measured: one label token + EOS
+    assert raw["model"]["name_or_path"] == str(tiny_t5_dir)
+    assert "ia3-trainer train reviews-ia3.json" in raw["description"]
+    assert main(["validate", str(output)]) == 0
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(output, {
+        "training.output_dir": str(tmp_path / "out"), "training.max_steps": 2, "training.eval_strategy": "no",
+        "training.save_strategy": "no", "training.use_cpu": True, "data.max_train_samples": 32})
+    assert trainer.train().global_step == 2
+    assert 0 <= trainer.evaluate()["eval_label_accuracy"] <= 1
+
+
+def test_integer_labels_and_free_text_targets(tmp_path, capsys):
+    with open(tmp_path / "ints.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *[[f"sentence {i}", i % 2] for i in range(20)]])
+    assert main(["init", "--data", str(tmp_path / "ints.csv"), "--text-column", "text",
+                 "--model", str(TINY_MODEL_DIR), "-o", str(tmp_path / "ints.json")]) == 0
+    assert "rename them to words" in capsys.readouterr().out
+    recipe = load_recipe(tmp_path / "ints.json")
+    assert recipe.data.label_names == ["0", "1"] and recipe.data.path == "csv"
+
+    rows = [{"dialogue": f"A: meeting {i}? B: at {i} pm.", "summary": f"They meet at {i} pm."} for i in range(30)]
+    (tmp_path / "talks.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", "--data", str(tmp_path / "talks.jsonl"), "--text-column", "dialogue", "--label-column",
+                 "summary", "--model", "no-such-org/no-such-model", "-o", str(tmp_path / "talks.json")]) == 0
+    out = capsys.readouterr().out
+    assert "free-text generation" in out and "not available offline" in out
+    recipe = load_recipe(tmp_path / "talks.json")
+    assert recipe.data.label_names is None and recipe.data.max_target_length == 128
+    assert recipe.eval.metrics == ["perplexity", "rouge"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--label-column", "lable"], "--label-column: no column 'lable' in tiny-sentiment.jsonl; did you mean 'label'?"),
+    (["--text-column", "text"], "--text-column: no column 'text'"),
+])
+def test_bad_columns_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "-o", str(tmp_path / "r.json"), *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_does_not_overwrite_without_force(tmp_path, capsys):
+    output = tmp_path / "r.json"
+    output.write_text("{}")
+    args = ["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(TINY_MODEL_DIR),
+            "-o", str(output)]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and "exists; choose another file or pass --force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    assert load_recipe(output).data.label_names == ["negative", "neutral", "positive"]
