@@ -12,6 +12,10 @@ def __getattr__(name):
         from .trainer import IA3Seq2SeqTrainer
 
         return IA3Seq2SeqTrainer
+    if name in ("IA3Predictor", "merge_adapter"):
+        from . import predictor
+
+        return getattr(predictor, name)
     if name == "IA3TrainingArguments":
         from .training_args import IA3TrainingArguments
 
@@ -24,6 +28,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "IA3Predictor",
     "IA3Seq2SeqTrainer",
     "IA3TrainingArguments",
     "PushAdapterToHubCallback",
@@ -32,4 +37,5 @@ __all__ = [
     "__version__",
     "apply_overrides",
     "load_recipe",
+    "merge_adapter",
 ]

@@ -1,4 +1,7 @@
-"""Command line: `ia3-trainer train | validate | list`. Every bad input exits 2 with one message, no traceback."""
+"""Command line: `ia3-trainer train | validate | list | sweep | init | predict | evaluate | merge`.
+
+Every bad input exits 2 with one message, no traceback.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +27,38 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    with_recipe("train", "Train an IA3 adapter from a recipe and save it to training.output_dir.")
+    train = with_recipe("train", "Train an IA3 adapter from a recipe and save it to training.output_dir.")
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue from the newest whole checkpoint-N in training.output_dir (e.g. after a crash)",
+    )
     with_recipe("validate", "Check a recipe and print it resolved, without loading any model.")
     commands.add_parser("list", help="List the shipped recipes.", description="List the shipped recipes.")
+    sweep = with_recipe("sweep", "Train a recipe at every point of a grid, one after another, and print a table.")
+    sweep.add_argument(
+        "--grid", action="append", required=True, metavar="KEY=V1,V2",
+        help="values of one recipe field, e.g. --grid training.learning_rate=3e-3,8e-3; repeat for a product",
+    )
+    init = commands.add_parser(
+        "init", help="Write a starter recipe for a local data file.",
+        description="Write a starter recipe for a csv, tsv, json, jsonl or parquet file, with the label set and "
+                    "token lengths read from the file, and print what to check before training.",
+    )
+    init.add_argument("--data", required=True, metavar="FILE", help="the training data file")
+    init.add_argument("--text-column", default="sentence", help="source text column (default: sentence)")
+    init.add_argument("--label-column", default="label", help="target column (default: label)")
+    init.add_argument("--model", default="bigscience/mt0-large", help="Hub id or folder of a seq2seq model")
+    init.add_argument("-o", "--output", metavar="FILE", help="where to write the recipe (default: <data>-ia3.json)")
+    init.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    _add_adapter_commands(commands)
+    push = commands.add_parser(
+        "push", help="Push a finished run's adapter (never the base model) to the Hugging Face Hub.",
+        description="Push the adapter, tokenizer, recipe.json, metrics and a model card of OUTPUT_DIR to REPO_ID. "
+                    "The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    push.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir or one of its checkpoint-* folders")
+    push.add_argument("repo_id", metavar="REPO_ID", help="user/name of the adapter repo (created private if missing)")
+    push.add_argument("--public", action="store_true", help="create the repo public")
     return parser
 
 
@@ -36,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "init":
+            return _init(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "push":
+            return _push(args.output_dir, args.repo_id, private=not args.public)
+        if args.command in _ADAPTER_COMMANDS:
+            return _ADAPTER_COMMANDS[args.command](args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             print(json.dumps(recipe.to_dict(), indent=2))
             print(f"Recipe OK: {recipe.name}")
             return 0
-        return _train(recipe)
+        return _train(recipe, resume=args.resume)
     except RecipeError as error:
         parser.exit(2, f"ia3-trainer: error: {error}\n")
 
@@ -53,26 +93,260 @@ def _list() -> int:
     return 0
 
 
-def _train(recipe) -> int:
+def _train(recipe, resume: bool = False) -> int:
     from .trainer import IA3Seq2SeqTrainer
 
-    if recipe.model.trust_remote_code:
+    if recipe.model.trust_remote_code and recipe.training_args().process_index == 0:
         print(f"ia3-trainer: model.trust_remote_code is on: code from {recipe.model.name_or_path} will run")
     trainer = IA3Seq2SeqTrainer.from_recipe(recipe)
-    result = trainer.train()
+    # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
+    result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         print(_summary(metrics, trainer.args.output_dir))
+    _report_after_training(trainer)
+    return 0
+
+
+def _push(output_dir: str, repo_id: str, private: bool) -> int:
+    from pathlib import Path
+
+    from .callbacks import _one_line, push_adapter_folder
+    from .model_card import write_model_card
+
+    folder = Path(output_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise RecipeError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
+    recipe = _read_json_if_present(folder / "recipe.json")
+    metrics = _read_json_if_present(folder / "all_results.json") or {}
+    if not (folder / "metrics.json").is_file() and metrics:
+        (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2) + "\n", encoding="utf-8")
+    try:
+        write_model_card(folder, repo_id=repo_id, metrics=metrics, recipe=recipe)
+        commit = push_adapter_folder(folder, repo_id, private=private, commit_message="Upload adapter")
+    except ValueError as error:  # a malformed repo id (huggingface_hub's validation errors are ValueErrors)
+        raise RecipeError(f"REPO_ID: {error}; use 'user/name'") from error
+    except Exception as error:  # HTTP refusals and the network's own errors (httpx, OSError) alike
+        raise RecipeError(
+            f"REPO_ID: could not push {folder} to {repo_id}: {_one_line(error)}; check the network and that HF_TOKEN "
+            "has write access, then run the same command again (the local copy is untouched)"
+        ) from error
+    print(f"Pushed {folder} to {commit.commit_url}")
+    return 0
+
+
+def _read_json_if_present(path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _init(args) -> int:
+    from pathlib import Path
+
+    from .starter import starter_recipe
+
+    output = Path(args.output or f"{Path(args.data).stem}-ia3.json")
+    if output.exists() and not args.force:
+        raise RecipeError(f"--output: {output} exists; choose another file or pass --force")
+    recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    load_recipe(output)  # what init writes must validate (relative paths resolve against the file)
+    print(f"Wrote {output}")
+    print("\n".join(f"  - {note}" for note in notes))
+    print("  - training: the PEFT IA3 guide's settings (lr 8e-3, 3 epochs, batch 8); see README 'Recipes'")
+    print(f"Next: ia3-trainer validate {output} && ia3-trainer train {output}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import format_table, parse_grid, run_sweep
+
+    grid = parse_grid(args.grid)
+    rows = run_sweep(args.recipe, grid, args.overrides)
+    print(format_table(rows, list(grid)))
     return 0
 
 
 def _summary(metrics: dict, output_dir: str) -> str:
-    keys = ["train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "eval_label_accuracy"]
+    keys = ["train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "eval_label_accuracy", "eval_rank_accuracy"]
     shown = "  ".join(f"{key}={metrics[key]:.4f}" for key in keys if key in metrics)
     return f"{shown}\nadapter, tokenizer and recipe.json saved to {output_dir}"
+
+
+# --- using a trained adapter: predict / evaluate / merge ----------------------------------------------------------
+
+
+def _add_adapter_commands(commands) -> None:
+    def with_adapter(name: str, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.add_argument("adapter", metavar="OUTPUT_DIR_OR_REPO",
+                         help="a training output_dir (or one of its checkpoint-N folders) or a Hub repo id")
+        sub.add_argument("--revision", help="branch, tag or commit of a Hub adapter repo")
+        return sub
+
+    predict = with_adapter("predict", "Generate the label of each text with a trained adapter.")
+    predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
+    predict.add_argument("--file", help="more texts: a .jsonl file (one object a line) or a text file (one a line)")
+    predict.add_argument("--text-column", help="field of a .jsonl --file that holds the text (default: the recipe's "
+                         "data.text_column)")
+    predict.add_argument("--output", help="write the predictions to this JSONL file instead of printing them")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--max-new-tokens", type=int, help="generation bound (default: the longest label)")
+
+    evaluate = with_adapter("evaluate", "Evaluate a trained adapter and write eval_report.json plus PNG plots.")
+    evaluate.add_argument("--data", metavar="FILE", help="a .csv, .json, .jsonl, .parquet or .txt file with the "
+                          "recipe's text and label columns (default: the recipe's validation split)")
+    evaluate.add_argument("--output-dir", help="where to write the report (default: the adapter folder; the current "
+                          "folder for a Hub repo)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+
+    merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.")
+    merge.add_argument("merged_dir", metavar="MERGED_DIR", help="folder for the merged model and its tokenizer")
+
+
+def _predict(args) -> int:
+    from .predictor import IA3Predictor, check_texts
+
+    rows = _read_text_file(args.file) if args.file else []
+    if not args.texts and not rows:
+        raise RecipeError("predict: no texts; give TEXT arguments or --file FILE")
+    check_texts(args.texts)  # before the model loads, which can take minutes
+    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
+    data = predictor.settings.data
+    column = args.text_column or (data.text_column if data is not None else "text")
+    # Each output line is its input (a JSONL row keeps all its fields) plus "prediction".
+    records, texts = [{"text": text} for text in args.texts], list(args.texts)
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            records.append({"text": row})
+            texts.append(row)
+        elif isinstance(row, dict) and isinstance(row.get(column), str):
+            records.append(row)
+            texts.append(row[column])
+        else:
+            raise RecipeError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
+    predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
+             for record, prediction in zip(records, predictions, strict=True)]
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.writelines(line + "\n" for line in lines)
+        print(f"{len(lines)} predictions written to {args.output}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _read_text_file(path: str) -> list:
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"--file: no such file {path}")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix not in (".jsonl", ".json"):
+        return lines
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            message = f"{path}: line {number}: not JSON ({error.msg}); write one JSON object per line"
+            raise RecipeError(message) from error
+    return rows
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    from .data import check_label_lengths, label_texts, load_splits, tokenize
+    from .predictor import IA3Predictor
+    from .report import build_report, read_log_history, write_report
+
+    builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
+    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
+    data = predictor.settings.data
+    if args.data:
+        data, described = _file_data(args.data, builder, data), args.data
+    elif data is None:
+        raise RecipeError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
+    elif data.validation_split is None and not data.validation_size:
+        raise RecipeError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
+                          "--data FILE")
+    else:
+        described = f"validation split of the recipe in {args.adapter}"
+    train, validation = load_splits(data)
+    train, validation, names = label_texts(train, validation, data)
+    check_label_lengths(predictor.tokenizer, [str(v) for v in validation.unique(data.label_column)],
+                        data.max_target_length)
+    scores = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
+    report = build_report(scores, names, adapter=str(args.adapter), data=described)
+    local = Path(args.adapter).is_dir()
+    output_dir = args.output_dir or (args.adapter if local else ".")
+    paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
+    print(_report_summary(report, paths))
+    return 0
+
+
+def _data_builder(path: str) -> str:
+    """The `datasets` builder that reads the --data file."""
+    from pathlib import Path
+
+    builders = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"--data: no such file {path}")
+    if file.suffix not in builders:
+        kind = file.suffix or "extension-less"
+        raise RecipeError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
+    return builders[file.suffix]
+
+
+def _file_data(path: str, builder: str, data):
+    """The recipe's data section, reading `path` as the evaluation set (defaults when there is no recipe)."""
+    import dataclasses
+
+    from .recipe import DataSection
+
+    data = data or DataSection(path=builder)
+    load_kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else data.load_kwargs if builder == data.path else {}
+    # The whole file is the evaluation set: it is both splits, so nothing is held out or cut.
+    return dataclasses.replace(
+        data, path=builder, name=None, data_files={"train": str(path)}, load_kwargs=load_kwargs, train_split="train",
+        validation_split="train", max_train_samples=None, max_eval_samples=None,
+    )
+
+
+def _merge(args) -> int:
+    from .predictor import merge_adapter
+
+    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision)
+    print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")
+    return 0
+
+
+def _report_after_training(trainer) -> None:
+    from .report import write_training_report
+
+    trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
+    paths = write_training_report(trainer)
+    if paths:
+        print(_report_summary(json.loads(paths[0].read_text(encoding="utf-8")), paths))
+
+
+def _report_summary(report: dict, paths) -> str:
+    shown = "  ".join(f"{key}={report[key]:.4f}" for key in ("label_accuracy", "macro_f1", "perplexity")
+                      if report.get(key) is not None)
+    teacher = report.get("teacher_forced_accuracy")
+    if teacher is not None:
+        shown += f"  (teacher-forced argmax, not a label accuracy: {teacher:.4f})"
+    return f"{shown}\nreport: {', '.join(str(path) for path in paths)}"
+
+
+_ADAPTER_COMMANDS = {"predict": _predict, "evaluate": _evaluate, "merge": _merge}
 
 
 if __name__ == "__main__":

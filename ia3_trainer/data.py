@@ -35,6 +35,13 @@ def load_splits(data: DataSection):
             f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {_first_line(error)}; "
             "check data.path / data.data_files, the network, or use local files"
         ) from error
+    except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
+        # datasets 5 on an empty file: the json builder raises StopIteration, csv and text a generation error.
+        reason = _first_line(error.__cause__) if error.__cause__ is not None else "a file has no examples"
+        raise RecipeError(
+            f"data.data_files: cannot read examples from {data.data_files!r} with {data.path!r}: {reason}; check "
+            "that no file is empty and that data.path matches the file format"
+        ) from error
     if not isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.DatasetDict({data.train_split: loaded})
     available = sorted(loaded)
@@ -48,6 +55,10 @@ def load_splits(data: DataSection):
     if data.label_separator is not None:
         train = split_lines(train, data, data.train_split)
         validation = split_lines(validation, data, data.validation_split) if validation is not None else None
+    # A nested field is named with dots (`translation.en` in opus_books and wmt16): flatten() makes such columns.
+    if any("." in column and column not in train.column_names for column in (data.text_column, data.label_column)):
+        train = train.flatten()
+        validation = validation.flatten() if validation is not None else None
 
     for key, dataset in (("train_split", train), ("validation_split", validation)):
         if dataset is not None and len(dataset) == 0:
@@ -177,31 +188,55 @@ def check_label_lengths(tokenizer, texts, max_target_length: int) -> int:
     return longest
 
 
-def tokenize(dataset, tokenizer, data: DataSection):
-    """Tokenize sources (truncated to `max_source_length`) and labels; keep only model inputs."""
+def encode_batch(batch: dict, tokenizer, data: DataSection) -> dict:
+    """Turn a batch of examples into model inputs: prefixed sources truncated to `max_source_length`, and labels."""
+    sources = [data.source_prefix + str(text) for text in batch[data.text_column]]
+    model_inputs = tokenizer(sources, max_length=data.max_source_length, truncation=True)
+    targets = tokenizer(text_target=[str(label) for label in batch[data.label_column]],
+                        max_length=data.max_target_length, truncation=True)
+    model_inputs["labels"] = targets["input_ids"]
+    return model_inputs
+
+
+def truncated_target_lengths(tokenizer, texts, max_target_length: int) -> int:
+    """Log how many free-text targets exceed `max_target_length`; return the longest length after truncation."""
+    lengths = [len(ids) for ids in tokenizer(text_target=list(texts))["input_ids"]]
+    over = sum(length > max_target_length for length in lengths)
+    if over:
+        logger.warning(
+            "%d of %d distinct targets are longer than data.max_target_length=%d tokens and are truncated "
+            "(longest: %d); raise data.max_target_length to keep them whole", over, len(lengths), max_target_length,
+            max(lengths),
+        )
+    return min(max(lengths, default=0), max_target_length)
+
+
+def tokenize(dataset, tokenizer, data: DataSection, encode=None):
+    """Map `encode` (defaults to [`encode_batch`]) over batches of `dataset`; keep only the model inputs it returns."""
     if dataset is None:
         return None
-
-    def encode(batch):
-        sources = [data.source_prefix + str(text) for text in batch[data.text_column]]
-        model_inputs = tokenizer(sources, max_length=data.max_source_length, truncation=True)
-        targets = tokenizer(text_target=[str(label) for label in batch[data.label_column]],
-                            max_length=data.max_target_length, truncation=True)
-        model_inputs["labels"] = targets["input_ids"]
-        return model_inputs
-
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    encode = encode or encode_batch
+    return dataset.map(lambda batch: encode(batch, tokenizer, data), batched=True,
+                       remove_columns=dataset.column_names, desc="Tokenizing")
 
 
-def prepare_data(data: DataSection, tokenizer) -> PreparedData:
-    """Load, check and tokenize the recipe's data: the whole path from `data` section to trainer datasets."""
+def prepare_data(data: DataSection, tokenizer, encode=None) -> PreparedData:
+    """Load, check and tokenize the recipe's data: the whole path from `data` section to trainer datasets.
+
+    Classification labels (a known label set) must fit `max_target_length`, or it is an error: a truncated label
+    is a different class. Free-text targets (summaries, translations) are truncated, with a logged count.
+    """
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
     all_labels = train.unique(data.label_column) + (validation.unique(data.label_column) if validation else [])
-    longest = check_label_lengths(tokenizer, [str(label) for label in all_labels], data.max_target_length)
+    all_labels = [str(label) for label in all_labels]
+    if names is None:
+        longest = truncated_target_lengths(tokenizer, all_labels, data.max_target_length)
+    else:
+        longest = check_label_lengths(tokenizer, all_labels, data.max_target_length)
     return PreparedData(
-        train_dataset=tokenize(train, tokenizer, data),
-        eval_dataset=tokenize(validation, tokenizer, data),
+        train_dataset=tokenize(train, tokenizer, data, encode),
+        eval_dataset=tokenize(validation, tokenizer, data, encode),
         label_names=names,
         max_label_tokens=longest,
     )

@@ -37,21 +37,181 @@ def decode(token_ids: np.ndarray, tokenizer) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def build_compute_metrics(tokenizer) -> Callable:
-    """`compute_metrics` for [`IA3Seq2SeqTrainer`]: label accuracy from generated ids, perplexity from token NLL.
+# What a recipe's `eval.metrics` may list, with what each reports. All but
+# perplexity and rank_accuracy compare generated text with the reference, and share the eval loop's one generation.
+METRICS = {
+    "perplexity": "exp of the mean token loss over the whole eval set",
+    "label_accuracy": "share of generated texts equal to the reference",
+    "rank_accuracy": "share of examples whose most likely candidate label is the reference (needs a label set)",
+    "rouge": "mean rouge1, rouge2, rougeL, rougeLsum F1 in [0, 1], as evaluate's rouge (pip install rouge-score)",
+    "sacrebleu": "corpus BLEU in [0, 100] (pip install sacrebleu)",
+    "chrf": "corpus chrF in [0, 100] (pip install sacrebleu)",
+}
+DEFAULT_METRICS = ("perplexity", "label_accuracy", "rank_accuracy")
+_WITHOUT_GENERATION = {"perplexity", "rank_accuracy"}
+_PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "sacrebleu": ("sacrebleu", "sacrebleu"),
+             "chrf": ("sacrebleu", "sacrebleu")}
 
-    The trainer's `prediction_step` returns `(generated_ids, nll_sum_per_example, tokens_per_example)` as
-    predictions, so perplexity is the exact per-token mean over the whole eval set (not a mean of batch means)
-    and no logits are kept.
+
+def needs_generation(metrics: Sequence[str]) -> bool:
+    """Whether any of `metrics` compares generated text (so evaluation must call `generate`)."""
+    return any(name not in _WITHOUT_GENERATION for name in metrics)
+
+
+def build_compute_metrics(
+    tokenizer, candidate_labels: Sequence[str] | None = None, metrics: Sequence[str] | None = None
+) -> Callable:
+    """`compute_metrics` for [`IA3Seq2SeqTrainer`] reporting `metrics` (names of `METRICS`); defaults to
+    perplexity, label accuracy and, with a known label set, rank accuracy.
+
+    The trainer's `prediction_step` returns per-example arrays instead of logits: `generated` ids, `nll_sum` and
+    `token_count` (so perplexity is the exact token mean over the whole eval set, not a mean of batch means) and
+    `rank_choice` (index into `candidate_labels` of the most likely label). Generated ids are decoded once and
+    shared by every text metric. A text metric whose package is missing raises `ImportError` here, before training.
     """
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    exact = {"label_accuracy", *_WITHOUT_GENERATION}
+    text_metrics = {name: text_metric(name) for name in metrics if name not in exact}
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
-        generated, nll_sum, token_count = eval_prediction.predictions
-        metrics = {"perplexity": perplexity(float(np.sum(nll_sum)), float(np.sum(token_count)))}
-        if eval_prediction.label_ids is not None:
-            metrics["label_accuracy"] = label_accuracy(
-                decode(generated, tokenizer), decode(eval_prediction.label_ids, tokenizer)
-            )
-        return metrics
+        predictions = eval_prediction.predictions
+        result = {}
+        if "perplexity" in metrics and "nll_sum" in predictions:
+            result["perplexity"] = perplexity(float(np.sum(predictions["nll_sum"])),
+                                              float(np.sum(predictions["token_count"])))
+        if eval_prediction.label_ids is None:
+            return result
+        references = decode(eval_prediction.label_ids, tokenizer)
+        if "generated" in predictions and needs_generation(metrics):
+            generated = decode(predictions["generated"], tokenizer)
+            if "label_accuracy" in metrics:
+                result["label_accuracy"] = label_accuracy(generated, references)
+            for compute in text_metrics.values():
+                result.update(compute(generated, references))
+        if "rank_accuracy" in metrics and "rank_choice" in predictions and candidate_labels:
+            chosen = [candidate_labels[i] for i in np.asarray(predictions["rank_choice"]).tolist()]
+            result["rank_accuracy"] = label_accuracy(chosen, references)
+        return result
 
     return compute_metrics
+
+
+def text_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[str, float]]:
+    """The `(predictions, references) -> {key: value}` function of a text metric name.
+
+    `evaluate.load` fetches its metric scripts from the Hub, so it fails offline; `rouge`, `sacrebleu` and `chrf`
+    therefore call their packages directly (same keys and scale as `evaluate`). Any other `evaluate` metric is
+    [`evaluate_metric`], for code (a trainer subclass), never for recipes: loading it runs a script.
+    """
+    functions = {"rouge": rouge, "sacrebleu": sacrebleu, "chrf": chrf}
+    if name not in functions:
+        raise ValueError(f"eval.metrics: unknown metric {name!r}; use one of {', '.join(METRICS)}")
+    module, package = _PACKAGES[name]
+    _require(module, package, name)
+    return functions[name]
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1 (no stemming), the keys and scale of `evaluate`'s rouge."""
+    _require("rouge_score", "rouge-score", "rouge")
+    from rouge_score import rouge_scorer
+
+    keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(keys)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    return {key: float(np.mean([s[key].fmeasure for s in scores])) if scores else float("nan") for key in keys}
+
+
+def sacrebleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU of `sacrebleu` (default 13a tokenization, one reference per example), in [0, 100]."""
+    _require("sacrebleu", "sacrebleu", "sacrebleu")
+    import sacrebleu as package
+
+    return {"sacrebleu": float(package.corpus_bleu(list(predictions), [list(references)]).score)}
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus chrF of `sacrebleu` (character n-gram F-score, robust for morphologically rich targets), in [0, 100]."""
+    _require("sacrebleu", "sacrebleu", "chrf")
+    import sacrebleu as package
+
+    return {"chrf": float(package.corpus_chrf(list(predictions), [list(references)]).score)}
+
+
+def evaluate_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[str, float]]:
+    """Wrap `evaluate.load(name)`; its numeric results are kept under their own keys (`score` becomes the name)."""
+    import evaluate
+
+    try:
+        module = evaluate.load(name)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as error:
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(
+            f"evaluate cannot load {name!r}: {first}; check the name and the network, or give the "
+            "path of a local metric script"
+        ) from error
+    short = name.rstrip("/").rsplit("/", 1)[-1].removesuffix(".py")
+
+    def compute(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        result = module.compute(predictions=list(predictions), references=list(references)) or {}
+        return {
+            (short if key == "score" else key): float(value)
+            for key, value in result.items()
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        }
+
+    return compute
+
+
+def _require(module: str, package: str, metric: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"the {metric} metric needs the {module} package; pip install {package}")
+
+
+OTHER_LABEL = "(other)"
+
+
+def confusion_matrix(
+    predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]
+) -> tuple[np.ndarray, list[str]]:
+    """Counts of (reference, prediction) pairs: rows follow `labels`, columns follow `labels` plus, when some
+    generated text is no label at all, a last `OTHER_LABEL` column. Texts are compared stripped.
+
+    Returns `(matrix, column_names)`; a reference outside `labels` is a `ValueError` (add it to `labels`).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
+    labels = [label.strip() for label in labels]
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({r.strip() for r in references} - set(index))
+    if unknown:
+        raise ValueError(f"references {unknown[:5]} are not in labels {labels}")
+    other = any(p.strip() not in index for p in predictions)
+    columns = labels + [OTHER_LABEL] if other else list(labels)
+    matrix = np.zeros((len(labels), len(columns)), dtype=np.int64)
+    for prediction, reference in zip(predictions, references, strict=True):
+        matrix[index[reference.strip()], index.get(prediction.strip(), len(labels))] += 1
+    return matrix, columns
+
+
+def per_class_scores(matrix: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each label from a `confusion_matrix` (rows references, columns
+    predictions, an optional last `OTHER_LABEL` column). A ratio with nothing to divide by is 0, as
+    scikit-learn's `zero_division=0`, so a class never predicted has precision 0, not `nan`."""
+    matrix = np.asarray(matrix)
+    scores = {}
+    for i, label in enumerate(labels):
+        tp, predicted, support = matrix[i, i], matrix[:, i].sum(), matrix[i].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                         "support": int(support)}
+    return scores
+
+
+def macro_f1(scores: dict[str, dict[str, float]]) -> float:
+    """Unweighted mean of the per-class F1 of `per_class_scores` (every label counts, present or not)."""
+    return float(np.mean([s["f1"] for s in scores.values()])) if scores else float("nan")

@@ -2,8 +2,9 @@
 
 A recipe has one section per object it feeds: `model` (the base model and tokenizer), `data` (the
 `datasets.load_dataset` call and how examples become model inputs), `ia3` (a `peft.IA3Config`), `training`
-(an [`IA3TrainingArguments`]) and `hub` (the [`PushAdapterToHubCallback`]). `Recipe.from_dict` collects every
-problem and raises one [`RecipeError`] that lists them, each as `<file>: <dotted.key>: <problem>; <fix>`.
+(an [`IA3TrainingArguments`]), `eval` (the trainer's `compute_metrics`) and `hub` (the
+[`PushAdapterToHubCallback`]); a trainer subclass may declare more (`recipe_sections`). `Recipe.from_dict` collects
+every problem and raises one [`RecipeError`] that lists them, each as `<file>: <dotted.key>: <problem>; <fix>`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-SECTIONS = ("name", "description", "model", "data", "ia3", "training", "hub")
+SECTIONS = ("name", "description", "model", "data", "ia3", "training", "eval", "hub")
 # IA3Config fields the trainer sets itself: a recipe that set them would be overridden or break loading.
 _IA3_RESERVED = {
     "task_type", "peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"
@@ -113,7 +114,7 @@ class DataSection:
     > Parameters that control examples
 
     text_column / label_column (`str`):
-        Source text and target label columns.
+        Source text and target label columns; a dotted name (`translation.en`) picks a nested field.
     label_separator (`str`, *optional*):
         For one-column text files such as `sentence@label`: split each line on the last occurrence.
     label_names (`list[str]`, *optional*):
@@ -122,7 +123,8 @@ class DataSection:
     source_prefix (`str`, *optional*, defaults to `""`):
         Text put before every source (e.g. `"classify: "`).
     max_source_length / max_target_length (`int`):
-        Token limits; sources are truncated, a label that does not fit is an error.
+        Token limits; sources are truncated. A classification label that does not fit is an error; free-text
+        targets (no label set: summaries, translations) are truncated, with a logged count.
     """
 
     path: str = field(metadata={"help": "Hub dataset id, or a builder name (csv, json, parquet, text)."})
@@ -139,8 +141,8 @@ class DataSection:
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N eval examples."})
-    text_column: str = field(default="sentence", metadata={"help": "Source text column."})
-    label_column: str = field(default="label", metadata={"help": "Target label column."})
+    text_column: str = field(default="sentence", metadata={"help": "Source text column (a.b for a nested field)."})
+    label_column: str = field(default="label", metadata={"help": "Target label column (a.b for a nested field)."})
     label_separator: str | None = field(
         default=None, metadata={"help": "Split one-column lines such as sentence@label on the last separator."}
     )
@@ -149,7 +151,26 @@ class DataSection:
     )
     source_prefix: str = field(default="", metadata={"help": "Text put before every source."})
     max_source_length: int = field(default=128, metadata={"help": "Source token limit (longer is truncated)."})
-    max_target_length: int = field(default=3, metadata={"help": "Label token limit (longer is an error)."})
+    max_target_length: int = field(
+        default=3, metadata={"help": "Target token limit (a longer class label is an error; free text is truncated)."}
+    )
+
+
+@dataclass
+class EvalSection:
+    """What evaluation reports: the trainer's `compute_metrics` (the `training` section says when it runs).
+
+    metrics (`list[str]`, *optional*, defaults to `["perplexity", "label_accuracy", "rank_accuracy"]`):
+        Metric names: `perplexity`, `label_accuracy`, `rank_accuracy` (classification), `rouge` (needs
+        `rouge-score`), `sacrebleu` and `chrf` (need `sacrebleu`). Metrics that compare generated text share one
+        generation pass. Other `evaluate` metrics run scripts, so they come from code, not recipes: override
+        `IA3Seq2SeqTrainer.build_compute_metrics` and use `ia3_trainer.metrics.evaluate_metric`.
+    """
+
+    metrics: list[str] = field(
+        default_factory=lambda: ["perplexity", "label_accuracy", "rank_accuracy"],
+        metadata={"help": "Metric names (perplexity, label_accuracy, rank_accuracy, rouge, sacrebleu, chrf)."},
+    )
 
 
 @dataclass
@@ -191,12 +212,23 @@ class Recipe:
     description: str | None = None
     ia3: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSection = field(default_factory=EvalSection)
     hub: HubSection = field(default_factory=HubSection)
+    # Sections a trainer subclass declares in `recipe_sections`, by name: {"tfew": TFewSection(...)}.
+    extra: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str | Path | None = None) -> Recipe:
-        """Check `raw` against the schema and return a `Recipe`, or raise one `RecipeError` listing every problem."""
+    def from_dict(
+        cls, raw: dict, source: str | Path | None = None, extra_sections: dict[str, type] | None = None
+    ) -> Recipe:
+        """Check `raw` against the schema and return a `Recipe`, or raise one `RecipeError` listing every problem.
+
+        `extra_sections` maps more section names to dataclasses (a trainer subclass's `recipe_sections`); they are
+        checked like the built-in ones and land in `recipe.extra`. Any other unknown section is still an error.
+        """
+        extra_sections = _check_extra_sections(extra_sections)
+        sections = (*SECTIONS, *extra_sections)
         where = str(source) if source is not None else "<recipe>"
         base = Path(source).resolve().parent if source is not None else None
         errors: list[str] = []
@@ -206,9 +238,10 @@ class Recipe:
 
         if not isinstance(raw, dict):
             raise RecipeError(f"{where}: the recipe must be a JSON object, got {type(raw).__name__}")
+        _check_json_data(raw, where)
         for key in raw:
-            if key not in SECTIONS:
-                err(key, f"unknown section{_did_you_mean(key, SECTIONS)}")
+            if key not in sections:
+                err(key, f"unknown section{_did_you_mean(key, sections)}")
 
         name = raw.get("name", Path(source).stem if source is not None else "ia3-run")
         if not isinstance(name, str) or not name:
@@ -220,6 +253,12 @@ class Recipe:
         model = _build_section(ModelSection, raw, "model", err, required=True)
         data = _build_section(DataSection, raw, "data", err, required=True)
         hub = _build_section(HubSection, raw, "hub", err, required=False) or HubSection()
+        evaluation = _build_section(EvalSection, raw, "eval", err, required=False) or EvalSection()
+        _check_metric_names(evaluation.metrics, err)
+        extra = {
+            key: _build_section(section, raw, key, err, required=_has_required(section))
+            for key, section in extra_sections.items()
+        }
         ia3 = _check_passthrough(raw, "ia3", _ia3_field_types(), _IA3_RESERVED, err)
         training = _check_passthrough(raw, "training", _training_field_types(), set(_TRAINING_RESERVED), err)
         for key in set(_TRAINING_RESERVED) & set(training or {}):
@@ -242,7 +281,8 @@ class Recipe:
         training.setdefault("output_dir", str(Path("outputs") / name))
         recipe = cls(
             model=model, data=data, name=name, description=description, ia3=dict(ia3 or {}), training=training,
-            hub=hub, source=None if source is None else str(source),
+            eval=evaluation, hub=hub, extra={key: value or extra_sections[key]() for key, value in extra.items()},
+            source=None if source is None else str(source),
         )
         recipe.validate()
         return recipe
@@ -255,6 +295,15 @@ class Recipe:
             args = self.training_args()
         except (ValueError, TypeError) as error:
             errors.append(f"{where}: training: {_first_line(error)}")
+            args = None
+        except ImportError as error:  # e.g. training.deepspeed without the deepspeed package
+            errors.append(f"{where}: training: {_first_line(error).strip()}; install it, or remove the setting that "
+                          "needs it")
+            args = None
+        except OSError as error:  # accelerator_config, deepspeed and fsdp_config may name a JSON file to read
+            keys = [key for key, value in self.training.items() if value == error.filename] or [""]
+            errors.append(f"{where}: training{'.' if keys[0] else ''}{keys[0]}: cannot read {error.filename!r} "
+                          f"({error.strerror}); give the path of a JSON file, or the settings as an object")
             args = None
         try:
             self.ia3_config()
@@ -295,7 +344,9 @@ class Recipe:
             "data": dataclasses.asdict(self.data),
             "ia3": copy.deepcopy(self.ia3),
             "training": copy.deepcopy(self.training),
+            "eval": dataclasses.asdict(self.eval),
             "hub": dataclasses.asdict(self.hub),
+            **{key: dataclasses.asdict(value) for key, value in self.extra.items()},
         }
 
     def save(self, folder: str | Path) -> Path:
@@ -330,12 +381,15 @@ def list_shipped_recipes() -> dict[str, Path]:
 
 
 def load_recipe(
-    name_or_path: str | Path | dict, overrides: dict[str, Any] | list[str] | None = None
+    name_or_path: str | Path | dict,
+    overrides: dict[str, Any] | list[str] | None = None,
+    extra_sections: dict[str, type] | None = None,
 ) -> Recipe:
     """Load a recipe by shipped name (`"phrasebank"`), file path, or dict; apply `overrides`; validate it.
 
     `overrides` is a `{"training.learning_rate": 1e-2}` mapping or a list of `"key=value"` strings as given on the
-    command line (each value parsed as JSON, else kept as a string).
+    command line (each value parsed as JSON, else kept as a string). `extra_sections` declares more sections (see
+    `Recipe.from_dict`); a trainer subclass passes its `recipe_sections`.
     """
     if isinstance(name_or_path, dict):
         raw, source = copy.deepcopy(name_or_path), None
@@ -350,13 +404,20 @@ def load_recipe(
         source = path
         raw = _read_json(path)
     if overrides:
-        raw = apply_overrides(raw, overrides, source=source)
-    return Recipe.from_dict(raw, source=source)
+        raw = apply_overrides(raw, overrides, source=source, extra_sections=extra_sections)
+    return Recipe.from_dict(raw, source=source, extra_sections=extra_sections)
 
 
-def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str], source: str | Path | None = None) -> dict:
+def apply_overrides(
+    raw: dict,
+    overrides: dict[str, Any] | list[str],
+    source: str | Path | None = None,
+    extra_sections: dict[str, type] | None = None,
+) -> dict:
     """Return a copy of `raw` with dotted-key overrides applied; a key the schema does not have is an error."""
     where = str(source) if source is not None else "<recipe>"
+    extra_sections = _check_extra_sections(extra_sections)
+    sections = (*SECTIONS, *extra_sections)
     if isinstance(overrides, dict):
         pairs = list(overrides.items())
     else:
@@ -370,9 +431,9 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str], source: st
     errors = []
     for key, value in pairs:
         parts = key.split(".")
-        known = _known_keys(parts[0])
-        if parts[0] not in SECTIONS:
-            errors.append(f"{where}: {key}: unknown section{_did_you_mean(parts[0], SECTIONS)}")
+        known = _known_keys(parts[0], extra_sections)
+        if parts[0] not in sections:
+            errors.append(f"{where}: {key}: unknown section{_did_you_mean(parts[0], sections)}")
             continue
         if known is None:  # name / description
             if len(parts) != 1:
@@ -411,22 +472,62 @@ def _read_json(path: Path) -> Any:
     except UnicodeDecodeError as error:
         raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); save the recipe as UTF-8") from error
     try:
-        return json.loads(text)
+        raw = json.loads(text)
     except json.JSONDecodeError as error:
         raise RecipeError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
+    except RecursionError as error:  # json.loads recurses once per level; a hostile file can nest 100,000 deep
+        raise RecipeError(f"{path}: nested too deeply to read; recipes nest lists and objects a few levels") from error
+    _check_json_data(raw, str(path))
+    return raw
 
 
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
-def _known_keys(section: str) -> set[str] | None:
-    if section in ("model", "data", "hub"):
-        cls = {"model": ModelSection, "data": DataSection, "hub": HubSection}[section]
-        return {f.name for f in dataclasses.fields(cls)}
+_MAX_NESTING = 32  # real recipes nest 4 levels (data.data_files); deeper data would exhaust the stack downstream
+
+
+def _check_json_data(raw: Any, where: str) -> None:
+    """Reject what JSON can hold but a recipe cannot, per section: nesting deeper than `_MAX_NESTING` (deepcopy,
+    type checks and json.dumps recurse) and lone surrogates such as `"\\ud800"` (not text: printing or saving fails).
+    """
+    if not isinstance(raw, dict):
+        return
+    problems = []
+    for key, value in raw.items():
+        depth, level, strings = 0, [value], [key]  # breadth-first, so the check never recurses itself
+        while level and depth <= _MAX_NESTING:
+            strings += [item for node in level for item in (node if isinstance(node, dict) else [node])
+                        if isinstance(item, str)]
+            level = [child for node in level if isinstance(node, (dict, list))
+                     for child in (node.values() if isinstance(node, dict) else node)]
+            depth += 1
+        if depth > _MAX_NESTING:
+            problems.append(f"{where}: {key}: nests lists and objects over {_MAX_NESTING} levels deep; flatten it")
+        elif any(not _is_text(item) for item in strings):
+            problems.append(f"{where}: {key}: holds a lone surrogate (an escape such as \\ud800), which is not text; "
+                            "remove it")
+    if problems:
+        raise RecipeError(problems)
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _known_keys(section: str, extra_sections: dict[str, type] | None = None) -> set[str] | None:
+    classes = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "hub": HubSection,
+               **(extra_sections or {})}
+    if section in classes:
+        return {f.name for f in dataclasses.fields(classes[section])}
     if section == "ia3":
         return set(_ia3_field_types()) - _IA3_RESERVED
     if section == "training":
@@ -491,11 +592,50 @@ def _build_section(cls, raw: dict, section: str, err, required: bool):
         if problem:
             err(f"{section}.{name}", problem)
             ok = False
-    return cls(**value) if ok else None
+    if not ok:
+        return None
+    try:  # a section's own __post_init__ checks its values (subclass sections use this)
+        return cls(**value)
+    except (ValueError, TypeError) as error:
+        key, sep, problem = _first_line(error).partition(": ")
+        if sep and key in fields:  # "field: problem" names the key
+            err(f"{section}.{key}", problem)
+        else:
+            err(section, _first_line(error))
+        return None
 
 
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _has_required(cls) -> bool:
+    return any(_is_required(f) for f in dataclasses.fields(cls))
+
+
+def _check_extra_sections(extra_sections: dict[str, type] | None) -> dict[str, type]:
+    """A subclass's `recipe_sections` must be dataclasses with new names: a typo here is a programming error."""
+    extra_sections = dict(extra_sections or {})
+    for key, section in extra_sections.items():
+        if key in SECTIONS or key == "extra":
+            raise ValueError(f"recipe_sections: {key!r} is a built-in section; choose another name")
+        if not (isinstance(section, type) and dataclasses.is_dataclass(section)):
+            raise TypeError(f"recipe_sections[{key!r}]: expected a dataclass, got {type(section).__name__}")
+    return extra_sections
+
+
+def _check_metric_names(names: list[str], err) -> None:
+    from .metrics import METRICS
+
+    for name in names:
+        if name.startswith("evaluate:"):
+            # evaluate.load runs a metric script, and a recipe is data that must never make the package run code.
+            err("eval.metrics", f"{name!r}: recipes cannot load evaluate scripts (that would run code); override "
+                "IA3Seq2SeqTrainer.build_compute_metrics and call ia3_trainer.metrics.evaluate_metric there")
+        elif name not in METRICS:
+            err("eval.metrics", f"unknown metric {name!r}{_did_you_mean(name, METRICS)} (known: {', '.join(METRICS)})")
+    if len(set(names)) != len(names):
+        err("eval.metrics", f"has duplicates: {names}")
 
 
 def _check_passthrough(raw: dict, section: str, types_: dict[str, Any], reserved: set[str], err) -> dict | None:
@@ -558,6 +698,8 @@ def _fits(value: Any, annotation: Any) -> bool:
     if annotation is dict:
         return isinstance(value, dict)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if isinstance(value, (list, dict)):  # unhashable, so `in` a set would raise TypeError; never a member
+            return False
         return value in {member.value for member in annotation} or value in annotation.__members__
     if isinstance(annotation, type) and annotation.__module__ == "pathlib":
         return isinstance(value, str)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer
 
-from .data import build_collator, prepare_data
-from .metrics import build_compute_metrics, perplexity
-from .recipe import ModelSection, Recipe, RecipeError, _first_line, load_recipe
+from .checkpoints import last_checkpoint, save_checkpoint_atomically
+from .data import PreparedData, build_collator, encode_batch, prepare_data
+from .metrics import DEFAULT_METRICS, build_compute_metrics, needs_generation, perplexity
+from .ranking import candidate_label_ids, score_candidates
+from .recipe import DataSection, ModelSection, Recipe, RecipeError, _first_line, load_recipe
 from .training_args import IA3TrainingArguments
 
 
@@ -81,17 +84,33 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             # logits for the whole eval set is what keeps evaluation memory flat.
             logger.info("IA3Seq2SeqTrainer evaluates by generation; setting predict_with_generate=True")
             args.predict_with_generate = True
+        from .callbacks import PushAdapterToHubCallback
+
+        if args.push_to_hub and any(isinstance(cb, PushAdapterToHubCallback) for cb in kwargs.get("callbacks") or []):
+            # One rule: a PushAdapterToHubCallback owns pushing; Trainer's own push would upload the same folder
+            # a second time, in competing commits.
+            raise ValueError(
+                "You passed push_to_hub=True together with a PushAdapterToHubCallback; set push_to_hub=False and "
+                "let the callback push (recipes: use the hub section)"
+            )
         model = self.wrap_model_with_ia3(model, peft_config)
+        if args.bf16:
+            cast_frozen_weights(model, torch.bfloat16)
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or build_collator(processing_class, model),
+            data_collator=data_collator or build_collator(processing_class, model, _pad_multiple(args)),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics or build_compute_metrics(processing_class),
+            compute_metrics=compute_metrics or build_compute_metrics(processing_class, candidate_labels),
             **kwargs,
         )
+        if getattr(args, "non_finite_loss", "stop") == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(
+                "training.non_finite_loss: 'skip' does not work with DeepSpeed, which keeps gradients in its own "
+                "buffers; use 'stop'"
+            )
         self.recipe = recipe
         self.candidate_labels = candidate_labels
         self.max_new_tokens = max_new_tokens or _longest_labels(eval_dataset)
@@ -100,32 +119,84 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     # --- construction ---------------------------------------------------------------------------------------------
 
+    # Extra recipe sections this trainer reads, `{"name": dataclass}`: checked like the built-in sections (types,
+    # unknown keys, the dataclass's own `__post_init__`) and available as `self.recipe.extra["name"]`.
+    recipe_sections: dict[str, type] = {}
+
     @classmethod
     def from_recipe(cls, recipe: str | Path | dict | Recipe, overrides: dict | list[str] | None = None, **kwargs):
         """Build a ready trainer from a recipe name, file, dict or [`Recipe`], applying `overrides` first.
 
-        Data is loaded and checked before the model, so a bad column or label fails before a large download.
+        The steps run in this order, each an overridable hook, so a subclass replaces one step and keeps the others:
+        `load_tokenizer` → `load_datasets` (which maps `preprocess` over the examples) → `build_compute_metrics` →
+        `load_model` → `build_ia3_config` → `build_callbacks`. Data is loaded and checked before the model, so a
+        bad column or label fails before a large download. `kwargs` go to the constructor (`callbacks` are added
+        after those of `build_callbacks`).
         """
-        if isinstance(recipe, Recipe):
-            recipe = load_recipe(recipe.to_dict(), overrides) if overrides else recipe
-        else:
-            recipe = load_recipe(recipe, overrides)
+        if not isinstance(recipe, Recipe) or overrides or not set(cls.recipe_sections) <= set(recipe.extra):
+            raw = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+            recipe = load_recipe(raw, overrides, extra_sections=cls.recipe_sections)
         args = recipe.training_args()
         tokenizer = cls.load_tokenizer(recipe.model)
-        prepared = prepare_data(recipe.data, tokenizer)
+        # Under accelerate launch every process prepares the data; the main one fills the datasets cache first.
+        with args.main_process_first(desc="preparing data"):
+            prepared = cls.load_datasets(recipe, tokenizer)
+        compute_metrics = cls.build_compute_metrics(recipe, tokenizer, prepared.label_names)
         model = cls.load_model(recipe.model, seed=args.seed)
+        peft_config = cls.build_ia3_config(recipe, model)
+        callbacks = [*cls.build_callbacks(recipe), *(kwargs.pop("callbacks", None) or [])]
         return cls(
             model,
             args,
             train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset,
             processing_class=tokenizer,
-            peft_config=recipe.ia3_config(),
+            peft_config=peft_config,
             recipe=recipe,
             candidate_labels=prepared.label_names,
             max_new_tokens=prepared.max_label_tokens,
+            compute_metrics=kwargs.pop("compute_metrics", None) or compute_metrics,
+            callbacks=callbacks or None,
             **kwargs,
         )
+
+    @classmethod
+    def load_datasets(cls, recipe: Recipe, tokenizer) -> PreparedData:
+        """Load, check and tokenize the recipe's data (`data.prepare_data`), mapping `preprocess` over batches.
+
+        Override to add splits or filter examples; return a [`PreparedData`] (`train_dataset`, `eval_dataset`,
+        `label_names`, `max_label_tokens`).
+        """
+        return prepare_data(recipe.data, tokenizer, encode=cls.preprocess)
+
+    @classmethod
+    def preprocess(cls, batch: dict, tokenizer, data: DataSection) -> dict:
+        """Turn a batch of examples (`{column: [values]}`) into model inputs (`input_ids`, `attention_mask`, `labels`).
+
+        The default prefixes `data.source_prefix` and truncates (`data.encode_batch`); override it for prompt
+        templates. Only columns the model's `forward` accepts reach it (Trainer drops the others).
+        """
+        return encode_batch(batch, tokenizer, data)
+
+    @classmethod
+    def build_compute_metrics(cls, recipe: Recipe, tokenizer, candidate_labels: list[str] | None):
+        """The `compute_metrics` of the recipe's `eval.metrics` (a missing metric package fails here, before the
+        model loads)."""
+        return build_compute_metrics(tokenizer, candidate_labels, metrics=recipe.eval.metrics)
+
+    @classmethod
+    def build_ia3_config(cls, recipe: Recipe, model: PreTrainedModel):
+        """The `peft.IA3Config` of the `ia3` section; gets the loaded base model to pick modules per architecture."""
+        return recipe.ia3_config()
+
+    @classmethod
+    def build_callbacks(cls, recipe: Recipe) -> list:
+        """Callbacks the recipe asks for: a [`PushAdapterToHubCallback`] when `hub.repo_id` is set."""
+        if recipe.hub.repo_id is None:
+            return []
+        from .callbacks import PushAdapterToHubCallback
+
+        return [PushAdapterToHubCallback(recipe.hub.repo_id, private=recipe.hub.private, strategy=recipe.hub.strategy)]
 
     @staticmethod
     def load_tokenizer(model: ModelSection):
@@ -206,9 +277,24 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     # --- training and logging -------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
-        """Train; then, when `args.save_final_adapter`, save the adapter, tokenizer and recipe to `output_dir`."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Train; then, when `args.save_final_adapter`, save the adapter, tokenizer and recipe to `output_dir`.
+
+        `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir` (checkpoints are
+        written atomically, and a folder a crash left half-written is skipped); a path resumes from that folder.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise RecipeError(
+                    f"training.output_dir: no checkpoint to resume from in {self.args.output_dir}; train without "
+                    "--resume to start over, or set training.save_strategy so that runs save checkpoints"
+                )
+            logger.info("Resuming from %s", resume_from_checkpoint)
+        if self.recipe is not None and self.args.should_save:
+            # Written first, so a crashed run and every pushed checkpoint still say how they were made.
+            self.recipe.save(self.args.output_dir)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if getattr(self.args, "save_final_adapter", False):
             self.save_model()
         return output
@@ -221,6 +307,31 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 logs[key] = perplexity(logs[loss_key])
         super().log(logs, start_time)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # A nan/inf loss would reach the IA3 vectors at the next optimizer step and every checkpoint after it, so it
+        # is caught here, before that step. Each process checks every process's loss (a DDP all-reduce has already
+        # spread one process's nan gradients to all), so they all stop, or all skip, together.
+        skip = getattr(self.args, "non_finite_loss", "stop") == "skip"
+        params = [p for p in model.parameters() if p.requires_grad] if skip else []
+        grads = [(p, None if p.grad is None else p.grad.clone()) for p in params]  # the IA3 vectors: a few KB
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+        if torch.isfinite(losses).all():
+            return loss
+        value, step = losses[~torch.isfinite(losses)][0].item(), self.state.global_step + 1
+        if not skip:
+            checkpoint = last_checkpoint(self.args.output_dir) or "none (no checkpoint was saved yet)"
+            raise RecipeError(
+                f"training.non_finite_loss: loss is {value} at step {step}; lower training.learning_rate, set "
+                "training.max_grad_norm or check the data (or set training.non_finite_loss to 'skip'); the last "
+                f"checkpoint is {checkpoint}"
+            )
+        for param, grad in grads:  # as if this batch had never been seen
+            param.grad = grad
+        if self.is_world_process_zero():
+            logger.warning("training.non_finite_loss: loss is %s at step %d; skipped this batch", value, step)
+        return loss
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the adapter (never the base weights), the tokenizer and `recipe.json` to `output_dir`.
 
@@ -231,7 +342,12 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         if not _internal_call and self.recipe is not None and self.recipe.model.init == "random":
             base_dir = Path(output_dir) / "base-model"
             if self.args.should_save:
-                self.model.get_base_model().save_pretrained(base_dir)
+                # IA3 wraps each target as `k.base_layer` + `k.ia3_l`; saved as they are, those keys would not load
+                # into a plain model (its k/v/wo would come back random), so save the plain names without IA3.
+                base = self.model.get_base_model()
+                state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items()
+                         if ".ia3_l." not in key}
+                base.save_pretrained(base_dir, state_dict=state)
                 self.processing_class.save_pretrained(base_dir)
             self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(base_dir.resolve())
         super().save_model(output_dir, _internal_call)
@@ -241,42 +357,103 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         if self.recipe is not None:
             self.recipe.save(output_dir or self.args.output_dir)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # transformers 5.24 writes checkpoint-N in place, so a crash mid-save leaves a folder that resuming takes
+        # for whole; write it to tmp-checkpoint-N and rename it when every process is done (checkpoints.py).
+        save_checkpoint_atomically(self, trial, lambda: super(IA3Seq2SeqTrainer, self)._save_checkpoint(model, trial))
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, Trainer's run folder is its staging folder (see _save_checkpoint).
+        return getattr(self, "_checkpoint_staging_root", None) or super()._get_output_dir(trial)
+
     # --- evaluation -----------------------------------------------------------------------------------------------
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
         # Seq2SeqTrainer.evaluate switches to accelerator.gather, which keeps the copies that even batches add to
         # the last batch under DDP; metrics must count each example once, so gather for metrics instead.
         self.gather_function = self.accelerator.gather_for_metrics
-        return super().evaluation_loop(*args, **kwargs)
+        self._eval_runtimes = {"generate": 0.0, "rank": 0.0}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if not (prediction_loss_only or self.args.prediction_loss_only):
+            for name, seconds in self._eval_runtimes.items():
+                if seconds:
+                    output.metrics[f"{metric_key_prefix}_{name}_runtime"] = round(seconds, 4)
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        """One forward pass for the token losses, one bounded `generate` for the label text.
+        """Encode once; then the token losses, a bounded `generate`, and rank classification share that encoding.
 
-        Returns `(loss, (generated_ids, nll_sum, token_count), labels)`: per-example sums instead of logits, so
-        perplexity is exact over the whole eval set and memory does not grow with vocab size.
+        Returns `(loss, predictions, labels)` where `predictions` is a dict of per-example tensors (`generated`,
+        `nll_sum`, `token_count`, and `rank_choice` when the label set is known) instead of logits, so perplexity
+        is exact over the whole eval set and memory does not grow with the vocabulary.
         """
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
-        loss = nll_sum = token_count = None
-        if labels is not None:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                outputs = model(**inputs)
-            nll_sum, token_count = token_nll(outputs.logits, labels)
-            loss = nll_sum.sum() / token_count.sum().clamp(min=1)
-        if prediction_loss_only:
-            return loss, None, None
+        with torch.no_grad(), self.compute_loss_context_manager():
+            encoded = self.model.get_encoder()(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), return_dict=True
+            )
+            loss, predictions = None, {}
+            if labels is not None:
+                outputs = model(**inputs, encoder_outputs=encoded)
+                predictions["nll_sum"], predictions["token_count"] = token_nll(outputs.logits, labels)
+                loss = predictions["nll_sum"].sum() / predictions["token_count"].sum().clamp(min=1)
+            if prediction_loss_only:
+                return loss, None, None
+            if self._candidate_ids is not None and "rank_accuracy" in self.eval_metrics:
+                started = time.perf_counter()
+                scores = score_candidates(self.model, encoded, inputs["attention_mask"], self._candidate_ids)
+                predictions["rank_choice"] = scores.argmax(dim=-1)
+                self._eval_runtimes["rank"] += time.perf_counter() - started
 
+        if not needs_generation(self.eval_metrics):  # e.g. perplexity and rank accuracy only
+            return loss, predictions, labels
         gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
         if gen_kwargs.get("max_length") is None and gen_kwargs.get("max_new_tokens") is None and self.max_new_tokens:
             # As max_length (decoder start + label tokens), so it replaces the model's default of 20, not races it.
             gen_kwargs["max_length"] = self.max_new_tokens + 1
-        gen_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "decoder_input_ids", "decoder_attention_mask")}
-        _, generated, _ = super().prediction_step(
-            model, gen_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
+        started = time.perf_counter()
+        _, predictions["generated"], _ = super().prediction_step(
+            model, {"attention_mask": inputs["attention_mask"], "encoder_outputs": encoded},
+            prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs,
         )
-        if labels is None:
-            return None, generated, None
-        return loss, (generated, nll_sum, token_count), labels
+        self._eval_runtimes["generate"] += time.perf_counter() - started
+        return loss, predictions, labels
+
+    @property
+    def eval_metrics(self) -> list[str]:
+        """The metric names evaluation computes: the recipe's `eval.metrics`, else the defaults. `prediction_step`
+        skips generation and ranking that no listed metric needs; a subclass that adds metrics in
+        `build_compute_metrics` overrides this too."""
+        return list(self.recipe.eval.metrics) if self.recipe is not None else list(DEFAULT_METRICS)
+
+    @property
+    def _candidate_ids(self):
+        """Candidate label ids for rank classification, or None when the label set is unknown or ranking is off."""
+        if not self.candidate_labels or not getattr(self.args, "rank_classification", True):
+            return None
+        if getattr(self, "_candidate_ids_cache", None) is None:
+            self._candidate_ids_cache = candidate_label_ids(self.processing_class, self.candidate_labels)
+        return self._candidate_ids_cache
+
+
+def cast_frozen_weights(model, dtype: torch.dtype) -> None:
+    """Store the frozen base weights in `dtype`; the trainable IA3 vectors stay fp32.
+
+    With bf16 on, autocast alone would recompute a bf16 copy of every frozen weight at each step and keep it for
+    the backward pass: faster than fp32, but more memory. Frozen weights never receive updates, so storing them in
+    bf16 loses nothing to rounding over time, halves their memory and skips the casts (benchmarks/throughput.py).
+    peft's IA3 layers multiply in the vectors' fp32 and cast back to the activations' dtype.
+    """
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def _pad_multiple(args) -> int | None:
+    """Pad to a multiple of 8 for tensor cores on GPU; on CPU it only adds work (benchmarks/throughput.py)."""
+    return 8 if args.device.type == "cuda" else None
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def pytest_configure(config):
+    # Tiny models gain nothing from intra-op threads, and two spinning OpenMP threads on a busy 2-core machine
+    # slow each step from milliseconds to about a second.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def tiny_config(model_type: str = "t5", vocab_size: int = 512, **kwargs):
     """A 16-wide, 2+2-layer config of each architecture we support, sized for the shipped tokenizer."""
     from transformers import BartConfig, MT5Config, T5Config

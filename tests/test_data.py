@@ -120,3 +120,33 @@ def test_unloadable_path(tmp_path, tokenizer):
     data = data_section(tmp_path, data_files={"train": str(tmp_path / "missing.jsonl")})
     with pytest.raises(RecipeError, match=r"^data.path: cannot load 'json'"):
         prepare_data(data, tokenizer)
+
+
+@pytest.mark.parametrize("builder,name", [("json", "empty.jsonl"), ("csv", "empty.csv"), ("text", "empty.txt")])
+def test_empty_file_is_a_data_error(tmp_path, tokenizer, builder, name):
+    path = tmp_path / name
+    path.write_text("")
+    data = data_section(tmp_path, path=builder, data_files={"train": str(path)})
+    with pytest.raises(RecipeError, match=rf"^data.data_files: cannot read examples from .*{name}.* with '{builder}'"):
+        prepare_data(data, tokenizer)
+
+
+def test_integer_label_ids_outside_label_names(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a b", "label": i} for i in (0, 1, 2, 5, -1)])
+    data = data_section(tmp_path, data_files={"train": path}, validation_size=0)
+    with pytest.raises(RecipeError) as info:
+        prepare_data(data, tokenizer)
+    assert str(info.value) == "data.label_names: split 'train' has label ids [-1, 5] but only 3 names"
+
+
+def test_validation_label_the_training_split_never_has_is_a_warning(tmp_path, tokenizer, caplog):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"sentence": "a", "label": "positive"},
+                                               {"sentence": "b", "label": "negative"}])
+    valid = write_jsonl(tmp_path / "v.jsonl", [{"sentence": "c", "label": "neutral"},
+                                               {"sentence": "d", "label": "positive"}])
+    data = data_section(tmp_path, data_files={"train": train, "validation": valid}, validation_split="validation")
+    with caplog.at_level("WARNING", logger="ia3_trainer.data"):
+        prepared = prepare_data(data, tokenizer)
+    assert len(prepared.eval_dataset) == 2  # a warning, not an error: training goes on
+    assert [r.getMessage() for r in caplog.records if r.name == "ia3_trainer.data"] == [
+        "The validation split has labels the training split never has: ['neutral']"]

@@ -35,8 +35,13 @@ def test_compute_metrics_weights_perplexity_by_tokens(tokenizer):
     generated = np.array([[0] + gold[0], [0] + gold[1], [0] + gold[0]])  # decoder start, then text
     nll_sum = np.array([1.0, 2.0, 6.0])
     tokens = np.array([1, 2, 3])
-    metrics = build_compute_metrics(tokenizer)(EvalPrediction(predictions=(generated, nll_sum, tokens),
-                                                              label_ids=labels))
+    rank_choice = np.array([2, 1, 1])  # indexes into the candidate list below
+    predictions = {"generated": generated, "nll_sum": nll_sum, "token_count": tokens, "rank_choice": rank_choice}
+    compute = build_compute_metrics(tokenizer, ["negative", "neutral", "positive"])
+    metrics = compute(EvalPrediction(predictions=predictions, label_ids=labels))
     assert metrics["label_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["rank_accuracy"] == pytest.approx(2 / 3)  # positive, neutral right; neutral for negative wrong
     # 9 nats over 6 tokens, not the mean of per-example means (which would be exp(5/3))
     assert metrics["perplexity"] == pytest.approx(math.exp(1.5))
+    without_labels = build_compute_metrics(tokenizer)(EvalPrediction(predictions=predictions, label_ids=None))
+    assert set(without_labels) == {"perplexity"}

@@ -42,7 +42,8 @@ def test_from_recipe_trains_only_the_ia3_vectors(tmp_path, capsys):
 
 
 def test_evaluate_matches_a_direct_computation(tmp_path):
-    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 6,
+    # fp32, so that batched evaluation and the one-by-one computation below agree to 1e-4
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 6, "training.bf16": False,
                                                                       "training.per_device_eval_batch_size": 5}))
     trainer.train()
     metrics = trainer.evaluate()
@@ -50,19 +51,39 @@ def test_evaluate_matches_a_direct_computation(tmp_path):
 
     model, tokenizer = trainer.model.eval(), trainer.processing_class
     collate = build_collator(tokenizer, model)
-    nll, tokens, correct = 0.0, 0, 0
+    candidates = trainer.candidate_labels
+    assert candidates == ["negative", "neutral", "positive"]
+    nll, tokens, correct, ranked = 0.0, 0, 0, 0
     for row in trainer.eval_dataset:  # one example at a time: no padding anywhere
         batch = collate([row])
+        gold = decode([row["labels"]], tokenizer)[0]
         with torch.no_grad():
             logits = model(**batch).logits
             nll += torch.nn.functional.cross_entropy(logits[0], batch["labels"][0], reduction="sum").item()
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=trainer.max_new_tokens)
+            # rank classification by brute force: the candidate with the lowest mean token loss
+            losses = [model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=torch.tensor([tokenizer(text_target=c).input_ids])).loss.item()
+                      for c in candidates]
         tokens += len(row["labels"])
-        correct += decode(generated, tokenizer)[0] == decode([row["labels"]], tokenizer)[0]
+        correct += decode(generated, tokenizer)[0] == gold
+        ranked += candidates[losses.index(min(losses))] == gold
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
     assert metrics["eval_label_accuracy"] == pytest.approx(correct / len(trainer.eval_dataset))
+    assert metrics["eval_rank_accuracy"] == pytest.approx(ranked / len(trainer.eval_dataset))
+    assert metrics["eval_generate_runtime"] > 0 and metrics["eval_rank_runtime"] > 0
     assert trainer.max_new_tokens == 2  # one label token + EOS: generation is bounded by the longest label
+
+
+def test_evaluation_does_only_the_work_its_metrics_need(tmp_path):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["perplexity"]}))
+    metrics = trainer.evaluate()
+    assert "eval_perplexity" in metrics and "eval_label_accuracy" not in metrics
+    assert "eval_generate_runtime" not in metrics and "eval_rank_runtime" not in metrics
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["rank_accuracy"]}))
+    metrics = trainer.evaluate()
+    assert "eval_rank_accuracy" in metrics and "eval_generate_runtime" not in metrics
 
 
 def test_saved_adapter_reloads_and_predicts_the_same(tmp_path, tiny_t5_dir):
@@ -164,6 +185,27 @@ def test_without_the_guard_tie_weights_breaks_the_head(tmp_path):
     assert model.config.tie_word_embeddings is True
     model.tie_weights()
     assert model.lm_head.weight is model.shared.weight
+
+
+def test_bf16_is_on_by_default_only_on_cuda(tmp_path):
+    args = IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert args.bf16 is False and args.train_sampling_strategy == "group_by_length"
+    assert IA3TrainingArguments(output_dir=str(tmp_path)).bf16 is (
+        torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_bf16_stores_the_frozen_base_in_bf16_and_ia3_in_fp32(tmp_path, tiny_t5, tokenizer):
+    args = IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, max_steps=2,
+                                per_device_train_batch_size=4, save_strategy="no", save_final_adapter=False)
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    prepared = prepare_data(recipe.data, tokenizer)
+    trainer = IA3Seq2SeqTrainer(tiny_t5, args, train_dataset=prepared.train_dataset, processing_class=tokenizer)
+    dtypes = {name: p.dtype for name, p in trainer.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "ia3_l" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "ia3_l" not in n} == {torch.bfloat16}
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert_only_ia3_moved(before, trainer.model)
 
 
 def test_mt0_large_shape_counts_like_the_guide():
