@@ -47,6 +47,23 @@ def lfs_pointer(content: bytes) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(content)}\n".encode()
 
 
+def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN) -> None:
+    """Point huggingface_hub at `endpoint` with `token`, over plain HTTP (no Xet).
+
+    huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET once, into `constants`, when it is imported, and
+    `is_xet_available()` and `HfApi()` read those constants: the variables alone come too late for this process.
+    With hf_xet installed and Xet on, uploads and downloads would go to a Xet storage server, which the fake Hub is
+    not. A callback built from a recipe uses the default endpoint, hence `constants.ENDPOINT` too.
+    """
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+
+
 def closed_endpoint() -> str:
     """An http://127.0.0.1 URL nothing listens on: a Hub that is down (connections are refused at once)."""
     with socket.socket() as sock:

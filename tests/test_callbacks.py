@@ -13,7 +13,7 @@ import huggingface_hub
 import peft
 import pytest
 import torch
-from hub_server import FAKE_TOKEN, HubServer, closed_endpoint
+from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -61,17 +61,6 @@ def tiny(tmp_path_factory):
     )
     yield SimpleNamespace(tokenizer=tokenizer, base_dir=base_dir, examples=examples)
     torch.set_num_threads(threads)
-
-
-def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN) -> None:
-    """Point huggingface_hub at `endpoint` with `token`, over plain HTTP (no Xet)."""
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)  # read at import: tests pass endpoint= explicitly as well
-    monkeypatch.setenv("HF_TOKEN", token)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    # huggingface_hub reads HF_HUB_DISABLE_XET once, into constants.HF_HUB_DISABLE_XET, when it is imported, and
-    # is_xet_available() checks that constant: the variable alone comes too late for this process. With hf_xet
-    # installed and Xet on, uploads and downloads would go to a Xet storage server, which the fake Hub is not.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
 
 
 @pytest.fixture

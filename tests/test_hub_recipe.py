@@ -2,9 +2,8 @@
 
 import json
 
-import huggingface_hub
 import pytest
-from hub_server import FAKE_TOKEN, HubServer, closed_endpoint
+from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 from transformers import Seq2SeqTrainingArguments
 
 from conftest import tiny_recipe
@@ -13,18 +12,6 @@ from ia3_trainer.cli import main
 
 
 REPO_ID = "alice/tiny-ia3"
-
-
-def use_hub(monkeypatch, endpoint):
-    """Point every huggingface_hub call at `endpoint` over plain HTTP.
-
-    huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET into `constants` when it is imported, so the
-    variables alone come too late for this process; the callback built from a recipe uses the default endpoint.
-    """
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
 
 
 @pytest.fixture
