@@ -47,13 +47,15 @@ def lfs_pointer(content: bytes) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(content)}\n".encode()
 
 
-def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN) -> None:
+def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN, as_default: bool = False) -> None:
     """Point huggingface_hub at `endpoint` with `token`, over plain HTTP (no Xet).
 
     huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET once, into `constants`, when it is imported, and
     `is_xet_available()` and `HfApi()` read those constants: the variables alone come too late for this process.
     With hf_xet installed and Xet on, uploads and downloads would go to a Xet storage server, which the fake Hub is
-    not. A callback built from a recipe uses the default endpoint, hence `constants.ENDPOINT` too.
+    not. `as_default` also makes `endpoint` the default one (`constants.ENDPOINT`), for code that passes none, such
+    as a callback built from a recipe; downloads then need `endpoint=` left out too (hf_hub_url swaps the endpoint
+    only when its URL template starts with the default one).
     """
     import huggingface_hub
 
@@ -61,7 +63,8 @@ def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN) -> None:
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    if as_default:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
 
 
 def closed_endpoint() -> str:

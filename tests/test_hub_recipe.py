@@ -17,7 +17,7 @@ REPO_ID = "alice/tiny-ia3"
 @pytest.fixture
 def hub(monkeypatch):
     with HubServer() as server:
-        use_hub(monkeypatch, server.endpoint)
+        use_hub(monkeypatch, server.endpoint, as_default=True)
         yield server
 
 
@@ -51,7 +51,7 @@ def test_cli_push_of_a_finished_run(hub, tmp_path, capsys):
 
 
 def test_cli_push_with_the_hub_down_exits_2_and_keeps_the_adapter(tmp_path, monkeypatch, capsys):
-    use_hub(monkeypatch, closed_endpoint())
+    use_hub(monkeypatch, closed_endpoint(), as_default=True)
     trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1}))
     trainer.train()
     out = tmp_path / "out"
