@@ -15,6 +15,7 @@ import pytest
 from peft import AutoPeftModelForSeq2SeqLM
 
 from conftest import REPO, tiny_recipe
+from hub_server import FAKE_TOKEN, HubServer
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.data import prepare_data
 
@@ -24,7 +25,9 @@ PROCESSES, BATCH, EPOCHS, TRAIN, EVAL = 2, 4, 2, 64, 7  # 7 eval examples: not a
 
 @pytest.mark.slow
 def test_two_processes_train_one_adapter_and_count_each_eval_example_once(tmp_path, tokenizer):
+    hub = HubServer().__enter__()  # the fake Hub on 127.0.0.1: only the main process may push
     raw = tiny_recipe(tmp_path, **{
+        "hub.repo_id": "alice/tiny-ia3-ddp",
         "data.validation_size": EVAL, "data.max_eval_samples": None, "data.max_train_samples": TRAIN,
         "training.max_steps": -1, "training.num_train_epochs": EPOCHS, "training.per_device_train_batch_size": BATCH,
         "training.per_device_eval_batch_size": 2, "training.save_strategy": "steps", "training.save_steps": 8,
@@ -36,9 +39,16 @@ def test_two_processes_train_one_adapter_and_count_each_eval_example_once(tmp_pa
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "ia3_trainer", "train", str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
+           "HF_HUB_DISABLE_XET": "1"}
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        hub.__exit__(None, None, None)
     assert result.returncode == 0, result.stderr[-3000:]
+    creates = [r for r in hub.requests if r["method"] == "POST" and r["path"] == "/api/repos/create"]
+    assert len(creates) == 2  # the main process's: at train begin and before its one push; never rank 1's
+    assert [c["message"] for c in hub.commits] == [f"Upload final adapter (step {EPOCHS * TRAIN // (BATCH * PROCESSES)})"]
 
     # Only the main process prints, saves and writes metrics: one adapter, one summary.
     out = tmp_path / "out"
