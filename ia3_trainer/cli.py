@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(recipe, resume=args.resume)
     except RecipeError as error:
         parser.exit(2, f"ia3-trainer: error: {error}\n")
+    except ImportError as error:  # an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...)
+        parser.exit(2, f"ia3-trainer: error: {error}\n")
 
 
 def _list() -> int:
@@ -262,7 +264,8 @@ def _read_text_file(path: str) -> list:
 def _evaluate(args) -> int:
     from pathlib import Path
 
-    from .data import check_label_lengths, label_texts, load_splits, tokenize
+    from .data import label_texts, load_splits, target_length_bound, tokenize
+    from .metrics import decode_texts
     from .predictor import IA3Predictor
     from .report import build_report, read_log_history, write_report
 
@@ -280,9 +283,9 @@ def _evaluate(args) -> int:
         described = f"validation split of the recipe in {args.adapter}"
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
-    check_label_lengths(predictor.tokenizer, [str(v) for v in validation.unique(data.label_column)],
-                        data.max_target_length)
+    target_length_bound(predictor.tokenizer, [validation], data, names)
     scores = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
+    names = decode_texts(names, predictor.tokenizer) if names else names  # as the references decode
     report = build_report(scores, names, adapter=str(args.adapter), data=described)
     local = Path(args.adapter).is_dir()
     output_dir = args.output_dir or (args.adapter if local else ".")

@@ -30,7 +30,8 @@ def load_splits(data: DataSection):
 
     try:
         loaded = datasets.load_dataset(data.path, data.name, data_files=data.data_files, **data.load_kwargs)
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (FileNotFoundError, ValueError, OSError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as error:
+        # RuntimeError: datasets >= 4 refuses datasets that still need a loading script
         raise RecipeError(
             f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {_first_line(error)}; "
             "check data.path / data.data_files, the network, or use local files"
@@ -67,6 +68,11 @@ def load_splits(data: DataSection):
     if validation is None and data.validation_size:
         if len(train) < 2:
             raise RecipeError(f"data.train_split: split {data.train_split!r} has {len(train)} example(s); need >= 2")
+        if isinstance(data.validation_size, int) and data.validation_size >= len(train):
+            raise RecipeError(
+                f"data.validation_size: {data.validation_size} examples held out of {len(train)} in split "
+                f"{data.train_split!r} leaves none to train on; give a smaller count or a fraction such as 0.1"
+            )
         parts = train.train_test_split(test_size=data.validation_size, seed=data.split_seed)
         train, validation = parts["train"], parts["test"]
     if validation is not None:
@@ -102,12 +108,22 @@ def split_lines(dataset, data: DataSection, split: str):
 
 
 def check_columns(dataset, data: DataSection, split: str) -> None:
+    """Both columns exist and every row has a value in them (an empty cell would train on the text "None")."""
     for key in ("text_column", "label_column"):
         column = getattr(data, key)
         if column not in dataset.column_names:
             raise RecipeError(
                 f"data.{key}: no column {column!r} in split {split!r}; its columns are {dataset.column_names}; "
                 f"set data.{key} to one of them"
+            )
+        empty = dataset.select_columns([column]).filter(
+            lambda batch: [v is None or (isinstance(v, str) and not v.strip()) for v in batch[column]],
+            batched=True, desc=f"Checking {column}",
+        )
+        if len(empty):
+            raise RecipeError(
+                f"data.{key}: {len(empty)} row(s) of split {split!r} have no value in column {column!r}; drop or "
+                "fill them in the data"
             )
 
 
@@ -220,6 +236,16 @@ def tokenize(dataset, tokenizer, data: DataSection, encode=None):
                        remove_columns=dataset.column_names, desc="Tokenizing")
 
 
+def target_length_bound(tokenizer, datasets_, data: DataSection, names: list[str] | None) -> int:
+    """The generation bound for these splits' targets: class labels must fit `max_target_length` (a truncated
+    label is another class), free-text targets are truncated to it with a logged count."""
+    texts = sorted({str(label) for dataset in datasets_ if dataset is not None
+                    for label in dataset.unique(data.label_column)})
+    if names is None:
+        return truncated_target_lengths(tokenizer, texts, data.max_target_length)
+    return check_label_lengths(tokenizer, texts, data.max_target_length)
+
+
 def prepare_data(data: DataSection, tokenizer, encode=None) -> PreparedData:
     """Load, check and tokenize the recipe's data: the whole path from `data` section to trainer datasets.
 
@@ -228,12 +254,7 @@ def prepare_data(data: DataSection, tokenizer, encode=None) -> PreparedData:
     """
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
-    all_labels = train.unique(data.label_column) + (validation.unique(data.label_column) if validation else [])
-    all_labels = [str(label) for label in all_labels]
-    if names is None:
-        longest = truncated_target_lengths(tokenizer, all_labels, data.max_target_length)
-    else:
-        longest = check_label_lengths(tokenizer, all_labels, data.max_target_length)
+    longest = target_length_bound(tokenizer, [train, validation], data, names)
     return PreparedData(
         train_dataset=tokenize(train, tokenizer, data, encode),
         eval_dataset=tokenize(validation, tokenizer, data, encode),

@@ -31,6 +31,12 @@ def label_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
+def decode_texts(texts: Sequence[str], tokenizer) -> list[str]:
+    """Texts as they come back from encoding them as targets and decoding: how references look to the metrics."""
+    encoded = tokenizer(text_target=list(texts))["input_ids"]
+    return [text.strip() for text in tokenizer.batch_decode(encoded, skip_special_tokens=True)]
+
+
 def decode(token_ids: np.ndarray, tokenizer) -> list[str]:
     """Decode a batch padded with -100 (the eval loop's padding) into stripped texts."""
     ids = np.where(np.asarray(token_ids) == IGNORE_INDEX, tokenizer.pad_token_id, token_ids)
@@ -70,6 +76,9 @@ def build_compute_metrics(
     shared by every text metric. A text metric whose package is missing raises `ImportError` here, before training.
     """
     metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    # Compared with references as the tokenizer decodes them ("Positive!" may come back as "Positive"), or a
+    # label whose text does not round-trip would never count as right.
+    candidate_texts = decode_texts(candidate_labels, tokenizer) if candidate_labels else []
     exact = {"label_accuracy", *_WITHOUT_GENERATION}
     text_metrics = {name: text_metric(name) for name in metrics if name not in exact}
 
@@ -89,7 +98,7 @@ def build_compute_metrics(
             for compute in text_metrics.values():
                 result.update(compute(generated, references))
         if "rank_accuracy" in metrics and "rank_choice" in predictions and candidate_labels:
-            chosen = [candidate_labels[i] for i in np.asarray(predictions["rank_choice"]).tolist()]
+            chosen = [candidate_texts[i] for i in np.asarray(predictions["rank_choice"]).tolist()]
             result["rank_accuracy"] = label_accuracy(chosen, references)
         return result
 

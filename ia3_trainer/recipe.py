@@ -261,8 +261,11 @@ class Recipe:
         }
         ia3 = _check_passthrough(raw, "ia3", _ia3_field_types(), _IA3_RESERVED, err)
         training = _check_passthrough(raw, "training", _training_field_types(), set(_TRAINING_RESERVED), err)
-        for key in set(_TRAINING_RESERVED) & set(training or {}):
-            err(f"training.{key}", f"not allowed in a recipe; use {_TRAINING_RESERVED[key]} instead")
+        for key in sorted(training or {}):
+            if key in _TRAINING_RESERVED:
+                err(f"training.{key}", f"not allowed in a recipe; use {_TRAINING_RESERVED[key]} instead")
+            elif key.startswith("hub_"):  # every other option of Trainer's own push (hub_revision, ...)
+                err(f"training.{key}", "not allowed in a recipe: pushing goes through the hub section")
 
         if model is not None and base is not None:
             model.name_or_path = _resolve(model.name_or_path, base)
@@ -430,6 +433,8 @@ def apply_overrides(
     result = copy.deepcopy(raw)
     errors = []
     for key, value in pairs:
+        # A relative path typed on the command line (or passed in Python) means the current folder, not the recipe's.
+        value = _resolve(value, Path.cwd())
         parts = key.split(".")
         known = _known_keys(parts[0], extra_sections)
         if parts[0] not in sections:
@@ -732,7 +737,15 @@ def _describe(annotation: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, "null")
 
 
+# load_dataset keywords that carry credentials: a recipe is saved as recipe.json and pushed with the adapter.
+_SECRET_LOAD_KWARGS = ("token", "use_auth_token", "storage_options", "download_config")
+
+
 def _check_data_values(data: DataSection, err) -> None:
+    for key in _SECRET_LOAD_KWARGS:
+        if key in data.load_kwargs:
+            err(f"data.load_kwargs.{key}", "not allowed: a recipe is saved as recipe.json and pushed with the "
+                "adapter, so it never holds credentials; set HF_TOKEN or run `hf auth login`")
     if isinstance(data.validation_size, float) and not 0 <= data.validation_size < 1:
         err("data.validation_size", f"a fraction must be in [0, 1), got {data.validation_size}; or give a count")
     if isinstance(data.validation_size, int) and data.validation_size < 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import confusion_matrix, label_accuracy, macro_f1, per_class_scores, perplexity
+from .metrics import confusion_matrix, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def write_training_report(trainer) -> list[Path]:
                              max_new_tokens=trainer.max_new_tokens)
     names = trainer.candidate_labels or predictor.settings.label_names
     data = "validation split of the recipe" if trainer.recipe is not None else "eval_dataset"
+    names = decode_texts(names, trainer.processing_class) if names else names  # as the references decode
     report = build_report(scores, names, adapter=str(output_dir), data=data)
     return write_report(report, output_dir, trainer.state.log_history)
 

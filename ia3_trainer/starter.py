@@ -50,8 +50,10 @@ def starter_recipe(
     builder, load_kwargs = _FORMATS[data_file.suffix.lower()]
     try:
         dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
-    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
-        raise RecipeError(f"--data: cannot read {data_file.name} as {builder}: {_first_line(error)}") from error
+    except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
+        # datasets 5 raises StopIteration for an empty json file
+        reason = _first_line(error) if str(error) else "the file has no rows"
+        raise RecipeError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in dataset.column_names:
             hint = _did_you_mean(column, dataset.column_names)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer
+from transformers.modeling_outputs import BaseModelOutput
 
 from .checkpoints import last_checkpoint, save_checkpoint_atomically
 from .data import PreparedData, build_collator, encode_batch, prepare_data
@@ -107,7 +108,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             **kwargs,
         )
         if getattr(args, "non_finite_loss", "stop") == "skip" and self.is_deepspeed_enabled:
-            raise ValueError(
+            raise RecipeError(
                 "training.non_finite_loss: 'skip' does not work with DeepSpeed, which keeps gradients in its own "
                 "buffers; use 'stop'"
             )
@@ -268,7 +269,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             return get_peft_model(model, peft_config)
         except ValueError as error:
             if peft_config.target_modules is None:
-                raise ValueError(
+                raise RecipeError(
                     f"ia3.target_modules: peft has no IA3 default for model type {model.config.model_type!r}; set "
                     "ia3.target_modules and ia3.feedforward_modules (e.g. [\"k_proj\", \"v_proj\", \"fc2\"] and "
                     "[\"fc2\"])"
@@ -382,7 +383,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        """Encode once; then the token losses, a bounded `generate`, and rank classification share that encoding.
+        """One forward pass for the token losses; rank classification and a bounded `generate` reuse its encoding.
 
         Returns `(loss, predictions, labels)` where `predictions` is a dict of per-example tensors (`generated`,
         `nll_sum`, `token_count`, and `rank_choice` when the label set is known) instead of logits, so perplexity
@@ -390,35 +391,38 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         """
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
+        loss, predictions, encoded = None, {}, None
         with torch.no_grad(), self.compute_loss_context_manager():
-            encoded = self.model.get_encoder()(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), return_dict=True
-            )
-            loss, predictions = None, {}
             if labels is not None:
-                outputs = model(**inputs, encoder_outputs=encoded)
+                # One call of the whole model, so FSDP's and autocast's hooks on it run, gives the token losses and
+                # the encoder output that ranking and generation reuse.
+                outputs = model(**inputs)
                 predictions["nll_sum"], predictions["token_count"] = token_nll(outputs.logits, labels)
                 loss = predictions["nll_sum"].sum() / predictions["token_count"].sum().clamp(min=1)
+                encoded = BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state)
             if prediction_loss_only:
                 return loss, None, None
-            if self._candidate_ids is not None and "rank_accuracy" in self.eval_metrics:
+            if encoded is not None and self._candidate_ids is not None and "rank_accuracy" in self.eval_metrics:
                 started = time.perf_counter()
-                scores = score_candidates(self.model, encoded, inputs["attention_mask"], self._candidate_ids)
+                scores = score_candidates(model, encoded, inputs["attention_mask"], self._candidate_ids)
                 predictions["rank_choice"] = scores.argmax(dim=-1)
                 self._eval_runtimes["rank"] += time.perf_counter() - started
 
-        if not needs_generation(self.eval_metrics):  # e.g. perplexity and rank accuracy only
+        if labels is not None and not needs_generation(self.eval_metrics):  # e.g. perplexity and rank accuracy
             return loss, predictions, labels
         gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
         if gen_kwargs.get("max_length") is None and gen_kwargs.get("max_new_tokens") is None and self.max_new_tokens:
             # As max_length (decoder start + label tokens), so it replaces the model's default of 20, not races it.
             gen_kwargs["max_length"] = self.max_new_tokens + 1
         started = time.perf_counter()
+        source = {"encoder_outputs": encoded} if encoded is not None else {"input_ids": inputs["input_ids"]}
         _, predictions["generated"], _ = super().prediction_step(
-            model, {"attention_mask": inputs["attention_mask"], "encoder_outputs": encoded},
+            model, {"attention_mask": inputs["attention_mask"], **source},
             prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs,
         )
         self._eval_runtimes["generate"] += time.perf_counter() - started
+        if labels is None:
+            return None, predictions["generated"], None
         return loss, predictions, labels
 
     @property

@@ -150,3 +150,28 @@ def test_validation_label_the_training_split_never_has_is_a_warning(tmp_path, to
     assert len(prepared.eval_dataset) == 2  # a warning, not an error: training goes on
     assert [r.getMessage() for r in caplog.records if r.name == "ia3_trainer.data"] == [
         "The validation split has labels the training split never has: ['neutral']"]
+
+
+def test_empty_cells_are_refused(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a", "label": "positive"}, {"sentence": " ", "label": "negative"},
+                                              {"sentence": "c", "label": None}, {"sentence": "d", "label": "neutral"}])
+    data = data_section(tmp_path, data_files={"train": path}, validation_size=0)
+    with pytest.raises(RecipeError, match=r"^data.text_column: 1 row\(s\) of split 'train' have no value in column "
+                                          r"'sentence'; drop or fill them in the data$"):
+        prepare_data(data, tokenizer)
+
+
+def test_validation_count_larger_than_the_data(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a", "label": "positive"}] * 5)
+    data = data_section(tmp_path, data_files={"train": path}, validation_size=5)
+    with pytest.raises(RecipeError, match=r"^data.validation_size: 5 examples held out of 5 in split 'train'"):
+        prepare_data(data, tokenizer)
+
+
+def test_a_dataset_that_needs_a_loading_script(tmp_path, tokenizer):
+    folder = tmp_path / "scripted"
+    folder.mkdir()
+    (folder / "scripted.py").write_text("import datasets\n")
+    data = data_section(tmp_path, path=str(folder), data_files=None)
+    with pytest.raises(RecipeError, match=r"^data.path: cannot load .*scripted"):
+        prepare_data(data, tokenizer)

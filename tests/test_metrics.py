@@ -45,3 +45,11 @@ def test_compute_metrics_weights_perplexity_by_tokens(tokenizer):
     assert metrics["perplexity"] == pytest.approx(math.exp(1.5))
     without_labels = build_compute_metrics(tokenizer)(EvalPrediction(predictions=predictions, label_ids=None))
     assert set(without_labels) == {"perplexity"}
+
+
+def test_rank_accuracy_compares_candidates_as_the_tokenizer_decodes_them(tokenizer):
+    # "positive " comes back from the tokenizer as "positive": the candidate must match that reference.
+    gold = tokenizer(text_target=["positive"])["input_ids"]
+    predictions = {"rank_choice": np.array([0])}
+    compute = build_compute_metrics(tokenizer, ["positive ", "negative"], metrics=["rank_accuracy"])
+    assert compute(EvalPrediction(predictions=predictions, label_ids=np.array(gold))) == {"rank_accuracy": 1.0}

@@ -162,3 +162,20 @@ def test_save_round_trip(tmp_path):
     saved = recipe.save(tmp_path)
     again = load_recipe(saved)
     assert again.to_dict() == recipe.to_dict()
+
+
+def test_credentials_and_trainer_hub_options_are_refused(tmp_path):
+    raw = tiny_recipe(tmp_path, **{"data.load_kwargs": {"token": "hf_SECRET123", "encoding": "utf-8"},
+                                   "training.hub_revision": "main"})
+    errors = errors_of(raw)
+    assert any(e.startswith("<recipe>: data.load_kwargs.token: not allowed: a recipe is saved as recipe.json")
+               for e in errors)
+    assert "<recipe>: training.hub_revision: not allowed in a recipe: pushing goes through the hub section" in errors
+    assert not any("hf_SECRET123" in e for e in errors)
+
+
+def test_override_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("tiny", ["model.name_or_path=./my-model"])
+    assert recipe.model.name_or_path == str(tmp_path / "my-model")
+    assert recipe.data.data_files["train"].endswith("recipes/assets/tiny-sentiment.jsonl")  # the file's own: recipe dir
