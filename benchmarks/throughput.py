@@ -215,7 +215,7 @@ def shared_evaluation(model, tokenizer, eval_file: str, device: str) -> dict:
         chunk = rows[start: start + 32]
         features = [{**tokenizer(text, max_length=128, truncation=True),
                      "labels": tokenizer(text_target=label)["input_ids"]}
-                    for text, label in zip(chunk["sentence"], chunk["label"])]
+                    for text, label in zip(chunk["sentence"], chunk["label"], strict=True)]
         batch = {k: v.to(device) for k, v in collate(features).items()}
         with torch.no_grad():
             logits = model(**batch).logits
@@ -227,9 +227,10 @@ def shared_evaluation(model, tokenizer, eval_file: str, device: str) -> dict:
                                        max_new_tokens=longest)
             encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             ranks = score_candidates(model, encoded, batch["attention_mask"], candidates).argmax(-1).tolist()
-        generated_ok += sum(p == g for p, g in zip(decode(generated.cpu(), tokenizer), chunk["label"]))
-        ranked_ok += sum(LABELS[r] == g for r, g in zip(ranks, chunk["label"]))
-    return {"eval_loss": nll / tokens, "label_accuracy": generated_ok / len(rows), "rank_accuracy": ranked_ok / len(rows)}
+        generated_ok += sum(p == g for p, g in zip(decode(generated.cpu(), tokenizer), chunk["label"], strict=True))
+        ranked_ok += sum(LABELS[r] == g for r, g in zip(ranks, chunk["label"], strict=True))
+    return {"eval_loss": nll / tokens, "label_accuracy": generated_ok / len(rows),
+            "rank_accuracy": ranked_ok / len(rows)}
 
 
 # --- the three variants (child process) ---------------------------------------------------------------------------
@@ -241,8 +242,13 @@ def run_guide(cfg: dict) -> dict:
     from datasets import load_dataset
     from peft import IA3Config, get_peft_model
     from torch.utils.data import DataLoader
-    from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, default_data_collator,
-                              get_linear_schedule_with_warmup, set_seed)
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        default_data_collator,
+        get_linear_schedule_with_warmup,
+        set_seed,
+    )
 
     set_seed(cfg["seed"])
     device = cfg["device"]
@@ -294,7 +300,7 @@ def run_guide(cfg: dict) -> dict:
                                                  skip_special_tokens=True))
     eval_seconds = time.perf_counter() - started
     gold = data["validation"]["label"]
-    teacher_forced = sum(p.strip() == g.strip() for p, g in zip(eval_preds, gold)) / len(gold)
+    teacher_forced = sum(p.strip() == g.strip() for p, g in zip(eval_preds, gold, strict=True)) / len(gold)
     return {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "peak_mib": memory.mib,
             "padded_fraction": counter.fraction, "teacher_forced_accuracy": teacher_forced,
             **shared_evaluation(model, tokenizer, cfg["eval_file"], device)}
@@ -304,12 +310,19 @@ def run_plain(cfg: dict) -> dict:
     """What a user writes by hand today: Seq2SeqTrainer + get_peft_model, everything else left at its default."""
     from datasets import load_dataset
     from peft import IA3Config, get_peft_model
-    from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                              Seq2SeqTrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        set_seed,
+    )
 
     set_seed(cfg["seed"])
     tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
-    model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(cfg["model_dir"]), IA3Config(task_type="SEQ_2_SEQ_LM"))
+    base = AutoModelForSeq2SeqLM.from_pretrained(cfg["model_dir"])
+    model = get_peft_model(base, IA3Config(task_type="SEQ_2_SEQ_LM"))
     data = load_dataset("json", data_files={"train": cfg["train_file"], "validation": cfg["eval_file"]})
 
     def preprocess(batch):
@@ -382,7 +395,8 @@ def table(results: dict, setup: dict, epochs: int) -> str:
         f"model: {setup['model']}; data: {setup['train']} train / {setup['eval']} eval examples of {setup['data']}; "
         f"{epochs} epoch(s), batch 8, lr {setup['lr']}",
         "",
-        "| variant | train samples/s | vs guide | padded tokens | peak memory in training (MiB) | eval loss | vs guide "
+        "| variant | train samples/s | vs guide | padded tokens | peak memory in training (MiB) | eval loss "
+        "| vs guide "
         "| label acc (generated) | rank acc | eval time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -394,7 +408,8 @@ def table(results: dict, setup: dict, epochs: int) -> str:
             f"{r['eval_loss']:.4f} | {r['eval_loss'] / base['eval_loss'] - 1:+.1%} | {r['label_accuracy']:.3f} | "
             f"{r['rank_accuracy']:.3f} | {r['eval_seconds']:.2f} |"
             if base else f"| {name} | {speed:.1f} | - | {r['padded_fraction']:.1%} | {r['peak_mib']:.0f} | "
-            f"{r['eval_loss']:.4f} | - | {r['label_accuracy']:.3f} | {r['rank_accuracy']:.3f} | {r['eval_seconds']:.2f} |"
+            f"{r['eval_loss']:.4f} | - | {r['label_accuracy']:.3f} | {r['rank_accuracy']:.3f} | "
+            f"{r['eval_seconds']:.2f} |"
         )
     if base:
         lines.append("")
@@ -416,7 +431,8 @@ def table(results: dict, setup: dict, epochs: int) -> str:
         if "eval_generate_runtime" in own:
             lines.append(f"ia3 evaluation: label accuracy by generation {own['eval_label_accuracy']:.3f} in "
                          f"{own['eval_generate_runtime']:.2f} s, by rank classification "
-                         f"{own.get('eval_rank_accuracy', float('nan')):.3f} in {own.get('eval_rank_runtime', 0):.2f} s")
+                         f"{own.get('eval_rank_accuracy', float('nan')):.3f} in "
+                         f"{own.get('eval_rank_runtime', 0):.2f} s")
     return "\n".join(lines)
 
 

@@ -173,7 +173,9 @@ def _sweep(args) -> int:
 
 
 def _summary(metrics: dict, output_dir: str) -> str:
-    keys = ["train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "eval_label_accuracy", "eval_rank_accuracy"]
+    keys = [
+        "train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "eval_label_accuracy", "eval_rank_accuracy"
+    ]
     shown = "  ".join(f"{key}={metrics[key]:.4f}" for key in keys if key in metrics)
     return f"{shown}\nadapter, tokenizer and recipe.json saved to {output_dir}"
 

@@ -97,7 +97,8 @@ def split_lines(dataset, data: DataSection, split: str):
     bad = dataset.filter(lambda batch: [sep not in line for line in batch[column]], batched=True)
     if len(bad):
         raise RecipeError(
-            f"data.label_separator: {len(bad)} line(s) of split {split!r} have no {sep!r}, e.g. {bad[0][column][:80]!r}"
+            f"data.label_separator: {len(bad)} line(s) of split {split!r} have no {sep!r}, "
+            f"e.g. {bad[0][column][:80]!r}"
         )
 
     def split_batch(batch):
@@ -117,7 +118,7 @@ def check_columns(dataset, data: DataSection, split: str) -> None:
                 f"set data.{key} to one of them"
             )
         empty = dataset.select_columns([column]).filter(
-            lambda batch: [v is None or (isinstance(v, str) and not v.strip()) for v in batch[column]],
+            lambda batch, column=column: [v is None or (isinstance(v, str) and not v.strip()) for v in batch[column]],
             batched=True, desc=f"Checking {column}",
         )
         if len(empty):

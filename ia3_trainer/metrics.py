@@ -28,7 +28,7 @@ def label_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
         raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
     if not references:
         return float("nan")
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 def decode_texts(texts: Sequence[str], tokenizer) -> list[str]:

@@ -136,7 +136,8 @@ class DataSection:
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str | None = field(default=None, metadata={"help": "Split to evaluate on."})
     validation_size: float | int = field(
-        default=0.1, metadata={"help": "Fraction (< 1) or count of train_split held out when validation_split is unset."}
+        default=0.1,
+        metadata={"help": "Fraction (< 1) or count of train_split held out when validation_split is unset."},
     )
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training examples."})

@@ -206,7 +206,9 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
         name = model.tokenizer_name_or_path or model.name_or_path
         try:
-            return AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+            return AutoTokenizer.from_pretrained(
+                name, revision=model.revision, trust_remote_code=model.trust_remote_code
+            )
         except (OSError, ValueError) as error:
             key = "model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.name_or_path"
             raise RecipeError(

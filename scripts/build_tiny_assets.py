@@ -1,7 +1,8 @@
 """Regenerate the offline assets behind `recipes/tiny.json`.
 
 The tiny recipe must train anywhere with no network, so the package ships a small synthetic sentiment dataset
-(written from templates for this project, not taken from any corpus), a BPE tokenizer trained on it (whole words, so labels are one token plus EOS), and the
+(written from templates for this project, not taken from any corpus), a BPE tokenizer trained on it (whole words,
+so labels are one token plus EOS), and the
 config of a T5 small enough to train in seconds on a laptop CPU. Run from the repo root:
 
     python scripts/build_tiny_assets.py

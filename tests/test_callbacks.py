@@ -13,7 +13,6 @@ import huggingface_hub
 import peft
 import pytest
 import torch
-from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -27,6 +26,8 @@ from transformers import (
 
 from ia3_trainer.callbacks import PushAdapterToHubCallback, push_adapter_folder
 from ia3_trainer.model_card import write_model_card
+
+from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 
 
 ASSETS = Path(__file__).parent.parent / "recipes" / "assets"

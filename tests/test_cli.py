@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_recipe
 from ia3_trainer.cli import main
+
+from conftest import REPO, tiny_recipe
 
 
 def write(tmp_path, raw, name="recipe.json"):

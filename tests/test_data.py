@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import tiny_recipe
 from ia3_trainer import RecipeError, load_recipe
 from ia3_trainer.data import check_label_lengths, load_splits, prepare_data
+
+from conftest import tiny_recipe
 
 
 def write_jsonl(path, rows):
@@ -83,7 +84,8 @@ def test_class_label_names_are_used(tmp_path, tokenizer):
 
 
 def test_text_labels_outside_label_names(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a", "label": "positive"}, {"sentence": "b", "label": "bullish"}])
+    rows = [{"sentence": "a", "label": "positive"}, {"sentence": "b", "label": "bullish"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = data_section(tmp_path, data_files={"train": path}, validation_size=0)
     with pytest.raises(RecipeError, match=r"data.label_names: split 'train' has labels \['bullish'\] that are not in"):
         prepare_data(data, tokenizer)
@@ -112,7 +114,7 @@ def test_named_validation_split_and_empty_split(tmp_path, tokenizer):
     blank.write_text("\n  \n")
     data = data_section(tmp_path, path="text", data_files={"train": str(lines), "validation": str(blank)},
                         validation_split="validation", label_separator="@")
-    with pytest.raises(RecipeError, match=r"data.validation_split: split 'validation' is empty; check data.data_files"):
+    with pytest.raises(RecipeError, match=r"data.validation_split: split 'validation' is empty; check data.data_"):
         prepare_data(data, tokenizer)
 
 
@@ -153,8 +155,9 @@ def test_validation_label_the_training_split_never_has_is_a_warning(tmp_path, to
 
 
 def test_empty_cells_are_refused(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "a", "label": "positive"}, {"sentence": " ", "label": "negative"},
-                                              {"sentence": "c", "label": None}, {"sentence": "d", "label": "neutral"}])
+    rows = [{"sentence": "a", "label": "positive"}, {"sentence": " ", "label": "negative"},
+            {"sentence": "c", "label": None}, {"sentence": "d", "label": "neutral"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = data_section(tmp_path, data_files={"train": path}, validation_size=0)
     with pytest.raises(RecipeError, match=r"^data.text_column: 1 row\(s\) of split 'train' have no value in column "
                                           r"'sentence'; drop or fill them in the data$"):

@@ -14,10 +14,11 @@ import sys
 import pytest
 from peft import AutoPeftModelForSeq2SeqLM
 
-from conftest import REPO, tiny_recipe
-from hub_server import FAKE_TOKEN, HubServer
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.data import prepare_data
+
+from conftest import REPO, tiny_recipe
+from hub_server import FAKE_TOKEN, HubServer
 
 
 PROCESSES, BATCH, EPOCHS, TRAIN, EVAL = 2, 4, 2, 64, 7  # 7 eval examples: not a multiple of 2 processes x batch 2
@@ -48,7 +49,8 @@ def test_two_processes_train_one_adapter_and_count_each_eval_example_once(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     creates = [r for r in hub.requests if r["method"] == "POST" and r["path"] == "/api/repos/create"]
     assert len(creates) == 2  # the main process's: at train begin and before its one push; never rank 1's
-    assert [c["message"] for c in hub.commits] == [f"Upload final adapter (step {EPOCHS * TRAIN // (BATCH * PROCESSES)})"]
+    final_step = EPOCHS * TRAIN // (BATCH * PROCESSES)
+    assert [c["message"] for c in hub.commits] == [f"Upload final adapter (step {final_step})"]
 
     # Only the main process prints, saves and writes metrics: one adapter, one summary.
     out = tmp_path / "out"

@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_MODEL_DIR, tiny_recipe
 from ia3_trainer import RecipeError, load_recipe
 from ia3_trainer.cli import main
 from ia3_trainer.recipe import SECTIONS, _known_keys
+
+from conftest import TINY_MODEL_DIR, tiny_recipe
 
 
 BASE = tiny_recipe(Path(tempfile.gettempdir()) / "ia3-fuzz")  # validation never writes to output_dir

@@ -9,9 +9,10 @@ import pytest
 from peft import IA3Config
 from transformers import TrainerCallback
 
-from conftest import tiny_recipe
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, apply_overrides, load_recipe
 from ia3_trainer.data import encode_batch
+
+from conftest import tiny_recipe
 
 
 HOOK_ORDER = ["load_tokenizer", "load_datasets", "preprocess", "build_compute_metrics", "load_model",

@@ -3,12 +3,13 @@
 import json
 
 import pytest
-from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 from transformers import Seq2SeqTrainingArguments
 
-from conftest import tiny_recipe
 from ia3_trainer import IA3Seq2SeqTrainer, PushAdapterToHubCallback
 from ia3_trainer.cli import main
+
+from conftest import tiny_recipe
+from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 
 
 REPO_ID = "alice/tiny-ia3"

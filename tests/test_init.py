@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from conftest import TINY_ASSETS, TINY_MODEL_DIR
 from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
 from ia3_trainer.cli import main
+
+from conftest import TINY_ASSETS, TINY_MODEL_DIR
 
 
 def test_init_writes_a_recipe_that_validates_and_trains(tmp_path, tiny_t5_dir, capsys):

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL_DIR, tiny_config, tiny_recipe
 from peft.tuners.ia3 import IA3Layer
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MT5ForConditionalGeneration
 
@@ -17,6 +16,8 @@ from ia3_trainer.cli import main
 from ia3_trainer.data import label_texts, load_splits
 from ia3_trainer.metrics import decode
 from ia3_trainer.predictor import IA3Predictor, merge_adapter
+
+from conftest import REPO, TINY_MODEL_DIR, tiny_config, tiny_recipe
 
 
 def train_adapter(folder, base_dir, **overrides):

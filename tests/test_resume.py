@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from conftest import REPO, tiny_recipe
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError
 from ia3_trainer.checkpoints import last_checkpoint
 from ia3_trainer.cli import main
+
+from conftest import REPO, tiny_recipe
 
 
 # 64 examples in batches of 2: 32 steps an epoch, so checkpoints every 5 steps fall mid-epoch.

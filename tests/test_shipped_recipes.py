@@ -2,8 +2,9 @@
 
 import pytest
 
-from conftest import REPO
 from ia3_trainer import load_recipe
+
+from conftest import REPO
 
 
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.json") if "assets" not in p.parts)

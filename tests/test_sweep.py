@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from conftest import tiny_recipe
 from ia3_trainer import RecipeError
 from ia3_trainer.cli import main
 from ia3_trainer.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name
+
+from conftest import tiny_recipe
 
 
 def test_parse_grid():

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY_ASSETS, tiny_recipe
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
 from ia3_trainer.data import prepare_data
 from ia3_trainer.metrics import (
@@ -21,6 +20,8 @@ from ia3_trainer.metrics import (
     sacrebleu,
     text_metric,
 )
+
+from conftest import TINY_ASSETS, tiny_recipe
 
 
 SENTENCES = [json.loads(line)["sentence"] for line in (TINY_ASSETS / "tiny-sentiment.jsonl").read_text().splitlines()]

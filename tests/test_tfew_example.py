@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from conftest import REPO
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
+
+from conftest import REPO
 
 
 EXAMPLE = REPO / "examples" / "tfew"

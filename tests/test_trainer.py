@@ -13,10 +13,11 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from conftest import TINY_MODEL_DIR, tiny_config, tiny_recipe
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.data import build_collator, prepare_data
 from ia3_trainer.metrics import decode
+
+from conftest import TINY_MODEL_DIR, tiny_config, tiny_recipe
 
 
 def snapshot(model):
