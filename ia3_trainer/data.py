@@ -178,7 +178,8 @@ def label_texts(train, validation, data: DataSection):
     train = to_text(train, data.train_split)
     validation = to_text(validation, data.validation_split or "validation")
     if names is None and is_classification(train, data):
-        names = sorted(train.unique(data.label_column))
+        seen = set(train.unique(data.label_column)) | set(validation.unique(data.label_column) if validation else [])
+        names = sorted(seen)
     if names is not None and validation is not None:
         unseen = sorted(set(validation.unique(data.label_column)) - set(train.unique(data.label_column)))
         if unseen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -142,6 +143,11 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         # Under accelerate launch every process prepares the data; the main one fills the datasets cache first.
         with args.main_process_first(desc="preparing data"):
             prepared = cls.load_datasets(recipe, tokenizer)
+        if recipe.data.label_names is None and prepared.label_names:
+            # The label set read from the data (ClassLabel names, or a few distinct texts) goes into recipe.json, so
+            # predict and evaluate later bound generation and rank by the same labels as training did.
+            data = dataclasses.replace(recipe.data, label_names=prepared.label_names)
+            recipe = dataclasses.replace(recipe, data=data)
         compute_metrics = cls.build_compute_metrics(recipe, tokenizer, prepared.label_names)
         model = cls.load_model(recipe.model, seed=args.seed)
         peft_config = cls.build_ia3_config(recipe, model)

@@ -266,3 +266,16 @@ def test_unloadable_model_is_a_recipe_error(tmp_path):
                                    "model.tokenizer_name_or_path": str(TINY_MODEL_DIR)})
     with pytest.raises(RecipeError, match=r"^model.name_or_path: cannot load a seq2seq model from '.*no-such-model'"):
         IA3Seq2SeqTrainer.from_recipe(raw)
+
+
+def test_inferred_label_set_is_saved_for_predict_and_evaluate(tmp_path):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"data.label_names": None,
+                                                                      "training.max_steps": 1}))
+    assert trainer.candidate_labels == ["negative", "neutral", "positive"]
+    trainer.train()
+    saved = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert saved["data"]["label_names"] == ["negative", "neutral", "positive"]
+
+    from ia3_trainer import IA3Predictor
+
+    assert IA3Predictor.from_pretrained(tmp_path / "out").settings.max_new_tokens == trainer.max_new_tokens
