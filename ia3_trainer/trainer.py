@@ -303,9 +303,17 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         if self.recipe is not None and self.args.should_save:
             # Written first, so a crashed run and every pushed checkpoint still say how they were made.
             self.recipe.save(self.args.output_dir)
+        from .callbacks import PushAdapterToHubCallback
+
+        save_final = getattr(self.args, "save_final_adapter", False)
+        pushers = [cb for cb in self.callback_handler.callbacks if isinstance(cb, PushAdapterToHubCallback)]
+        for pusher in pushers:  # push the folder saved below, by every process, not one the callback saves alone
+            pusher.defer_final_push = save_final
         output = super().train(resume_from_checkpoint, *args, **kwargs)
-        if getattr(self.args, "save_final_adapter", False):
+        if save_final:
             self.save_model()
+            for pusher in pushers:
+                pusher.push_final(self.args.output_dir, self.args, self.state)
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -37,6 +37,10 @@ def test_recipe_with_hub_repo_id_pushes_the_adapter(hub, tmp_path):
     for content in files.values():
         assert FAKE_TOKEN.encode() not in content
     assert json.loads(files["recipe.json"])["hub"]["repo_id"] == REPO_ID
+    # The final push is the folder the trainer saved after training (every process takes part in that save).
+    out = tmp_path / "out"
+    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    assert files["adapter_config.json"] == (out / "adapter_config.json").read_bytes()
 
 
 def test_cli_push_of_a_finished_run(hub, tmp_path, capsys):
