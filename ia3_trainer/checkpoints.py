@@ -25,6 +25,16 @@ STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkp
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` entries in `output_dir`, newest (highest N) first (a crash may leave one that is no
+    folder, or not a whole one: `last_checkpoint` checks)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    steps = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT.match(path.name))]
+    return [path for _, path in sorted(steps, reverse=True)]
+
+
 def last_checkpoint(output_dir: str | Path) -> str | None:
     """The newest whole `checkpoint-N` folder in `output_dir`, or None.
 
@@ -32,14 +42,7 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     checkpoint this package writes is whole; the check skips folders that a crash left behind when they were
     written in place (older versions, a plain `Trainer`), with a warning naming them.
     """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    steps = sorted(
-        ((int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT.match(path.name))),
-        reverse=True,
-    )
-    for _, path in steps:
+    for path in checkpoint_folders(output_dir):
         if path.is_dir() and _has_trainer_state(path):
             return str(path)
         logger.warning("Skipping %s: it has no readable trainer_state.json (a save that did not finish)", path)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoints import checkpoint_folders
 from .data import build_collator
 from .metrics import IGNORE_INDEX, decode
 from .recipe import DataSection, Recipe, RecipeError, _first_line
@@ -311,8 +312,8 @@ def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Pat
     path = Path(dir_or_repo).expanduser()
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
-            checkpoints = sorted(path.glob("checkpoint-*/adapter_config.json"), key=_checkpoint_step)
-            hint = (f"its latest checkpoint {checkpoints[-1].parent} has one" if checkpoints
+            checkpoints = [c for c in checkpoint_folders(path) if (c / "adapter_config.json").is_file()]
+            hint = (f"its latest checkpoint {checkpoints[0]} has one" if checkpoints
                     else "pass the training.output_dir of a finished run")
             raise RecipeError(f"{dir_or_repo}: holds no adapter (no adapter_config.json); {hint}")
         return path
@@ -406,8 +407,3 @@ def _data_section(raw: dict | None) -> DataSection | None:
         return None
     names = {f.name for f in dataclasses.fields(DataSection)}
     return DataSection(**{key: value for key, value in raw.items() if key in names})
-
-
-def _checkpoint_step(path: Path) -> int:
-    suffix = path.parent.name.rpartition("-")[2]
-    return int(suffix) if suffix.isdigit() else -1

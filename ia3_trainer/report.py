@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import checkpoint_folders
 from .metrics import confusion_matrix, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 
@@ -77,9 +78,7 @@ def write_report(report: dict, output_dir: str | Path, log_history: list[dict] |
 def read_log_history(folder: str | Path) -> list[dict]:
     """The Trainer's `log_history` from `trainer_state.json` in `folder`, else from its latest `checkpoint-*`."""
     folder = Path(folder)
-    candidates = [folder / "trainer_state.json"] + sorted(
-        folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: _step(p.parent.name), reverse=True
-    )
+    candidates = [folder / "trainer_state.json"] + [c / "trainer_state.json" for c in checkpoint_folders(folder)]
     for path in candidates:
         if path.is_file():
             try:
@@ -184,8 +183,3 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(item) for item in value]
     return value
-
-
-def _step(name: str) -> int:
-    suffix = name.rpartition("-")[2]
-    return int(suffix) if suffix.isdigit() else -1
