@@ -415,7 +415,10 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 outputs = model(**inputs)
                 predictions["nll_sum"], predictions["token_count"] = token_nll(outputs.logits, labels)
                 loss = predictions["nll_sum"].sum() / predictions["token_count"].sum().clamp(min=1)
-                encoded = BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state)
+                # accelerate's mixed precision returns outputs in fp32; generation runs outside autocast, in the
+                # dtype of the (possibly bf16) frozen weights, so the reused encoding goes back to that dtype.
+                hidden = outputs.encoder_last_hidden_state.to(self.model.get_input_embeddings().weight.dtype)
+                encoded = BaseModelOutput(last_hidden_state=hidden)
             if prediction_loss_only:
                 return loss, None, None
             if encoded is not None and self._candidate_ids is not None and "rank_accuracy" in self.eval_metrics:

@@ -200,13 +200,16 @@ def test_bf16_stores_the_frozen_base_in_bf16_and_ia3_in_fp32(tmp_path, tiny_t5, 
                                 per_device_train_batch_size=4, save_strategy="no", save_final_adapter=False)
     recipe = load_recipe(tiny_recipe(tmp_path))
     prepared = prepare_data(recipe.data, tokenizer)
-    trainer = IA3Seq2SeqTrainer(tiny_t5, args, train_dataset=prepared.train_dataset, processing_class=tokenizer)
+    trainer = IA3Seq2SeqTrainer(tiny_t5, args, train_dataset=prepared.train_dataset, processing_class=tokenizer,
+                                candidate_labels=prepared.label_names)
     dtypes = {name: p.dtype for name, p in trainer.model.named_parameters()}
     assert {d for n, d in dtypes.items() if "ia3_l" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "ia3_l" not in n} == {torch.bfloat16}
     before = snapshot(trainer.model)
     trainer.train()
     assert_only_ia3_moved(before, trainer.model)
+    metrics = trainer.evaluate(prepared.eval_dataset)  # generation and ranking reuse the encoding in bf16
+    assert math.isfinite(metrics["eval_perplexity"]) and 0 <= metrics["eval_label_accuracy"] <= 1
 
 
 def test_mt0_large_shape_counts_like_the_guide():
