@@ -475,8 +475,9 @@ def cast_frozen_weights(model, dtype: torch.dtype) -> None:
 
 
 def _pad_multiple(args) -> int | None:
-    """Pad to a multiple of 8 for tensor cores on GPU; on CPU it only adds work (benchmarks/throughput.py)."""
-    return 8 if args.device.type == "cuda" else None
+    """Pad to a multiple of 8 on GPU (tensor cores) and under bf16 (CPU: bounds the shapes oneDNN caches kernels
+    for); fp32 on CPU pads to the longest sequence only, as a multiple adds work there (benchmarks/throughput.py)."""
+    return 8 if args.device.type == "cuda" or args.bf16 else None
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

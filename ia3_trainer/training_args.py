@@ -40,10 +40,11 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         Batches of similar source lengths, so dynamic padding pads little (`benchmarks/throughput.py`). The order
         is still random between groups; set `"random"` for the parent's sampler.
     bf16 (`bool`, *optional*, defaults to `None`):
-        `None` turns bf16 on where a CUDA device supports it, and leaves it off on CPU: on a CPU with native bf16
-        (AVX512-BF16) it trained 10 % faster in `benchmarks/throughput.py` but oneDNN's per-shape caches grew
-        peak memory 2.5x with dynamic padding; set `true` to choose it anyway (with `use_cpu: true`). With bf16
-        on, the frozen base weights are stored in bf16 and the IA3 vectors stay in fp32.
+        `None` turns bf16 on where the hardware computes it natively: a CUDA device that supports it, or, with
+        `use_cpu: true` (transformers allows CPU bf16 only then), a CPU with AVX512-BF16 or AMX. With bf16 on, the
+        frozen base weights are stored in bf16, the IA3 vectors stay in fp32, and batches are padded to a
+        multiple of 8 (on CPU that bounds the shapes whose kernels oneDNN caches: without it peak memory grew
+        2.5x in `benchmarks/throughput.py`). Elsewhere bf16 is emulated and slower than fp32, so it stays off.
     """
 
     save_final_adapter: bool = field(
@@ -72,11 +73,16 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self):
         # Resolved before the parent's checks, which need a bool.
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and _cuda_bf16(self.use_cpu)
+            self.bf16 = not self.fp16 and _native_bf16(self.use_cpu)
         super().__post_init__()
 
 
-def _cuda_bf16(use_cpu: bool) -> bool:
+def _native_bf16(use_cpu: bool) -> bool:
+    """Whether training will run on hardware that computes bf16 natively (so it is faster, not slower)."""
     import torch
 
-    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if not use_cpu:  # transformers accepts CPU bf16 only with use_cpu=True
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())

@@ -50,7 +50,8 @@ def test_trains_from_its_own_recipe_and_logs_every_loss_term(tfew, tmp_path):
 
 
 def test_lm_term_is_the_models_own_loss(tfew, tmp_path):
-    trainer = tfew.TFewTrainer.from_recipe(RECIPE, short(tmp_path))
+    # fp32: two ways of computing one loss agree to 1e-5 only without bf16 rounding
+    trainer = tfew.TFewTrainer.from_recipe(RECIPE, {**short(tmp_path), "training.bf16": False})
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model = trainer.model.eval()
     with torch.no_grad():

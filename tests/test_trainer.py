@@ -88,8 +88,9 @@ def test_evaluation_does_only_the_work_its_metrics_need(tmp_path):
 
 
 def test_saved_adapter_reloads_and_predicts_the_same(tmp_path, tiny_t5_dir):
+    # fp32: under bf16 the in-memory model keeps its frozen base in bf16, while a reload uses the checkpoint's fp32
     raw = tiny_recipe(tmp_path, **{"model.name_or_path": str(tiny_t5_dir), "model.init": "pretrained",
-                                   "training.max_steps": 5})
+                                   "training.max_steps": 5, "training.bf16": False})
     trainer = IA3Seq2SeqTrainer.from_recipe(raw)
     trainer.train()  # save_final_adapter: the adapter lands in output_dir without a save_model() call
     out = tmp_path / "out"
@@ -155,7 +156,8 @@ def test_untied_head_survives_tie_weights_and_save(tmp_path, tokenizer):
         expected = original(input_ids=ids, decoder_input_ids=ids).logits
 
     raw = tiny_recipe(tmp_path, **{"model.name_or_path": str(tmp_path / "mt5"), "model.init": "pretrained",
-                                   "ia3.target_modules": None, "ia3.feedforward_modules": None})
+                                   "ia3.target_modules": None, "ia3.feedforward_modules": None,
+                                   "training.bf16": False})  # exact logits: the base stays in fp32
 
     def logits(model):
         with torch.no_grad():
@@ -188,9 +190,11 @@ def test_without_the_guard_tie_weights_breaks_the_head(tmp_path):
     assert model.lm_head.weight is model.shared.weight
 
 
-def test_bf16_is_on_by_default_only_on_cuda(tmp_path):
+def test_bf16_defaults_to_native_support(tmp_path):
+    native_cpu = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     args = IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
-    assert args.bf16 is False and args.train_sampling_strategy == "group_by_length"
+    assert args.bf16 is native_cpu and args.train_sampling_strategy == "group_by_length"
+    assert IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=False).bf16 is False
     assert IA3TrainingArguments(output_dir=str(tmp_path)).bf16 is (
         torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
