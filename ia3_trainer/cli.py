@@ -300,7 +300,9 @@ def _data_builder(path: str) -> str:
     """The `datasets` builder that reads the --data file."""
     from pathlib import Path
 
-    builders = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+    from .data import FILE_FORMATS
+
+    builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
     file = Path(path)
     if not file.is_file():
         raise RecipeError(f"--data: no such file {path}")
@@ -313,11 +315,14 @@ def _data_builder(path: str) -> str:
 def _file_data(path: str, builder: str, data):
     """The recipe's data section, reading `path` as the evaluation set (defaults when there is no recipe)."""
     import dataclasses
+    from pathlib import Path
 
+    from .data import FILE_FORMATS
     from .recipe import DataSection
 
     data = data or DataSection(path=builder)
-    load_kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else data.load_kwargs if builder == data.path else {}
+    own = FILE_FORMATS.get(Path(path).suffix, (builder, {}))[1]
+    load_kwargs = own or (data.load_kwargs if builder == data.path else {})
     # The whole file is the evaluation set: it is both splits, so nothing is held out or cut.
     return dataclasses.replace(
         data, path=builder, name=None, data_files={"train": str(path)}, load_kwargs=load_kwargs, train_split="train",

@@ -14,6 +14,16 @@ from .recipe import DataSection, RecipeError, _first_line
 logger = logging.getLogger(__name__)
 
 
+# The `datasets` builder and load_dataset keywords that read a local file, by suffix (init, evaluate --data).
+FILE_FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
 @dataclass
 class PreparedData:
     """Tokenized splits ready for the trainer, plus what evaluation needs to know about the labels."""

@@ -10,17 +10,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from .data import FILE_FORMATS
 from .recipe import DataSection, RecipeError, _did_you_mean, _first_line
 
 
-# builder name and load_dataset keywords per file suffix
-_FORMATS = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"delimiter": "\t"}),
-    ".json": ("json", {}),
-    ".jsonl": ("json", {}),
-    ".parquet": ("parquet", {}),
-}
 DEFAULT_MODEL = "bigscience/mt0-large"
 
 
@@ -43,11 +36,11 @@ def starter_recipe(
     from .data import is_classification
 
     data_file = Path(data_file)
-    if data_file.suffix.lower() not in _FORMATS:
-        raise RecipeError(f"--data: {data_file.name}: use a {', '.join(_FORMATS)} file")
+    if data_file.suffix.lower() not in FILE_FORMATS:
+        raise RecipeError(f"--data: {data_file.name}: use a {', '.join(FILE_FORMATS)} file")
     if not data_file.is_file():
         raise RecipeError(f"--data: no such file {str(data_file)!r}")
-    builder, load_kwargs = _FORMATS[data_file.suffix.lower()]
+    builder, load_kwargs = FILE_FORMATS[data_file.suffix.lower()]
     try:
         dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
     except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
