@@ -105,7 +105,7 @@ def _train(recipe, resume: bool = False) -> int:
     result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_eval_metrics(trainer))
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         print(_summary(metrics, trainer.args.output_dir))
@@ -113,17 +113,28 @@ def _train(recipe, resume: bool = False) -> int:
     return 0
 
 
+def _final_eval_metrics(trainer) -> dict:
+    """The eval metrics of the trained adapter: the evaluation the run made at its last step when there was one
+    (eval_strategy epoch or steps) and the model is still that one, else a new evaluation."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {key: value for key, value in last.items() if key.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
     from .callbacks import _one_line, push_adapter_folder
     from .model_card import write_model_card
+    from .predictor import _read_json, _read_recipe
 
     folder = Path(output_dir)
     if not (folder / "adapter_config.json").is_file():
         raise RecipeError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
-    recipe = _read_json_if_present(folder / "recipe.json")
-    metrics = _read_json_if_present(folder / "all_results.json") or {}
+    recipe = _read_recipe(folder)
+    results = folder / "all_results.json"
+    metrics = _read_json(results) if results.is_file() else {}
     if not (folder / "metrics.json").is_file() and metrics:
         (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2) + "\n", encoding="utf-8")
     try:
@@ -138,10 +149,6 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
         ) from error
     print(f"Pushed {folder} to {commit.commit_url}")
     return 0
-
-
-def _read_json_if_present(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _init(args) -> int:

@@ -82,3 +82,16 @@ def test_console_entry_point_runs_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"ia3-trainer: error: {missing}: no such recipe file or shipped recipe")
     assert "Traceback" not in result.stderr
+
+
+def test_train_reuses_the_evaluation_made_at_the_last_step(tmp_path, capsys):
+    path = write(tmp_path, tiny_recipe(tmp_path, **{"training.max_steps": -1, "training.num_train_epochs": 2,
+                                                    "training.eval_strategy": "epoch"}))
+    assert main(["train", path]) == 0
+    out = tmp_path / "out"
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    assert len(evaluations) == 2  # one an epoch: the summary did not evaluate a third time
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_label_accuracy"] == evaluations[-1]["eval_label_accuracy"]
+    assert results["eval_perplexity"] == evaluations[-1]["eval_perplexity"]
