@@ -261,7 +261,8 @@ class Recipe:
             for key, section in extra_sections.items()
         }
         ia3 = _check_passthrough(raw, "ia3", _ia3_field_types(), _IA3_RESERVED, err)
-        training = _check_passthrough(raw, "training", _training_field_types(), set(_TRAINING_RESERVED), err)
+        # Trainer's push options are known fields, so they are type-checked here and refused just below.
+        training = _check_passthrough(raw, "training", _training_field_types(), set(), err)
         for key in sorted(training or {}):
             if key in _TRAINING_RESERVED:
                 err(f"training.{key}", f"not allowed in a recipe; use {_TRAINING_RESERVED[key]} instead")
@@ -653,7 +654,7 @@ def _check_passthrough(raw: dict, section: str, types_: dict[str, Any], reserved
         return None
     ok = True
     for key, item in value.items():
-        if key in reserved and section == "ia3":
+        if key in reserved:
             err(f"{section}.{key}", "set by the trainer; remove it from the recipe")
             ok = False
         elif key not in types_:
