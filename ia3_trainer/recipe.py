@@ -314,6 +314,13 @@ class Recipe:
             self.ia3_config()
         except (ValueError, TypeError) as error:
             errors.append(f"{where}: ia3: {_first_line(error)}")
+        if self.hub.repo_id is not None:
+            from .callbacks import PushAdapterToHubCallback
+
+            try:  # the callback checks its own settings; its messages name the hub.* key
+                PushAdapterToHubCallback(self.hub.repo_id, private=self.hub.private, strategy=self.hub.strategy)
+            except (ValueError, TypeError) as error:
+                errors.append(f"{where}: {_first_line(error)}")
         has_validation = self.data.validation_split is not None or self.data.validation_size > 0
         if args is not None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
             if not has_validation:

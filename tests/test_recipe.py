@@ -184,3 +184,9 @@ def test_override_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch
     assert recipe.model.name_or_path == str(tmp_path / "my-model")
     # the file's own path stays relative to the recipe's folder
     assert recipe.data.data_files["train"].endswith("recipes/assets/tiny-sentiment.jsonl")
+
+
+def test_hub_repo_id_is_checked_before_training(tmp_path):
+    errors = errors_of(tiny_recipe(tmp_path, **{"hub.repo_id": "no-namespace"}))
+    assert errors == ["<recipe>: hub.repo_id: 'no-namespace' has no namespace; use 'user/name', e.g. "
+                      "'alice/no-namespace'"]
