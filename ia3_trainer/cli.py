@@ -105,21 +105,12 @@ def _train(recipe, resume: bool = False) -> int:
     result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
-        metrics.update(_final_eval_metrics(trainer))
+        metrics.update(trainer.final_eval_metrics())
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         print(_summary(metrics, trainer.args.output_dir))
     _report_after_training(trainer)
     return 0
-
-
-def _final_eval_metrics(trainer) -> dict:
-    """The eval metrics of the trained adapter: the evaluation the run made at its last step when there was one
-    (eval_strategy epoch or steps) and the model is still that one, else a new evaluation."""
-    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last is not None and last.get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
-        return {key: value for key, value in last.items() if key.startswith("eval_")}
-    return trainer.evaluate()
 
 
 def _push(output_dir: str, repo_id: str, private: bool) -> int:

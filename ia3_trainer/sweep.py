@@ -105,7 +105,7 @@ def run_sweep(
         trainer = trainer_cls.from_recipe(point_recipe)
         metrics = dict(trainer.train().metrics)
         if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
+            metrics.update(trainer.final_eval_metrics())
         rows.append({**point, "output_dir": point_recipe.training["output_dir"], **metrics})
         if trainer.is_world_process_zero():
             root.mkdir(parents=True, exist_ok=True)

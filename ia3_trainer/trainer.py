@@ -444,6 +444,14 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             return None, predictions["generated"], None
         return loss, predictions, labels
 
+    def final_eval_metrics(self) -> dict[str, float]:
+        """The eval metrics of the trained adapter: the evaluation the run made at its last step when there was one
+        (eval_strategy epoch or steps) and the model is still that one, else a new evaluation."""
+        last = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last.get("step") == self.state.global_step and not self.args.load_best_model_at_end:
+            return {key: value for key, value in last.items() if key.startswith("eval_")}
+        return self.evaluate()
+
     @property
     def eval_metrics(self) -> list[str]:
         """The metric names evaluation computes: the recipe's `eval.metrics`, else the defaults. `prediction_step`
