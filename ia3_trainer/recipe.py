@@ -370,8 +370,12 @@ class Recipe:
 
 
 def shipped_recipes_dir() -> Path:
-    """Where the shipped recipes are: `ia3_trainer/recipes` once installed, `recipes/` in a source checkout."""
-    installed = Path(__file__).resolve().parent / "recipes"
+    """Where the shipped recipes are: `recipes/` beside the package in a source checkout (a git worktree too),
+    `ia3_trainer/recipes` once installed."""
+    package = Path(__file__).resolve().parent
+    if (package.parent / "pyproject.toml").is_file() and (package.parent / "recipes").is_dir():
+        return package.parent / "recipes"
+    installed = package / "recipes"
     if installed.is_dir():
         return installed
     try:  # editable installs map ia3_trainer.recipes onto the checkout's recipes/ through an import hook
@@ -379,7 +383,7 @@ def shipped_recipes_dir() -> Path:
 
         return Path(str(files("ia3_trainer.recipes")))
     except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "recipes"
+        return package.parent / "recipes"
 
 
 def list_shipped_recipes() -> dict[str, Path]:

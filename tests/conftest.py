@@ -26,6 +26,15 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: launched process groups never collide with another run's default 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tiny_config(model_type: str = "t5", vocab_size: int = 512, **kwargs):
     """A 16-wide, 2+2-layer config of each architecture we support, sized for the shipped tokenizer."""
     from transformers import BartConfig, MT5Config, T5Config

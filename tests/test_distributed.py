@@ -17,7 +17,7 @@ from peft import AutoPeftModelForSeq2SeqLM
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.data import prepare_data
 
-from conftest import REPO, tiny_recipe
+from conftest import REPO, free_port, tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer
 
 
@@ -38,7 +38,8 @@ def test_two_processes_train_one_adapter_and_count_each_eval_example_once(tmp_pa
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(raw))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no",
                "-m", "ia3_trainer", "train", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
            "HF_HUB_DISABLE_XET": "1"}
