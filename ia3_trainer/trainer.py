@@ -113,6 +113,9 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 "training.non_finite_loss: 'skip' does not work with DeepSpeed, which keeps gradients in its own "
                 "buffers; use 'stop'"
             )
+        # Trainer counts the label tokens of each optimizer step (num_items_in_batch) only for models that take loss
+        # keyword arguments; compute_loss below always uses the count, whatever the model's forward accepts.
+        self.model_accepts_loss_kwargs = True
         self.recipe = recipe
         self.candidate_labels = candidate_labels
         self.max_new_tokens = max_new_tokens or _longest_labels(eval_dataset)
@@ -323,6 +326,39 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             if loss_key in logs and key not in logs:
                 logs[key] = perplexity(logs[loss_key])
         super().log(logs, start_time)
+
+    # compute_loss divides by the label tokens of the whole optimizer step (every micro-batch, every process), so
+    # Trainer must neither divide it by the accumulation steps again nor rescale it by the process count.
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Cross-entropy summed over label tokens, divided by `num_items_in_batch`: the label tokens of the whole
+        optimizer step, over every micro-batch and (with `average_tokens_across_devices`, the default) every process.
+
+        The T5 family returns a per-batch mean and ignores `num_items_in_batch`, which Trainer then multiplies by the
+        process count: under DDP the logged loss and the gradients were scaled by the number of processes. Computed
+        here, one process with batch 16, two with batch 8 and one with batch 8 and two accumulation steps give the
+        same loss and the same update. DDP averages gradients over processes, hence the factor below. Evaluation
+        loss is not computed here (see `prediction_step`).
+        """
+        labels = inputs["labels"]
+        unwrapped = self.accelerator.unwrap_model(model)
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        if "decoder_input_ids" not in features and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
+            # The model computes no loss of its own (a mean we would discard) when it gets no labels.
+            features["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+        else:
+            features["labels"] = labels
+        outputs = model(**features)
+        nll = torch.nn.functional.cross_entropy(
+            outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        if num_items_in_batch is None:  # called outside the training loop (e.g. by a subclass or a test)
+            num_items_in_batch = (labels != -100).sum()
+        loss = nll / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # A nan/inf loss would reach the IA3 vectors at the next optimizer step and every checkpoint after it, so it
