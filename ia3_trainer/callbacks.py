@@ -190,9 +190,6 @@ class PushAdapterToHubCallback(TrainerCallback):
     # Every Hub call and every file the callback writes happens on the main process only
     # (trl's merge_model_callback lacks this guard).
 
-    # Set by IA3Seq2SeqTrainer when it saves the final adapter itself after training; see `push_final`.
-    defer_final_push: bool = False
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
             return
@@ -230,20 +227,15 @@ class PushAdapterToHubCallback(TrainerCallback):
         self._push(folder, args, state, message)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if not state.is_world_process_zero or self.defer_final_push:
-            return
-        self.push_final(self._save_adapter(Path(args.output_dir), model, processing_class), args, state)
-
-    def push_final(self, folder: str | Path, args, state) -> None:
-        """Push `folder` as the final adapter, then wait until every push is done (main process only).
-
-        [`IA3Seq2SeqTrainer`] calls this after its own final `save_model()`, in which every process takes part (as
-        FSDP and ZeRO-3 need to gather sharded IA3 vectors), and sets `defer_final_push` so that `on_train_end`,
-        which runs before that save, leaves the final push to it.
-        """
         if not state.is_world_process_zero:
             return
-        self._push(Path(folder), args, state, f"Upload final adapter (step {state.global_step})")
+        if getattr(args, "save_final_adapter", False):
+            # IA3Seq2SeqTrainer saved the final adapter to output_dir just before this (every process taking part,
+            # as FSDP and ZeRO-3 need to gather sharded IA3 vectors): push that folder.
+            folder = Path(args.output_dir)
+        else:  # a plain Seq2SeqTrainer: save a snapshot here (main process only)
+            folder = self._save_adapter(Path(args.output_dir), model, processing_class)
+        self._push(folder, args, state, f"Upload final adapter (step {state.global_step})")
         self.wait()
 
     def wait(self) -> None:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# Written by IA3Seq2SeqTrainer beside every adapter it saves: what training derived from the data (label set,
+# generation bound) and how it encoded sources; IA3Predictor reads it.
+INFERENCE_FILE = "inference.json"
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -87,6 +90,24 @@ def save_checkpoint_atomically(trainer, trial, save) -> None:
             best_model_checkpoint=state.best_model_checkpoint, use_mtime=True,
         )
     trainer.accelerator.wait_for_everyone()
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write `data` as JSON to `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed
+    over it (a full disk or a crash leaves the previous file, never a truncated one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(json.dumps(data, indent=2) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _has_trainer_state(path: Path) -> bool:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Recipe OK: {recipe.name}")
             return 0
         return _train(recipe, resume=args.resume)
-    except RecipeError as error:
+    except (RecipeError, ValueError, TypeError) as error:
         parser.exit(2, f"ia3-trainer: error: {error}\n")
     except ImportError as error:  # an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...)
         parser.exit(2, f"ia3-trainer: error: {error}\n")
@@ -96,6 +96,7 @@ def _list() -> int:
 
 
 def _train(recipe, resume: bool = False) -> int:
+    from .report import write_training_report
     from .trainer import IA3Seq2SeqTrainer
 
     if recipe.model.trust_remote_code and recipe.training_args().process_index == 0:
@@ -104,12 +105,17 @@ def _train(recipe, resume: bool = False) -> int:
     # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
     result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
     metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.final_eval_metrics())
+    # The evaluation made at the last step when there was one: the report is built from it, not from a second pass.
+    evaluation = trainer.final_evaluation() if trainer.eval_dataset is not None else None
+    if evaluation is not None:
+        metrics.update({key: value for key, value in evaluation.metrics.items() if key.startswith("eval_")})
+    trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         print(_summary(metrics, trainer.args.output_dir))
-    _report_after_training(trainer)
+        paths = write_training_report(trainer, evaluation)
+        if paths:
+            print(_report_summary(json.loads(paths[0].read_text(encoding="utf-8")), paths))
     return 0
 
 
@@ -118,14 +124,14 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
 
     from .callbacks import _one_line, push_adapter_folder
     from .model_card import write_model_card
-    from .predictor import _read_json, _read_recipe
+    from .predictor import read_json
 
     folder = Path(output_dir)
     if not (folder / "adapter_config.json").is_file():
         raise RecipeError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
-    recipe = _read_recipe(folder)
+    recipe = read_json(folder / "recipe.json") if (folder / "recipe.json").is_file() else None
     results = folder / "all_results.json"
-    metrics = _read_json(results) if results.is_file() else {}
+    metrics = read_json(results) if results.is_file() else {}
     if not (folder / "metrics.json").is_file() and metrics:
         (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2) + "\n", encoding="utf-8")
     try:
@@ -265,7 +271,6 @@ def _evaluate(args) -> int:
     from pathlib import Path
 
     from .data import label_texts, load_splits, target_length_bound, tokenize
-    from .metrics import decode_texts
     from .predictor import IA3Predictor
     from .report import build_report, read_log_history, write_report
 
@@ -284,9 +289,9 @@ def _evaluate(args) -> int:
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
     target_length_bound(predictor.tokenizer, [validation], data, names)
-    scores = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
-    names = decode_texts(names, predictor.tokenizer) if names else names  # as the references decode
-    report = build_report(scores, names, adapter=str(args.adapter), data=described)
+    outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
+    names = predictor.settings.label_names or names
+    report = build_report(outputs, predictor.tokenizer, names, adapter=str(args.adapter), data=described)
     local = Path(args.adapter).is_dir()
     output_dir = args.output_dir or (args.adapter if local else ".")
     paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
@@ -334,15 +339,6 @@ def _merge(args) -> int:
     path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision)
     print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")
     return 0
-
-
-def _report_after_training(trainer) -> None:
-    from .report import write_training_report
-
-    trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
-    paths = write_training_report(trainer)
-    if paths:
-        print(_report_summary(json.loads(paths[0].read_text(encoding="utf-8")), paths))
 
 
 def _report_summary(report: dict, paths) -> str:

@@ -217,12 +217,15 @@ def check_label_lengths(tokenizer, texts, max_target_length: int) -> int:
 
 
 def encode_batch(batch: dict, tokenizer, data: DataSection) -> dict:
-    """Turn a batch of examples into model inputs: prefixed sources truncated to `max_source_length`, and labels."""
+    """Turn a batch of examples into model inputs: prefixed sources truncated to `max_source_length`, and labels when
+    the batch has the label column. Training, evaluation and inference (`IA3Predictor`) all encode through this (or
+    through a trainer's overridden `preprocess`)."""
     sources = [data.source_prefix + str(text) for text in batch[data.text_column]]
     model_inputs = tokenizer(sources, max_length=data.max_source_length, truncation=True)
-    targets = tokenizer(text_target=[str(label) for label in batch[data.label_column]],
-                        max_length=data.max_target_length, truncation=True)
-    model_inputs["labels"] = targets["input_ids"]
+    if data.label_column in batch:
+        targets = tokenizer(text_target=[str(label) for label in batch[data.label_column]],
+                            max_length=data.max_target_length, truncation=True)
+        model_inputs["labels"] = targets["input_ids"]
     return model_inputs
 
 

@@ -55,6 +55,7 @@ METRICS = {
 }
 DEFAULT_METRICS = ("perplexity", "label_accuracy", "rank_accuracy")
 _WITHOUT_GENERATION = {"perplexity", "rank_accuracy"}
+_EXACT = {"label_accuracy", *_WITHOUT_GENERATION}  # computed here; every other name is a text metric
 _PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "sacrebleu": ("sacrebleu", "sacrebleu"),
              "chrf": ("sacrebleu", "sacrebleu")}
 
@@ -64,43 +65,52 @@ def needs_generation(metrics: Sequence[str]) -> bool:
     return any(name not in _WITHOUT_GENERATION for name in metrics)
 
 
-def build_compute_metrics(
-    tokenizer, candidate_labels: Sequence[str] | None = None, metrics: Sequence[str] | None = None
-) -> Callable:
-    """`compute_metrics` for [`IA3Seq2SeqTrainer`] reporting `metrics` (names of `METRICS`); defaults to
-    perplexity, label accuracy and, with a known label set, rank accuracy.
+def check_metrics(metrics: Sequence[str]) -> None:
+    """Raise `ImportError` naming the pip command when a text metric's package is missing (before a model loads)."""
+    for name in metrics:
+        if name not in _EXACT:
+            text_metric(name)
 
-    The trainer's `prediction_step` returns per-example arrays instead of logits: `generated` ids, `nll_sum` and
-    `token_count` (so perplexity is the exact token mean over the whole eval set, not a mean of batch means) and
-    `rank_choice` (index into `candidate_labels` of the most likely label). Generated ids are decoded once and
-    shared by every text metric. A text metric whose package is missing raises `ImportError` here, before training.
+
+def eval_metrics(
+    outputs, metrics: Sequence[str], tokenizer, candidate_labels: Sequence[str] | None = None
+) -> dict[str, float]:
+    """The `metrics` (names of `METRICS`) of one evaluation pass, from its per-example outputs.
+
+    `outputs` is a [`~ia3_trainer.scoring.EvalOutputs`]: `nll_sum` and `token_count` (perplexity is the exact token
+    mean over the whole eval set, not a mean of batch means), `generated` ids (decoded once and shared by every text
+    metric), `rank_choice` (index into `candidate_labels` of the most likely label) and the reference `labels`.
+    A metric whose inputs were not computed is left out.
     """
-    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
-    # Compared with references as the tokenizer decodes them ("Positive!" may come back as "Positive"), or a
-    # label whose text does not round-trip would never count as right.
-    candidate_texts = decode_texts(candidate_labels, tokenizer) if candidate_labels else []
-    exact = {"label_accuracy", *_WITHOUT_GENERATION}
-    text_metrics = {name: text_metric(name) for name in metrics if name not in exact}
+    result = {}
+    if "perplexity" in metrics and outputs.nll_sum is not None:
+        result["perplexity"] = perplexity(float(np.sum(outputs.nll_sum)), float(np.sum(outputs.token_count)))
+    if outputs.labels is None:
+        return result
+    references = decode(outputs.labels, tokenizer)
+    if outputs.generated is not None and needs_generation(metrics):
+        generated = decode(outputs.generated, tokenizer)
+        if "label_accuracy" in metrics:
+            result["label_accuracy"] = label_accuracy(generated, references)
+        for name in metrics:
+            if name not in _EXACT:
+                result.update(text_metric(name)(generated, references))
+    if "rank_accuracy" in metrics and outputs.rank_choice is not None and candidate_labels:
+        # Compared as the tokenizer decodes them ("Positive!" may come back as "Positive"), as references are.
+        candidate_texts = decode_texts(candidate_labels, tokenizer)
+        chosen = [candidate_texts[i] for i in np.asarray(outputs.rank_choice).tolist()]
+        result["rank_accuracy"] = label_accuracy(chosen, references)
+    return result
+
+
+def on_decoded(tokenizer, function: Callable[[Sequence[str], Sequence[str]], dict[str, float]]) -> Callable:
+    """A Trainer `compute_metrics` that decodes the generated ids and the labels of an `EvalPrediction` and returns
+    `function(predictions, references)`, e.g. `on_decoded(tokenizer, evaluate_metric("meteor"))`."""
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
-        predictions = eval_prediction.predictions
-        result = {}
-        if "perplexity" in metrics and "nll_sum" in predictions:
-            result["perplexity"] = perplexity(float(np.sum(predictions["nll_sum"])),
-                                              float(np.sum(predictions["token_count"])))
         if eval_prediction.label_ids is None:
-            return result
-        references = decode(eval_prediction.label_ids, tokenizer)
-        if "generated" in predictions and needs_generation(metrics):
-            generated = decode(predictions["generated"], tokenizer)
-            if "label_accuracy" in metrics:
-                result["label_accuracy"] = label_accuracy(generated, references)
-            for compute in text_metrics.values():
-                result.update(compute(generated, references))
-        if "rank_accuracy" in metrics and "rank_choice" in predictions and candidate_labels:
-            chosen = [candidate_texts[i] for i in np.asarray(predictions["rank_choice"]).tolist()]
-            result["rank_accuracy"] = label_accuracy(chosen, references)
-        return result
+            return {}
+        return function(decode(eval_prediction.predictions, tokenizer), decode(eval_prediction.label_ids, tokenizer))
 
     return compute_metrics
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import checkpoint_folders
-from .metrics import confusion_matrix, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
+from .checkpoints import checkpoint_folders, write_json
+from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 
 logger = logging.getLogger(__name__)
@@ -31,23 +31,38 @@ TEACHER_FORCED_NOTE = (
 )
 
 
-def build_report(scores, label_names: list[str] | None = None, **info) -> dict:
-    """The report of one evaluation from [`~ia3_trainer.predictor.Scores`]; `info` (adapter, data, ...) is kept
-    as given. Per-class scores and the confusion matrix need a label set (`label_names`)."""
-    nll_sum, token_count = float(np.sum(scores.nll_sum)), float(np.sum(scores.token_count))
+def build_report(outputs, tokenizer, label_names: list[str] | None = None, **info) -> dict:
+    """The report of one evaluation from its per-example [`~ia3_trainer.scoring.EvalOutputs`] (the trainer's
+    `last_evaluation.outputs` or `IA3Predictor.score`); `info` (adapter, data, ...) is kept as given. Per-class
+    scores and the confusion matrix need a label set (`label_names`).
+
+    Predictions are the generated labels; when evaluation did not generate (its metrics did not ask for it) they
+    are the rank-classification choices, and `predictions` says which.
+    """
+    references = decode(outputs.labels, tokenizer)
+    names = decode_texts(label_names, tokenizer) if label_names else None  # as the references decode
+    if outputs.generated is not None:
+        predictions, source = decode(outputs.generated, tokenizer), "generated"
+    elif outputs.rank_choice is not None and names:
+        predictions, source = [names[i] for i in np.asarray(outputs.rank_choice).tolist()], "rank classification"
+    else:
+        predictions, source = None, None
     report = {
         **info,
-        "examples": len(scores.references),
-        "label_accuracy": label_accuracy(scores.predictions, scores.references),
+        "examples": len(references),
+        "predictions": source,
+        "label_accuracy": label_accuracy(predictions, references) if predictions is not None else None,
         "macro_f1": None,
-        "loss": nll_sum / token_count if token_count else float("nan"),
-        "perplexity": perplexity(nll_sum, token_count),
-        "teacher_forced_accuracy": label_accuracy(scores.teacher_forced, scores.references),
+        "loss": outputs.loss,
+        "perplexity": perplexity(float(np.sum(outputs.nll_sum)), float(np.sum(outputs.token_count)))
+        if outputs.nll_sum is not None else None,
+        "teacher_forced_accuracy": label_accuracy(decode(outputs.teacher_forced, tokenizer), references)
+        if outputs.teacher_forced is not None else None,
         "teacher_forced_accuracy_note": TEACHER_FORCED_NOTE,
     }
-    if label_names:
-        labels = list(label_names) + sorted({r.strip() for r in scores.references} - set(label_names))
-        matrix, columns = confusion_matrix(scores.predictions, scores.references, labels)
+    if names and predictions is not None:
+        labels = list(names) + sorted({r.strip() for r in references} - set(names))
+        matrix, columns = confusion_matrix(predictions, references, labels)
         report["per_class"] = per_class_scores(matrix, labels)
         report["macro_f1"] = macro_f1(report["per_class"])
         report["confusion_matrix"] = {"references": labels, "predictions": columns, "counts": matrix.tolist()}
@@ -70,8 +85,7 @@ def write_report(report: dict, output_dir: str | Path, log_history: list[dict] |
         if log_history and any("loss" in entry or "eval_loss" in entry for entry in log_history):
             written.append(plot_training_curves(log_history, output_dir / CURVES_PNG))
     report = {**report, "plots": [path.name for path in written]}
-    path = output_dir / REPORT_FILE
-    path.write_text(json.dumps(_finite(report), indent=2) + "\n", encoding="utf-8")
+    path = write_json(output_dir / REPORT_FILE, _finite(report))
     return [path, *written]
 
 
@@ -139,27 +153,15 @@ def plot_training_curves(log_history: list[dict], path: Path) -> Path:
     return path
 
 
-def write_training_report(trainer) -> list[Path]:
-    """Evaluate the trainer's model on its eval set and write the report beside the adapter (rank 0 only).
-
-    Sharded models (FSDP, DeepSpeed ZeRO-3) cannot generate on one rank alone; there it logs how to run
-    `ia3-trainer evaluate` on the saved adapter instead.
-    """
-    from .predictor import IA3Predictor
-
+def write_training_report(trainer, evaluation) -> list[Path]:
+    """Write the report of `evaluation` (the trainer's `final_evaluation()`, already computed: nothing is evaluated
+    again) beside the adapter, on the main process. Returns the paths written."""
+    if evaluation is None or evaluation.outputs.labels is None or not trainer.is_world_process_zero():
+        return []
     output_dir = trainer.args.output_dir
-    if trainer.eval_dataset is None or not trainer.is_world_process_zero():
-        return []
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        logger.info("Sharded model: run `ia3-trainer evaluate %s` for the evaluation report", output_dir)
-        return []
-    predictor = IA3Predictor(trainer.model, trainer.processing_class, recipe=trainer.recipe, source=output_dir)
-    scores = predictor.score(trainer.eval_dataset, batch_size=trainer.args.per_device_eval_batch_size,
-                             max_new_tokens=trainer.max_new_tokens)
-    names = trainer.candidate_labels or predictor.settings.label_names
     data = "validation split of the recipe" if trainer.recipe is not None else "eval_dataset"
-    names = decode_texts(names, trainer.processing_class) if names else names  # as the references decode
-    report = build_report(scores, names, adapter=str(output_dir), data=data)
+    report = build_report(evaluation.outputs, trainer.processing_class, trainer.candidate_labels,
+                          adapter=str(output_dir), data=data, step=evaluation.step)
     return write_report(report, output_dir, trainer.state.log_history)
 
 

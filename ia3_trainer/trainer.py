@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, Seq2SeqTrainer
-from transformers.modeling_outputs import BaseModelOutput
+from transformers import PreTrainedModel, Seq2SeqTrainer, TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
-from .checkpoints import last_checkpoint, save_checkpoint_atomically
+from . import modeling
+from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically, write_json
 from .data import PreparedData, build_collator, encode_batch, prepare_data
-from .metrics import DEFAULT_METRICS, build_compute_metrics, needs_generation, perplexity
-from .ranking import candidate_label_ids, score_candidates
-from .recipe import DataSection, ModelSection, Recipe, RecipeError, _first_line, load_recipe
+from .metrics import DEFAULT_METRICS, check_metrics, eval_metrics, needs_generation, perplexity
+from .modeling import untie_separate_lm_head
+from .recipe import DataSection, ModelSection, Recipe, RecipeError, load_recipe
+from .scoring import EvalOutputs, candidate_label_ids, score_batch
 from .training_args import IA3TrainingArguments
 
 
@@ -26,9 +26,10 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
     """[`~transformers.Seq2SeqTrainer`] that trains an IA3 adapter on a seq2seq model.
 
     It wraps a plain model with `peft.get_peft_model` (or takes a ready IA3 `PeftModel`), pads batches
-    dynamically, and evaluates by generating each label: `evaluate()` reports `eval_loss`, `eval_perplexity`
-    (exp of the mean token loss over the whole eval set) and `eval_label_accuracy` (generated text equals the
-    gold label text). `save_model()` writes the adapter only, the tokenizer and, from a recipe, `recipe.json`.
+    dynamically, and evaluates by generating each label: `evaluate()` reports `eval_loss` (the mean token loss over
+    the whole eval set), `eval_perplexity` (its exp), `eval_label_accuracy` (generated text equals the gold label
+    text) and `eval_rank_accuracy` (the most likely label of the known label set). `save_model()` writes the adapter
+    only, the tokenizer, `recipe.json` and `inference.json`.
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `peft.PeftModel`):
@@ -36,13 +37,19 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         args ([`IA3TrainingArguments`], *optional*):
             Training arguments; a plain [`~transformers.Seq2SeqTrainingArguments`] works too.
         peft_config (`peft.IA3Config`, *optional*):
-            IA3 settings for a plain model; defaults to peft's per-architecture default.
+            IA3 settings for a plain model; defaults to the architecture's IA3 targets.
         recipe ([`Recipe`], *optional*):
             The recipe this trainer was built from; saved as `recipe.json` with the adapter.
         candidate_labels (`list[str]`, *optional*):
-            Label texts of a classification task (used by subclasses and reports).
+            Label texts of a classification task: rank classification scores them, and `inference.json` keeps them.
         max_new_tokens (`int`, *optional*):
-            Generation bound in evaluation; defaults to the longest label of the eval set.
+            Generation bound in evaluation; defaults to the longest label of the dataset being evaluated.
+        metrics (`list[str]`, *optional*):
+            Built-in metrics evaluation reports (names of `ia3_trainer.metrics.METRICS`); defaults to the recipe's
+            `eval.metrics`, else perplexity, label accuracy and rank accuracy.
+        compute_metrics (`Callable`, *optional*):
+            A Trainer `compute_metrics`: it receives `EvalPrediction(predictions=generated token ids,
+            label_ids=labels)` (ids padded with -100) and its results are added to the built-in metrics.
         Other arguments are those of [`~transformers.Seq2SeqTrainer`]. `processing_class` (the tokenizer) is
         required, to decode generated labels.
 
@@ -57,6 +64,9 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
     """
 
     _tag_names = ["ia3-trainer", "ia3", "peft"]
+    # compute_loss divides by the label tokens of the whole optimizer step (every micro-batch, every process), so
+    # Trainer must neither divide it by the accumulation steps again nor rescale it by the process count.
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -71,6 +81,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         recipe: Recipe | None = None,
         candidate_labels: list[str] | None = None,
         max_new_tokens: int | None = None,
+        metrics: list[str] | None = None,
         compute_metrics=None,
         **kwargs,
     ):
@@ -80,6 +91,10 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             raise ValueError(
                 "IA3Seq2SeqTrainer needs processing_class (the tokenizer) to decode generated labels; "
                 "pass processing_class=AutoTokenizer.from_pretrained(...)"
+            )
+        if getattr(args, "batch_eval_metrics", False):
+            raise ValueError(
+                "IA3Seq2SeqTrainer computes metrics over the whole eval set; set batch_eval_metrics=False"
             )
         if not args.predict_with_generate:
             # Evaluation always generates: label accuracy needs free-running output, and not keeping full-vocab
@@ -97,7 +112,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             )
         model = self.wrap_model_with_ia3(model, peft_config)
         if args.bf16:
-            cast_frozen_weights(model, torch.bfloat16)
+            modeling.cast_frozen_weights(model, torch.bfloat16)
         super().__init__(
             model=model,
             args=args,
@@ -105,20 +120,28 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics or build_compute_metrics(processing_class, candidate_labels),
+            # Never None: Trainer.evaluate gathers no predictions when compute_metrics is None, and the built-in
+            # metrics need them.
+            compute_metrics=compute_metrics or no_extra_metrics,
             **kwargs,
         )
         if getattr(args, "non_finite_loss", "stop") == "skip" and self.is_deepspeed_enabled:
-            raise RecipeError(
-                "training.non_finite_loss: 'skip' does not work with DeepSpeed, which keeps gradients in its own "
-                "buffers; use 'stop'"
+            raise ValueError(
+                "non_finite_loss='skip' does not work with DeepSpeed, which keeps gradients in its own buffers; use "
+                "'stop'"
             )
         # Trainer counts the label tokens of each optimizer step (num_items_in_batch) only for models that take loss
         # keyword arguments; compute_loss below always uses the count, whatever the model's forward accepts.
         self.model_accepts_loss_kwargs = True
         self.recipe = recipe
-        self.candidate_labels = candidate_labels
-        self.max_new_tokens = max_new_tokens or _longest_labels(eval_dataset)
+        self.candidate_labels = list(candidate_labels) if candidate_labels else None
+        self.max_new_tokens = max_new_tokens
+        self.metrics = list(metrics or (recipe.eval.metrics if recipe is not None else DEFAULT_METRICS))
+        check_metrics(self.metrics)
+        self.last_evaluation: Evaluation | None = None
+        # The final adapter is saved in on_train_end, before any other callback's on_train_end (a push callback then
+        # uploads what every process saved); see FinalSave.
+        self.callback_handler.callbacks.insert(0, FinalSave(self))
         if self.is_world_process_zero():
             self.model.print_trainable_parameters()
 
@@ -132,11 +155,11 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
     def from_recipe(cls, recipe: str | Path | dict | Recipe, overrides: dict | list[str] | None = None, **kwargs):
         """Build a ready trainer from a recipe name, file, dict or [`Recipe`], applying `overrides` first.
 
-        The steps run in this order, each an overridable hook, so a subclass replaces one step and keeps the others:
-        `load_tokenizer` → `load_datasets` (which maps `preprocess` over the examples) → `build_compute_metrics` →
-        `load_model` → `build_ia3_config` → `build_callbacks`. Data is loaded and checked before the model, so a
-        bad column or label fails before a large download. `kwargs` go to the constructor (`callbacks` are added
-        after those of `build_callbacks`).
+        The steps run in this order, each an overridable classmethod hook, so a subclass replaces one step and keeps
+        the others: `load_tokenizer` → `load_datasets` (which maps `preprocess` over the examples) →
+        `build_compute_metrics` → `load_model` → `build_ia3_config` → `build_callbacks`. Data is loaded and checked
+        before the model, so a bad column or label fails before a large download. `kwargs` go to the constructor
+        (`callbacks` are added after those of `build_callbacks`).
         """
         if not isinstance(recipe, Recipe) or overrides or not set(cls.recipe_sections) <= set(recipe.extra):
             raw = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
@@ -146,11 +169,6 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         # Under accelerate launch every process prepares the data; the main one fills the datasets cache first.
         with args.main_process_first(desc="preparing data"):
             prepared = cls.load_datasets(recipe, tokenizer)
-        if recipe.data.label_names is None and prepared.label_names:
-            # The label set read from the data (ClassLabel names, or a few distinct texts) goes into recipe.json, so
-            # predict and evaluate later bound generation and rank by the same labels as training did.
-            data = dataclasses.replace(recipe.data, label_names=prepared.label_names)
-            recipe = dataclasses.replace(recipe, data=data)
         compute_metrics = cls.build_compute_metrics(recipe, tokenizer, prepared.label_names)
         model = cls.load_model(recipe.model, seed=args.seed)
         peft_config = cls.build_ia3_config(recipe, model)
@@ -184,20 +202,28 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         """Turn a batch of examples (`{column: [values]}`) into model inputs (`input_ids`, `attention_mask`, `labels`).
 
         The default prefixes `data.source_prefix` and truncates (`data.encode_batch`); override it for prompt
-        templates. Only columns the model's `forward` accepts reach it (Trainer drops the others).
+        templates. Only columns the model's `forward` accepts reach it (Trainer drops the others). Inference
+        (`IA3Predictor`) must encode the same way: an adapter trained with an overridden `preprocess` records it in
+        `inference.json`, and `IA3Predictor.from_pretrained(..., encode=YourTrainer.preprocess)` uses it.
         """
         return encode_batch(batch, tokenizer, data)
 
     @classmethod
     def build_compute_metrics(cls, recipe: Recipe, tokenizer, candidate_labels: list[str] | None):
-        """The `compute_metrics` of the recipe's `eval.metrics` (a missing metric package fails here, before the
-        model loads)."""
-        return build_compute_metrics(tokenizer, candidate_labels, metrics=recipe.eval.metrics)
+        """A Trainer `compute_metrics` whose results are added to the recipe's `eval.metrics`, or None (the default).
+
+        It receives `EvalPrediction(predictions=generated token ids, label_ids=labels)`, ids padded with -100; e.g.
+        `ia3_trainer.metrics.on_decoded(tokenizer, evaluate_metric("meteor"))`. The default checks that the packages
+        of the recipe's text metrics are installed, so a missing one fails here, before the model loads.
+        """
+        check_metrics(recipe.eval.metrics)
+        return None
 
     @classmethod
     def build_ia3_config(cls, recipe: Recipe, model: PreTrainedModel):
         """The `peft.IA3Config` of the `ia3` section; gets the loaded base model to pick modules per architecture."""
         return recipe.ia3_config()
+
 
     @classmethod
     def build_callbacks(cls, recipe: Recipe) -> list:
@@ -208,46 +234,16 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
         return [PushAdapterToHubCallback(recipe.hub.repo_id, private=recipe.hub.private, strategy=recipe.hub.strategy)]
 
-    @staticmethod
-    def load_tokenizer(model: ModelSection):
-        """Load the tokenizer named by the `model` section."""
-        from transformers import AutoTokenizer
+    @classmethod
+    def load_tokenizer(cls, model: ModelSection):
+        """Load the tokenizer named by the `model` section (`ia3_trainer.modeling.load_tokenizer`)."""
+        return modeling.load_tokenizer(model)
 
-        name = model.tokenizer_name_or_path or model.name_or_path
-        try:
-            return AutoTokenizer.from_pretrained(
-                name, revision=model.revision, trust_remote_code=model.trust_remote_code
-            )
-        except (OSError, ValueError) as error:
-            key = "model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.name_or_path"
-            raise RecipeError(
-                f"{key}: cannot load a tokenizer from {name!r}: {_first_line(error)}; check the id and the "
-                "network, or point it at a local folder"
-            ) from error
-
-    @staticmethod
-    def load_model(model: ModelSection, seed: int = 42) -> PreTrainedModel:
-        """Load (or, with `init: random`, build from its config) the base model, with the untied-head guard."""
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, set_seed
-
-        dtype = model.dtype if model.dtype == "auto" else getattr(torch, model.dtype)
-        common = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
-        try:
-            if model.init == "random":
-                config = AutoConfig.from_pretrained(model.name_or_path, **common)
-                set_seed(seed)
-                base = AutoModelForSeq2SeqLM.from_config(
-                    config, trust_remote_code=model.trust_remote_code, dtype=None if dtype == "auto" else dtype
-                )
-            else:
-                base = AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common)
-        except (OSError, ValueError) as error:
-            raise RecipeError(
-                f"model.name_or_path: cannot load a seq2seq model from {model.name_or_path!r}: {_first_line(error)}; "
-                "check the id and the network, or point it at a local folder"
-            ) from error
-        untie_separate_lm_head(base)
-        return base
+    @classmethod
+    def load_model(cls, model: ModelSection, seed: int = 42) -> PreTrainedModel:
+        """Load (or, with `init: random`, build from its config) the base model, with the untied-head guard
+        (`ia3_trainer.modeling.load_model`)."""
+        return modeling.load_model(model, seed=seed)
 
     @staticmethod
     def wrap_model_with_ia3(model, peft_config=None):
@@ -287,10 +283,12 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 ) from error
             raise
 
+
     # --- training and logging -------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """Train; then, when `args.save_final_adapter`, save the adapter, tokenizer and recipe to `output_dir`.
+        """Train; when `args.save_final_adapter`, the adapter, tokenizer, `recipe.json` and `inference.json` are saved
+        to `output_dir` at the end (by every process, before other callbacks' `on_train_end`).
 
         `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir` (checkpoints are
         written atomically, and a folder a crash left half-written is skipped); a path resumes from that folder.
@@ -303,21 +301,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                     "--resume to start over, or set training.save_strategy so that runs save checkpoints"
                 )
             logger.info("Resuming from %s", resume_from_checkpoint)
-        if self.recipe is not None and self.args.should_save:
-            # Written first, so a crashed run and every pushed checkpoint still say how they were made.
-            self.recipe.save(self.args.output_dir)
-        from .callbacks import PushAdapterToHubCallback
-
-        save_final = getattr(self.args, "save_final_adapter", False)
-        pushers = [cb for cb in self.callback_handler.callbacks if isinstance(cb, PushAdapterToHubCallback)]
-        for pusher in pushers:  # push the folder saved below, by every process, not one the callback saves alone
-            pusher.defer_final_push = save_final
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
-        if save_final:
-            self.save_model()
-            for pusher in pushers:
-                pusher.push_final(self.args.output_dir, self.args, self.state)
-        return output
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Perplexity next to every training loss; the eval loop adds eval_perplexity from exact token counts.
@@ -326,10 +310,6 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
             if loss_key in logs and key not in logs:
                 logs[key] = perplexity(logs[loss_key])
         super().log(logs, start_time)
-
-    # compute_loss divides by the label tokens of the whole optimizer step (every micro-batch, every process), so
-    # Trainer must neither divide it by the accumulation steps again nor rescale it by the process count.
-    loss_is_scaled_for_ga = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Cross-entropy summed over label tokens, divided by `num_items_in_batch`: the label tokens of the whole
@@ -386,7 +366,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the adapter (never the base weights), the tokenizer and `recipe.json` to `output_dir`.
+        """Save the adapter (never the base weights), the tokenizer, `recipe.json` and `inference.json`.
 
         A base model built with `model.init: random` cannot be downloaded again, so the final save also keeps
         it in `output_dir/base-model` and points the adapter at it, so `AutoPeftModelForSeq2SeqLM` can load it.
@@ -407,8 +387,23 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
+        # After the adapter they describe, each written whole or not at all.
+        output_dir = Path(output_dir or self.args.output_dir)
         if self.recipe is not None:
-            self.recipe.save(output_dir or self.args.output_dir)
+            write_json(output_dir / "recipe.json", self.recipe.to_dict())
+        write_json(output_dir / INFERENCE_FILE, self.inference_settings())
+
+    def inference_settings(self) -> dict:
+        """What `inference.json` holds: the label set, the generation bound, and how sources were encoded
+        (`default`, `custom:<qualified name of preprocess>`, or null when the trainer did not encode them)."""
+        preprocess = type(self).preprocess.__func__
+        if self.recipe is None:
+            encode = None
+        elif preprocess is IA3Seq2SeqTrainer.preprocess.__func__:
+            encode = "default"
+        else:
+            encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
+        return {"label_names": self.candidate_labels, "max_new_tokens": self.max_new_tokens, "encode": encode}
 
     def _save_checkpoint(self, model, trial) -> None:
         # transformers 5.24 writes checkpoint-N in place, so a crash mid-save leaves a folder that resuming takes
@@ -421,79 +416,105 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     # --- evaluation -----------------------------------------------------------------------------------------------
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        """Evaluate (see the class docstring for the metrics); the per-example outputs of this pass are kept in
+        `self.last_evaluation` for reports."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+        self.last_evaluation = Evaluation(
+            step=self.state.global_step, default_dataset=eval_dataset is None, metrics=dict(metrics),
+            outputs=self._eval_outputs,
+        )
+        return metrics
+
+    def final_evaluation(self) -> Evaluation:
+        """The evaluation of the trained adapter on `eval_dataset`: the one the run made at its last step when there
+        was one and the model is still that one, else a new one. `ia3-trainer train` reports and writes it without
+        evaluating twice."""
+        last = self.last_evaluation
+        best_loaded = self.args.load_best_model_at_end and self.state.best_global_step != self.state.global_step
+        if last is None or not last.default_dataset or last.step != self.state.global_step or best_loaded:
+            self.evaluate()
+        return self.last_evaluation
+
+    def final_eval_metrics(self) -> dict[str, float]:
+        """The `eval_*` metrics of [`final_evaluation`]."""
+        return {key: value for key, value in self.final_evaluation().metrics.items() if key.startswith("eval_")}
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         # Seq2SeqTrainer.evaluate switches to accelerator.gather, which keeps the copies that even batches add to
         # the last batch under DDP; metrics must count each example once, so gather for metrics instead.
         self.gather_function = self.accelerator.gather_for_metrics
         self._eval_runtimes = {"generate": 0.0, "rank": 0.0}
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if not (prediction_loss_only or self.args.prediction_loss_only):
-            for name, seconds in self._eval_runtimes.items():
-                if seconds:
-                    output.metrics[f"{metric_key_prefix}_{name}_runtime"] = round(seconds, 4)
-        return output
+        self._eval_bound = self.max_new_tokens or longest_labels(dataloader.dataset)
+        # The built-in metrics come from per-example outputs that Trainer's compute_metrics call never sees; the
+        # user's compute_metrics is called below, with generated ids.
+        user_metrics, self.compute_metrics = self.compute_metrics, None
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            self.compute_metrics = user_metrics
+        parts = output.predictions if isinstance(output.predictions, dict) else {}
+        outputs = EvalOutputs(labels=output.label_ids, **parts)
+        self._eval_outputs = outputs
+        metrics = dict(output.metrics)
+        if outputs.nll_sum is not None:  # the exact token mean, not Trainer's mean of batch means
+            metrics[f"{metric_key_prefix}_loss"] = outputs.loss
+        found = eval_metrics(outputs, self.metrics, self.processing_class, self.candidate_labels)
+        if user_metrics not in (None, no_extra_metrics) and outputs.generated is not None:
+            found.update(user_metrics(EvalPrediction(predictions=outputs.generated, label_ids=outputs.labels)))
+        for name, seconds in self._eval_runtimes.items():
+            if seconds:
+                found[f"{name}_runtime"] = round(seconds, 4)
+        metrics.update({f"{metric_key_prefix}_{key}": value for key, value in found.items()})
+        return EvalLoopOutput(predictions=outputs.generated, label_ids=output.label_ids, metrics=metrics,
+                              num_samples=output.num_samples)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        """One forward pass for the token losses; rank classification and a bounded `generate` reuse its encoding.
+        """One [`ia3_trainer.scoring.score_batch`]: a forward pass for the token losses, whose encoder output rank
+        classification and a bounded `generate` reuse.
 
-        Returns `(loss, predictions, labels)` where `predictions` is a dict of per-example tensors (`generated`,
-        `nll_sum`, `token_count`, and `rank_choice` when the label set is known) instead of logits, so perplexity
-        is exact over the whole eval set and memory does not grow with the vocabulary.
+        Returns `(loss, predictions, labels)` where `predictions` is a dict of per-example tensors (`nll_sum`,
+        `token_count`, `teacher_forced`, `rank_choice`, `generated`) instead of logits, so perplexity is exact over
+        the whole eval set and memory does not grow with the vocabulary. `evaluation_loop` turns them into
+        `EvalOutputs`, metrics, and generated ids as the `predictions` users see.
         """
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
-        loss, predictions, encoded = None, {}, None
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if labels is not None:
-                # One call of the whole model, so FSDP's and autocast's hooks on it run, gives the token losses and
-                # the encoder output that ranking and generation reuse.
-                outputs = model(**inputs)
-                predictions["nll_sum"], predictions["token_count"] = token_nll(outputs.logits, labels)
-                loss = predictions["nll_sum"].sum() / predictions["token_count"].sum().clamp(min=1)
-                # accelerate's mixed precision returns outputs in fp32; generation runs outside autocast, in the
-                # dtype of the (possibly bf16) frozen weights, so the reused encoding goes back to that dtype.
-                hidden = outputs.encoder_last_hidden_state.to(self.model.get_input_embeddings().weight.dtype)
-                encoded = BaseModelOutput(last_hidden_state=hidden)
-            if prediction_loss_only:
-                return loss, None, None
-            if encoded is not None and self._candidate_ids is not None and "rank_accuracy" in self.eval_metrics:
-                started = time.perf_counter()
-                scores = score_candidates(model, encoded, inputs["attention_mask"], self._candidate_ids)
-                predictions["rank_choice"] = scores.argmax(dim=-1)
-                self._eval_runtimes["rank"] += time.perf_counter() - started
-
-        if labels is not None and not needs_generation(self.eval_metrics):  # e.g. perplexity and rank accuracy
-            return loss, predictions, labels
-        gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
-        if gen_kwargs.get("max_length") is None and gen_kwargs.get("max_new_tokens") is None and self.max_new_tokens:
-            # As max_length (decoder start + label tokens), so it replaces the model's default of 20, not races it.
-            gen_kwargs["max_length"] = self.max_new_tokens + 1
-        started = time.perf_counter()
-        source = {"encoder_outputs": encoded} if encoded is not None else {"input_ids": inputs["input_ids"]}
-        _, predictions["generated"], _ = super().prediction_step(
-            model, {"attention_mask": inputs["attention_mask"], **source},
-            prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs,
+        rank = labels is not None and "rank_accuracy" in self.metrics
+        scores = score_batch(
+            model, inputs,
+            candidate_ids=self._candidate_ids if rank and not prediction_loss_only else None,
+            generate=not prediction_loss_only and (labels is None or needs_generation(self.metrics)),
+            generate_fn=self._generate, **self._generation_kwargs(gen_kwargs),
         )
-        self._eval_runtimes["generate"] += time.perf_counter() - started
-        if labels is None:
-            return None, predictions["generated"], None
-        return loss, predictions, labels
+        for name, seconds in scores.seconds.items():
+            self._eval_runtimes[name] += seconds
+        loss = scores.nll_sum.sum() / scores.token_count.sum().clamp(min=1) if labels is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, scores.as_dict(), labels
 
-    def final_eval_metrics(self) -> dict[str, float]:
-        """The eval metrics of the trained adapter: the evaluation the run made at its last step when there was one
-        (eval_strategy epoch or steps) and the model is still that one, else a new evaluation."""
-        last = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), None)
-        if last is not None and last.get("step") == self.state.global_step and not self.args.load_best_model_at_end:
-            return {key: value for key, value in last.items() if key.startswith("eval_")}
-        return self.evaluate()
+    def _generation_kwargs(self, gen_kwargs: dict) -> dict:
+        kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        if "max_length" not in kwargs and "max_new_tokens" not in kwargs and self._eval_bound:
+            kwargs["max_new_tokens"] = self._eval_bound
+        return kwargs
+
+    def _generate(self, **kwargs):
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        from transformers.integrations.fsdp import is_fsdp_managed_module
+
+        # Every process must keep stepping while any still generates when weights are sharded.
+        kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model))
+        return self.model.generate(**kwargs)
 
     @property
     def eval_metrics(self) -> list[str]:
-        """The metric names evaluation computes: the recipe's `eval.metrics`, else the defaults. `prediction_step`
-        skips generation and ranking that no listed metric needs; a subclass that adds metrics in
-        `build_compute_metrics` overrides this too."""
-        return list(self.recipe.eval.metrics) if self.recipe is not None else list(DEFAULT_METRICS)
+        """The built-in metric names evaluation computes (see the `metrics` argument)."""
+        return list(self.metrics)
 
     @property
     def _candidate_ids(self):
@@ -505,17 +526,30 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         return self._candidate_ids_cache
 
 
-def cast_frozen_weights(model, dtype: torch.dtype) -> None:
-    """Store the frozen base weights in `dtype`; the trainable IA3 vectors stay fp32.
+class Evaluation:
+    """One evaluation of [`IA3Seq2SeqTrainer`]: its metrics, its per-example [`EvalOutputs`], the global step it ran
+    at, and whether it was of the trainer's own `eval_dataset`."""
 
-    With bf16 on, autocast alone would recompute a bf16 copy of every frozen weight at each step and keep it for
-    the backward pass: faster than fp32, but more memory. Frozen weights never receive updates, so storing them in
-    bf16 loses nothing to rounding over time, halves their memory and skips the casts (benchmarks/throughput.py).
-    peft's IA3 layers multiply in the vectors' fp32 and cast back to the activations' dtype.
-    """
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+    def __init__(self, step: int, default_dataset: bool, metrics: dict, outputs: EvalOutputs):
+        self.step, self.default_dataset, self.metrics, self.outputs = step, default_dataset, metrics, outputs
+
+
+class FinalSave(TrainerCallback):
+    """Saves the final adapter in `on_train_end` (every process takes part, as sharded models need) when
+    `args.save_final_adapter`; IA3Seq2SeqTrainer puts it before every other callback, so a push callback's
+    `on_train_end` finds the adapter saved."""
+
+    def __init__(self, trainer: IA3Seq2SeqTrainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if getattr(args, "save_final_adapter", False):
+            self.trainer.save_model()
+
+
+def no_extra_metrics(eval_prediction) -> dict[str, float]:
+    """The `compute_metrics` of a trainer given none: the built-in metrics alone."""
+    return {}
 
 
 def _pad_multiple(args) -> int | None:
@@ -524,32 +558,8 @@ def _pad_multiple(args) -> int | None:
     return 8 if args.device.type == "cuda" or args.bf16 else None
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example summed negative log-likelihood and count of label tokens (positions with -100 are ignored)."""
-    losses = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-    )
-    return losses.sum(dim=1), (labels != -100).sum(dim=1)
-
-
-def untie_separate_lm_head(model) -> bool:
-    """Mark the config untied when the output embedding is its own tensor (mt0, mT5, flan-t5).
-
-    transformers 5 loads these heads correctly but leaves `tie_word_embeddings: true`, so a later
-    `tie_weights()` or `resize_token_embeddings()` (FSDP and ZeRO-3 set-up call them) would silently replace
-    the head by the input embeddings. Passing `tie_word_embeddings=False` to `from_pretrained` instead would
-    drop the shared encoder/decoder embeddings of safetensors checkpoints, so the flag is fixed after loading.
-    """
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is None or inputs is None or not getattr(model.config, "tie_word_embeddings", False):
-        return False
-    if output.weight is inputs.weight:
-        return False
-    model.config.tie_word_embeddings = False
-    return True
-
-
-def _longest_labels(dataset) -> int | None:
+def longest_labels(dataset) -> int | None:
+    """The token count of the longest label in a tokenized dataset (its generation bound), or None."""
     if dataset is None or not hasattr(dataset, "column_names") or "labels" not in dataset.column_names:
         return None
     lengths = dataset.map(lambda batch: {"n": [len(x) for x in batch["labels"]]}, batched=True,

@@ -5,6 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from peft import IA3Config
 from transformers import TrainerCallback
@@ -124,10 +125,13 @@ def test_overriding_metrics_and_callbacks(tmp_path):
     class Custom(IA3Seq2SeqTrainer):
         @classmethod
         def build_compute_metrics(cls, recipe, tokenizer, candidate_labels):
-            default = super().build_compute_metrics(recipe, tokenizer, candidate_labels)
+            assert super().build_compute_metrics(recipe, tokenizer, candidate_labels) is None
 
-            def compute_metrics(eval_prediction):
-                return {**default(eval_prediction), "num_examples": len(eval_prediction.label_ids)}
+            def compute_metrics(eval_prediction):  # a plain Trainer compute_metrics: generated ids and labels
+                assert eval_prediction.predictions.shape[0] == eval_prediction.label_ids.shape[0]
+                texts = tokenizer.batch_decode(np.where(eval_prediction.predictions == -100, 0,
+                                                        eval_prediction.predictions), skip_special_tokens=True)
+                return {"num_examples": len(eval_prediction.label_ids), "texts": len(texts)}
 
             return compute_metrics
 
@@ -139,7 +143,7 @@ def test_overriding_metrics_and_callbacks(tmp_path):
     trainer.train()
     assert ended == [2]
     metrics = trainer.evaluate()
-    assert metrics["eval_num_examples"] == 24
+    assert metrics["eval_num_examples"] == metrics["eval_texts"] == 24
     assert {"eval_perplexity", "eval_label_accuracy"} <= set(metrics)
 
 

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 import pytest
-from transformers import EvalPrediction
 
-from ia3_trainer.metrics import build_compute_metrics, decode, label_accuracy, perplexity
+from ia3_trainer.metrics import decode, eval_metrics, label_accuracy, perplexity
+from ia3_trainer.scoring import EvalOutputs
 
 
 def test_perplexity_is_exp_of_token_mean():
@@ -36,20 +36,22 @@ def test_compute_metrics_weights_perplexity_by_tokens(tokenizer):
     nll_sum = np.array([1.0, 2.0, 6.0])
     tokens = np.array([1, 2, 3])
     rank_choice = np.array([2, 1, 1])  # indexes into the candidate list below
-    predictions = {"generated": generated, "nll_sum": nll_sum, "token_count": tokens, "rank_choice": rank_choice}
-    compute = build_compute_metrics(tokenizer, ["negative", "neutral", "positive"])
-    metrics = compute(EvalPrediction(predictions=predictions, label_ids=labels))
+    outputs = EvalOutputs(labels=labels, generated=generated, nll_sum=nll_sum, token_count=tokens,
+                          rank_choice=rank_choice)
+    names = ["perplexity", "label_accuracy", "rank_accuracy"]
+    metrics = eval_metrics(outputs, names, tokenizer, ["negative", "neutral", "positive"])
     assert metrics["label_accuracy"] == pytest.approx(2 / 3)
     assert metrics["rank_accuracy"] == pytest.approx(2 / 3)  # positive, neutral right; neutral for negative wrong
     # 9 nats over 6 tokens, not the mean of per-example means (which would be exp(5/3))
     assert metrics["perplexity"] == pytest.approx(math.exp(1.5))
-    without_labels = build_compute_metrics(tokenizer)(EvalPrediction(predictions=predictions, label_ids=None))
+    assert outputs.loss == pytest.approx(1.5)
+    without_labels = eval_metrics(EvalOutputs(generated=generated, nll_sum=nll_sum, token_count=tokens), names,
+                                  tokenizer)
     assert set(without_labels) == {"perplexity"}
 
 
 def test_rank_accuracy_compares_candidates_as_the_tokenizer_decodes_them(tokenizer):
     # "positive " comes back from the tokenizer as "positive": the candidate must match that reference.
     gold = tokenizer(text_target=["positive"])["input_ids"]
-    predictions = {"rank_choice": np.array([0])}
-    compute = build_compute_metrics(tokenizer, ["positive ", "negative"], metrics=["rank_accuracy"])
-    assert compute(EvalPrediction(predictions=predictions, label_ids=np.array(gold))) == {"rank_accuracy": 1.0}
+    outputs = EvalOutputs(labels=np.array(gold), rank_choice=np.array([0]))
+    assert eval_metrics(outputs, ["rank_accuracy"], tokenizer, ["positive ", "negative"]) == {"rank_accuracy": 1.0}

@@ -88,21 +88,21 @@ def test_two_adapters_share_one_base_and_switch(sentiment, mood):
     assert predictor.predict(texts) == expected_a
     assert predictor.model.get_base_model() is base, "switching reloaded the base model"
 
-    with pytest.raises(RecipeError, match=r"no adapter named 'sst2'; loaded adapters: \['default', 'mood'\]"):
+    with pytest.raises(ValueError, match=r"no adapter named 'sst2'; loaded adapters: \['default', 'mood'\]"):
         predictor.set_adapter("sst2")
-    with pytest.raises(RecipeError, match="adapter name 'mood' is already loaded"):
+    with pytest.raises(ValueError, match="adapter name 'mood' is already loaded"):
         predictor.load_adapter(out_b, "mood")
 
 
 def test_bad_inputs_are_one_line_errors(sentiment, tmp_path, monkeypatch):
     out, _, _, _ = sentiment
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RecipeError, match=r"empty: holds no adapter \(no adapter_config.json\); pass the training"):
+    with pytest.raises(ValueError, match=r"empty: holds no adapter \(no adapter_config.json\); pass the training"):
         IA3Predictor.from_pretrained(tmp_path / "empty")
     checkpoint = tmp_path / "run" / "checkpoint-7"
     checkpoint.mkdir(parents=True)
     (checkpoint / "adapter_config.json").write_text("{}")
-    with pytest.raises(RecipeError, match="run: holds no adapter .*its latest checkpoint .*checkpoint-7 has one"):
+    with pytest.raises(ValueError, match="run: holds no adapter .*its latest checkpoint .*checkpoint-7 has one"):
         IA3Predictor.from_pretrained(tmp_path / "run")
 
     import huggingface_hub.constants
@@ -110,14 +110,18 @@ def test_bad_inputs_are_one_line_errors(sentiment, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     expected = r"^someone/no-such-adapter: no such local folder, and no Hub repo of that id could be loaded \(HF_HUB"
-    with pytest.raises(RecipeError, match=expected + "_OFFLINE is set\\)"):
+    with pytest.raises(ValueError, match=expected + "_OFFLINE is set\\)"):
         IA3Predictor.from_pretrained("someone/no-such-adapter")
 
     predictor = IA3Predictor.from_pretrained(out)
-    with pytest.raises(RecipeError, match="text 2: is empty; give each text something to classify"):
+    # Misuse of the Python API is a TypeError/ValueError in Python terms, not a recipe problem.
+    with pytest.raises(ValueError, match="text 2: is empty; give each text something to classify") as info:
         predictor.predict(["fine", "  "])
-    with pytest.raises(RecipeError, match="text 1: must be a string, got int"):
+    assert not isinstance(info.value, RecipeError)
+    with pytest.raises(TypeError, match="text 1: must be a string, got int"):
         predictor.predict([3])
+    with pytest.raises(ValueError, match="batch_size: must be >= 1, got 0"):
+        predictor.predict(["fine"], batch_size=0)
 
 
 def test_long_text_is_truncated_with_one_warning(sentiment, caplog):
@@ -237,5 +241,5 @@ def test_merge_keeps_a_separate_head_untied(tmp_path, tokenizer):
         adapter_model = IA3Predictor.from_pretrained(tmp_path / "adapter").model
         expected = adapter_model(input_ids=ids, decoder_input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(RecipeError, match="is the adapter folder itself"):
+    with pytest.raises(ValueError, match="is the adapter folder itself"):
         merge_adapter(tmp_path / "adapter", tmp_path / "adapter")

@@ -15,8 +15,9 @@ from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
 from ia3_trainer.cli import main
 from ia3_trainer.data import build_collator, prepare_data
 from ia3_trainer.metrics import OTHER_LABEL, confusion_matrix, decode, macro_f1, per_class_scores
-from ia3_trainer.predictor import IA3Predictor, Scores
+from ia3_trainer.predictor import IA3Predictor
 from ia3_trainer.report import REPORT_FILE, build_report, read_log_history, write_report
+from ia3_trainer.scoring import EvalOutputs
 
 from conftest import TINY_MODEL_DIR, tiny_recipe
 
@@ -53,13 +54,24 @@ def test_confusion_matrix_and_per_class_scores_by_hand():
         confusion_matrix(["a"], ["d"], ["a", "b"])
 
 
-def test_free_text_report_has_no_classes_and_writes_valid_json(tmp_path):
-    scores = Scores(["x y", "z"], ["x y", "w"], ["x y", "w"], np.array([1.0, 3.0]), np.array([2, 2]))
-    report = build_report(scores, None, adapter="a")
+def ids(tokenizer, texts):
+    """Target ids of `texts`, padded with -100 as the evaluation loop pads them."""
+    encoded = tokenizer(text_target=texts)["input_ids"]
+    width = max(len(row) for row in encoded)
+    return np.array([row + [-100] * (width - len(row)) for row in encoded])
+
+
+def test_free_text_report_has_no_classes_and_writes_valid_json(tmp_path, tokenizer):
+    references = ids(tokenizer, ["sales rose", "profit"])
+    outputs = EvalOutputs(labels=references, generated=ids(tokenizer, ["sales rose", "loss"]),
+                          teacher_forced=references, nll_sum=np.array([1.0, 3.0]), token_count=np.array([2, 2]))
+    report = build_report(outputs, tokenizer, None, adapter="a")
+    assert report["predictions"] == "generated"
     assert report["label_accuracy"] == 0.5 and report["teacher_forced_accuracy"] == 1.0
     assert report["loss"] == 1.0 and report["perplexity"] == pytest.approx(math.e)
     assert report["macro_f1"] is None and "per_class" not in report and "confusion_matrix" not in report
-    empty = build_report(Scores([], [], [], np.zeros(0), np.zeros(0)), None)
+    empty = build_report(EvalOutputs(labels=np.zeros((0, 1), dtype=int), nll_sum=np.zeros(0),
+                                     token_count=np.zeros(0)), tokenizer)
     write_report(empty, tmp_path)
     assert json.loads((tmp_path / REPORT_FILE).read_text())["perplexity"] is None  # nan is not JSON
 
@@ -175,7 +187,7 @@ def test_random_init_adapter_loads_from_a_checkpoint_and_after_a_move(trained, t
         shutil.copytree(moved / "base-model", out / "base-model")
     # A checkpoint from before the end of training has no base-model/ beside it yet.
     early = shutil.copytree(out / "checkpoint-60", tmp_path / "running" / "checkpoint-30")
-    with pytest.raises(RecipeError, match="is saved as base-model/ only when training finishes"):
+    with pytest.raises(ValueError, match="is saved as base-model/ only when training finishes"):
         IA3Predictor.from_pretrained(early)
 
 
@@ -198,8 +210,8 @@ def test_evaluate_on_a_file_and_to_another_folder(trained, tmp_path, capsys):
 
 def test_without_matplotlib_only_the_json_is_written(trained, tmp_path, monkeypatch, caplog):
     trainer, _, _ = trained
-    scores = IA3Predictor(trainer.model, trainer.processing_class, recipe=trainer.recipe).score(trainer.eval_dataset)
-    report = build_report(scores, trainer.candidate_labels)
+    outputs = IA3Predictor.from_trainer(trainer).score(trainer.eval_dataset)
+    report = build_report(outputs, trainer.processing_class, trainer.candidate_labels)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     with caplog.at_level(logging.WARNING, logger="ia3_trainer.report"):
         paths = write_report(report, tmp_path, trainer.state.log_history)
@@ -226,7 +238,7 @@ def test_train_command_writes_the_report_and_trainer_state(tmp_path, capsys):
     predictor = IA3Predictor.from_pretrained(out)
     recipe = load_recipe(json.loads((out / "recipe.json").read_text()))
     again = build_report(predictor.score(prepare_data(recipe.data, predictor.tokenizer).eval_dataset),
-                         recipe.data.label_names)
+                         predictor.tokenizer, recipe.data.label_names)
     assert again["label_accuracy"] == pytest.approx(report["label_accuracy"])
     assert again["loss"] == pytest.approx(report["loss"], rel=1e-5)
 
@@ -237,6 +249,6 @@ def test_teacher_forced_accuracy_is_high_for_an_untrained_model(tmp_path):
     tokenizer = IA3Seq2SeqTrainer.load_tokenizer(recipe.model)
     model = IA3Seq2SeqTrainer.wrap_model_with_ia3(IA3Seq2SeqTrainer.load_model(recipe.model), recipe.ia3_config())
     prepared = prepare_data(recipe.data, tokenizer)
-    report = build_report(IA3Predictor(model, tokenizer, recipe=recipe).score(prepared.eval_dataset),
+    report = build_report(IA3Predictor(model, tokenizer, recipe=recipe).score(prepared.eval_dataset), tokenizer,
                           prepared.label_names)
     assert report["label_accuracy"] < 0.2 < 0.6 < report["teacher_forced_accuracy"]

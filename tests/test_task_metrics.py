@@ -12,14 +12,16 @@ import pytest
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
 from ia3_trainer.data import prepare_data
 from ia3_trainer.metrics import (
-    build_compute_metrics,
+    check_metrics,
     chrf,
+    eval_metrics,
     evaluate_metric,
     needs_generation,
     rouge,
     sacrebleu,
     text_metric,
 )
+from ia3_trainer.scoring import EvalOutputs
 
 from conftest import TINY_ASSETS, tiny_recipe
 
@@ -70,7 +72,7 @@ def test_a_missing_package_names_the_pip_command(monkeypatch):
     with pytest.raises(ImportError, match=r"^the rouge metric needs the rouge_score package; pip install rouge-score"):
         text_metric("rouge")
     with pytest.raises(ImportError, match="pip install rouge-score"):
-        build_compute_metrics(None, metrics=["perplexity", "rouge"])  # at build time, before any training
+        check_metrics(["perplexity", "rouge"])  # what from_recipe runs before the model loads
 
 
 def test_evaluate_load_works_with_a_local_metric_script(tmp_path):
@@ -96,14 +98,12 @@ def test_needs_generation():
 
 def test_compute_metrics_reports_only_what_is_asked(tokenizer):
     ids = np.array([tokenizer(text_target=t)["input_ids"] for t in ["negative", "positive"]])
-    prediction = type("EvalPrediction", (), {})()
-    prediction.predictions = {"generated": ids, "nll_sum": np.array([1.0, 1.0]), "token_count": np.array([2, 2]),
-                              "rank_choice": np.array([0, 0])}
-    prediction.label_ids = ids
-    compute = build_compute_metrics(tokenizer, ["negative", "positive"], metrics=["rank_accuracy", "rouge"])
-    assert compute(prediction) == {"rank_accuracy": 0.5, "rouge1": 1.0, "rouge2": 0.0, "rougeL": 1.0,
-                                   "rougeLsum": 1.0}
-    default = build_compute_metrics(tokenizer, ["negative", "positive"])(prediction)
+    outputs = EvalOutputs(labels=ids, generated=ids, nll_sum=np.array([1.0, 1.0]), token_count=np.array([2, 2]),
+                          rank_choice=np.array([0, 0]))
+    labels = ["negative", "positive"]
+    assert eval_metrics(outputs, ["rank_accuracy", "rouge"], tokenizer, labels) == {
+        "rank_accuracy": 0.5, "rouge1": 1.0, "rouge2": 0.0, "rougeL": 1.0, "rougeLsum": 1.0}
+    default = eval_metrics(outputs, ["perplexity", "label_accuracy", "rank_accuracy"], tokenizer, labels)
     assert default == {"perplexity": pytest.approx(math.exp(0.5)), "label_accuracy": 1.0, "rank_accuracy": 0.5}
 
 

@@ -280,9 +280,13 @@ def test_inferred_label_set_is_saved_for_predict_and_evaluate(tmp_path):
                                                                       "training.max_steps": 1}))
     assert trainer.candidate_labels == ["negative", "neutral", "positive"]
     trainer.train()
-    saved = json.loads((tmp_path / "out" / "recipe.json").read_text())
-    assert saved["data"]["label_names"] == ["negative", "neutral", "positive"]
+    # The recipe is saved as given; what training found in the data goes beside it, in inference.json.
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["data"]["label_names"] is None
+    inference = json.loads((tmp_path / "out" / "inference.json").read_text())
+    assert inference == {"label_names": ["negative", "neutral", "positive"], "max_new_tokens": trainer.max_new_tokens,
+                         "encode": "default"}
 
     from ia3_trainer import IA3Predictor
 
-    assert IA3Predictor.from_pretrained(tmp_path / "out").settings.max_new_tokens == trainer.max_new_tokens
+    settings = IA3Predictor.from_pretrained(tmp_path / "out").settings
+    assert (settings.label_names, settings.max_new_tokens) == (trainer.candidate_labels, trainer.max_new_tokens)

@@ -1,0 +1,91 @@
+"""Load the tokenizer and the base model, and the fixes every loaded model gets: the untied-head guard and the dtype of
+the frozen weights. [`IA3Seq2SeqTrainer`] and [`IA3Predictor`] both load through here, so a model is the same object
+whether it is trained or used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import first_line
+from .recipe import ModelSection, RecipeError
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(model: ModelSection, key: str | None = None):
+    """The tokenizer of the `model` section (`tokenizer_name_or_path`, else `name_or_path`). `key` names the recipe
+    field a failure is blamed on; it defaults to the one that was read."""
+    from transformers import AutoTokenizer
+
+    name = model.tokenizer_name_or_path or model.name_or_path
+    key = key or ("model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.name_or_path")
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"{key}: cannot load a tokenizer from {name!r}: {first_line(error)}; check the id and the network, or "
+            "point it at a local folder"
+        ) from error
+
+
+def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_path"):
+    """The base seq2seq model of the `model` section (built from its config with `init: random`), with the
+    untied-head guard applied. Code shipped with a model runs only when `model.trust_remote_code` is true."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, set_seed
+
+    dtype = model.dtype if model.dtype == "auto" else getattr(torch, model.dtype)
+    common = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+    try:
+        if model.init == "random":
+            config = AutoConfig.from_pretrained(model.name_or_path, **common)
+            set_seed(seed)
+            base = AutoModelForSeq2SeqLM.from_config(
+                config, trust_remote_code=model.trust_remote_code, dtype=None if dtype == "auto" else dtype
+            )
+        else:
+            base = AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common)
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"{key}: cannot load a seq2seq model from {model.name_or_path!r}: {first_line(error)}; check the id and "
+            "the network, or point it at a local folder"
+        ) from error
+    untie_separate_lm_head(base)
+    return base
+
+
+def untie_separate_lm_head(model) -> bool:
+    """Mark the config untied when the output embedding is its own tensor (mt0, mT5, flan-t5).
+
+    transformers 5 loads these heads correctly but leaves `tie_word_embeddings: true`, so a later
+    `tie_weights()` or `resize_token_embeddings()` (FSDP and ZeRO-3 set-up call them) would silently replace
+    the head by the input embeddings. Passing `tie_word_embeddings=False` to `from_pretrained` instead would
+    drop the shared encoder/decoder embeddings of safetensors checkpoints, so the flag is fixed after loading.
+    """
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None or not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    if output.weight is inputs.weight:
+        return False
+    model.config.tie_word_embeddings = False
+    return True
+
+
+def cast_frozen_weights(model, dtype) -> None:
+    """Store the frozen base weights in `dtype`; the trainable IA3 vectors stay fp32.
+
+    With bf16 on, autocast alone would recompute a bf16 copy of every frozen weight at each step and keep it for
+    the backward pass: faster than fp32, but more memory. Frozen weights never receive updates, so storing them in
+    bf16 loses nothing to rounding over time, halves their memory and skips the casts (benchmarks/throughput.py).
+    The IA3 layers (`ia3_trainer.layers`) scale in the activations' dtype.
+    """
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def base_model_dtype(model):
+    """The dtype of the frozen weights (the input embeddings'): what the reused encoder output is cast back to."""
+    return model.get_input_embeddings().weight.dtype

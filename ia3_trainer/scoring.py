@@ -1,0 +1,187 @@
+"""The one evaluation kernel: token losses, teacher-forced argmax, rank classification and bounded generation.
+
+`score_batch` runs the whole model once per batch (so FSDP's and autocast's hooks on it run) for the per-example
+token losses and the teacher-forced argmax, then reuses that pass's encoder output for rank classification (one
+decoder pass over every candidate label) and for the bounded greedy generation. [`IA3Seq2SeqTrainer`]'s
+`prediction_step`, [`IA3Predictor.score`] and `benchmarks/throughput.py` all call it, so every number the package
+reports about an adapter comes from this code. [`EvalOutputs`] holds the per-example results of a whole pass, which
+metrics and the report are computed from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+IGNORE_INDEX = -100
+# Candidate rows scored in one decoder pass: 2000 labels x batch 32 would otherwise be 64,000 rows at once.
+RANK_CHUNK_ROWS = 4096
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed negative log-likelihood and count of label tokens (positions with -100 are ignored)."""
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def teacher_forced_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The argmax token at each label position given the gold previous tokens (-100 elsewhere): the PEFT IA3 guide's
+    metric, kept for comparison only; it is not a label accuracy."""
+    return torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, logits.argmax(dim=-1))
+
+
+def candidate_label_ids(tokenizer, candidates: list[str]) -> torch.Tensor:
+    """Token ids of each candidate label as a target (with EOS), padded with -100: shape (K, L)."""
+    encoded = tokenizer(text_target=list(candidates))["input_ids"]
+    width = max(len(ids) for ids in encoded)
+    return torch.tensor([ids + [IGNORE_INDEX] * (width - len(ids)) for ids in encoded])
+
+
+def score_candidates(
+    model, encoder_outputs, attention_mask: torch.Tensor, candidate_ids: torch.Tensor, length_normalize: bool = True,
+    chunk_rows: int = RANK_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Log-likelihood of each candidate for each example, shape (B, K), from a computed encoder output.
+
+    With `length_normalize` (the default, as in T-Few) the score is the mean token log-probability, so a label of
+    more tokens is not penalised for its length. Candidates are scored `chunk_rows // B` at a time, so memory stays
+    bounded with thousands of labels.
+    """
+    hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+    batch, num_candidates = attention_mask.shape[0], candidate_ids.shape[0]
+    candidate_ids = candidate_ids.to(attention_mask.device)
+    step = max(1, chunk_rows // max(batch, 1))
+    scores = []
+    for start in range(0, num_candidates, step):
+        chunk = candidate_ids[start:start + step]
+        count = chunk.shape[0]
+        labels = chunk.repeat(batch, 1)  # example-major: rows b*count ... b*count + count - 1 belong to example b
+        outputs = model(
+            encoder_outputs=(hidden.repeat_interleave(count, dim=0),),
+            attention_mask=attention_mask.repeat_interleave(count, dim=0),
+            decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
+        )
+        nll, tokens = token_nll(outputs.logits, labels)
+        scores.append((-(nll / tokens) if length_normalize else -nll).view(batch, count))
+    return torch.cat(scores, dim=1)
+
+
+@dataclass
+class BatchScores:
+    """Per-example results of [`score_batch`] for one batch, as tensors on the model's device."""
+
+    nll_sum: torch.Tensor | None = None
+    token_count: torch.Tensor | None = None
+    teacher_forced: torch.Tensor | None = None
+    rank_choice: torch.Tensor | None = None
+    generated: torch.Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that were computed, by name (what the trainer's evaluation loop gathers)."""
+        names = ("nll_sum", "token_count", "teacher_forced", "rank_choice", "generated")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def score_batch(
+    model,
+    batch: dict[str, torch.Tensor],
+    *,
+    candidate_ids: torch.Tensor | None = None,
+    generate: bool = True,
+    max_new_tokens: int | None = None,
+    generate_fn: Callable | None = None,
+    **generate_kwargs,
+) -> BatchScores:
+    """Score one collated batch (`input_ids`, `attention_mask`, optional `labels`) with `model` (a `PeftModel` or a
+    plain seq2seq model). Runs without gradients.
+
+    With labels: one call of the whole model gives `nll_sum`, `token_count` and `teacher_forced`. With
+    `candidate_ids` (see [`candidate_label_ids`]) and labels, `rank_choice` is the index of the most likely
+    candidate. With `generate`, `generated` holds greedy output ids bounded by `max_new_tokens`; the encoder output
+    of the loss pass is reused when there is one. `generate_fn` replaces `model.generate` (the trainer passes its own
+    to add `synced_gpus`); `generate_kwargs` go to it. `seconds` times the rank and generate steps.
+    """
+    result = BatchScores()
+    labels = batch.get("labels")
+    encoded = None
+    with torch.no_grad():
+        if labels is not None:
+            outputs = model(**batch)
+            result.nll_sum, result.token_count = token_nll(outputs.logits, labels)
+            result.teacher_forced = teacher_forced_argmax(outputs.logits, labels)
+            # Mixed precision returns the encoder output in fp32; the decoder passes below run outside autocast, in
+            # the dtype of the (possibly bf16) frozen weights, so the reused encoding goes back to that dtype.
+            dtype = model.get_input_embeddings().weight.dtype
+            encoded = (outputs.encoder_last_hidden_state.to(dtype),)
+            if candidate_ids is not None:
+                started = time.perf_counter()
+                scores = score_candidates(model, encoded, batch["attention_mask"], candidate_ids)
+                result.rank_choice = scores.argmax(dim=-1)
+                result.seconds["rank"] = time.perf_counter() - started
+        if generate:
+            started = time.perf_counter()
+            source = {"encoder_outputs": _encoder_output(encoded)} if encoded is not None else {
+                "input_ids": batch["input_ids"]}
+            bound = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+            generate_fn = generate_fn or model.generate
+            result.generated = generate_fn(attention_mask=batch["attention_mask"], **source, **bound,
+                                           **generate_kwargs)
+            result.seconds["generate"] = time.perf_counter() - started
+    return result
+
+
+def _encoder_output(encoded):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=encoded[0])
+
+
+@dataclass
+class EvalOutputs:
+    """Per-example results of one evaluation pass, as numpy arrays in dataset order (token ids padded with -100).
+
+    `labels` are the reference ids; `generated` the greedy output ids; `teacher_forced` the guide's argmax ids;
+    `nll_sum`/`token_count` the token losses; `rank_choice` an index into the candidate labels. Fields that were not
+    computed are None. Metrics (`ia3_trainer.metrics`) and the report are built from this.
+    """
+
+    labels: np.ndarray | None = None
+    nll_sum: np.ndarray | None = None
+    token_count: np.ndarray | None = None
+    teacher_forced: np.ndarray | None = None
+    rank_choice: np.ndarray | None = None
+    generated: np.ndarray | None = None
+
+    @property
+    def loss(self) -> float:
+        """Mean token loss over the whole set (not a mean of batch means); nan without labels."""
+        if self.nll_sum is None or not np.sum(self.token_count):
+            return float("nan")
+        return float(np.sum(self.nll_sum) / np.sum(self.token_count))
+
+    @classmethod
+    def concatenate(cls, parts: list[dict]) -> EvalOutputs:
+        """Join per-batch dicts of arrays (as `BatchScores.as_dict` and `labels`), padding ids with -100."""
+        names = [f.name for f in cls.__dataclass_fields__.values()]
+        joined = {}
+        for name in names:
+            arrays = [np.asarray(part[name]) for part in parts if part.get(name) is not None]
+            if arrays:
+                joined[name] = _pad_concat(arrays)
+        return cls(**joined)
+
+
+def _pad_concat(arrays: list[np.ndarray]) -> np.ndarray:
+    if arrays[0].ndim == 1:
+        return np.concatenate(arrays)
+    width = max(array.shape[1] for array in arrays)
+    return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=IGNORE_INDEX)
+                           for a in arrays])
