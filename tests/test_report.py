@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
+from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
 from ia3_trainer.cli import main
 from ia3_trainer.data import build_collator, prepare_data
 from ia3_trainer.metrics import OTHER_LABEL, confusion_matrix, decode, macro_f1, per_class_scores
