@@ -197,7 +197,7 @@ class IA3Predictor:
         an empty one a `ValueError`; a text over the source limit is truncated, with one warning. `progress` shows
         a bar (default: over one batch)."""
         texts = check_texts([texts] if isinstance(texts, str) else list(texts))
-        features = self._encode(texts)
+        features = self.encode(texts)
         predictions: list[str] = []
         for batch in self._batches(features, batch_size, progress, "Predicting"):
             scores = score_batch(self.model, batch, max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
@@ -249,8 +249,9 @@ class IA3Predictor:
             settings.max_new_tokens = data.max_target_length
         self._settings[adapter] = settings
 
-    def _encode(self, texts: list[str]) -> list[dict]:
-        """Model inputs of `texts` through the adapter's encode function (training's), labels left out."""
+    def encode(self, texts: list[str]) -> list[dict]:
+        """The model inputs (`input_ids`, `attention_mask`) of each text for the active adapter, through the encode
+        function training used (its `source_prefix`, `max_source_length`, prompt template)."""
         settings = self.settings
         data = settings.data or DataSection(path="<inference>", max_source_length=settings.max_source_length or 10**9)
         encode = self._encoders[self.active_adapter]
