@@ -198,4 +198,5 @@ def test_inference_encodes_as_training_did(tmp_path):
 
 
 def tokenizer_ids(trainer, text):
-    return trainer.processing_class(text, max_length=trainer.recipe.data.max_source_length, truncation=True)["input_ids"]
+    limit = trainer.recipe.data.max_source_length
+    return trainer.processing_class(text, max_length=limit, truncation=True)["input_ids"]
