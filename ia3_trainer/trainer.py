@@ -9,9 +9,10 @@ import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
-from . import modeling
+from . import kernels, modeling
 from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically, write_json
 from .data import PreparedData, build_collator, encode_batch, prepare_data
+from .guard import NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, eval_metrics, needs_generation, perplexity
 from .modeling import untie_separate_lm_head
 from .recipe import DataSection, ModelSection, Recipe, RecipeError, load_recipe
@@ -113,6 +114,8 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         model = self.wrap_model_with_ia3(model, peft_config)
         if args.bf16:
             modeling.cast_frozen_weights(model, torch.bfloat16)
+        if getattr(args, "fused_kernels", False):
+            kernels.fuse_modules(model)
         super().__init__(
             model=model,
             args=args,
@@ -130,6 +133,11 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 "non_finite_loss='skip' does not work with DeepSpeed, which keeps gradients in its own buffers; use "
                 "'stop'"
             )
+        self.non_finite_guard = NonFiniteGuard(
+            getattr(args, "non_finite_loss", "stop"), step=lambda: self.state.global_step + 1,
+            last_checkpoint=lambda: last_checkpoint(self.args.output_dir),
+        )
+        self.blocks_compiled = bool(getattr(args, "compile_blocks", False)) and kernels.compile_blocks(self.model) > 0
         # Trainer counts the label tokens of each optimizer step (num_items_in_batch) only for models that take loss
         # keyword arguments; compute_loss below always uses the count, whatever the model's forward accepts.
         self.model_accepts_loss_kwargs = True
@@ -304,6 +312,10 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The host already waited for these numbers: the moment to read the non-finite guard's flags (it raises for
+        # non_finite_loss "stop") and leave skipped steps out of the logged means.
+        self.non_finite_guard.check()
+        self.non_finite_guard.correct(logs)
         # Perplexity next to every training loss; the eval loop adds eval_perplexity from exact token counts.
         # The dict is updated in place because train() returns the same dict it logs.
         for loss_key, key in (("loss", "perplexity"), ("train_loss", "train_perplexity")):
@@ -341,29 +353,11 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # A nan/inf loss would reach the IA3 vectors at the next optimizer step and every checkpoint after it, so it
-        # is caught here, before that step. Each process checks every process's loss (a DDP all-reduce has already
-        # spread one process's nan gradients to all), so they all stop, or all skip, together.
-        skip = getattr(self.args, "non_finite_loss", "stop") == "skip"
-        params = [p for p in model.parameters() if p.requires_grad] if skip else []
-        grads = [(p, None if p.grad is None else p.grad.clone()) for p in params]  # the IA3 vectors: a few KB
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        losses = self.accelerator.gather(loss.detach().float().reshape(1))
-        if torch.isfinite(losses).all():
-            return loss
-        value, step = losses[~torch.isfinite(losses)][0].item(), self.state.global_step + 1
-        if not skip:
-            checkpoint = last_checkpoint(self.args.output_dir) or "none (no checkpoint was saved yet)"
-            raise RecipeError(
-                f"training.non_finite_loss: loss is {value} at step {step}; lower training.learning_rate, set "
-                "training.max_grad_norm or check the data (or set training.non_finite_loss to 'skip'); the last "
-                f"checkpoint is {checkpoint}"
-            )
-        for param, grad in grads:  # as if this batch had never been seen
-            param.grad = grad
-        if self.is_world_process_zero():
-            logger.warning("training.non_finite_loss: loss is %s at step %d; skipped this batch", value, step)
-        return loss
+        # No host read here: the non-finite guard decides on the device before each optimizer step (guard.py).
+        if self.blocks_compiled:
+            kernels.mark_step_begin()
+        self.non_finite_guard.attach(self.optimizer)
+        return self.non_finite_guard.observe(super().training_step(model, inputs, num_items_in_batch))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the adapter (never the base weights), the tokenizer, `recipe.json` and `inference.json`.
@@ -406,6 +400,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         return {"label_names": self.candidate_labels, "max_new_tokens": self.max_new_tokens, "encode": encode}
 
     def _save_checkpoint(self, model, trial) -> None:
+        self.non_finite_guard.check()  # a "stop" run never writes a checkpoint after a non-finite step
         # transformers 5.24 writes checkpoint-N in place, so a crash mid-save leaves a folder that resuming takes
         # for whole; write it to tmp-checkpoint-N and rename it when every process is done (checkpoints.py).
         save_checkpoint_atomically(self, trial, lambda: super(IA3Seq2SeqTrainer, self)._save_checkpoint(model, trial))
@@ -419,6 +414,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         """Evaluate (see the class docstring for the metrics); the per-example outputs of this pass are kept in
         `self.last_evaluation` for reports."""
+        self.non_finite_guard.check()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
         self.last_evaluation = Evaluation(
             step=self.state.global_step, default_dataset=eval_dataset is None, metrics=dict(metrics),
@@ -543,6 +539,7 @@ class FinalSave(TrainerCallback):
         self.trainer = trainer
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.non_finite_guard.check()
         if getattr(args, "save_final_adapter", False):
             self.trainer.save_model()
 

@@ -24,6 +24,18 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         applies it, so the last checkpoint stays good; `skip` drops that batch's gradients, logs a warning and
         goes on (not with DeepSpeed, which keeps gradients in its own buffers).
 
+    > Parameters that control speed
+
+    fused_kernels (`bool`, *optional*, defaults to `True`):
+        Swap T5's RMS norm and `gelu_new` for torch's fused `rms_norm` and `gelu(approximate="tanh")` (the same
+        functions, fewer kernels; `ia3_trainer.kernels`). Parameters and saved files do not change.
+    compile_blocks (`bool`, *optional*, defaults to `False`):
+        Compile the repeated block (e.g. `T5Block`) once with `torch.compile` and reuse it for every layer, in
+        training only; on CUDA with `mode="reduce-overhead"`, so each block replays a CUDA graph instead of
+        launching its kernels one by one. Compiling takes time at the first steps and for each new padded length
+        (batches are padded to a multiple of 16 then); a failed compile falls back to eager with a warning. Not
+        measured on a GPU yet: off by default.
+
     > Parameters that control evaluation
 
     rank_classification (`bool`, *optional*, defaults to `True`):
@@ -45,6 +57,9 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         frozen base weights are stored in bf16, the IA3 vectors stay in fp32, and batches are padded to a
         multiple of 8 (on CPU that bounds the shapes whose kernels oneDNN caches: without it peak memory grew
         2.5x in `benchmarks/throughput.py`). Elsewhere bf16 is emulated and slower than fp32, so it stays off.
+    logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
+        Trainer's filter reads every step's loss back to the host, which stalls a GPU; `non_finite_loss` keeps
+        non-finite losses out of the weights and out of the logged means without it.
     """
 
     save_final_adapter: bool = field(
@@ -59,6 +74,13 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         default=True,
         metadata={"help": "Also report eval_rank_accuracy: the most likely of the known labels, one decoder pass."},
     )
+    fused_kernels: bool = field(
+        default=True, metadata={"help": "Swap T5's RMS norm and gelu_new for torch's fused equivalents."}
+    )
+    compile_blocks: bool = field(
+        default=False,
+        metadata={"help": "Compile the repeated block once (CUDA graphs on CUDA), in training only."},
+    )
     predict_with_generate: bool = field(
         default=True, metadata={"help": "Generate the label text in evaluation (needed for label accuracy)."}
     )
@@ -68,6 +90,10 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
     )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; None = on when a CUDA device supports it."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Trainer's per-step nan check, a host read every step; the non-finite guard replaces it."},
     )
 
     def __post_init__(self):

@@ -182,10 +182,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         "training.non_finite_loss: loss is nan at step 4; lower training.learning_rate, set training.max_grad_norm "
         "or check the data (or set training.non_finite_loss to 'skip'); the last checkpoint is "
         f"{checkpoint}")
-    assert trainer.state.global_step == 3
+    # The guard decides on the device (no host read per step) and the host reads it at the step's log: the nan
+    # step was counted but its update skipped, so the vectors are those of step 3, as checkpointed.
+    assert trainer.state.global_step == 4
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
     saved = adapter(checkpoint)
     assert all(torch.isfinite(t).all() for t in saved.values())
+    now = ia3_vectors(trainer)
+    assert all(torch.isfinite(t).all() for t in now.values())
+    assert {name.removesuffix(".default") for name in now} == set(saved)
+    assert all(torch.equal(now[name], saved[name.removesuffix(".default")]) for name in now)
+
+
+def test_nan_loss_stops_before_the_next_checkpoint_when_logging_is_rare(tmp_path):
+    # Nothing logs between the nan at step 4 and the save at step 6: the save itself reads the flags first, so no
+    # checkpoint is written after a non-finite step and the error names the last good one.
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 9, "training.save_strategy": "steps",
+                                   "training.save_steps": 3, "training.logging_steps": 100})
+    trainer = NanLossAt.from_recipe(raw)
+    with pytest.raises(RecipeError, match=r"loss is nan at step 4; .*the last checkpoint is .*checkpoint-3$"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
     assert all(torch.isfinite(t).all() for t in ia3_vectors(trainer).values())
 
 
@@ -206,7 +224,9 @@ def test_nan_loss_skip_drops_the_batch_and_goes_on(tmp_path, caplog):
         result = trainer.train()
     assert result.global_step == 5
     assert [r.getMessage() for r in caplog.records if "non_finite_loss" in r.getMessage()] == [
-        "training.non_finite_loss: loss is nan at step 4; skipped this batch"]
+        "training.non_finite_loss: loss is nan at step 4; skipped that optimizer step"]
+    logged = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    assert math.isnan(logged[4]) and all(math.isfinite(logged[step]) for step in (1, 2, 3, 5))
     for step in range(1, 6):
         assert all(torch.isfinite(t).all() for t in seen[step].values()), step
     for name in seen[3]:

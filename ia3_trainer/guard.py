@@ -1,0 +1,152 @@
+"""The non-finite guard: a nan or inf loss or gradient never reaches the IA3 vectors, and the host is not asked about
+it every step.
+
+Reading a device value back (`loss.item()`, `bool(torch.isnan(loss))`) makes the CPU wait for the GPU, so it can no
+longer queue the next step's kernels while the current ones run: at the guide's batch size on a fast GPU that wait
+costs more than the step itself (issue #10). The guard instead decides on the device:
+
+- after every micro-batch it records whether the loss was finite (`observe`);
+- before every optimizer step (a `register_step_pre_hook` on the torch optimizer) it adds whether every gradient is
+  finite, agrees with the other processes (an all-reduce, no host read), and, for optimizers that support it (torch's
+  fused Adam/AdamW/SGD, transformers' default `adamw_torch_fused`), hands the flag to the optimizer as `found_inf`,
+  the protocol `torch.amp.GradScaler` uses: the fused kernel then leaves the parameters, the moments and the step
+  count untouched;
+- the host reads the flags only at points where it waits anyway (`check`: each log, save, evaluation, and the end
+  of training), raising the one-line error for `non_finite_loss: "stop"` or warning for `"skip"`.
+
+Optimizers without that support (or none the guard can hook) get the old behaviour: a host read before every
+optimizer step, which drops the gradients of a non-finite step (`skip`) or raises before it is applied (`stop`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from .recipe import RecipeError
+
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteGuard:
+    """See the module docstring. `step` returns the global step the next optimizer step will make (1-based);
+    `last_checkpoint` the checkpoint a `stop` error names."""
+
+    def __init__(self, mode: str, step: Callable[[], int], last_checkpoint: Callable[[], str | None]):
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"non_finite_loss: must be 'stop' or 'skip', got {mode!r}")
+        self.mode, self._step, self._last_checkpoint = mode, step, last_checkpoint
+        self.attached = self.on_device = False
+        self._pending = None  # this optimizer step's "a loss was not finite", on the device
+        self._loss = None  # this optimizer step's last loss (the value the error message shows)
+        # On the device since the last check: skipped steps, the first of them, and its loss.
+        self._skipped = self._first_step = self._first_loss = None
+        self.unlogged = 0  # skipped steps found by checks since the logged loss was last corrected
+        self.total = 0  # skipped steps in this run
+        self.steps_unlogged = self.steps_total = 0  # optimizer steps, counted on the host
+
+    def attach(self, optimizer) -> None:
+        """Hook the torch optimizer under `optimizer` (an accelerate `AcceleratedOptimizer` or a torch one)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if self.attached or not isinstance(inner, torch.optim.Optimizer):
+            return
+        # Fused torch optimizers read `found_inf` and skip the whole update on the device when it is nonzero.
+        self.on_device = bool(getattr(inner, "_step_supports_amp_scaling", False)) and all(
+            group.get("fused") for group in inner.param_groups)
+        inner.register_step_pre_hook(self._before_step)
+        inner.register_step_post_hook(self._after_step)
+        self.attached = True
+
+    def observe(self, loss: torch.Tensor) -> torch.Tensor:
+        """Record one micro-batch's loss; returns the loss to log (0 in place of a skipped non-finite one, which
+        `mean_without_skipped` then leaves out of the mean)."""
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss)
+        self._pending = bad if self._pending is None else self._pending | bad
+        self._loss = loss
+        if not self.attached and self.mode == "stop" and bool(bad):  # no optimizer hook: decide now, on the host
+            self._record(bad.float())
+            self.check()
+        return torch.where(bad, torch.zeros_like(loss), loss) if self.mode == "skip" else loss
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        device = params[0].grad.device
+        found = torch.zeros(1, device=device)
+        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]  # FSDP2: DTensor
+        # GradScaler's own check: one fused kernel per device sets `found` when any gradient is not finite.
+        torch._amp_foreach_non_finite_check_and_unscale_(local, found, torch.ones(1, device=device))
+        if self._pending is not None:
+            found = torch.maximum(found, self._pending.to(device=device, dtype=found.dtype).reshape(1))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)  # every process skips together
+        self._record(found)
+        if self.on_device:
+            optimizer.found_inf = found.reshape(())  # 0-dim, as GradScaler passes it
+        elif bool(found.item()):  # an optimizer that cannot skip on the device: decide on the host
+            if self.mode == "stop":
+                self.check()
+            for param in params:  # no gradient: the optimizer leaves the parameter and its state alone
+                param.grad = None
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+        self._pending = self._loss = None
+        self.steps_unlogged += 1
+        self.steps_total += 1
+
+    def correct(self, logs: dict) -> None:
+        """Leave skipped steps (logged as 0) out of the mean `loss` and `train_loss` in `logs`, in place."""
+        if "loss" in logs:
+            if self.unlogged:
+                logs["loss"] = self.mean_without_skipped(logs["loss"], self.steps_unlogged, self.unlogged)
+            self.unlogged = self.steps_unlogged = 0
+        if "train_loss" in logs and self.total:
+            logs["train_loss"] = self.mean_without_skipped(logs["train_loss"], self.steps_total, self.total)
+
+    def _record(self, found: torch.Tensor) -> None:
+        found = found.reshape(())
+        step = torch.full((), self._step(), device=found.device, dtype=torch.long)
+        loss = (self._loss if self._loss is not None else torch.zeros(())).to(found.device, torch.float32)
+        if self._skipped is None:
+            self._skipped = torch.zeros((), device=found.device)
+            self._first_step = torch.full((), -1, device=found.device, dtype=torch.long)
+            self._first_loss = torch.zeros((), device=found.device)
+        first = (found > 0) & (self._first_step < 0)
+        self._first_step = torch.where(first, step, self._first_step)
+        self._first_loss = torch.where(first, loss, self._first_loss)
+        self._skipped = self._skipped + found
+
+    def check(self) -> None:
+        """Read the flags (one host sync): raise the one-line error for `stop`, log one warning for `skip`."""
+        if self._skipped is None:
+            return
+        skipped, first, loss = int(self._skipped.item()), int(self._first_step.item()), float(self._first_loss.item())
+        self._skipped = self._first_step = self._first_loss = None
+        if not skipped:
+            return
+        self.unlogged += skipped
+        self.total += skipped
+        what = (f"loss is {loss} at step {first}" if not math.isfinite(loss)
+                else f"gradients are not finite at step {first}")
+        if self.mode == "stop":
+            checkpoint = self._last_checkpoint() or "none (no checkpoint was saved yet)"
+            raise RecipeError(
+                f"training.non_finite_loss: {what}; lower training.learning_rate, set training.max_grad_norm or "
+                "check the data (or set training.non_finite_loss to 'skip'); the last checkpoint is "
+                f"{checkpoint}"
+            )
+        more = f" (and {skipped - 1} more since the last report)" if skipped > 1 else ""
+        logger.warning("training.non_finite_loss: %s; skipped that optimizer step%s", what, more)
+
+    @staticmethod
+    def mean_without_skipped(mean: float, steps: int, skipped: int) -> float:
+        """A logged mean loss over `steps` optimizer steps, `skipped` of which counted 0: the mean of the others."""
+        return mean * steps / (steps - skipped) if steps > skipped else float("nan")
