@@ -282,3 +282,13 @@ def test_recipe_without_targets_takes_the_table(tmp_path):
     with pytest.raises(RecipeError, match=r"^ia3.target_modules: .* model type 'my-seq2seq'"):
         IA3Seq2SeqTrainer.build_ia3_config(recipe, unknown)
 
+
+def test_cli_lists_every_family(capsys):
+    from ia3_trainer.cli import main
+
+    assert main(["list-architectures"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(IA3_TARGETS)
+    assert rows["mt5"].split(None, 1)[1] == 'peft default  ["k", "v", "wi_1"] / []'  # JSON, to paste into a recipe
+    assert rows["t5gemma"].split(None, 1)[1] == 'ia3-trainer   ["k_proj", "v_proj", "down_proj"] / ["down_proj"]'
