@@ -161,7 +161,7 @@ def _feedforward_of(model, targets: list[str] | str) -> list[str]:
     except ValueError as error:
         raise ValueError(
             f"ia3.feedforward_modules: is null and model type {_model_type(model)!r} has no IA3 default to take it "
-            "from; list the feed-forward output projections among ia3.target_modules (or [] for none)"
+            "from; set it to those of ia3.target_modules that are feed-forward output projections ([] for none)"
         ) from error
     if isinstance(targets, str):
         return feedforward

@@ -271,6 +271,8 @@ def test_decoder_only_targets_and_skipped_stacks_do_not_warn():
 
 
 def test_recipe_without_targets_takes_the_table(tmp_path):
+    from peft import IA3Config
+
     from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
 
     from conftest import tiny_recipe
@@ -278,6 +280,11 @@ def test_recipe_without_targets_takes_the_table(tmp_path):
     recipe = load_recipe(tiny_recipe(tmp_path, **{"ia3.target_modules": None, "ia3.feedforward_modules": None}))
     config = IA3Seq2SeqTrainer.build_ia3_config(recipe, _tiny("pegasus"))
     assert (config.target_modules, config.feedforward_modules) == ({"k_proj", "v_proj", "fc2"}, {"fc2"})
+    # An IA3Config without targets, given to the trainer, takes the table too (not peft's three-family default).
+    wrapped = IA3Seq2SeqTrainer.wrap_model_with_ia3(_tiny("pegasus"), IA3Config(init_ia3_weights=False))
+    config = wrapped.peft_config["default"]
+    assert (config.target_modules, config.feedforward_modules, config.init_ia3_weights) == (
+        {"k_proj", "v_proj", "fc2"}, {"fc2"}, False)
     unknown = transformers.T5ForConditionalGeneration(_t5_like(_UnknownConfig))
     with pytest.raises(RecipeError, match=r"^ia3.target_modules: .* model type 'my-seq2seq'"):
         IA3Seq2SeqTrainer.build_ia3_config(recipe, unknown)
