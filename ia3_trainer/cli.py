@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_recipe("validate", "Check a recipe and print it resolved, without loading any model.")
     commands.add_parser("list", help="List the shipped recipes.", description="List the shipped recipes.")
+    commands.add_parser(
+        "list-architectures", help="List the IA3 target modules chosen for each model family.",
+        description="List, for each model_type, the IA3 target_modules and feedforward_modules used when a recipe "
+                    "leaves them null, and whether peft or ia3-trainer chose them.",
+    )
     sweep = with_recipe("sweep", "Train a recipe at every point of a grid, one after another, and print a table.")
     sweep.add_argument(
         "--grid", action="append", required=True, metavar="KEY=V1,V2",
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "list-architectures":
+            return _list_architectures()
         if args.command == "init":
             return _init(args)
         if args.command == "sweep":
@@ -92,6 +99,15 @@ def _list() -> int:
     for name, path in list_shipped_recipes().items():
         description = json.loads(path.read_text(encoding="utf-8")).get("description", "")
         print(f"{name:32} {description}")
+    return 0
+
+
+def _list_architectures() -> int:
+    from .architectures import IA3_TARGETS, origin
+
+    print(f"{'model_type':20} {'origin':13} target_modules / feedforward_modules")
+    for model_type, (targets, feedforward) in sorted(IA3_TARGETS.items()):
+        print(f"{model_type:20} {origin(model_type):13} {json.dumps(targets)} / {json.dumps(feedforward)}")
     return 0
 
 

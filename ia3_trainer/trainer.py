@@ -229,8 +229,14 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     @classmethod
     def build_ia3_config(cls, recipe: Recipe, model: PreTrainedModel):
-        """The `peft.IA3Config` of the `ia3` section; gets the loaded base model to pick modules per architecture."""
-        return recipe.ia3_config()
+        """The `peft.IA3Config` of the `ia3` section; modules left null come from the model's family
+        (`architectures.build_ia3_config`)."""
+        from .architectures import build_ia3_config
+
+        try:
+            return build_ia3_config(model, recipe.ia3)
+        except ValueError as error:  # a family without defaults: the recipe must name the modules
+            raise RecipeError(str(error)) from error
 
 
     @classmethod
@@ -255,8 +261,16 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     @staticmethod
     def wrap_model_with_ia3(model, peft_config=None):
-        """Return `model` wrapped with IA3, or the given IA3 `PeftModel` as it is."""
+        """Return `model` wrapped with IA3, or the given IA3 `PeftModel` as it is.
+
+        Without `peft_config` (or with one whose `target_modules` is None) the modules come from the model's
+        family (`ia3_trainer.architectures`); a target that adapts some layers and misses others is warned about.
+        """
+        import os
+
         from peft import IA3Config, PeftModel, PeftType, get_peft_model
+
+        from .architectures import build_ia3_config, describe, warn_partial_matches
 
         if peft_config is not None and not isinstance(peft_config, IA3Config):
             raise TypeError(f"peft_config must be a peft.IA3Config, got {type(peft_config).__name__}")
@@ -277,19 +291,20 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
                 "to load by name use IA3Seq2SeqTrainer.from_recipe"
             )
         untie_separate_lm_head(model)
-        peft_config = peft_config or IA3Config(task_type="SEQ_2_SEQ_LM")
+        if peft_config is None:
+            peft_config = build_ia3_config(model)
+        elif peft_config.target_modules is None:  # peft's own defaults know three families; the table knows all
+            filled = build_ia3_config(model, {"feedforward_modules": peft_config.feedforward_modules})
+            peft_config = dataclasses.replace(
+                peft_config, target_modules=filled.target_modules, feedforward_modules=filled.feedforward_modules
+            )
         if peft_config.task_type is None:
             peft_config.task_type = "SEQ_2_SEQ_LM"  # without it get_peft_model returns a PeftModel with no generate
-        try:
-            return get_peft_model(model, peft_config)
-        except ValueError as error:
-            if peft_config.target_modules is None:
-                raise RecipeError(
-                    f"ia3.target_modules: peft has no IA3 default for model type {model.config.model_type!r}; set "
-                    "ia3.target_modules and ia3.feedforward_modules (e.g. [\"k_proj\", \"v_proj\", \"fc2\"] and "
-                    "[\"fc2\"])"
-                ) from error
-            raise
+        wrapped = get_peft_model(model, peft_config)
+        warn_partial_matches(wrapped)
+        if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
+            print(f"{describe(peft_config)} ({model.config.model_type})")
+        return wrapped
 
 
     # --- training and logging -------------------------------------------------------------------------------------

@@ -257,13 +257,13 @@ def test_ready_peft_model_and_config_without_task_type(tiny_t5, tokenizer, tmp_p
     assert isinstance(ready, PeftModel)
 
 
-def test_architecture_without_peft_default_names_the_field(tokenizer):
+def test_architecture_without_peft_default_takes_ia3_trainer_default(tokenizer):
     from transformers import MBartConfig, MBartForConditionalGeneration
 
     config = MBartConfig(vocab_size=512, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                          decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16)
-    with pytest.raises(ValueError, match=r"ia3.target_modules: peft has no IA3 default for model type 'mbart'"):
-        IA3Seq2SeqTrainer(MBartForConditionalGeneration(config), processing_class=tokenizer)
+    trainer = IA3Seq2SeqTrainer(MBartForConditionalGeneration(config), processing_class=tokenizer)
+    assert trainer.model.peft_config["default"].target_modules == {"k_proj", "v_proj", "fc2"}  # architectures.py
 
 
 def test_unloadable_model_is_a_recipe_error(tmp_path):
