@@ -67,6 +67,7 @@ def score_candidates(
             encoder_outputs=(hidden.repeat_interleave(count, dim=0),),
             attention_mask=attention_mask.repeat_interleave(count, dim=0),
             decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
+            use_cache=False,  # whole label sequences at once (FSMT applies its causal mask only without a cache)
         )
         nll, tokens = token_nll(outputs.logits, labels)
         scores.append((-(nll / tokens) if length_normalize else -nll).view(batch, count))

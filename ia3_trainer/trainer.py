@@ -353,8 +353,10 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         features = {key: value for key, value in inputs.items() if key != "labels"}
         if "decoder_input_ids" not in features and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
-            # The model computes no loss of its own (a mean we would discard) when it gets no labels.
+            # The model computes no loss of its own (a mean we would discard) when it gets no labels. Without labels
+            # some models (FSMT) build the decoder's causal mask only when the cache is off.
             features["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+            features["use_cache"] = False
         else:
             features["labels"] = labels
         outputs = model(**features)

@@ -156,6 +156,17 @@ def test_family_trains_saves_and_reloads(tmp_path, tokenizer, model_type):
     trainer = IA3Seq2SeqTrainer(model, args, train_dataset=data, processing_class=tokenizer)
     assert trainer.model.get_nb_trainable_parameters()[0] == count(config)
     assert warn_partial_matches(trainer.model) == []
+    # The trainer's loss (decoder inputs built from the labels, token sums over num_items_in_batch) is the token-mean
+    # cross-entropy of the model's logits, which is the model's own loss for every family but ProphetNet (whose own
+    # loss adds its n-gram streams' future-token predictions; fine-tuning here trains the next-token stream).
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    with torch.no_grad():
+        outputs = trainer.model.eval()(**batch)
+        mean = torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1), batch["labels"].flatten())
+        ours = trainer.compute_loss(trainer.model, batch)
+    torch.testing.assert_close(ours, mean, atol=1e-5, rtol=1e-5)
+    if model_type != "prophetnet":
+        torch.testing.assert_close(ours, outputs.loss, atol=1e-5, rtol=1e-5)
 
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
