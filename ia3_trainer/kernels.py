@@ -103,10 +103,11 @@ class _CompileState:
         self.enabled, self.compiled_once = True, False
 
 
-def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None) -> int:
+def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None, backend: str = "inductor") -> int:
     """Compile every repeated block of `model` once (see `repeated_blocks`), used in training mode only: evaluation
     and generation (whose shapes change every decoding step) stay eager. `mode` defaults to `"reduce-overhead"`
-    (CUDA graphs) on CUDA and `"default"` elsewhere. Returns the number of blocks wrapped.
+    (CUDA graphs) on CUDA and `"default"` elsewhere; `backend` is torch.compile's (tests use `"aot_eager"`, which
+    traces forward and backward without generating code). Returns the number of blocks wrapped.
 
     If compiling fails (no C++ compiler, an unsupported op), every block falls back to eager with one warning, so a
     run never fails for want of a compiler.
@@ -117,15 +118,16 @@ def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None) 
     device = next(model.parameters()).device
     mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
     state = _CompileState()
+    options = {"mode": mode} if backend == "inductor" else {}
     for block in blocks:
-        _wrap(block, mode, dynamic, state)
+        _wrap(block, dict(options, dynamic=dynamic, backend=backend), state)
     logger.info("Compiling %d repeated blocks (torch.compile mode=%s) for training", len(blocks), mode)
     return len(blocks)
 
 
-def _wrap(block: torch.nn.Module, mode: str, dynamic: bool | None, state: _CompileState) -> None:
+def _wrap(block: torch.nn.Module, options: dict, state: _CompileState) -> None:
     eager = block.forward
-    compiled = torch.compile(eager, mode=mode, dynamic=dynamic)
+    compiled = torch.compile(eager, **options)
 
     def forward(*args, **kwargs):
         if not (block.training and state.enabled):
@@ -136,9 +138,10 @@ def _wrap(block: torch.nn.Module, mode: str, dynamic: bool | None, state: _Compi
             result = compiled(*args, **kwargs)
         except Exception as error:  # the compiler's own failure types vary by backend and version
             state.enabled = False
-            warnings.warn(f"torch.compile of the repeated blocks failed ({type(error).__name__}: "
-                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); training continues "
-                          "eager (set training.compile_blocks false to skip compiling)", stacklevel=2)
+            cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # BackendCompilerFailed wraps
+            text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            warnings.warn(f"torch.compile of the repeated blocks failed ({type(cause).__name__}: {text}); training "
+                          "continues eager (set training.compile_blocks false to skip compiling)", stacklevel=2)
             return eager(*args, **kwargs)
         state.compiled_once = True
         return result

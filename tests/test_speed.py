@@ -1,0 +1,135 @@
+"""The dispatch-bound regime on a CPU: dispatched ops per step for mt0-large's depth, no host read per step, fused
+modules that change no result, and regional compilation that changes no loss (issue #10)."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import MT5Config, MT5ForConditionalGeneration, set_seed
+
+from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments
+from ia3_trainer.kernels import compile_blocks, fuse_modules
+
+from conftest import REPO, tiny_recipe
+
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import count_step_ops  # noqa: E402
+
+
+# mt0-large's depth and layout (24+24 gated-gelu layers, 16 heads of 64 -> here 4 of 16) at width 64: the same ops a
+# step as the real model, which benchmarks/throughput.py --ops-only counts the same way.
+THIN_MT0 = dict(d_ff=128, d_kv=16, d_model=64, num_heads=4, num_layers=24, num_decoder_layers=24, vocab_size=512,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", dropout_rate=0.1, pad_token_id=0,
+                eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def thin_mt0(tmp_path_factory):
+    set_seed(0)
+    folder = tmp_path_factory.mktemp("thin-mt0")
+    MT5ForConditionalGeneration(MT5Config(**THIN_MT0)).save_pretrained(folder)
+    return folder
+
+
+def batches(n=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(20, 40, (n,), generator=generator).tolist()
+    return Dataset.from_dict({
+        "input_ids": [[*torch.randint(3, 512, (k,), generator=generator).tolist(), 1] for k in lengths],
+        "labels": [[int(torch.randint(3, 512, (1,), generator=generator)), 1] for _ in lengths],
+    })
+
+
+def ops_per_step(trainer_cls, args_cls, model_dir, tokenizer, tmp_path, **extra):
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
+
+    args = args_cls(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=4, learning_rate=1e-3,
+                    per_device_train_batch_size=8, save_strategy="no", logging_steps=100, disable_tqdm=True, **extra)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    if trainer_cls is IA3Seq2SeqTrainer:
+        trainer = trainer_cls(model, args, train_dataset=batches(), processing_class=tokenizer)
+    else:  # what a user writes by hand: peft + Seq2SeqTrainer with library defaults
+        model = get_peft_model(model, IA3Config(task_type="SEQ_2_SEQ_LM"))
+        trainer = trainer_cls(model=model, args=args, train_dataset=batches(), processing_class=tokenizer,
+                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model))
+    return count_step_ops(trainer, None, "cpu")
+
+
+@pytest.mark.slow
+def test_the_default_path_dispatches_fewer_ops_than_plain_and_reads_nothing_back(thin_mt0, tokenizer, tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    plain = ops_per_step(Seq2SeqTrainer, Seq2SeqTrainingArguments, thin_mt0, tokenizer, tmp_path / "plain")
+    # fp32: the default on CUDA (see IA3TrainingArguments.bf16); no compile (graphs are not counted here).
+    ia3 = ops_per_step(IA3Seq2SeqTrainer, IA3TrainingArguments, thin_mt0, tokenizer, tmp_path / "ia3", bf16=False)
+    assert ia3["ops_per_step"] < plain["ops_per_step"], (ia3["ops_per_step"], plain["ops_per_step"])
+    # A host read stalls a GPU's queue. Plain reads the loss back twice a step (logging_nan_inf_filter); the
+    # default path does not. Both keep transformers' own two: its SDPA mask builder asks `attention_mask.all()` for
+    # the encoder and the cross-attention masks.
+    reads = [result["ops"].get("aten._local_scalar_dense", 0) for result in (plain, ia3)]
+    assert reads == [4, 2]  # plain: isnan(loss) or isinf(loss), and the two mask checks
+
+
+def test_fused_modules_change_no_result(thin_mt0):
+    model = MT5ForConditionalGeneration.from_pretrained(thin_mt0).eval()
+    fused = MT5ForConditionalGeneration.from_pretrained(thin_mt0).eval()
+    assert fuse_modules(fused) == {"rms_norm": 24 * 2 + 24 * 3 + 2, "gelu_tanh": 48}
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    ids, decoder = torch.randint(3, 512, (4, 30)), torch.randint(3, 512, (4, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids, decoder_input_ids=decoder).logits,
+                                   model(input_ids=ids, decoder_input_ids=decoder).logits, atol=1e-4, rtol=1e-4)
+    # Under bf16 both round differently, and are as far from the fp32 result as each other.
+    with torch.no_grad():
+        reference = model(input_ids=ids, decoder_input_ids=decoder).logits
+        errors = [(m.to(torch.bfloat16)(input_ids=ids, decoder_input_ids=decoder).logits.float() - reference)
+                  .abs().mean() for m in (model, fused)]
+    assert errors[1] < 1.5 * errors[0]
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_compiled_blocks_train_to_the_same_losses_and_evaluate_eager(tmp_path):
+    import torch._dynamo
+
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 5, "training.bf16": False})
+    eager = IA3Seq2SeqTrainer.from_recipe(raw)
+    eager.train()
+    torch._dynamo.reset()
+    compiled = IA3Seq2SeqTrainer.from_recipe(raw)
+    # aot_eager traces forward and backward as inductor does, without generating code (inductor takes minutes on a
+    # 2-core CPU); training.compile_blocks uses inductor.
+    assert compile_blocks(compiled.model, backend="aot_eager") == 4  # 2 encoder + 2 decoder blocks
+    compiled.blocks_compiled = True
+    compiled.train()
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-6)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < frames <= 8  # the first and the other blocks of each stack, static then dynamic lengths
+    compiled.evaluate()  # generation changes shapes every step: evaluation must not compile anything
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path):
+    import torch._dynamo
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.bf16": False})
+    eager = IA3Seq2SeqTrainer.from_recipe(raw)
+    eager.train()
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    compile_blocks(trainer.model, backend=broken_backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "torch.compile of the repeated blocks failed" in str(w.message)]
+    assert len(messages) == 1 and "no compiler here" in messages[0]
+    assert losses(trainer) == pytest.approx(losses(eager), rel=1e-6)
