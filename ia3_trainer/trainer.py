@@ -353,11 +353,12 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         nll = torch.nn.functional.cross_entropy(
             outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
-        if num_items_in_batch is None:  # called outside the training loop (e.g. by a subclass or a test)
-            num_items_in_batch = (labels != -100).sum()
-        loss = nll / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes
+        if num_items_in_batch is None:  # called outside the training loop (e.g. by a subclass): this batch's mean
+            loss = nll / (labels != -100).sum()
+        else:
+            loss = nll / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # the count is global (Trainer gathers it)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

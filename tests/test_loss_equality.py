@@ -112,3 +112,19 @@ def test_last_partial_accumulation_step_weighs_each_token_once(tmp_path):
     assert_same_adapter(load_file(tmp_path / "one-x8x2" / "out" / "adapter_model.safetensors"),
                         load_file(tmp_path / "one-x16" / "out" / "adapter_model.safetensors"))
 
+
+def test_compute_loss_outside_the_training_loop_is_the_batch_mean(tmp_path, monkeypatch):
+    # Called without num_items_in_batch (a subclass, evaluation code, a test), the loss is this batch's own mean,
+    # also under several processes: the process-count factor belongs to the training loop's global token count.
+    raw, _ = write_run(tmp_path, "run", 8, 1)
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokens = int((batch["labels"] != -100).sum())
+    with torch.no_grad():
+        mean = trainer.model(**batch).loss.item()
+        monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(mean, rel=1e-6)
+        # In the loop, num_items_in_batch counts both processes' tokens (here twice this batch's) and DDP averages
+        # the two processes' gradients: each process's loss is its token sum over the global count, times 2.
+        in_loop = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(2 * tokens))
+        assert in_loop.item() == pytest.approx(mean, rel=1e-6)
