@@ -53,7 +53,9 @@ def save_checkpoint_atomically(trainer, trial, save) -> None:
     """Run `save()` (Trainer's `_save_checkpoint`) into a staging folder, then publish it as `checkpoint-N`.
 
     Every process writes its part (its RNG state, its shard under FSDP or DeepSpeed) into the staging folder;
-    after a barrier the process that saves renames it, then rotates old checkpoints as Trainer would have.
+    after a barrier each process that saves (one, or one per machine with `save_on_each_node`) renames it, and after
+    the next one rotates old checkpoints as Trainer would have. A process that saves nothing removes what it staged
+    if it is still there (its machine's own disk).
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -82,11 +84,19 @@ def save_checkpoint_atomically(trainer, trial, save) -> None:
             shutil.rmtree(final)
         os.replace(staged, final)
         os.rmdir(staging_root)
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        # Old checkpoints go only once every machine has published this one (training.save_on_each_node): a machine
+        # lost before its rename leaves an older step that every machine still has, for `--resume` to agree on.
         rotate_checkpoints(
             output_dir=run_dir, save_total_limit=args.save_total_limit,
             best_model_checkpoint=state.best_model_checkpoint, use_mtime=True,
         )
-    trainer.accelerator.wait_for_everyone()
+    else:
+        # Every process wrote its RNG state into the staging folder. On a shared disk the saving process has moved it
+        # by now; on a machine with its own disk that saves nothing (training.save_on_each_node false) no process
+        # would, and a tmp-checkpoint-N would be left there at each save.
+        shutil.rmtree(staging_root, ignore_errors=True)
 
 
 def _has_trainer_state(path: Path) -> bool:
