@@ -296,7 +296,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         written atomically, and a folder a crash left half-written is skipped); a path resumes from that folder.
         """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir, self.accelerator)  # every process has it
             if resume_from_checkpoint is None:
                 raise RecipeError(
                     f"training.output_dir: no checkpoint to resume from in {self.args.output_dir}; train without "
