@@ -227,10 +227,6 @@ def test_each_machine_saves_its_own_checkpoints_and_both_resume_after_one_is_kil
         assert [c["message"] for c in hub.commits] == [f"Upload final adapter (step {STEPS})"]
 
 
-class Processes(SimpleNamespace):
-    """What `last_checkpoint` uses of an Accelerator: the process count (gather_object is patched)."""
-
-
 def agree(monkeypatch, tmp_path, steps_per_process):
     """`last_checkpoint` on process 0, whose disk holds `steps_per_process[0]`, the others holding the rest."""
     import accelerate.utils
@@ -240,7 +236,8 @@ def agree(monkeypatch, tmp_path, steps_per_process):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     others = [sorted(steps, reverse=True) for steps in steps_per_process[1:]]
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine + others)
-    return last_checkpoint(tmp_path, Processes(num_processes=len(steps_per_process)))
+    accelerator = SimpleNamespace(num_processes=len(steps_per_process))  # all last_checkpoint reads of one
+    return last_checkpoint(tmp_path, accelerator)
 
 
 def test_processes_resume_from_the_newest_step_all_of_them_have(tmp_path, monkeypatch, caplog):
