@@ -318,7 +318,7 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         written atomically, and a folder a crash left half-written is skipped); a path resumes from that folder.
         """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir, self.accelerator)  # every process has it
             if resume_from_checkpoint is None:
                 raise RecipeError(
                     f"training.output_dir: no checkpoint to resume from in {self.args.output_dir}; train without "
@@ -363,11 +363,12 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         nll = torch.nn.functional.cross_entropy(
             outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
-        if num_items_in_batch is None:  # called outside the training loop (e.g. by a subclass or a test)
-            num_items_in_batch = (labels != -100).sum()
-        loss = nll / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes
+        if num_items_in_batch is None:  # called outside the training loop (e.g. by a subclass): this batch's mean
+            loss = nll / (labels != -100).sum()
+        else:
+            loss = nll / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # the count is global (Trainer gathers it)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
