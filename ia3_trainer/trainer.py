@@ -400,6 +400,8 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # Trainer calls _save on every process; one writes per machine or run
+            return
         # After the adapter they describe, each written whole or not at all.
         output_dir = Path(output_dir or self.args.output_dir)
         if self.recipe is not None:
