@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -131,14 +132,32 @@ def text_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[str,
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1 (no stemming), the keys and scale of `evaluate`'s rouge."""
+    """Mean ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1 (no stemming), the keys and scale of `evaluate`'s rouge.
+
+    rouge_score's own tokenizer keeps only `[a-z0-9]`, so a Russian or Chinese summary scored 0 against any
+    reference; here every script counts: words are runs of Unicode letters and digits (lowercased), and scripts
+    written without spaces (Han, kana, Thai, Lao, Khmer, Myanmar, Tibetan) count one character per token. On ASCII
+    text this is rouge_score's default tokenization.
+    """
     _require("rouge_score", "rouge-score", "rouge")
     from rouge_score import rouge_scorer
 
     keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-    scorer = rouge_scorer.RougeScorer(keys)
+    scorer = rouge_scorer.RougeScorer(keys, tokenizer=_EveryScript())
     scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     return {key: float(np.mean([s[key].fmeasure for s in scores])) if scores else float("nan") for key in keys}
+
+
+# Scripts written without spaces between words: one token per character (as multilingual ROUGE segments Chinese).
+_UNSPACED = "\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+")
+
+
+class _EveryScript:
+    """A rouge_score tokenizer (duck-typed: `tokenize(text) -> list[str]`) that keeps every script's words."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower())
 
 
 def sacrebleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

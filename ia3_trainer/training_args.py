@@ -52,11 +52,14 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         Batches of similar source lengths, so dynamic padding pads little (`benchmarks/throughput.py`). The order
         is still random between groups; set `"random"` for the parent's sampler.
     bf16 (`bool`, *optional*, defaults to `None`):
-        `None` turns bf16 on where the hardware computes it natively: a CUDA device that supports it, or, with
-        `use_cpu: true` (transformers allows CPU bf16 only then), a CPU with AVX512-BF16 or AMX. With bf16 on, the
-        frozen base weights are stored in bf16, the IA3 vectors stay in fp32, and batches are padded to a
-        multiple of 8 (on CPU that bounds the shapes whose kernels oneDNN caches: without it peak memory grew
-        2.5x in `benchmarks/throughput.py`). Elsewhere bf16 is emulated and slower than fp32, so it stays off.
+        `None` decides by measurement per device. On a CPU with AVX512-BF16 or AMX (with `use_cpu: true`:
+        transformers allows CPU bf16 only then) bf16 is on: 1.14x the samples/s of fp32 in `benchmarks/throughput.py`
+        there, with the frozen base stored in bf16, the IA3 vectors in fp32, and batches padded to a multiple of 8
+        (that bounds the shapes whose kernels oneDNN caches: without it peak memory grew 2.5x). On CUDA it is off:
+        at the guide's batch size mt0-large is bound by kernel dispatch, not arithmetic, and bf16 only adds casts
+        (measured on an H200: fp32 31.7 samples/s, bf16 23.4, issue #10); with `compile_blocks` (CUDA graphs take the
+        dispatch away, so arithmetic counts again) it is on where the GPU supports it, not yet measured. Elsewhere
+        bf16 is emulated and slower than fp32, so it stays off.
     logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
         Trainer's filter reads every step's loss back to the host, which stalls a GPU; `non_finite_loss` keeps
         non-finite losses out of the weights and out of the logged means without it.
@@ -89,7 +92,9 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         metadata={"help": "Batches of similar lengths (less padding); 'random' for the parent's sampler."},
     )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; None = on when a CUDA device supports it."}
+        default=None,
+        metadata={"help": "bf16 mixed precision; None = by measurement: on for CPUs with native bf16, off on CUDA "
+                          "unless compile_blocks."},
     )
     logging_nan_inf_filter: bool = field(
         default=False,
@@ -99,16 +104,17 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self):
         # Resolved before the parent's checks, which need a bool.
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and _native_bf16(self.use_cpu)
+            self.bf16 = not self.fp16 and default_bf16(self.use_cpu, self.compile_blocks)
         super().__post_init__()
 
 
-def _native_bf16(use_cpu: bool) -> bool:
-    """Whether training will run on hardware that computes bf16 natively (so it is faster, not slower)."""
+def default_bf16(use_cpu: bool, compile_blocks: bool = False) -> bool:
+    """The measured default of `bf16` (see the class docstring): on for CPUs with native bf16, off on CUDA unless the
+    repeated blocks are compiled (CUDA graphs)."""
     import torch
 
     if not use_cpu:  # transformers accepts CPU bf16 only with use_cpu=True
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return compile_blocks and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     cpu = torch.cpu
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())

@@ -101,6 +101,40 @@ def tiny_recipe(tmp_path, **overrides) -> dict:
     return apply_overrides(raw, overrides) if overrides else raw
 
 
+def generate_one_by_one(trainer, dataset=None) -> tuple[list[str], list[str]]:
+    """Greedy predictions and references of a trainer's eval set, one example at a time (no padding): an
+    evaluation independent of the batched one, to check its metrics against."""
+    import torch
+
+    from ia3_trainer.metrics import decode
+
+    model, tokenizer = trainer.model.eval(), trainer.processing_class
+    predictions, references = [], []
+    for row in dataset if dataset is not None else trainer.eval_dataset:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([row["input_ids"]], device=model.device),
+                                 max_new_tokens=trainer.max_new_tokens)
+        predictions += decode(out.cpu().numpy(), tokenizer)
+        references += decode([row["labels"]], tokenizer)
+    return predictions, references
+
+
+def rank_one_by_one(trainer) -> list[str]:
+    """Rank classification by brute force, one example at a time: the candidate label with the lowest mean token
+    loss under the model's own loss."""
+    import torch
+
+    model, tokenizer = trainer.model.eval(), trainer.processing_class
+    chosen = []
+    for row in trainer.eval_dataset:
+        with torch.no_grad():
+            losses = [model(input_ids=torch.tensor([row["input_ids"]]),
+                            labels=torch.tensor([tokenizer(text_target=c).input_ids])).loss.item()
+                      for c in trainer.candidate_labels]
+        chosen.append(trainer.candidate_labels[losses.index(min(losses))])
+    return chosen
+
+
 @pytest.fixture
 def phrasebank_zip(tmp_path_factory):
     """The original release's zip layout rebuilt from ../shared (skips when the data is absent)."""

@@ -8,8 +8,9 @@ import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
 from ia3_trainer.cli import main
+from ia3_trainer.metrics import label_accuracy
 
-from conftest import TINY_ASSETS, TINY_MODEL_DIR
+from conftest import TINY_ASSETS, TINY_MODEL_DIR, generate_one_by_one
 
 
 def test_init_writes_a_recipe_that_validates_and_trains(tmp_path, tiny_t5_dir, capsys):
@@ -33,7 +34,8 @@ def test_init_writes_a_recipe_that_validates_and_trains(tmp_path, tiny_t5_dir, c
         "training.output_dir": str(tmp_path / "out"), "training.max_steps": 2, "training.eval_strategy": "no",
         "training.save_strategy": "no", "training.use_cpu": True, "data.max_train_samples": 32})
     assert trainer.train().global_step == 2
-    assert 0 <= trainer.evaluate()["eval_label_accuracy"] <= 1
+    predictions, references = generate_one_by_one(trainer)
+    assert trainer.evaluate()["eval_label_accuracy"] == pytest.approx(label_accuracy(predictions, references))
 
 
 def test_integer_labels_and_free_text_targets(tmp_path, capsys):

@@ -23,7 +23,7 @@ from ia3_trainer.metrics import (
 )
 from ia3_trainer.scoring import EvalOutputs
 
-from conftest import TINY_ASSETS, tiny_recipe
+from conftest import TINY_ASSETS, generate_one_by_one, tiny_recipe
 
 
 SENTENCES = [json.loads(line)["sentence"] for line in (TINY_ASSETS / "tiny-sentiment.jsonl").read_text().splitlines()]
@@ -58,6 +58,26 @@ def test_rouge_matches_a_hand_count():
         {"rouge1": 2 / 3, "rouge2": 0.5, "rougeL": 2 / 3, "rougeLsum": 2 / 3}
     )
     assert rouge(["the cat", "x"], ["the cat", "y"])["rouge1"] == pytest.approx(0.5)  # mean over examples
+
+
+def test_rouge_counts_every_script():
+    # rouge_score's own tokenizer keeps [a-z0-9] only: both of these scored 0 before.
+    # Russian, by words: 5 of 6 reference words, all 5 predicted -> P 1, R 5/6, F1 10/11; bigrams 3 of 5 and 4.
+    russian = rouge(["Прибыль выросла на 12 процентов"], ["Прибыль компании выросла на 12 процентов"])
+    assert russian == pytest.approx({"rouge1": 10 / 11, "rouge2": 2 * (3 / 4) * (3 / 5) / (3 / 4 + 3 / 5),
+                                     "rougeL": 10 / 11, "rougeLsum": 10 / 11})
+    # Chinese, by characters: 7 of 13 reference characters, all 7 predicted -> F1 2*1*(7/13)/(1+7/13) = 0.7.
+    assert rouge(["公司利润增长了"], ["公司的利润增长了百分之十二"])["rouge1"] == pytest.approx(0.7)
+    assert rouge(["Прибыль"], ["прибыль"])["rouge1"] == 1.0  # lowercased, as rouge_score does
+    # On ASCII text the tokens are rouge_score's own.
+    from rouge_score import rouge_scorer
+
+    predictions = ["the cat sat on the mat.", "Profit rose 12% in Q3, it's said", "x_y z"]
+    references = ["a cat sat on a mat", "profit rose by 12 % in q3 it is said", "x y"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"])
+    own = [scorer.score(r, p) for p, r in zip(predictions, references, strict=True)]
+    expected = {key: sum(s[key].fmeasure for s in own) / len(own) for key in own[0]}
+    assert rouge(predictions, references) == pytest.approx(expected)
 
 
 def test_sacrebleu_and_chrf():
@@ -177,7 +197,9 @@ def test_summarisation_trains_and_reports_rouge(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     assert {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_perplexity"} <= set(metrics)
-    assert all(0 <= metrics[f"eval_{key}"] <= 1 for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+    predictions, references = generate_one_by_one(trainer)
+    expected = rouge(predictions, references)
+    assert {key: metrics[f"eval_{key}"] for key in expected} == pytest.approx(expected)
     assert not {"eval_label_accuracy", "eval_rank_accuracy"} & set(metrics)
 
 
@@ -197,4 +219,6 @@ def test_text_metrics_share_one_generation_per_batch(tmp_path):
     assert len(trainer.eval_dataset) == 12
     assert len(calls) == 3  # batches of 4: one generate per batch, shared by the four text metrics
     assert {"eval_label_accuracy", "eval_rouge1", "eval_sacrebleu", "eval_chrf"} <= set(result)
-    assert 0 <= result["eval_sacrebleu"] <= 100 and 0 <= result["eval_chrf"] <= 100
+    predictions, references = generate_one_by_one(trainer)
+    assert result["eval_sacrebleu"] == pytest.approx(sacrebleu(predictions, references)["sacrebleu"])
+    assert result["eval_chrf"] == pytest.approx(chrf(predictions, references)["chrf"])
