@@ -5,7 +5,9 @@ whether it is trained or used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 from .errors import first_line
 from .recipe import ModelSection, RecipeError
@@ -89,3 +91,50 @@ def cast_frozen_weights(model, dtype) -> None:
 def base_model_dtype(model):
     """The dtype of the frozen weights (the input embeddings'): what the reused encoder output is cast back to."""
     return model.get_input_embeddings().weight.dtype
+
+
+def wrap_with_ia3(model, peft_config=None):
+    """Return `model` wrapped with IA3 (`peft.get_peft_model`), or the given IA3 `PeftModel` as it is.
+
+    Without `peft_config` (or with one whose `target_modules` is None) the modules come from the model's family
+    (`ia3_trainer.architectures`); a target that adapts some layers and misses others is warned about. The untied-head
+    guard is applied either way.
+    """
+    from peft import IA3Config, PeftModel, PeftType, get_peft_model
+    from transformers import PreTrainedModel
+
+    from .architectures import build_ia3_config, describe, warn_partial_matches
+
+    if peft_config is not None and not isinstance(peft_config, IA3Config):
+        raise TypeError(f"peft_config must be a peft.IA3Config, got {type(peft_config).__name__}")
+    if isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ValueError(
+                "You passed a PeftModel together with peft_config; pass the base model with peft_config, or "
+                "the PeftModel alone"
+            )
+        if model.peft_config[model.active_adapter].peft_type != PeftType.IA3:
+            kind = model.peft_config[model.active_adapter].peft_type.value
+            raise ValueError(f"IA3Seq2SeqTrainer trains IA3 adapters, but the PeftModel has a {kind} adapter")
+        untie_separate_lm_head(model.get_base_model())
+        return model
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}; "
+            "to load by name use IA3Seq2SeqTrainer.from_recipe"
+        )
+    untie_separate_lm_head(model)
+    if peft_config is None:
+        peft_config = build_ia3_config(model)
+    elif peft_config.target_modules is None:  # peft's own defaults know three families; the table knows all
+        filled = build_ia3_config(model, {"feedforward_modules": peft_config.feedforward_modules})
+        peft_config = dataclasses.replace(
+            peft_config, target_modules=filled.target_modules, feedforward_modules=filled.feedforward_modules
+        )
+    if peft_config.task_type is None:
+        peft_config.task_type = "SEQ_2_SEQ_LM"  # without it get_peft_model returns a PeftModel with no generate
+    wrapped = get_peft_model(model, peft_config)
+    warn_partial_matches(wrapped)
+    if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
+        print(f"{describe(peft_config)} ({model.config.model_type})")
+    return wrapped

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from . import kernels, modeling
 from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically, write_json
 from .data import PreparedData, build_collator, encode_batch, prepare_data
+from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
 from .guard import NonFiniteGuard
-from .metrics import DEFAULT_METRICS, check_metrics, eval_metrics, needs_generation, perplexity
-from .modeling import untie_separate_lm_head
+from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, RecipeError, load_recipe
-from .scoring import EvalOutputs, candidate_label_ids, score_batch
 from .training_args import IA3TrainingArguments
 
 
 logger = logging.getLogger(__name__)
 
 
-class IA3Seq2SeqTrainer(Seq2SeqTrainer):
+class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
     """[`~transformers.Seq2SeqTrainer`] that trains an IA3 adapter on a seq2seq model.
 
     It wraps a plain model with `peft.get_peft_model` (or takes a ready IA3 `PeftModel`), pads batches
@@ -260,53 +257,11 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         (`ia3_trainer.modeling.load_model`)."""
         return modeling.load_model(model, seed=seed)
 
-    @staticmethod
-    def wrap_model_with_ia3(model, peft_config=None):
-        """Return `model` wrapped with IA3, or the given IA3 `PeftModel` as it is.
-
-        Without `peft_config` (or with one whose `target_modules` is None) the modules come from the model's
-        family (`ia3_trainer.architectures`); a target that adapts some layers and misses others is warned about.
-        """
-        import os
-
-        from peft import IA3Config, PeftModel, PeftType, get_peft_model
-
-        from .architectures import build_ia3_config, describe, warn_partial_matches
-
-        if peft_config is not None and not isinstance(peft_config, IA3Config):
-            raise TypeError(f"peft_config must be a peft.IA3Config, got {type(peft_config).__name__}")
-        if isinstance(model, PeftModel):
-            if peft_config is not None:
-                raise ValueError(
-                    "You passed a PeftModel together with peft_config; pass the base model with peft_config, or "
-                    "the PeftModel alone"
-                )
-            if model.peft_config[model.active_adapter].peft_type != PeftType.IA3:
-                kind = model.peft_config[model.active_adapter].peft_type.value
-                raise ValueError(f"IA3Seq2SeqTrainer trains IA3 adapters, but the PeftModel has a {kind} adapter")
-            untie_separate_lm_head(model.get_base_model())
-            return model
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(
-                f"model must be a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}; "
-                "to load by name use IA3Seq2SeqTrainer.from_recipe"
-            )
-        untie_separate_lm_head(model)
-        if peft_config is None:
-            peft_config = build_ia3_config(model)
-        elif peft_config.target_modules is None:  # peft's own defaults know three families; the table knows all
-            filled = build_ia3_config(model, {"feedforward_modules": peft_config.feedforward_modules})
-            peft_config = dataclasses.replace(
-                peft_config, target_modules=filled.target_modules, feedforward_modules=filled.feedforward_modules
-            )
-        if peft_config.task_type is None:
-            peft_config.task_type = "SEQ_2_SEQ_LM"  # without it get_peft_model returns a PeftModel with no generate
-        wrapped = get_peft_model(model, peft_config)
-        warn_partial_matches(wrapped)
-        if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
-            print(f"{describe(peft_config)} ({model.config.model_type})")
-        return wrapped
-
+    @classmethod
+    def wrap_model_with_ia3(cls, model, peft_config=None):
+        """Return `model` wrapped with IA3, or the given IA3 `PeftModel` as it is (`modeling.wrap_with_ia3`: without
+        `peft_config`, or with one whose `target_modules` is None, the modules come from the model's family)."""
+        return modeling.wrap_with_ia3(model, peft_config)
 
     # --- training and logging -------------------------------------------------------------------------------------
 
@@ -430,127 +385,6 @@ class IA3Seq2SeqTrainer(Seq2SeqTrainer):
         # While a checkpoint is being written, Trainer's run folder is its staging folder (see _save_checkpoint).
         return getattr(self, "_checkpoint_staging_root", None) or super()._get_output_dir(trial)
 
-    # --- evaluation -----------------------------------------------------------------------------------------------
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
-        """Evaluate (see the class docstring for the metrics); the per-example outputs of this pass are kept in
-        `self.last_evaluation` for reports."""
-        self.non_finite_guard.check()
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
-        self.last_evaluation = Evaluation(
-            step=self.state.global_step, default_dataset=eval_dataset is None, metrics=dict(metrics),
-            outputs=self._eval_outputs,
-        )
-        return metrics
-
-    def final_evaluation(self) -> Evaluation:
-        """The evaluation of the trained adapter on `eval_dataset`: the one the run made at its last step when there
-        was one and the model is still that one, else a new one. `ia3-trainer train` reports and writes it without
-        evaluating twice."""
-        last = self.last_evaluation
-        best_loaded = self.args.load_best_model_at_end and self.state.best_global_step != self.state.global_step
-        if last is None or not last.default_dataset or last.step != self.state.global_step or best_loaded:
-            self.evaluate()
-        return self.last_evaluation
-
-    def final_eval_metrics(self) -> dict[str, float]:
-        """The `eval_*` metrics of [`final_evaluation`]."""
-        return {key: value for key, value in self.final_evaluation().metrics.items() if key.startswith("eval_")}
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        # Seq2SeqTrainer.evaluate switches to accelerator.gather, which keeps the copies that even batches add to
-        # the last batch under DDP; metrics must count each example once, so gather for metrics instead.
-        self.gather_function = self.accelerator.gather_for_metrics
-        self._eval_runtimes = {"generate": 0.0, "rank": 0.0}
-        self._eval_bound = self.max_new_tokens or longest_labels(dataloader.dataset)
-        # The built-in metrics come from per-example outputs that Trainer's compute_metrics call never sees; the
-        # user's compute_metrics is called below, with generated ids.
-        user_metrics, self.compute_metrics = self.compute_metrics, None
-        try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)
-        finally:
-            self.compute_metrics = user_metrics
-        parts = output.predictions if isinstance(output.predictions, dict) else {}
-        outputs = EvalOutputs(labels=output.label_ids, **parts)
-        self._eval_outputs = outputs
-        metrics = dict(output.metrics)
-        if outputs.nll_sum is not None:  # the exact token mean, not Trainer's mean of batch means
-            metrics[f"{metric_key_prefix}_loss"] = outputs.loss
-        found = eval_metrics(outputs, self.metrics, self.processing_class, self.candidate_labels)
-        if user_metrics not in (None, no_extra_metrics) and outputs.generated is not None:
-            found.update(user_metrics(EvalPrediction(predictions=outputs.generated, label_ids=outputs.labels)))
-        for name, seconds in self._eval_runtimes.items():
-            if seconds:
-                found[f"{name}_runtime"] = round(seconds, 4)
-        metrics.update({f"{metric_key_prefix}_{key}": value for key, value in found.items()})
-        return EvalLoopOutput(predictions=outputs.generated, label_ids=output.label_ids, metrics=metrics,
-                              num_samples=output.num_samples)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        """One [`ia3_trainer.scoring.score_batch`]: a forward pass for the token losses, whose encoder output rank
-        classification and a bounded `generate` reuse.
-
-        Returns `(loss, predictions, labels)` where `predictions` is a dict of per-example tensors (`nll_sum`,
-        `token_count`, `teacher_forced`, `rank_choice`, `generated`) instead of logits, so perplexity is exact over
-        the whole eval set and memory does not grow with the vocabulary. `evaluation_loop` turns them into
-        `EvalOutputs`, metrics, and generated ids as the `predictions` users see.
-        """
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.get("labels")
-        rank = labels is not None and "rank_accuracy" in self.metrics
-        scores = score_batch(
-            model, inputs,
-            candidate_ids=self._candidate_ids if rank and not prediction_loss_only else None,
-            generate=not prediction_loss_only and (labels is None or needs_generation(self.metrics)),
-            generate_fn=self._generate, **self._generation_kwargs(gen_kwargs),
-        )
-        for name, seconds in scores.seconds.items():
-            self._eval_runtimes[name] += seconds
-        loss = scores.nll_sum.sum() / scores.token_count.sum().clamp(min=1) if labels is not None else None
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, scores.as_dict(), labels
-
-    def _generation_kwargs(self, gen_kwargs: dict) -> dict:
-        kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
-        kwargs = {key: value for key, value in kwargs.items() if value is not None}
-        if "max_length" not in kwargs and "max_new_tokens" not in kwargs and self._eval_bound:
-            kwargs["max_new_tokens"] = self._eval_bound
-        return kwargs
-
-    def _generate(self, **kwargs):
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-        from transformers.integrations.fsdp import is_fsdp_managed_module
-
-        # Every process must keep stepping while any still generates when weights are sharded.
-        kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model))
-        return self.model.generate(**kwargs)
-
-    @property
-    def eval_metrics(self) -> list[str]:
-        """The built-in metric names evaluation computes (see the `metrics` argument)."""
-        return list(self.metrics)
-
-    @property
-    def _candidate_ids(self):
-        """Candidate label ids for rank classification, or None when the label set is unknown or ranking is off."""
-        if not self.candidate_labels or not getattr(self.args, "rank_classification", True):
-            return None
-        if getattr(self, "_candidate_ids_cache", None) is None:
-            self._candidate_ids_cache = candidate_label_ids(self.processing_class, self.candidate_labels)
-        return self._candidate_ids_cache
-
-
-class Evaluation:
-    """One evaluation of [`IA3Seq2SeqTrainer`]: its metrics, its per-example [`EvalOutputs`], the global step it ran
-    at, and whether it was of the trainer's own `eval_dataset`."""
-
-    def __init__(self, step: int, default_dataset: bool, metrics: dict, outputs: EvalOutputs):
-        self.step, self.default_dataset, self.metrics, self.outputs = step, default_dataset, metrics, outputs
-
-
 class FinalSave(TrainerCallback):
     """Saves the final adapter in `on_train_end` (every process takes part, as sharded models need) when
     `args.save_final_adapter`; IA3Seq2SeqTrainer puts it before every other callback, so a push callback's
@@ -565,11 +399,6 @@ class FinalSave(TrainerCallback):
             self.trainer.save_model()
 
 
-def no_extra_metrics(eval_prediction) -> dict[str, float]:
-    """The `compute_metrics` of a trainer given none: the built-in metrics alone."""
-    return {}
-
-
 def _pad_multiple(args) -> int | None:
     """Pad to a multiple of 16 with compiled blocks (each new length is a new graph to compile and capture), else of
     8 on GPU (tensor cores) and under bf16 (CPU: bounds the shapes oneDNN caches kernels for); fp32 on CPU pads to the
@@ -577,12 +406,3 @@ def _pad_multiple(args) -> int | None:
     if getattr(args, "compile_blocks", False):
         return 16
     return 8 if args.device.type == "cuda" or args.bf16 else None
-
-
-def longest_labels(dataset) -> int | None:
-    """The token count of the longest label in a tokenized dataset (its generation bound), or None."""
-    if dataset is None or not hasattr(dataset, "column_names") or "labels" not in dataset.column_names:
-        return None
-    lengths = dataset.map(lambda batch: {"n": [len(x) for x in batch["labels"]]}, batched=True,
-                          remove_columns=dataset.column_names, desc="Label lengths")["n"]
-    return max(lengths, default=None)
