@@ -11,12 +11,13 @@ every process renamed; here only the process that saves does, after a barrier.)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+from ._schema import read_json
 
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def save_checkpoint_atomically(trainer, trial, save) -> None:
 
 def _has_trainer_state(path: Path) -> bool:
     try:
-        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        read_json(path / "trainer_state.json", allow_nan=True)
     except (OSError, ValueError):
         return False
     return True

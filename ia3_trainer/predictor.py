@@ -9,18 +9,19 @@ is encoded exactly as in training. `merge_adapter` folds the IA3 vectors into th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ._schema import read_json
 from .checkpoints import checkpoint_folders
 from .data import build_collator
+from .errors import RecipeError
+from .errors import first_line as _first_line
 from .metrics import IGNORE_INDEX, decode
-from .recipe import DataSection, Recipe, RecipeError, _first_line
+from .recipe import DataSection, Recipe
 
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class IA3Predictor:
         from peft import PeftModel
 
         folder = resolve_adapter(dir_or_repo, revision)
-        config = _read_json(folder / "adapter_config.json")
+        config = read_json(folder / "adapter_config.json")
         recipe = _read_recipe(folder)
         base_name = base_model_path(config, folder, recipe)
         model_section = (recipe or {}).get("model") or {}
@@ -144,7 +145,7 @@ class IA3Predictor:
         if adapter_name in self.adapters:
             raise RecipeError(f"adapter name {adapter_name!r} is already loaded ({self.adapters}); pick another name")
         folder = resolve_adapter(dir_or_repo, revision)
-        config = _read_json(folder / "adapter_config.json")
+        config = read_json(folder / "adapter_config.json")
         base_name = base_model_path(config, folder, _read_recipe(folder))
         current = self.model.peft_config[self.active_adapter].base_model_name_or_path
         if current and base_name != current:
@@ -391,14 +392,7 @@ def _load_tokenizer(name: str | Path):
 
 def _read_recipe(folder: Path) -> dict | None:
     path = folder / "recipe.json"
-    return _read_json(path) if path.is_file() else None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RecipeError(f"{path}: cannot read it as JSON: {_first_line(error)}") from error
+    return read_json(path) if path.is_file() else None
 
 
 def _data_section(raw: dict | None) -> DataSection | None:

@@ -13,9 +13,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .checkpoints import last_checkpoint, save_checkpoint_atomically
 from .data import PreparedData, build_collator, encode_batch, prepare_data
+from .errors import RecipeError
+from .errors import first_line as _first_line
 from .metrics import DEFAULT_METRICS, build_compute_metrics, needs_generation, perplexity
 from .ranking import candidate_label_ids, score_candidates
-from .recipe import DataSection, ModelSection, Recipe, RecipeError, _first_line, load_recipe
+from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .training_args import IA3TrainingArguments
 
 
