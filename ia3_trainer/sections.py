@@ -37,10 +37,11 @@ TRAINING_RESERVED = {
 TRAINING_PATH_FIELDS = ("output_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config")
 # Token limits (data.max_*_length, training.generation_max_length): tokenizers overflow on larger ones.
 MAX_TOKENS = 1_000_000
-# Values TrainingArguments accepts and training then crashes on (or runs forever with): each key's rule.
+# Values TrainingArguments accepts and training then crashes on (or runs forever with): (check, rule[, fix]).
 TRAINING_RANGES = {
     "learning_rate": (lambda v: v > 0, "> 0"),
-    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    # 1e308 epochs overflow the step count; a run that long is set with max_steps
+    "num_train_epochs": (lambda v: 0 < v <= 1_000_000, "in (0, 1,000,000]", "for longer runs set max_steps"),
     "max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for num_train_epochs) or >= 1"),
     "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
     "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
@@ -307,9 +308,9 @@ def check_training_values(training: dict, problems: Problems) -> None:
         elif type(value) is int and not -(2**63) <= value < 2**63:  # torch, numpy and itertools take 64-bit ints
             problems.add(f"training.{key}", f"must fit in 64 bits, got {value}")
         elif key in TRAINING_RANGES and type(value) in (int, float):
-            check, rule = TRAINING_RANGES[key]
+            check, rule, *fix = TRAINING_RANGES[key]
             if not (math.isfinite(value) and check(value)):
-                problems.add(f"training.{key}", f"must be {rule}, got {value}")
+                problems.add(f"training.{key}", f"must be {rule}, got {value}" + "".join(f"; {f}" for f in fix))
 
 
 def check_ia3_values(ia3: dict, problems: Problems) -> None:
