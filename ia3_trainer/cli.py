@@ -272,8 +272,9 @@ def _read_text_file(path: str) -> list:
     for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            message = f"{path}: line {number}: not JSON ({error.msg}); write one JSON object per line"
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+            reason = getattr(error, "msg", None) or first_line(error)
+            message = f"{path}: line {number}: not JSON ({reason}); write one JSON object per line"
             raise ValueError(message) from error
     return rows
 
@@ -363,7 +364,7 @@ def _report_after_training(trainer) -> None:
     trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
     paths = write_training_report(trainer)
     if paths:
-        print(_report_summary(json.loads(paths[0].read_text(encoding="utf-8")), paths))
+        print(_report_summary(read_json(paths[0], allow_nan=True), paths))
 
 
 def _report_summary(report: dict, paths) -> str:

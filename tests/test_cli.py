@@ -252,3 +252,17 @@ def test_evaluate_and_push_validate_the_saved_recipe_first(tmp_path, capsys):
         assert "S" * 34 not in err
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing loaded, nothing written
     assert not (tmp_path / "cache").exists()
+
+
+def test_unreadable_predict_file_is_one_line_before_any_model_loads(tmp_path, capsys):
+    latin = tmp_path / "texts.txt"
+    latin.write_bytes("caf\xe9 prices rose\n".encode("latin-1"))
+    deep = tmp_path / "texts.jsonl"
+    deep.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
+    for path, message in ((latin, f"--file: {latin}: not UTF-8 text (byte 3); save it as UTF-8"),
+                          (deep, f"{deep}: line 2: not JSON (maximum recursion depth exceeded")):
+        with pytest.raises(SystemExit) as info:
+            main(["predict", str(tmp_path / "no-adapter-here"), "--file", str(path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ia3-trainer: error: {message}") and err.count("\n") == 1
