@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,15 +165,16 @@ class Recipe:
             self.ia3_config()
         except (ValueError, TypeError) as error:
             problems.add("ia3", first_line(error))
-        strategy = getattr(args, "eval_strategy", self.training.get("eval_strategy", "no"))
-        strategy = str(getattr(strategy, "value", strategy))
-        best = getattr(args, "load_best_model_at_end", self.training.get("load_best_model_at_end", False))
-        has_validation = self.data.validation_split is not None or self.data.validation_size > 0
-        if strategy != "no" and not has_validation:
-            problems.add("training.eval_strategy", f"is {strategy!r} but there is no validation data; set "
-                         "data.validation_split or data.validation_size > 0, or eval_strategy 'no'")
-        if best and not has_validation:
-            problems.add("training.load_best_model_at_end", "needs validation data; set data.validation_size > 0")
+        if args is not None or portable:  # else the training section's own problem is reported, and is enough
+            strategy = getattr(args, "eval_strategy", self.training.get("eval_strategy", "no"))
+            strategy = str(getattr(strategy, "value", strategy))
+            best = getattr(args, "load_best_model_at_end", self.training.get("load_best_model_at_end", False))
+            has_validation = self.data.validation_split is not None or self.data.validation_size > 0
+            if strategy != "no" and not has_validation:
+                problems.add("training.eval_strategy", f"is {strategy!r} but there is no validation data; set "
+                             "data.validation_split or data.validation_size > 0, or eval_strategy 'no'")
+            if best and not has_validation:
+                problems.add("training.load_best_model_at_end", "needs validation data; set data.validation_size > 0")
         problems.raise_if_any()
 
     def training_args(self):
@@ -207,10 +209,16 @@ class Recipe:
         }
 
     def save(self, folder: str | Path) -> Path:
-        """Write the resolved recipe as `recipe.json` in `folder` (no token can be in it: recipes hold none)."""
+        """Write the resolved recipe as `recipe.json` in `folder` (no token can be in it: recipes hold none), whole or
+        not at all: a full disk leaves the previous file, never half a recipe."""
         path = Path(folder) / "recipe.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
 

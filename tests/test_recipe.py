@@ -5,6 +5,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -429,3 +430,22 @@ def test_no_module_imports_another_modules_private_names():
                     and isinstance(node.value, ast.Name) and node.value.id in modules):
                 offenders.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert offenders == []
+
+
+def test_save_is_whole_or_absent(tmp_path, monkeypatch):
+    recipe = load_recipe("tiny")
+    recipe.save(tmp_path)
+    before = (tmp_path / "recipe.json").read_text()
+    write_text = Path.write_text
+
+    def disk_full(self, text, **kwargs):  # half the file gets written, then the disk is full
+        write_text(self, text[: len(text) // 2], **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    recipe.name = "changed"
+    with pytest.raises(OSError, match="No space left"):
+        recipe.save(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "recipe.json").read_text() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["recipe.json"]
