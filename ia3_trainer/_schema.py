@@ -3,7 +3,7 @@
 `read_json` is the one reader of the JSON files the package reads (recipes, `recipe.json`, adapter configs, metrics).
 `check_type` tells whether a JSON value fits a type annotation; `check_section` checks a JSON object against a
 dataclass's fields; [`Problems`] collects every problem as one line naming the key, and says where it came from (the
-recipe file or an override); `resolve_paths` makes `./` paths absolute in the fields marked as paths.
+recipe file or an override); `resolve_path` makes `./` paths absolute in the fields marked as paths.
 """
 
 from __future__ import annotations
@@ -140,15 +140,19 @@ class Problems:
         self.overridden = dict(overridden or {})
         self.lines: list[str] = []
         self.hidden = 0
+        self.hidden_where: set[str] = set()
 
     def add(self, key: str, problem: str | Callable[[], str]) -> None:
+        """Add the problem `problem` (a message, or a function that returns it) of the dotted key `key`."""
         if len(self.lines) >= MAX_SHOWN:
             self.hidden += 1
+            self.hidden_where.add(self.where_of(key))
             return
         text = problem() if callable(problem) else problem
         self.lines.append(f"{self.where_of(key)}: {key}: {text}")
 
     def where_of(self, key: str) -> str:
+        """Where the value of `key` came from: the override that set it or a key above it, else the recipe file."""
         parts = key.split(".")
         for end in range(len(parts), 0, -1):
             given = self.overridden.get(".".join(parts[:end]))
@@ -162,7 +166,8 @@ class Problems:
     def raise_if_any(self) -> None:
         if not self.lines:
             return
-        more = [f"{self.where}: {self.hidden:,} more problem(s) not shown; fix the ones above and run again"]
+        where = self.hidden_where.pop() if len(self.hidden_where) == 1 else self.where
+        more = [f"{where}: {self.hidden:,} more problem(s) not shown; fix the ones above and run again"]
         raise RecipeError(self.lines + (more if self.hidden else []))
 
 
