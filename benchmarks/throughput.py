@@ -144,7 +144,7 @@ def shared_evaluation(model, tokenizer, eval_file: str) -> dict:
 
     data = DataSection(path="json", max_source_length=128, max_target_length=3, label_names=LABELS)
     dataset = tokenize(load_dataset("json", data_files=eval_file, split="train"), tokenizer, data, encode_batch)
-    predictor = IA3Predictor(model, tokenizer, recipe={"data": vars(data)},
+    predictor = IA3Predictor(model, tokenizer, data=data,
                              inference={"label_names": LABELS, "encode": "default"})
     outputs = predictor.score(dataset, batch_size=32)
     metrics = eval_metrics(outputs, ["label_accuracy", "rank_accuracy"], tokenizer, LABELS)

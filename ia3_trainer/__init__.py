@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0.dev0"
 
-from .recipe import Recipe, RecipeError, apply_overrides, load_recipe
+from .errors import RecipeError
+from .recipe import Recipe, apply_overrides, load_recipe
 
 
 def __getattr__(name):

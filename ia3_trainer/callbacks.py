@@ -14,7 +14,10 @@ from typing import Any, Literal
 # torch included); `cli` imports this module only inside the commands that push.
 from transformers import TrainerCallback
 
+from ._schema import read_json
+from .errors import one_line, redact, shorten
 from .model_card import write_model_card
+from .recipe import check_repo_id
 
 
 logger = logging.getLogger(__name__)
@@ -154,16 +157,11 @@ class PushAdapterToHubCallback(TrainerCallback):
         max_retries: int = 3,
         backoff_seconds: float = 2.0,
     ):
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
         if not isinstance(repo_id, str):
             raise TypeError(f"hub.repo_id: expected a str such as 'user/name', got {type(repo_id).__name__}")
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as err:
-            raise ValueError(f"hub.repo_id: {err}; use 'user/name', e.g. 'alice/flan-t5-small-ia3'") from err
-        if repo_id.count("/") != 1:
-            raise ValueError(f"hub.repo_id: {repo_id!r} has no namespace; use 'user/name', e.g. 'alice/{repo_id}'")
+        problem = check_repo_id(repo_id)  # the check a recipe's hub section makes
+        if problem:
+            raise ValueError(f"hub.repo_id: {problem}")
         if strategy not in STRATEGIES:
             raise ValueError(f"hub.strategy: {strategy!r} is not one of {', '.join(map(repr, STRATEGIES))}")
         if max_retries < 0:
@@ -269,7 +267,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         recipe_path = folder / "recipe.json"
         if not recipe_path.is_file() and (Path(args.output_dir) / "recipe.json").is_file():
             shutil.copy2(Path(args.output_dir) / "recipe.json", recipe_path)  # a checkpoint shows its recipe too
-        recipe = json.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() else None
+        recipe = read_json(recipe_path) if recipe_path.is_file() else None
         # The card lists results; optimizer and speed bookkeeping stays in metrics.json.
         results = {
             name: value
@@ -308,7 +306,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         except Exception as err:
             logger.warning(
                 self._redact(
-                    f"Could not create Hub repo {self.repo_id} yet ({_one_line(err)}); training goes on "
+                    f"Could not create Hub repo {self.repo_id} yet ({describe_push_error(err)}); training goes on "
                     "and each push will try again"
                 )
             )
@@ -328,7 +326,8 @@ class PushAdapterToHubCallback(TrainerCallback):
                 except Exception as err:
                     if attempt < self.max_retries and _is_transient(err):
                         delay = self.backoff_seconds * 2**attempt
-                        logger.info(self._redact(f"{message} failed ({_one_line(err)}); retrying in {delay:g} s"))
+                        reason = describe_push_error(err)
+                        logger.info(self._redact(f"{message} failed ({reason}); retrying in {delay:g} s"))
                         time.sleep(delay)
                         continue
                     self._report_failure(folder, message, err, attempts=attempt + 1)
@@ -341,7 +340,8 @@ class PushAdapterToHubCallback(TrainerCallback):
 
     def _report_failure(self, folder: Path, message: str, err: Exception, attempts: int) -> None:
         text = self._redact(
-            f"Could not push to Hub repo {self.repo_id} ({message}) after {attempts} attempt(s): {_one_line(err)}. "
+            f"Could not push to Hub repo {self.repo_id} ({message}) after {attempts} attempt(s): "
+            f"{describe_push_error(err)}. "
             f"The adapter is saved in {folder}; push it later with: ia3-trainer push {folder} {self.repo_id}"
         )
         self.failures.append(text)
@@ -349,26 +349,22 @@ class PushAdapterToHubCallback(TrainerCallback):
 
     def _redact(self, text: str) -> str:
         # Error messages come from the server and from httpx; make sure none of them can carry the token out.
-        from huggingface_hub import get_token
-
-        token = self._token or get_token()
-        return text.replace(token, "***") if token else text
+        return redact(text, self._token)
 
 
-def _one_line(err: Exception, limit: int = 300) -> str:
-    """`err` as one short line; for an HTTP error, the status, the request and the Hub's own message."""
+def describe_push_error(err: Exception, limit: int = 300) -> str:
+    """`err` as one short line; for an HTTP error, the status, the request and the Hub's own message. Pass the
+    result through `errors.redact` before showing it: a server's message can echo the request's headers."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(err, HfHubHTTPError):
-        request = err.response.request
-        text = f"HTTP {err.response.status_code} for {request.method} {request.url}"
-        text += f": {err.server_message}" if err.server_message else ""
-        if err.response.status_code in (401, 403):
-            text += " (check that the token, HF_TOKEN or the one saved by `hf auth login`, may write to this repo)"
-    else:
-        text = f"{type(err).__name__}: {err}"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if not isinstance(err, HfHubHTTPError):
+        return one_line(err, limit)
+    request = err.response.request
+    text = f"HTTP {err.response.status_code} for {request.method} {request.url}"
+    text += f": {err.server_message}" if err.server_message else ""
+    if err.response.status_code in (401, 403):
+        text += " (check that the token, HF_TOKEN or the one saved by `hf auth login`, may write to this repo)"
+    return shorten(text, limit)
 
 
 def _is_transient(err: Exception) -> bool:

@@ -11,12 +11,13 @@ every process renamed; here only the process that saves does, after a barrier.)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+from ._schema import read_json
 
 
 logger = logging.getLogger(__name__)
@@ -152,27 +153,9 @@ def save_checkpoint_atomically(trainer, trial, save) -> None:
         shutil.rmtree(staging_root, ignore_errors=True)
 
 
-def write_json(path: str | Path, data) -> Path:
-    """Write `data` as JSON to `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed
-    over it (a full disk or a crash leaves the previous file, never a truncated one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(json.dumps(data, indent=2) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _has_trainer_state(path: Path) -> bool:
     try:
-        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        read_json(path / "trainer_state.json", allow_nan=True)
     except (OSError, ValueError):
         return False
     return True

@@ -1,19 +1,29 @@
-"""Command line: `ia3-trainer train | validate | list | sweep | init | predict | evaluate | merge`.
+"""Command line: `ia3-trainer train | validate | list | sweep | init | predict | evaluate | merge | push`.
 
-Every bad input exits 2 with one message, no traceback.
+Every bad input exits 2 with one message, no traceback: a [`RecipeError`] prints one line per problem, and a
+`ValueError`, `TypeError`, `OSError` or `ImportError` its first line, each as `ia3-trainer: error: ...` with any
+token taken out (`errors.redact`). Set `IA3_TRAINER_DEBUG=1` to get the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .recipe import RecipeError, list_shipped_recipes, load_recipe
+from ._schema import read_json
+from .errors import RecipeError, first_line, redact
+from .recipe import list_shipped_recipes, load_recipe, load_saved_recipe
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own messages quote what was typed, a token too
+        super().error(redact(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ia3-trainer", description="Fine-tune seq2seq models with IA3 from JSON recipes."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Recipe OK: {recipe.name}")
             return 0
         return _train(recipe, resume=args.resume)
-    except (RecipeError, ValueError, TypeError) as error:
-        parser.exit(2, f"ia3-trainer: error: {error}\n")
-    except ImportError as error:  # an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...)
-        parser.exit(2, f"ia3-trainer: error: {error}\n")
+    # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
+    # named on the command line or in the recipe.
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
+            raise
+        message = str(error) if isinstance(error, RecipeError) else first_line(error)
+        parser.exit(2, redact(f"ia3-trainer: error: {message}\n"))
 
 
 def _list() -> int:
     for name, path in list_shipped_recipes().items():
-        description = json.loads(path.read_text(encoding="utf-8")).get("description", "")
+        description = read_json(path).get("description", "")
         print(f"{name:32} {description}")
     return 0
 
@@ -131,34 +144,34 @@ def _train(recipe, resume: bool = False) -> int:
         print(_summary(metrics, trainer.args.output_dir))
         paths = write_training_report(trainer, evaluation)
         if paths:
-            print(_report_summary(json.loads(paths[0].read_text(encoding="utf-8")), paths))
+            print(_report_summary(read_json(paths[0], allow_nan=True), paths))
     return 0
 
 
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
-    from .callbacks import _one_line, push_adapter_folder
+    from .callbacks import describe_push_error, push_adapter_folder
     from .model_card import write_model_card
-    from .predictor import read_json
 
     folder = Path(output_dir)
     if not (folder / "adapter_config.json").is_file():
-        raise RecipeError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
-    recipe = read_json(folder / "recipe.json") if (folder / "recipe.json").is_file() else None
+        raise ValueError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
+    saved = load_saved_recipe(folder)
+    recipe = saved.to_dict() if saved is not None else None
     results = folder / "all_results.json"
-    metrics = read_json(results) if results.is_file() else {}
+    metrics = read_json(results, allow_nan=True) if results.is_file() else {}
     if not (folder / "metrics.json").is_file() and metrics:
         (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2) + "\n", encoding="utf-8")
     try:
         write_model_card(folder, repo_id=repo_id, metrics=metrics, recipe=recipe)
         commit = push_adapter_folder(folder, repo_id, private=private, commit_message="Upload adapter")
     except ValueError as error:  # a malformed repo id (huggingface_hub's validation errors are ValueErrors)
-        raise RecipeError(f"REPO_ID: {error}; use 'user/name'") from error
+        raise ValueError(f"REPO_ID: {first_line(error)}; use 'user/name'") from error
     except Exception as error:  # HTTP refusals and the network's own errors (httpx, OSError) alike
-        raise RecipeError(
-            f"REPO_ID: could not push {folder} to {repo_id}: {_one_line(error)}; check the network and that HF_TOKEN "
-            "has write access, then run the same command again (the local copy is untouched)"
+        raise ValueError(
+            f"REPO_ID: could not push {folder} to {repo_id}: {describe_push_error(error)}; check the network and "
+            "that HF_TOKEN has write access, then run the same command again (the local copy is untouched)"
         ) from error
     print(f"Pushed {folder} to {commit.commit_url}")
     return 0
@@ -171,7 +184,7 @@ def _init(args) -> int:
 
     output = Path(args.output or f"{Path(args.data).stem}-ia3.json")
     if output.exists() and not args.force:
-        raise RecipeError(f"--output: {output} exists; choose another file or pass --force")
+        raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
     recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
@@ -236,7 +249,7 @@ def _predict(args) -> int:
 
     rows = _read_text_file(args.file) if args.file else []
     if not args.texts and not rows:
-        raise RecipeError("predict: no texts; give TEXT arguments or --file FILE")
+        raise ValueError("predict: no texts; give TEXT arguments or --file FILE")
     check_texts(args.texts)  # before the model loads, which can take minutes
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
     data = predictor.settings.data
@@ -251,7 +264,7 @@ def _predict(args) -> int:
             records.append(row)
             texts.append(row[column])
         else:
-            raise RecipeError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
+            raise ValueError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
     predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
              for record, prediction in zip(records, predictions, strict=True)]
@@ -269,17 +282,22 @@ def _read_text_file(path: str) -> list:
 
     file = Path(path)
     if not file.is_file():
-        raise RecipeError(f"--file: no such file {path}")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"--file: no such file {path}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--file: {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+    lines = [line for line in text.splitlines() if line.strip()]
     if file.suffix not in (".jsonl", ".json"):
         return lines
     rows = []
     for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            message = f"{path}: line {number}: not JSON ({error.msg}); write one JSON object per line"
-            raise RecipeError(message) from error
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+            reason = getattr(error, "msg", None) or first_line(error)
+            message = f"{path}: line {number}: not JSON ({reason}); write one JSON object per line"
+            raise ValueError(message) from error
     return rows
 
 
@@ -291,15 +309,20 @@ def _evaluate(args) -> int:
     from .report import build_report, read_log_history, write_report
 
     builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
+    local = Path(args.adapter).is_dir()
+    saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
-    data = predictor.settings.data
+    if not local:  # a Hub repo's recipe.json, downloaded with the adapter
+        saved = load_saved_recipe(predictor.settings.folder)
+    # The saved recipe, validated, says which data to read: never its unchecked load_dataset keywords.
+    data = saved.data if saved is not None else None
     if args.data:
         data, described = _file_data(args.data, builder, data), args.data
     elif data is None:
-        raise RecipeError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
+        raise ValueError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
     elif data.validation_split is None and not data.validation_size:
-        raise RecipeError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
-                          "--data FILE")
+        raise ValueError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
+                         "--data FILE")
     else:
         described = f"validation split of the recipe in {args.adapter}"
     train, validation = load_splits(data)
@@ -308,7 +331,6 @@ def _evaluate(args) -> int:
     outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
     names = predictor.settings.label_names or names
     report = build_report(outputs, predictor.tokenizer, names, adapter=str(args.adapter), data=described)
-    local = Path(args.adapter).is_dir()
     output_dir = args.output_dir or (args.adapter if local else ".")
     paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
     print(_report_summary(report, paths))
@@ -324,10 +346,10 @@ def _data_builder(path: str) -> str:
     builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
     file = Path(path)
     if not file.is_file():
-        raise RecipeError(f"--data: no such file {path}")
+        raise FileNotFoundError(f"--data: no such file {path}")
     if file.suffix not in builders:
         kind = file.suffix or "extension-less"
-        raise RecipeError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
+        raise ValueError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
     return builders[file.suffix]
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .recipe import DataSection, RecipeError, _first_line
+from .errors import RecipeError, first_line
+from .recipe import DataSection
 
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,12 @@ def load_splits(data: DataSection):
     except (FileNotFoundError, ValueError, OSError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as error:
         # RuntimeError: datasets >= 4 refuses datasets that still need a loading script
         raise RecipeError(
-            f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {_first_line(error)}; "
+            f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {first_line(error)}; "
             "check data.path / data.data_files, the network, or use local files"
         ) from error
     except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 on an empty file: the json builder raises StopIteration, csv and text a generation error.
-        reason = _first_line(error.__cause__) if error.__cause__ is not None else "a file has no examples"
+        reason = first_line(error.__cause__) if error.__cause__ is not None else "a file has no examples"
         raise RecipeError(
             f"data.data_files: cannot read examples from {data.data_files!r} with {data.path!r}: {reason}; check "
             "that no file is empty and that data.path matches the file format"

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reports
+
 
 IGNORE_INDEX = -100
 
@@ -44,16 +46,6 @@ def decode(token_ids: np.ndarray, tokenizer) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-# What a recipe's `eval.metrics` may list, with what each reports. All but
-# perplexity and rank_accuracy compare generated text with the reference, and share the eval loop's one generation.
-METRICS = {
-    "perplexity": "exp of the mean token loss over the whole eval set",
-    "label_accuracy": "share of generated texts equal to the reference",
-    "rank_accuracy": "share of examples whose most likely candidate label is the reference (needs a label set)",
-    "rouge": "mean rouge1, rouge2, rougeL, rougeLsum F1 in [0, 1], as evaluate's rouge (pip install rouge-score)",
-    "sacrebleu": "corpus BLEU in [0, 100] (pip install sacrebleu)",
-    "chrf": "corpus chrF in [0, 100] (pip install sacrebleu)",
-}
 DEFAULT_METRICS = ("perplexity", "label_accuracy", "rank_accuracy")
 _WITHOUT_GENERATION = {"perplexity", "rank_accuracy"}
 _EXACT = {"label_accuracy", *_WITHOUT_GENERATION}  # computed here; every other name is a text metric

@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ._schema import read_json
+
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
@@ -51,7 +53,7 @@ def write_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json(folder / "adapter_config.json")
     recipe = recipe or {}
     data = recipe.get("data") or {}
     base_model = config.get("base_model_name_or_path") or "unknown"

@@ -10,18 +10,17 @@ used). `merge_adapter` folds the IA3 vectors into the base weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import modeling
+from ._schema import read_json
 from .checkpoints import INFERENCE_FILE, checkpoint_folders
 from .data import build_collator, encode_batch
 from .errors import first_line
 from .metrics import decode
-from .recipe import DataSection, ModelSection, Recipe
+from .recipe import DataSection, ModelSection, Recipe, load_saved_recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
 
 
@@ -66,8 +65,10 @@ class IA3Predictor:
             Seq2seq model with its adapter(s), e.g. `trainer.model` right after training.
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
             The tokenizer the adapter was trained with.
-        recipe ([`Recipe`] or `dict`, *optional*):
+        recipe ([`Recipe`], *optional*):
             Recipe of the active adapter: its `data` section says how texts are encoded.
+        data ([`DataSection`], *optional*):
+            That `data` section alone, for a model trained without a recipe (ignored when `recipe` is given).
         inference (`dict`, *optional*):
             The adapter's `inference.json`: label set, generation bound, and which `encode` training used.
         encode (`Callable`, *optional*):
@@ -86,8 +87,8 @@ class IA3Predictor:
     ```
     """
 
-    def __init__(self, model, tokenizer, *, recipe: Recipe | dict | None = None, inference: dict | None = None,
-                 encode=None, device=None, source: str = "<model>"):
+    def __init__(self, model, tokenizer, *, recipe: Recipe | None = None, data: DataSection | None = None,
+                 inference: dict | None = None, encode=None, device=None, source: str = "<model>"):
         import torch
 
         self.model = model.eval()
@@ -97,7 +98,9 @@ class IA3Predictor:
         self.tokenizer = tokenizer
         self._encoders = {}
         self._settings = {}
-        self._register(self.active_adapter, recipe, inference, encode, source)
+        if recipe is not None and not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe must be a Recipe (ia3_trainer.load_recipe), got {type(recipe).__name__}")
+        self._register(self.active_adapter, recipe.data if recipe is not None else data, inference, encode, source)
         self._warned_truncation = False
 
     @classmethod
@@ -124,11 +127,12 @@ class IA3Predictor:
 
         folder = resolve_adapter(dir_or_repo, revision)
         config = read_json(folder / "adapter_config.json")
-        recipe = _read_optional(folder / "recipe.json")
+        recipe = load_saved_recipe(folder)
         base_name = base_model_path(config, folder, recipe)
-        model_section = ModelSection(**{key: value for key, value in ((recipe or {}).get("model") or {}).items()
-                                        if key in {"dtype", "trust_remote_code"}},
-                                     name_or_path=base_name, revision=config.get("revision"))
+        # Code shipped with a model runs only when the adapter's own recipe allowed it.
+        model_section = ModelSection(name_or_path=base_name, revision=config.get("revision"),
+                                     dtype=recipe.model.dtype if recipe else "auto",
+                                     trust_remote_code=recipe.model.trust_remote_code if recipe else False)
         tokenizer_source = folder if (folder / "tokenizer_config.json").is_file() else base_name
         tokenizer = modeling.load_tokenizer(dataclasses.replace(model_section, name_or_path=str(tokenizer_source)),
                                             key=f"{folder}: tokenizer")
@@ -153,7 +157,7 @@ class IA3Predictor:
             raise ValueError(f"adapter name {adapter_name!r} is already loaded ({self.adapters}); pick another name")
         folder = resolve_adapter(dir_or_repo, revision)
         config = read_json(folder / "adapter_config.json")
-        recipe = _read_optional(folder / "recipe.json")
+        recipe = load_saved_recipe(folder)
         base_name = base_model_path(config, folder, recipe)
         current = self.model.peft_config[self.active_adapter].base_model_name_or_path
         if current and base_name != current:
@@ -166,7 +170,8 @@ class IA3Predictor:
                 f"{dir_or_repo}: cannot load the adapter onto {current!r}: {first_line(error)}; adapters loaded "
                 "together must share one base model"
             ) from error
-        self._register(adapter_name, recipe, _read_optional(folder / INFERENCE_FILE), encode, str(dir_or_repo))
+        self._register(adapter_name, recipe.data if recipe else None, _read_optional(folder / INFERENCE_FILE), encode,
+                       str(dir_or_repo))
         self._settings[adapter_name].folder = folder
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -223,9 +228,7 @@ class IA3Predictor:
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    def _register(self, adapter: str, recipe, inference: dict | None, encode, source: str) -> None:
-        raw = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
-        data = _data_section((raw or {}).get("data"))
+    def _register(self, adapter: str, data: DataSection | None, inference: dict | None, encode, source: str) -> None:
         inference = inference or {}
         marker = inference.get("encode")
         if encode is None and isinstance(marker, str) and marker.startswith("custom:"):
@@ -343,7 +346,7 @@ def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Pat
     return folder
 
 
-def base_model_path(config: dict, folder: Path, recipe: dict | None = None) -> str:
+def base_model_path(config: dict, folder: Path, recipe: Recipe | None = None) -> str:
     """The base model of an adapter.
 
     A `model.init: random` run has no base to download: its final save keeps it in `base-model/` beside the adapter
@@ -352,7 +355,7 @@ def base_model_path(config: dict, folder: Path, recipe: dict | None = None) -> s
     """
     name = config.get("base_model_name_or_path")
     where = folder / "adapter_config.json"
-    random_init = ((recipe or {}).get("model") or {}).get("init") == "random"
+    random_init = recipe is not None and recipe.model.init == "random"
     if random_init or not name or (Path(name).is_absolute() and not Path(name).exists()):
         for local_copy in (folder / "base-model", folder.parent / "base-model"):
             if (local_copy / "config.json").is_file():
@@ -367,20 +370,5 @@ def base_model_path(config: dict, folder: Path, recipe: dict | None = None) -> s
     return name
 
 
-def read_json(path: Path) -> Any:  # TODO(merge): the schema branch's one JSON reader replaces this
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read it as JSON: {first_line(error)}") from error
-
-
 def _read_optional(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
-
-
-def _data_section(raw: dict | None) -> DataSection | None:
-    """The recipe's `data` section as saved; not re-validated, so a recipe from another machine still loads."""
-    if not isinstance(raw, dict) or "path" not in raw:
-        return None
-    names = {f.name for f in dataclasses.fields(DataSection)}
-    return DataSection(**{key: value for key, value in raw.items() if key in names})

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import checkpoint_folders, write_json
+from ._schema import write_json
+from .checkpoints import checkpoint_folders
 from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 

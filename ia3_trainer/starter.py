@@ -10,8 +10,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from ._schema import did_you_mean
 from .data import FILE_FORMATS
-from .recipe import DataSection, RecipeError, _did_you_mean, _first_line
+from .errors import first_line
+from .recipe import DataSection
 
 
 DEFAULT_MODEL = "bigscience/mt0-large"
@@ -30,6 +32,9 @@ def starter_recipe(
     the targets are free text and the recipe reports ROUGE. Token lengths are measured with the model's tokenizer
     when it is available without the network (a local folder or the cache), else set to safe defaults. A data file
     or model folder next to or below the recipe is written as `./...` (recipe-relative), others as absolute paths.
+
+    Raises `FileNotFoundError` for a missing `data_file`, and `ValueError` for one that cannot be read or lacks a
+    column, each naming the command-line option to change.
     """
     import datasets
 
@@ -37,20 +42,20 @@ def starter_recipe(
 
     data_file = Path(data_file)
     if data_file.suffix.lower() not in FILE_FORMATS:
-        raise RecipeError(f"--data: {data_file.name}: use a {', '.join(FILE_FORMATS)} file")
+        raise ValueError(f"--data: {data_file.name}: use a {', '.join(FILE_FORMATS)} file")
     if not data_file.is_file():
-        raise RecipeError(f"--data: no such file {str(data_file)!r}")
+        raise FileNotFoundError(f"--data: no such file {str(data_file)!r}")
     builder, load_kwargs = FILE_FORMATS[data_file.suffix.lower()]
     try:
         dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
     except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 raises StopIteration for an empty json file
-        reason = _first_line(error) if str(error) else "the file has no rows"
-        raise RecipeError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
+        reason = first_line(error) if str(error) else "the file has no rows"
+        raise ValueError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in dataset.column_names:
-            hint = _did_you_mean(column, dataset.column_names)
-            raise RecipeError(
+            hint = did_you_mean(column, dataset.column_names)
+            raise ValueError(
                 f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
             )
 

@@ -1,12 +1,13 @@
 """`ia3-trainer sweep`: train one recipe at every point of a hyperparameter grid, one point after another.
 
 Each point is the recipe with the point's overrides applied and `training.output_dir` set to its own subfolder
-(`<output_dir>/learning_rate=0.003`), so checkpoints and adapters never mix. Every point is validated before the
-first one trains. The results land in `<output_dir>/sweep.json` and print as a table.
+(`<output_dir>/learning_rate=0.003`), so checkpoints and adapters never mix: two points never share a folder. Every
+point is validated before the first one trains. The results land in `<output_dir>/sweep.json` and print as a table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -14,32 +15,34 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .recipe import Recipe, RecipeError, _parse_value, load_recipe
+from ._schema import parse_value
+from .errors import RecipeError
+from .recipe import OVERRIDE, Recipe, load_recipe
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`.
 
     Values are split on commas and each parsed as JSON (else kept as a string), like `--set`; a JSON list
-    (`key=[[1,2],[3]]`) gives values that themselves hold commas.
+    (`key=[[1,2],[3]]`) gives values that themselves hold commas. A malformed item is a `ValueError` naming it.
     """
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not text.strip():
-            raise RecipeError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
+            raise ValueError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
         if key in grid:
-            raise RecipeError(f"--grid {key}: given twice; list all its values in one --grid")
+            raise ValueError(f"--grid {key}: given twice; list all its values in one --grid")
         if key == "training.output_dir":
-            raise RecipeError("--grid training.output_dir: the sweep sets it (one subfolder per point)")
-        parsed = _parse_value(text)
-        values = parsed if isinstance(parsed, list) else [_parse_value(part.strip()) for part in text.split(",")]
+            raise ValueError("--grid training.output_dir: the sweep sets it (one subfolder per point)")
+        parsed = parse_value(text)
+        values = parsed if isinstance(parsed, list) else [parse_value(part.strip()) for part in text.split(",")]
         if len(values) != len({json.dumps(v, sort_keys=True) for v in values}):
-            raise RecipeError(f"--grid {key}: has duplicate values {values}")
+            raise ValueError(f"--grid {key}: has duplicate values {values}")
         grid[key] = values
     if not grid:
-        raise RecipeError("sweep: give at least one --grid key=v1,v2")
+        raise ValueError("sweep: give at least one --grid key=v1,v2")
     return grid
 
 
@@ -50,15 +53,21 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def point_name(point: dict[str, Any]) -> str:
     """Folder name of a point: `learning_rate=0.003,seed=1`, `target_modules=k+v` (the last part of each key; a list
-    joined with `+`; characters unsafe in a file name as `_`)."""
+    joined with `+`). Characters unsafe in a file name become `_`, and then a short hash of the exact values is
+    added (`name_or_path=org_model-1a2b3c4d`), so that points whose values differ only in those characters
+    (`a b` and `a_b`) never share a folder."""
 
     def text(value: Any) -> str:
         if isinstance(value, list):
             return "+".join(text(item) for item in value)
         return value if isinstance(value, str) else json.dumps(value)
 
-    parts = [f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items()]
-    return re.sub(r"[^\w.=,+-]", "_", ",".join(parts))
+    name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items())
+    safe = re.sub(r"[^\w.=,+-]", "_", name)
+    if safe == name:
+        return name
+    exact = json.dumps(point, sort_keys=True, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+    return f"{safe}-{hashlib.sha256(exact).hexdigest()[:8]}"
 
 
 def plan_sweep(
@@ -72,16 +81,29 @@ def plan_sweep(
         recipe = recipe.to_dict()
     base = load_recipe(recipe, overrides, extra_sections=extra_sections)
     root = Path(base.training["output_dir"])
-    plan, errors = [], []
+    plan, errors, folders = [], [], {}
     for point in grid_points(grid):
+        name = point_name(point)
+        # Names differ in case only on a case-insensitive file system (macOS, Windows): still one folder there.
+        other = folders.setdefault(name.casefold(), name)
+        if other != name:
+            errors.append(f"--grid: sweep points {other} and {name} would share one output folder; make their "
+                          "values differ in more than letter case")
+            continue
         try:
-            point_overrides = {**point, "training.output_dir": str(root / point_name(point))}
+            point_overrides = {**point, "training.output_dir": str(root / name)}
             plan.append((point, load_recipe(base.to_dict(), point_overrides, extra_sections=extra_sections)))
         except RecipeError as error:
-            errors.extend(f"sweep point {point_name(point)}: {line}" for line in error.errors)
+            # The base recipe and its --set overrides were checked above: a problem an override has here is in
+            # a --grid value.
+            errors.extend(f"sweep point {name}: {_blame_grid(line)}" for line in error.errors)
     if errors:
         raise RecipeError(errors)
     return plan
+
+
+def _blame_grid(line: str) -> str:
+    return "--grid" + line[len(OVERRIDE):] if line.startswith(OVERRIDE + ": ") else line
 
 
 def run_sweep(

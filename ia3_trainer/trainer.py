@@ -9,12 +9,14 @@ import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, TrainerCallback
 
 from . import kernels, modeling
-from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically, write_json
+from ._schema import write_json
+from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically
 from .data import PreparedData, build_collator, encode_batch, prepare_data
+from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
 from .guard import NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
-from .recipe import DataSection, ModelSection, Recipe, RecipeError, load_recipe
+from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .training_args import IA3TrainingArguments
 
 

@@ -1,6 +1,7 @@
 """CLI: exit 0 on success, 2 with one message (no traceback) on bad input."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -95,3 +96,173 @@ def test_train_reuses_the_evaluation_made_at_the_last_step(tmp_path, capsys):
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_label_accuracy"] == evaluations[-1]["eval_label_accuracy"]
     assert results["eval_perplexity"] == evaluations[-1]["eval_perplexity"]
+
+
+def test_validate_builds_no_trainer_callback_or_model(tmp_path, monkeypatch, capsys):
+    import peft
+    import transformers
+
+    from ia3_trainer.callbacks import PushAdapterToHubCallback
+    from ia3_trainer.trainer import IA3Seq2SeqTrainer
+
+    def refuse(self, *args, **kwargs):  # not a ValueError/TypeError, which validate or the CLI would turn into a line
+        raise AssertionError(f"validate built a {type(self).__name__}")
+
+    for cls in (PushAdapterToHubCallback, IA3Seq2SeqTrainer, transformers.Trainer, transformers.PreTrainedModel,
+                peft.PeftModel):
+        monkeypatch.setattr(cls, "__init__", refuse)
+    path = write(tmp_path, tiny_recipe(tmp_path, **{"hub.repo_id": "alice/tiny-ia3", "hub.strategy": "epoch"}))
+    assert main(["validate", path]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("Recipe OK: tiny")
+    # ... and the repo id is still checked, by the hub section itself.
+    with pytest.raises(SystemExit) as info:
+        main(["validate", path, "--set", "hub.repo_id=no-namespace"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("ia3-trainer: error: --set: hub.repo_id: 'no-namespace' has no namespace; use "
+                                       "'user/name', e.g. 'alice/no-namespace'\n")
+
+
+def test_problems_are_blamed_on_the_file_or_on_set(tmp_path, capsys):
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        main(["validate", path, "--set", "training.learning_rate=abc"])
+    assert info.value.code == 2
+    expected = 'ia3-trainer: error: --set: training.learning_rate: expected a number, got str "abc"\n'
+    assert capsys.readouterr().err == expected
+    path = write(tmp_path, tiny_recipe(tmp_path, **{"training.learning_rate": "abc"}))
+    with pytest.raises(SystemExit) as info:
+        main(["validate", path, "--set", "training.seed=3"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == expected.replace("--set:", f"{path}:")
+
+
+def test_set_resolves_dot_slash_only_in_path_fields(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "tiny", "--set", "data.source_prefix=./", "--set", "training.output_dir=./runs"]) == 0
+    out = capsys.readouterr().out
+    resolved = json.loads(out[: out.rindex("Recipe OK")])
+    assert resolved["data"]["source_prefix"] == "./"
+    assert resolved["training"]["output_dir"] == str(tmp_path / "runs")
+
+
+# Values that validate used to accept and training then crashed on (a traceback after the model loaded), or ran for
+# ever with; each is now one line from validate, naming the key.
+BAD_VALUES = [
+    ("training.learning_rate", -1, "must be > 0, got -1"),
+    ("training.learning_rate", 0, "must be > 0, got 0"),
+    ("training.num_train_epochs", 1e308, "must be in (0, 1,000,000], got 1e+308; for longer runs set max_steps"),
+    ("training.num_train_epochs", -1, "must be in (0, 1,000,000], got -1; for longer runs set max_steps"),
+    ("training.max_steps", 0, "must be -1 (train for num_train_epochs) or >= 1, got 0"),
+    ("training.max_steps", 10**30, "must fit in 64 bits, got 1000000000000000000000000000000"),
+    ("training.per_device_train_batch_size", 0, "must be >= 1, got 0"),
+    ("training.per_device_train_batch_size", 2**63, "must fit in 64 bits, got 9223372036854775808"),
+    ("training.per_device_eval_batch_size", -1, "must be >= 1, got -1"),
+    ("training.gradient_accumulation_steps", 0, "must be >= 1, got 0"),
+    ("training.eval_accumulation_steps", 0, "must be >= 1, got 0"),
+    ("training.weight_decay", "raw:1e400", "non-finite number 1e400"),  # Python reads it as inf
+    ("training.weight_decay", -1, "must be >= 0, got -1"),
+    ("training.max_grad_norm", -1, "must be >= 0 (0 turns clipping off), got -1"),
+    ("training.warmup_steps", math.inf, "non-finite number Infinity"),
+    ("training.logging_steps", -math.inf, "non-finite number -Infinity"),
+    ("training.logging_steps", -1, "must be > 0 (a number < 1 is a fraction of the steps), got -1"),
+    ("training.save_steps", 0, "must be > 0 (a number < 1 is a fraction of the steps), got 0"),
+    ("training.adam_beta1", 1.5, "must be in [0, 1), got 1.5"),
+    ("training.adam_beta2", -1, "must be in [0, 1), got -1"),
+    ("training.adam_epsilon", -1, "must be >= 0, got -1"),
+    ("training.label_smoothing_factor", 1, "must be in [0, 1), got 1"),
+    ("training.seed", -1, "must be in [0, 2**32 - 1], got -1"),
+    ("training.seed", 2**32, "must be in [0, 2**32 - 1], got 4294967296"),
+    ("training.data_seed", -(2**63) - 1, "must fit in 64 bits, got -9223372036854775809"),
+    ("training.dataloader_num_workers", -1, "must be in [0, 1024], got -1"),
+    ("training.generation_num_beams", 0, "must be >= 1, got 0"),
+    ("training.generation_max_length", 10**9, "must be in [1, 1,000,000], got 1000000000"),
+    ("data.max_source_length", 10**30, "must be in [1, 1,000,000], got 1000000000000000000000000000000"),
+    ("data.max_target_length", 0, "must be in [1, 1,000,000], got 0"),
+    ("data.split_seed", -1, "must be in [0, 2**32 - 1], got -1"),
+    ("data.validation_size", math.nan, "non-finite number NaN"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=lambda v: str(v)[:24])
+def test_bad_values_exit_2_with_one_line(tmp_path, capsys, key, value, message):
+    path = tmp_path / "recipe.json"
+    text = json.dumps(tiny_recipe(tmp_path, **{key: value}), allow_nan=True)
+    path.write_text(text.replace(f'"{value}"', value[4:]) if str(value).startswith("raw:") else text)
+    for command in ("validate", "train"):
+        with pytest.raises(SystemExit) as info:
+            main([command, str(path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        where = f"{path}: " if message.startswith("non-finite") else f"{path}: {key}: "
+        assert err == f"ia3-trainer: error: {where}{message}" + ("; JSON has none: write a number or null\n"
+                                                                   if message.startswith("non-finite") else "\n")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_errors_of_any_kind_are_one_redacted_line(tmp_path, capsys, monkeypatch):
+    from ia3_trainer import cli
+
+    token = "hf_" + "Q" * 34
+    monkeypatch.setenv("HF_TOKEN", token)
+
+    def fail(error):
+        def run(*args, **kwargs):
+            raise error
+        return run
+
+    for error in (ValueError(f"bad value echoing {token}\nsecond line"), TypeError("Authorization: Bearer abcdefgh1"),
+                  OSError(28, "No space left on device"), ImportError("the rouge metric needs rouge_score")):
+        monkeypatch.setattr(cli, "_train", fail(error))
+        with pytest.raises(SystemExit) as info:
+            main(["train", "tiny"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ia3-trainer: error: ") and token not in err
+    assert err == "ia3-trainer: error: the rouge metric needs rouge_score\n"
+    monkeypatch.setattr(cli, "_train", fail(ValueError(f"bad value echoing {token}")))
+    with pytest.raises(SystemExit):
+        main(["train", "tiny"])
+    assert capsys.readouterr().err == "ia3-trainer: error: bad value echoing ***\n"
+
+    monkeypatch.setenv("IA3_TRAINER_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(ValueError, match="bad value echoing"):
+        main(["train", "tiny"])
+    monkeypatch.delenv("IA3_TRAINER_DEBUG")
+    with pytest.raises(SystemExit) as info:  # argparse's own messages quote what was typed
+        main(["predict", "x", "--batch-size", token])
+    assert info.value.code == 2 and token not in capsys.readouterr().err
+
+
+def test_evaluate_and_push_validate_the_saved_recipe_first(tmp_path, capsys):
+    import ia3_trainer
+
+    folder = tmp_path / "run"
+    ia3_trainer.load_recipe("tiny").save(folder)
+    saved = json.loads((folder / "recipe.json").read_text())
+    saved["data"]["load_kwargs"] = {"token": "hf_" + "S" * 34, "cache_dir": str(tmp_path / "cache")}
+    (folder / "recipe.json").write_text(json.dumps(saved))
+    (folder / "adapter_config.json").write_text("{}")
+    before = sorted(p.name for p in folder.iterdir())
+    for argv in (["evaluate", str(folder)], ["push", str(folder), "alice/tiny-ia3"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ia3-trainer: error: {folder / 'recipe.json'}: data.load_kwargs.token: not allowed")
+        assert "S" * 34 not in err
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing loaded, nothing written
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unreadable_predict_file_is_one_line_before_any_model_loads(tmp_path, capsys):
+    latin = tmp_path / "texts.txt"
+    latin.write_bytes("caf\xe9 prices rose\n".encode("latin-1"))
+    deep = tmp_path / "texts.jsonl"
+    deep.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
+    for path, message in ((latin, f"--file: {latin}: not UTF-8 text (byte 3); save it as UTF-8"),
+                          (deep, f"{deep}: line 2: not JSON (maximum recursion depth exceeded")):
+        with pytest.raises(SystemExit) as info:
+            main(["predict", str(tmp_path / "no-adapter-here"), "--file", str(path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ia3-trainer: error: {message}") and err.count("\n") == 1

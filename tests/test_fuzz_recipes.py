@@ -9,6 +9,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -20,13 +21,15 @@ from hypothesis import strategies as st
 
 from ia3_trainer import RecipeError, load_recipe
 from ia3_trainer.cli import main
-from ia3_trainer.recipe import SECTIONS, _known_keys
+from ia3_trainer.recipe import SECTIONS, known_keys
 
 from conftest import TINY_MODEL_DIR, tiny_recipe
 
 
 BASE = tiny_recipe(Path(tempfile.gettempdir()) / "ia3-fuzz")  # validation never writes to output_dir
-FILE_PROBLEMS = ("invalid JSON at line", "not UTF-8 text", "the recipe must be a JSON object", "nested too deeply")
+FILE_PROBLEMS = ("invalid JSON at line", "not UTF-8 text", "the recipe must be a JSON object", "nested too deeply",
+                 "non-finite number ")
+MORE = re.compile(r"^[\d,]+ more problem\(s\) not shown; fix the ones above and run again$")
 # No example database: nothing is written into the checkout.
 SETTINGS = settings(max_examples=500, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -45,7 +48,7 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.di
 @st.composite
 def section_keys(draw):
     section = draw(st.sampled_from([*SECTIONS, "trainig", "models", ""]) | st.text(max_size=8))
-    known = sorted(_known_keys(section) or [])
+    known = sorted(known_keys(section) or [])
     key = draw(st.sampled_from(known) | st.text(max_size=10)) if known else draw(st.text(max_size=10))
     return section, key
 
@@ -108,7 +111,7 @@ def dotted_keys(raw):
     """Every section and `section.key` of the recipe and of the schema: the names an error line may start with."""
     keys = set(SECTIONS)
     for section in SECTIONS:
-        keys |= {f"{section}.{key}" for key in _known_keys(section) or []}
+        keys |= {f"{section}.{key}" for key in known_keys(section) or []}
     if isinstance(raw, dict):
         for key, value in raw.items():
             keys.add(key)
@@ -117,13 +120,22 @@ def dotted_keys(raw):
     return keys
 
 
-def check_error(error: RecipeError, path, raw):
+def check_error(error: RecipeError, path, raw, overridden=()):
+    """Each line names the file (or `--set`, for a key an override set) and a key; at most 10 problems are spelled
+    out, then one line counts the rest."""
     assert error.errors, "a RecipeError with no message"
-    keys = dotted_keys(raw)
-    for line in error.errors:
-        assert line.startswith(f"{path}: "), line
-        rest = line[len(f"{path}: "):]
-        assert rest.startswith(FILE_PROBLEMS) or any(rest.startswith(f"{key}: ") for key in keys), line
+    assert len(error.errors) <= 11
+    keys = dotted_keys(raw) | set(overridden)
+    for number, line in enumerate(error.errors):
+        where = "--set" if line.startswith("--set: ") else str(path)
+        assert line.startswith(f"{where}: "), line
+        rest = line[len(f"{where}: "):]
+        if MORE.match(rest):
+            assert number == 10 == len(error.errors) - 1, line
+        elif where == "--set":
+            assert any(rest.startswith(f"{key}: ") or rest.startswith(f"{key}.") for key in overridden), line
+        else:
+            assert rest.startswith(FILE_PROBLEMS) or any(rest.startswith(f"{key}: ") for key in keys), line
 
 
 def parse(data):
@@ -191,9 +203,12 @@ def test_overrides_accept_or_name_the_field(tmp_path, overrides):
     try:
         load_recipe(str(path), overrides)
     except RecipeError as error:
-        assert error.errors
-        for line in error.errors:
-            assert line.startswith(f"{path}: "), line
+        malformed = [item for item in overrides if "=" not in item or not item.partition("=")[0].strip()]
+        if malformed:  # not key=value at all: the first such item is named
+            assert error.errors == [f"--set {malformed[0]!r}: expected key=value, e.g. training.learning_rate=1e-2"]
+            return
+        keys = [item.partition("=")[0].strip() for item in overrides]
+        check_error(error, path, BASE, overridden=keys)
 
 
 def test_recipes_hold_no_code(tmp_path):
@@ -202,12 +217,15 @@ def test_recipes_hold_no_code(tmp_path):
     code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
     raw = tiny_recipe(tmp_path)
     raw["name"] = raw["description"] = code
-    raw["data"].update(source_prefix=code, text_column="os.system", label_column=code)
-    raw["training"]["run_name"] = code
-    before = set(sys.modules)
+    # Names of importable modules that nothing else imports: if a string field were imported, they would load.
+    unused = ("this", "tabnanny", "ia3_trainer.no_such_module")
+    assert not set(unused) & set(sys.modules)
+    raw["data"].update(source_prefix=code, text_column=unused[0], label_column=code)
+    raw["training"]["run_name"] = unused[1]
+    raw["model"]["tokenizer_name_or_path"] = unused[2]
     load_recipe(raw)
     assert not marker.exists()
-    assert not {name for name in set(sys.modules) - before if "os.system" in name or "pathlib" in name}
+    assert not set(unused) & set(sys.modules)
     for key in ("_component_", "_target_", "__class__"):
         for section in ("model", "data", "training", "ia3", "hub"):
             bad = tiny_recipe(tmp_path)

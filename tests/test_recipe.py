@@ -1,11 +1,18 @@
 """Recipe schema: every bad input is one RecipeError line naming the dotted field and the fix."""
 
+import ast
 import json
+import math
+import os
+import re
+import time
 
 import pytest
 
 from ia3_trainer import RecipeError, apply_overrides, load_recipe
-from ia3_trainer.recipe import Recipe, list_shipped_recipes
+from ia3_trainer._schema import read_json
+from ia3_trainer.errors import first_line, one_line, redact
+from ia3_trainer.recipe import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
 
@@ -190,3 +197,254 @@ def test_hub_repo_id_is_checked_before_training(tmp_path):
     errors = errors_of(tiny_recipe(tmp_path, **{"hub.repo_id": "no-namespace"}))
     assert errors == ["<recipe>: hub.repo_id: 'no-namespace' has no namespace; use 'user/name', e.g. "
                       "'alice/no-namespace'"]
+
+
+# --- errors: one line, no secret ----------------------------------------------------------------------------------
+
+
+def test_first_line_and_one_line():
+    assert first_line(ValueError("first\nsecond")) == "first"
+    assert first_line(KeyError()) == "KeyError"
+    assert one_line(OSError("a\n  b\tc")) == "OSError: a b c"
+    assert one_line(ValueError("x" * 500), limit=20) == "ValueError: " + "x" * 7 + "…"
+
+
+def test_redact_removes_every_kind_of_token(monkeypatch):
+    import huggingface_hub
+
+    env_token, saved_token, given = "hf_envTOKEN123456789", "saved-token-abcdef", "given-secret-42"
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: saved_token)
+    text = (f"env {env_token} saved {saved_token} given {given}; {{'authorization': 'Bearer abc.def-ghi'}} "
+            f"Authorization: Bearer xyz123456 and a stray hf_{'A1' * 17}")
+    assert redact(text, given) == ("env *** saved *** given ***; {'authorization': 'Bearer ***'} "
+                                   "Authorization: Bearer *** and a stray hf_***")
+    # Ordinary text stays as it is, and a short "token" does not star out every match of it.
+    monkeypatch.setenv("HF_TOKEN", "a")
+    assert redact("a bearer of news: hf_transfer is a package") == "a bearer of news: hf_transfer is a package"
+
+
+def test_redact_survives_a_broken_token_store(monkeypatch):
+    import huggingface_hub
+
+    def broken():
+        raise OSError("token file unreadable")
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", broken)
+    assert redact("nothing secret here") == "nothing secret here"
+
+
+# --- the one JSON reader ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"a": NaN}', r"non-finite number NaN; JSON has none"),
+    ('{"a": -Infinity}', r"non-finite number -Infinity; JSON has none"),
+    ('{"a": 1e400}', r"non-finite number 1e400; JSON has none"),
+    ('{"a": 1} x', r"invalid JSON at line 1 column 10: Extra data"),
+    ("[" * 100_000 + "]" * 100_000, r"nested too deeply to read"),
+    ('{"a": ' + "9" * 5000 + "}", r"cannot read it: Exceeds the limit"),
+])
+def test_read_json_refuses_in_one_line(tmp_path, text, message):
+    path = tmp_path / "f.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}") as info:
+        read_json(path)
+    assert "\n" not in str(info.value)
+
+
+def test_read_json_missing_file_and_python_nan(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path / 'nope.json'))}: cannot read it: No "):
+        read_json(tmp_path / "nope.json")
+    path = tmp_path / "metrics.json"
+    path.write_text('{"eval_perplexity": Infinity, "x": NaN}')  # what json.dumps writes for an overflowed metric
+    values = read_json(path, allow_nan=True)
+    assert values["eval_perplexity"] == math.inf and math.isnan(values["x"])
+
+
+def test_nan_in_a_recipe_file_or_dict_is_refused(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(tiny_recipe(tmp_path, **{"training.learning_rate": math.nan}), allow_nan=True))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.errors == [f"{path}: non-finite number NaN; JSON has none: write a number or null"]
+    raw = tiny_recipe(tmp_path, **{"data.load_kwargs": {"x": [math.inf]}})
+    assert errors_of(raw) == ["<recipe>: data.load_kwargs: must be a finite number, got inf"]
+
+
+# --- blame: the file, or --set -----------------------------------------------------------------------------------
+
+
+def test_problems_are_blamed_on_where_they_came_from(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(tiny_recipe(tmp_path, **{"training.learning_rate": "abc"})))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.errors == [f'{path}: training.learning_rate: expected a number, got str "abc"']
+
+    path.write_text(json.dumps(tiny_recipe(tmp_path, **{"data.max_source_length": 0})))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["training.learning_rate=abc", "hub.repo_id=no-namespace", "data.load_kwargs.token=x"])
+    assert info.value.errors == [
+        "--set: data.load_kwargs.token: not allowed: a recipe is saved as recipe.json and pushed with the adapter, so "
+        "it never holds credentials; set HF_TOKEN or run `hf auth login`",
+        f"{path}: data.max_source_length: must be in [1, 1,000,000], got 0",
+        "--set: hub.repo_id: 'no-namespace' has no namespace; use 'user/name', e.g. 'alice/no-namespace'",
+        '--set: training.learning_rate: expected a number, got str "abc"',
+    ]
+    # A dict override from Python is an override too; the file's own value is blamed on the file.
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, {"training.seed": -1})
+    assert info.value.errors == [f"{path}: data.max_source_length: must be in [1, 1,000,000], got 0",
+                                 "--set: training.seed: must be in [0, 2**32 - 1], got -1"]
+
+
+# --- path fields --------------------------------------------------------------------------------------------------
+
+
+def test_only_path_fields_are_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("tiny", ["data.source_prefix=./", "name=./x", "data.text_column=../sentence",
+                                  "training.run_name=./run", "training.output_dir=./out",
+                                  "data.data_files.train=./d.jsonl", "model.tokenizer_name_or_path=../tok"])
+    assert recipe.data.source_prefix == "./" and recipe.name == "./x" and recipe.data.text_column == "../sentence"
+    assert recipe.training["run_name"] == "./run"
+    raw = apply_overrides(tiny_recipe(tmp_path), ["training.deepspeed=./ds.json"])
+    assert raw["training"]["deepspeed"] == str(tmp_path / "ds.json")
+    raw = apply_overrides(tiny_recipe(tmp_path), ['training.deepspeed={"x": "./keep"}'])
+    assert raw["training"]["deepspeed"] == {"x": "./keep"}  # settings given as an object are not a path
+    assert recipe.training["output_dir"] == str(tmp_path / "out")
+    assert recipe.data.data_files == {"train": str(tmp_path / "d.jsonl")}
+    assert recipe.model.tokenizer_name_or_path == str(tmp_path.parent / "tok")
+
+
+def test_path_fields_of_a_file_are_relative_to_the_file(tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    raw = tiny_recipe(tmp_path)
+    raw["training"].update(output_dir="./runs/a", accelerator_config="../acc.json", resume_from_checkpoint="./ckpt")
+    (tmp_path / "acc.json").write_text("{}")
+    raw["data"]["source_prefix"] = "./"
+    (folder / "r.json").write_text(json.dumps(raw))
+    recipe = load_recipe(folder / "r.json")
+    assert recipe.training["output_dir"] == str(folder / "runs" / "a")
+    assert recipe.training["accelerator_config"] == str(tmp_path / "acc.json")
+    assert recipe.training["resume_from_checkpoint"] == str(folder / "ckpt")  # need not exist to resolve
+    assert recipe.data.source_prefix == "./"
+
+
+# --- hostile inputs -----------------------------------------------------------------------------------------------
+
+
+def test_200000_unknown_keys_give_ten_lines_and_a_count_fast(tmp_path):
+    raw = tiny_recipe(tmp_path)
+    raw["training"].update({f"unknown_key_{i}": i for i in range(200_000)})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(raw))
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    seconds = time.perf_counter() - start
+    assert seconds < 5, seconds  # was 200 s: a did-you-mean search for every key
+    assert len(info.value.errors) == 11
+    assert info.value.errors[0].startswith(f"{path}: training.unknown_key_0: unknown key")
+    assert info.value.errors[-1] == f"{path}: 199,990 more problem(s) not shown; fix the ones above and run again"
+
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as info:
+        apply_overrides(tiny_recipe(tmp_path), {f"training.nope_{i}": 1 for i in range(200_000)})
+    assert time.perf_counter() - start < 5
+    assert len(info.value.errors) == 11 and info.value.errors[0].startswith("--set: training.nope_0: unknown key")
+    assert info.value.errors[-1] == "--set: 199,990 more problem(s) not shown; fix the ones above and run again"
+
+
+def test_int_zero_for_a_float_field_reaches_the_optimizer_as_a_float(tmp_path):
+    recipe = load_recipe(tiny_recipe(tmp_path, **{"training.adam_beta1": 0, "training.adam_beta2": 0}))
+    assert recipe.training["adam_beta1"] == 0  # the recipe keeps what was written
+    args = recipe.training_args()
+    assert type(args.adam_beta1) is float and type(args.adam_beta2) is float  # torch's Adam refuses int 0 with a float
+
+
+# --- hub.repo_id: checked by the section, the same check as the callback's -------------------------------------------
+
+
+def test_check_repo_id():
+    assert check_repo_id("alice/flan-t5-small-ia3") is None
+    assert check_repo_id("no-namespace") == (
+        "'no-namespace' has no namespace; use 'user/name', e.g. 'alice/no-namespace'")
+    assert check_repo_id("alice/bad--name").endswith("; use 'user/name', e.g. 'alice/flan-t5-small-ia3'")
+    with pytest.raises(ValueError, match=r"^repo_id: 'x' has no namespace"):
+        HubSection(repo_id="x")
+
+
+# --- recipes read from disk ---------------------------------------------------------------------------------------
+
+
+def test_load_saved_recipe(tmp_path):
+    assert load_saved_recipe(tmp_path) is None
+    recipe = load_recipe("tiny")
+    recipe.save(tmp_path)
+    assert load_saved_recipe(tmp_path).to_dict() == recipe.to_dict()
+
+    # Written on another machine: paths that do not exist here, settings this machine cannot train with (bf16 on a
+    # CPU, DeepSpeed without the package), and a trainer subclass's own section.
+    saved = recipe.to_dict()
+    saved["model"]["name_or_path"] = "/elsewhere/model"
+    saved["training"].update(bf16=True, deepspeed="/elsewhere/ds.json")
+    saved["prompt"] = {"template": "Review: {text}"}
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    again = load_saved_recipe(tmp_path)
+    assert again.model.name_or_path == "/elsewhere/model" and "prompt" not in again.extra
+
+    # A saved recipe is validated like any recipe: no credentials reach load_dataset from it.
+    saved["data"]["load_kwargs"] = {"token": "hf_SECRET123", "cache_dir": "/tmp/x"}
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    with pytest.raises(RecipeError) as info:
+        load_saved_recipe(tmp_path)
+    assert info.value.errors[0].startswith(f"{tmp_path / 'recipe.json'}: data.load_kwargs.token: not allowed")
+    (tmp_path / "recipe.json").write_text("{not json")
+    with pytest.raises(RecipeError, match=r"recipe.json: invalid JSON at line 1 column 2"):
+        load_saved_recipe(tmp_path)
+
+
+# --- one job per module -------------------------------------------------------------------------------------------
+
+
+def test_no_module_imports_another_modules_private_names():
+    package = REPO / "ia3_trainer"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = set()  # names bound to our own modules: `from . import predictor`
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ia3_trainer")):
+                for alias in node.names:
+                    if node.module is None:
+                        modules.add(alias.asname or alias.name)
+                    elif alias.name.startswith("_"):
+                        offenders.append(f"{path.name}: from {'.' * node.level}{node.module} import {alias.name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in modules):
+                offenders.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert offenders == []
+
+
+def test_save_is_whole_or_absent(tmp_path, monkeypatch):
+    recipe = load_recipe("tiny")
+    recipe.save(tmp_path)
+    before = (tmp_path / "recipe.json").read_text()
+
+    def disk_full(fd):  # the text went into the page cache; flushing it to a full disk fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    recipe.name = "changed"
+    with pytest.raises(OSError, match="No space left"):
+        recipe.save(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "recipe.json").read_text() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["recipe.json"]

@@ -1,6 +1,8 @@
 """ia3-trainer sweep: every grid point validated first, then trained in its own subfolder; a table of metrics."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,12 +20,15 @@ def test_parse_grid():
     assert parse_grid(['ia3.target_modules=[["k","v"],["q"]]']) == {"ia3.target_modules": [["k", "v"], ["q"]]}
     assert parse_grid(["training.lr_scheduler_type=linear,cosine"])["training.lr_scheduler_type"] == ["linear",
                                                                                                      "cosine"]
+    # A malformed --grid is bad command-line input: a ValueError, not a problem of the recipe.
     for bad, message in [("training.learning_rate", "expected key=v1,v2"), ("training.seed=1,1", "duplicate"),
                          ("training.output_dir=a,b", "the sweep sets it")]:
-        with pytest.raises(RecipeError, match=message):
+        with pytest.raises(ValueError, match=message) as info:
             parse_grid([bad])
-    with pytest.raises(RecipeError, match="given twice"):
+        assert type(info.value) is ValueError
+    with pytest.raises(ValueError, match="given twice") as info:
         parse_grid(["training.seed=1", "training.seed=2"])
+    assert type(info.value) is ValueError
 
 
 def test_grid_points_and_names():
@@ -33,8 +38,10 @@ def test_grid_points_and_names():
                       {"training.learning_rate": 0.3, "training.seed": 1},
                       {"training.learning_rate": 0.3, "training.seed": 2}]
     assert point_name(points[1]) == "learning_rate=0.1,seed=2"
+    # "/" is unsafe in a folder name: it becomes "_", and a hash of the exact values keeps the name unique.
     assert point_name({"ia3.target_modules": ["k", "v"], "model.name_or_path": "org/model"}) == (
-        "target_modules=k+v,name_or_path=org_model")
+        "target_modules=k+v,name_or_path=org_model-" + hashlib.sha256(
+            b'{"ia3.target_modules": ["k", "v"], "model.name_or_path": "org/model"}').hexdigest()[:8])
 
 
 def test_every_point_is_validated_before_any_training(tmp_path):
@@ -43,7 +50,8 @@ def test_every_point_is_validated_before_any_training(tmp_path):
         plan_sweep(tiny_recipe(tmp_path), grid)
     assert "did you mean 'training.learning_rate'?" in str(info.value)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(RecipeError, match=r"sweep point learning_rate=fast: <recipe>: training.learning_rate: "
+    # A bad grid value is blamed on --grid, where it was typed.
+    with pytest.raises(RecipeError, match=r"^sweep point learning_rate=fast: --grid: training.learning_rate: "
                                           r"expected a number, got str"):
         plan_sweep(tiny_recipe(tmp_path), {"training.learning_rate": [0.1, "fast"]})
     plan = plan_sweep(tiny_recipe(tmp_path), {"training.learning_rate": [0.1, 0.3]})
@@ -85,3 +93,25 @@ def test_bad_grid_exits_2(tmp_path, capsys):
         main(["sweep", "tiny", "--grid", "training.learning_rat=1,2"])
     assert info.value.code == 2
     assert "did you mean 'training.learning_rate'?" in capsys.readouterr().err
+
+
+def test_points_that_differ_only_in_unsafe_characters_get_their_own_folders(tmp_path):
+    # "a b: " and "a_b: " both sanitise to "a_b__": before the hash, the second point overwrote the first.
+    grid = {"data.source_prefix": ["a b: ", "a_b: ", "a_b__"]}
+    plan = plan_sweep(tiny_recipe(tmp_path), grid)
+    folders = [recipe.training["output_dir"] for _, recipe in plan]
+    assert len(set(folders)) == 3
+    assert [recipe.data.source_prefix for _, recipe in plan] == ["a b: ", "a_b: ", "a_b__"]
+    assert folders[2] == str(tmp_path / "out" / "source_prefix=a_b__")  # nothing to sanitise: no hash
+    for folder in folders[:2]:
+        assert Path(folder).parent == tmp_path / "out" and Path(folder).name.startswith("source_prefix=a_b__-")
+
+
+def test_points_that_differ_only_in_case_are_refused(tmp_path):
+    # One folder on a case-insensitive file system (macOS, Windows): refused with one line naming both points.
+    with pytest.raises(RecipeError) as info:
+        plan_sweep(tiny_recipe(tmp_path), {"data.source_prefix": ["Review", "review"]})
+    assert info.value.errors == [
+        "--grid: sweep points source_prefix=Review and source_prefix=review would share one output folder; make "
+        "their values differ in more than letter case"
+    ]

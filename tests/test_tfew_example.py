@@ -94,7 +94,7 @@ def test_the_tfew_section_is_validated(tfew, tmp_path):
     assert [line.split(": ", 1)[1] for line in info.value.errors] == [
         'tfew.length_norm_weight: expected a number, got str "big"',
     ]
-    with pytest.raises(RecipeError, match=r"recipe.json: tfew.unlikelihood_weight: must be a finite number >= 0, "
+    with pytest.raises(RecipeError, match=r"^--set: tfew.unlikelihood_weight: must be a finite number >= 0, "
                                           r"got -1; 0 turns the term off$"):
         load_recipe(RECIPE, {"tfew.unlikelihood_weight": -1}, extra_sections=sections)
     with pytest.raises(RecipeError, match=r"tfew.unlikelihod_weight: unknown key; did you mean "
