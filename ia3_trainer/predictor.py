@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import modeling
 from .checkpoints import INFERENCE_FILE, checkpoint_folders
 from .data import build_collator, encode_batch
@@ -206,15 +208,18 @@ class IA3Predictor:
                 max_new_tokens: int | None = None, progress: bool | None = None) -> list[str]:
         """Generate the label of each text (greedy, as in evaluation). `adapter` names the loaded adapter of each text
         (one name for all, or a list with one name per text; default: the active adapter): a batch that mixes
-        adapters is one forward, in which each text is encoded, scaled and bounded as by its adapter alone. A text
-        that is no string is a `TypeError`, an empty one a `ValueError`; a text over the source limit is truncated,
-        with one warning. `progress` shows a bar (default: over one batch)."""
+        adapters is one forward, in which each text is encoded, scaled and bounded as by its adapter alone (texts are
+        batched in order of their generation bound, and come back in the order given). A text that is no string is
+        a `TypeError`, an empty one a `ValueError`; a text over the source limit is truncated, with one warning.
+        `progress` shows a bar (default: over one batch)."""
         texts = check_texts([texts] if isinstance(texts, str) else list(texts))
         rows = self._row_adapters(adapter, len(texts))
-        predictions: list[str] = []
-        for names, batch in self._batches(self.encode(texts, rows), rows, batch_size, progress, "Predicting"):
-            scores = self._score_batch(batch, names, adapter is not None, max_new_tokens)
-            predictions.extend(decode(scores.generated.cpu().numpy(), self.tokenizer))
+        predictions = [""] * len(texts)
+        features = self.encode(texts, rows)
+        for index, batch in self._batches(features, rows, max_new_tokens, batch_size, progress, "Predicting"):
+            scores = self._score_batch(batch, [rows[i] for i in index], adapter is not None, max_new_tokens)
+            for i, prediction in zip(index, decode(scores.generated.cpu().numpy(), self.tokenizer), strict=True):
+                predictions[i] = prediction
         return predictions
 
     def score(self, dataset, *, adapter: str | list[str] | None = None, batch_size: int = 32,
@@ -229,16 +234,19 @@ class IA3Predictor:
         rows = self._row_adapters(adapter, len(examples))
         candidates = {name: candidate_label_ids(self.tokenizer, self._settings[name].label_names)
                       for name in dict.fromkeys(rows) if rank and self._settings[name].label_names}
-        parts = []
-        for names, batch in self._batches(examples, rows, batch_size, progress, "Evaluating", with_model=True):
-            scores = self._score_batch(batch, names, adapter is not None, max_new_tokens, candidates)
+        parts, order = [], []
+        for index, batch in self._batches(examples, rows, max_new_tokens, batch_size, progress, "Evaluating", True):
+            scores = self._score_batch(batch, [rows[i] for i in index], adapter is not None, max_new_tokens,
+                                       candidates)
             part = {name: tensor.cpu().numpy() for name, tensor in scores.as_dict().items()}
             parts.append({**part, "labels": batch["labels"].cpu().numpy()})
-        return EvalOutputs.concatenate(parts)
+            order += index
+        outputs, back = EvalOutputs.concatenate(parts), np.argsort(order, kind="stable")
+        return EvalOutputs(**{key: value[back] for key, value in vars(outputs).items() if value is not None})
 
     def _score_batch(self, batch, rows: list[str], per_row: bool, max_new_tokens: int | None, candidates=None):
         """One `score_batch`; with `per_row`, each row through its own adapter ([`ia3_trainer.layers.score_rows`])."""
-        bounds = [max_new_tokens or self._settings[name].max_new_tokens for name in rows]
+        bounds = [self._bound(name, max_new_tokens) for name in rows]
         if per_row:
             return score_rows(self.model, batch, rows, bounds=bounds, candidates=candidates,
                               pad_token_id=self.tokenizer.pad_token_id)
@@ -316,8 +324,13 @@ class IA3Predictor:
             )
         return [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in encoded]
 
-    def _batches(self, rows: list[dict], names: list[str], batch_size: int, progress: bool | None, desc: str,
-                 with_model: bool = False):
+    def _bound(self, adapter: str, max_new_tokens: int | None) -> int | None:
+        return max_new_tokens or self._settings[adapter].max_new_tokens
+
+    def _batches(self, rows: list[dict], names: list[str], max_new_tokens: int | None, batch_size: int,
+                 progress: bool | None, desc: str, with_model: bool = False):
+        """(positions, collated batch) over `rows` in order of generation bound: a batch of rows with one adapter or
+        with equal bounds never generates longer than each would alone (with one adapter, the order given)."""
         from tqdm.auto import tqdm
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
@@ -326,10 +339,12 @@ class IA3Predictor:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         # The trainer's collator (same padding multiple), so predictions match the ones made in evaluation.
         collate = build_collator(self.tokenizer, self.model if with_model else None)
+        order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or _NO_LIMIT)
         starts = range(0, len(rows), batch_size)
         show = len(starts) > 1 if progress is None else progress
         for start in tqdm(starts, desc=desc, unit="batch", disable=not show):
-            yield names[start:start + batch_size], collate(rows[start:start + batch_size]).to(self.device)
+            index = order[start:start + batch_size]
+            yield index, collate([rows[i] for i in index]).to(self.device)
 
 
 def check_texts(texts: list) -> list[str]:

@@ -14,8 +14,9 @@ from peft.tuners.ia3 import IA3Layer
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from ia3_trainer import IA3Seq2SeqTrainer
+from ia3_trainer import predictor as predictor_module
 from ia3_trainer.data import build_collator, encode_batch
-from ia3_trainer.layers import IA3Linear, adapter_rows, install
+from ia3_trainer.layers import IA3Linear, adapter_rows, install, score_rows
 from ia3_trainer.modeling import cast_frozen_weights
 from ia3_trainer.predictor import IA3Predictor
 from ia3_trainer.scoring import IGNORE_INDEX, candidate_label_ids, score_candidates
@@ -122,13 +123,27 @@ def test_a_mixed_forward_gives_each_row_its_adapters_logits(predictor):
     assert model.active_adapter == "news", "adapter_rows changed the active adapter"
 
 
-def test_predict_with_an_adapter_per_text_equals_each_adapter_alone(predictor):
+@pytest.mark.parametrize("max_new_tokens", [None, 4], ids=["own-bounds", "one-bound"])
+def test_predict_with_an_adapter_per_text_equals_each_adapter_alone(predictor, max_new_tokens, monkeypatch):
+    # Own bounds (2, 3, 10): batched in order of bound, some batches mix two adapters. One bound: the texts keep
+    # their order and every batch mixes all three.
     texts, names = texts_of(40), shuffled_tasks(40)
-    mixed = predictor.predict(texts, adapter=names, batch_size=16)
+    batches = []
+
+    def spy(model, batch, adapters, **kwargs):
+        batches.append(sorted(set(adapters)))
+        return score_rows(model, batch, adapters, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "score_rows", spy)
+    mixed = predictor.predict(texts, adapter=names, batch_size=16, max_new_tokens=max_new_tokens)
+    assert len(batches) == 3 and (max(map(len, batches)) == 2 if max_new_tokens is None else
+                                  batches == [sorted(TASKS)] * 3)
+    monkeypatch.undo()
     for name, (labels, _) in TASKS.items():
         rows = [i for i, row in enumerate(names) if row == name]
         predictor.set_adapter(name)
-        assert [mixed[i] for i in rows] == predictor.predict([texts[i] for i in rows], batch_size=16)
+        alone = predictor.predict([texts[i] for i in rows], batch_size=16, max_new_tokens=max_new_tokens)
+        assert [mixed[i] for i in rows] == alone
         # 20 steps do not teach "news" its long labels: it runs to its 10-token bound, past the others' 2 and 3.
         assert name == "news" or {mixed[i] for i in rows} & set(labels.values()), f"{name}: none of its labels"
     predictor.set_adapter("mood")
