@@ -68,8 +68,7 @@ def install(model) -> int:
     >>> from peft import IA3Config, get_peft_model
     >>> from ia3_trainer.layers import install
     >>> model = get_peft_model(base, IA3Config(task_type="SEQ_2_SEQ_LM"))
-    >>> install(model)  # the number of IA3 Linear layers
-    18
+    >>> count = install(model)  # the IA3 Linear layers, e.g. k, v and wo of every block
     ```
     """
     count = 0
@@ -220,7 +219,7 @@ def score_rows(model, batch: dict[str, torch.Tensor], adapters: Sequence[str], *
                              max_new_tokens=None if None in bounds else max(bounds))
     generated = scores.generated
     if generated is not None and len(set(bounds)) > 1:
-        # Keep the decoder start token and the row's own bound of new tokens.
+        # Keep the decoder start token (the one-token decoder prompt of a seq2seq generate) and the row's own bound.
         keep = torch.tensor([1 + bound if bound else generated.shape[1] for bound in bounds])
         beyond = torch.arange(generated.shape[1])[None, :] >= keep[:, None]
         generated.masked_fill_(beyond.to(generated.device), pad_token_id)
