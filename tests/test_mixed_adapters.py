@@ -257,7 +257,7 @@ def logits(model, **extra):
 
 
 def test_installed_layers_keep_peft_behaviour(tiny_t5, tmp_path):
-    peft_model = two_adapter_model(tiny_t5).eval()
+    peft_model = two_adapter_model(copy.deepcopy(tiny_t5)).eval()  # get_peft_model changes the model it wraps
     model = copy.deepcopy(peft_model)
     keys = list(model.state_dict())
     assert install(model) == 16 and install(model) == 16
@@ -279,7 +279,7 @@ def test_installed_layers_keep_peft_behaviour(tiny_t5, tmp_path):
     assert torch.equal(logits(copy.deepcopy(model)), logits(model))
 
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(copy.deepcopy(tiny_t5), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(tiny_t5, tmp_path / "adapter").eval()
     install(reloaded)
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
 
@@ -289,7 +289,8 @@ def test_installed_layers_keep_peft_behaviour(tiny_t5, tmp_path):
         with adapter_rows(model, ["default", "b"]):
             pass
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
-    model.unmerge_adapter()
+    with pytest.warns(UserWarning, match="Unmerge result can be inaccurate"):  # peft's own warning
+        model.unmerge_adapter()
     merged = model.merge_and_unload()
     assert not any(isinstance(module, IA3Layer) for module in merged.modules())
     torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
