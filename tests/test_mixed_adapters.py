@@ -191,6 +191,12 @@ def test_score_with_an_adapter_per_example_equals_each_adapter_alone(predictor):
                 [trimmed(ids) for ids in getattr(alone, field)], field
     assert len(set(mixed.rank_choice.tolist())) > 1, "every example ranks the same label; the test is empty"
 
+    predictor._settings["news"].label_names = None  # an adapter without a label set: its rows are not ranked
+    without = predictor.score(examples, adapter=names, batch_size=8)
+    news = np.array(names) == "news"
+    assert (without.rank_choice[news] == -1).all()
+    np.testing.assert_array_equal(without.rank_choice[~news], mixed.rank_choice[~news])
+
 
 def test_bad_adapter_lists_are_python_errors(predictor, tiny_t5_dir, tmp_path, caplog):
     texts = texts_of(3)
