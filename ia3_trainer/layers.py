@@ -213,10 +213,12 @@ def score_rows(model, batch: dict[str, torch.Tensor], adapters: Sequence[str], *
     bounds = list(bounds) if bounds is not None else [None] * len(adapters)
     names = list(dict.fromkeys(adapters))
     mixed = len(names) > 1
-    rank_fn = partial(_rank_rows, adapters, candidates) if mixed and candidates else None
+    # Rows of one adapter with a label set: plain rank classification; otherwise per adapter, -1 for rows without.
+    per_adapter = candidates and (mixed or names[0] not in candidates)
+    rank_fn = partial(_rank_rows, adapters, candidates) if per_adapter else None
     with adapter_rows(model, adapters if mixed else names[0]):
-        scores = score_batch(model, batch, candidate_ids=None if mixed else candidates.get(names[0]), rank_fn=rank_fn,
-                             max_new_tokens=None if None in bounds else max(bounds))
+        scores = score_batch(model, batch, candidate_ids=None if rank_fn else candidates.get(names[0]),
+                             rank_fn=rank_fn, max_new_tokens=None if None in bounds else max(bounds))
     generated = scores.generated
     if generated is not None and len(set(bounds)) > 1:
         # Keep the decoder start token (the one-token decoder prompt of a seq2seq generate) and the row's own bound.
