@@ -4,7 +4,9 @@ An adapter folder (a training `output_dir`, a `checkpoint-*` folder, or a Hub re
 `adapter_config.json`, the adapter weights, the tokenizer and the `recipe.json` of the run. The predictor reads the
 recipe for what training fed the model (`data.source_prefix`, `data.max_source_length`, the label set), so a text
 is encoded exactly as in training, through the same `encode` function (`inference.json` says which one training
-used). `merge_adapter` folds the IA3 vectors into the base weights.
+used). Several adapters share one base model, and one batch may mix them: each text then goes through its own
+adapter's encoding, vectors, label set and generation bound (`ia3_trainer.layers.adapter_rows`). `merge_adapter`
+folds the IA3 vectors into the base weights.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import modeling
 from ._schema import read_json
 from .checkpoints import INFERENCE_FILE, checkpoint_folders
 from .data import build_collator, encode_batch
 from .errors import first_line
+from .layers import check_adapter_names, install, score_rows
 from .metrics import decode
 from .recipe import DataSection, ModelSection, Recipe, load_saved_recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
@@ -43,6 +48,7 @@ class AdapterSettings:
         set, else `data.max_target_length`, else the model's generation config.
     label_names (`list[str]`, *optional*): the label set training used (`inference.json`, else the recipe's).
     folder (`Path`, *optional*): the local folder of the adapter files (a Hub repo's download).
+    base_model (`str`, *optional*): the base model it was trained on; adapters of different bases never share a batch.
     """
 
     source: str
@@ -51,6 +57,7 @@ class AdapterSettings:
     max_new_tokens: int | None = None
     label_names: list[str] | None = None
     folder: Path | None = None
+    base_model: str | None = None
 
     @property
     def source_prefix(self) -> str:
@@ -92,6 +99,7 @@ class IA3Predictor:
         import torch
 
         self.model = model.eval()
+        install(self.model)  # the IA3 forward that mixed batches need (and that scales in the compute dtype)
         if device is not None:
             self.model.to(device)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -100,7 +108,9 @@ class IA3Predictor:
         self._settings = {}
         if recipe is not None and not isinstance(recipe, Recipe):
             raise TypeError(f"recipe must be a Recipe (ia3_trainer.load_recipe), got {type(recipe).__name__}")
-        self._register(self.active_adapter, recipe.data if recipe is not None else data, inference, encode, source)
+        config = (getattr(model, "peft_config", None) or {}).get(self.active_adapter)
+        self._register(self.active_adapter, recipe.data if recipe is not None else data, inference, encode, source,
+                       getattr(config, "base_model_name_or_path", None))
         self._warned_truncation = False
 
     @classmethod
@@ -147,20 +157,22 @@ class IA3Predictor:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         predictor = cls(model, tokenizer, recipe=recipe, inference=_read_optional(folder / INFERENCE_FILE),
                         encode=encode, device=device, source=str(dir_or_repo))
-        predictor.settings.folder = folder
+        predictor.settings.folder, predictor.settings.base_model = folder, _same_base(base_name)  # resolved
         return predictor
 
     def load_adapter(self, dir_or_repo: str | Path, adapter_name: str, *, revision: str | None = None,
                      encode=None) -> None:
-        """Load another adapter onto the same base model under `adapter_name`; activate it with `set_adapter`."""
+        """Load another adapter onto the same base model under `adapter_name`; activate it with `set_adapter`, or
+        name it per text (`predict(texts, adapter=[...])`). An adapter trained on another base model loads with a
+        warning (its predictions may be wrong), and is refused in a batch with adapters of the loaded base."""
         if adapter_name in self.adapters:
             raise ValueError(f"adapter name {adapter_name!r} is already loaded ({self.adapters}); pick another name")
         folder = resolve_adapter(dir_or_repo, revision)
         config = read_json(folder / "adapter_config.json")
         recipe = load_saved_recipe(folder)
         base_name = base_model_path(config, folder, recipe)
-        current = self.model.peft_config[self.active_adapter].base_model_name_or_path
-        if current and base_name != current:
+        current = self.settings.base_model
+        if current and _same_base(base_name) != current:
             logger.warning("Adapter %s was trained on %s, not on the loaded base %s; its predictions may be wrong",
                            dir_or_repo, base_name, current)
         try:
@@ -170,9 +182,9 @@ class IA3Predictor:
                 f"{dir_or_repo}: cannot load the adapter onto {current!r}: {first_line(error)}; adapters loaded "
                 "together must share one base model"
             ) from error
+        install(self.model)
         self._register(adapter_name, recipe.data if recipe else None, _read_optional(folder / INFERENCE_FILE), encode,
-                       str(dir_or_repo))
-        self._settings[adapter_name].folder = folder
+                       str(dir_or_repo), base_name, folder)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter that `predict` and `score` use."""
@@ -196,39 +208,72 @@ class IA3Predictor:
 
     # --- inference ------------------------------------------------------------------------------------------------
 
-    def predict(self, texts: str | list[str], *, batch_size: int = 32, max_new_tokens: int | None = None,
-                progress: bool | None = None) -> list[str]:
-        """Generate the label of each text (greedy, as in evaluation). A text that is no string is a `TypeError`,
-        an empty one a `ValueError`; a text over the source limit is truncated, with one warning. `progress` shows
-        a bar (default: over one batch)."""
+    def predict(self, texts: str | list[str], *, adapter: str | list[str] | None = None, batch_size: int = 32,
+                max_new_tokens: int | None = None, progress: bool | None = None) -> list[str]:
+        """Generate the label of each text (greedy, as in evaluation). `adapter` names the loaded adapter of each text
+        (one name for all, or a list with one name per text; default: the active adapter): a batch that mixes
+        adapters is one forward, in which each text is encoded, scaled and bounded as by its adapter alone (texts are
+        batched in order of their generation bound, and come back in the order given). A text that is no string is
+        a `TypeError`, an empty one a `ValueError`; a text over the source limit is truncated, with one warning.
+        `progress` shows a bar (default: over one batch)."""
         texts = check_texts([texts] if isinstance(texts, str) else list(texts))
-        features = self.encode(texts)
-        predictions: list[str] = []
-        for batch in self._batches(features, batch_size, progress, "Predicting"):
-            scores = score_batch(self.model, batch, max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
-            predictions.extend(decode(scores.generated.cpu().numpy(), self.tokenizer))
+        rows = self._row_adapters(adapter, len(texts))
+        predictions = [""] * len(texts)
+        features = self.encode(texts, rows)
+        for index, batch in self._batches(features, rows, max_new_tokens, batch_size, progress, "Predicting"):
+            scores = self._score_batch(batch, [rows[i] for i in index], adapter is not None, max_new_tokens)
+            for i, prediction in zip(index, decode(scores.generated.cpu().numpy(), self.tokenizer), strict=True):
+                predictions[i] = prediction
         return predictions
 
-    def score(self, dataset, *, batch_size: int = 32, max_new_tokens: int | None = None, rank: bool = True,
-              progress: bool | None = None) -> EvalOutputs:
+    def score(self, dataset, *, adapter: str | list[str] | None = None, batch_size: int = 32,
+              max_new_tokens: int | None = None, rank: bool = True, progress: bool | None = None) -> EvalOutputs:
         """Score every example of a tokenized dataset (`input_ids`, `labels`, as `data.tokenize` makes them) with the
         trainer's evaluation kernel ([`ia3_trainer.scoring.score_batch`]): token losses, the teacher-forced argmax,
-        rank classification over the adapter's label set (with `rank`), and bounded greedy generation."""
+        rank classification over the adapter's label set (with `rank`), and bounded greedy generation. `adapter` is
+        as in `predict`, one name per example (tokenized with that adapter's recipe); each example is ranked over its
+        own adapter's label set (`rank_choice` -1 for an example whose adapter has none, when others have one)."""
         columns = ("input_ids", "attention_mask", "labels")
-        rows = [{key: row[key] for key in columns if key in row} for row in dataset]
-        names = self.settings.label_names
-        candidates = candidate_label_ids(self.tokenizer, names) if rank and names else None
-        parts = []
-        for batch in self._batches(rows, batch_size, progress, "Evaluating", with_model=True):
-            scores = score_batch(self.model, batch, candidate_ids=candidates,
-                                 max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
+        examples = [{key: row[key] for key in columns if key in row} for row in dataset]
+        rows = self._row_adapters(adapter, len(examples))
+        candidates = {name: candidate_label_ids(self.tokenizer, self._settings[name].label_names)
+                      for name in dict.fromkeys(rows) if rank and self._settings[name].label_names}
+        parts, order = [], []
+        for index, batch in self._batches(examples, rows, max_new_tokens, batch_size, progress, "Evaluating", True):
+            scores = self._score_batch(batch, [rows[i] for i in index], adapter is not None, max_new_tokens,
+                                       candidates)
             part = {name: tensor.cpu().numpy() for name, tensor in scores.as_dict().items()}
             parts.append({**part, "labels": batch["labels"].cpu().numpy()})
-        return EvalOutputs.concatenate(parts)
+            order += index
+        outputs, back = EvalOutputs.concatenate(parts), np.argsort(order, kind="stable")
+        return EvalOutputs(**{key: value[back] for key, value in vars(outputs).items() if value is not None})
+
+    def _score_batch(self, batch, rows: list[str], per_row: bool, max_new_tokens: int | None, candidates=None):
+        """One `score_batch`; with `per_row`, each row through its own adapter ([`ia3_trainer.layers.score_rows`])."""
+        bounds = [self._bound(name, max_new_tokens) for name in rows]
+        if per_row:
+            return score_rows(self.model, batch, rows, bounds=bounds, candidates=candidates,
+                              pad_token_id=self.tokenizer.pad_token_id)
+        return score_batch(self.model, batch, candidate_ids=(candidates or {}).get(rows[0]), max_new_tokens=bounds[0])
+
+    def _row_adapters(self, adapter: str | list[str] | None, count: int) -> list[str]:
+        """The adapter of each of `count` rows: the active one, or `adapter` checked (loaded names, one per row, all
+        trained on the same base model)."""
+        if adapter is None:
+            return [self.active_adapter] * count
+        names = check_adapter_names(adapter, self.adapters, count)
+        names = names * count if isinstance(adapter, str) else names
+        bases = {name: self._settings[name].base_model for name in dict.fromkeys(names)}
+        if len({base for base in bases.values() if base}) > 1:
+            listed = ", ".join(f"{name!r} on {base!r}" for name, base in bases.items())
+            raise ValueError(f"adapter: adapters trained on different base models cannot share a batch ({listed}); "
+                             "predict with one at a time (set_adapter), or give each base its own IA3Predictor")
+        return names
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    def _register(self, adapter: str, data: DataSection | None, inference: dict | None, encode, source: str) -> None:
+    def _register(self, adapter: str, data: DataSection | None, inference: dict | None, encode, source: str,
+                  base_model: str | None, folder: Path | None = None) -> None:
         inference = inference or {}
         marker = inference.get("encode")
         if encode is None and isinstance(marker, str) and marker.startswith("custom:"):
@@ -239,7 +284,7 @@ class IA3Predictor:
         self._encoders[adapter] = encode or encode_batch
         limit = getattr(self.tokenizer, "model_max_length", None)
         settings = AdapterSettings(
-            source=source, data=data,
+            source=source, data=data, folder=folder, base_model=_same_base(base_model),
             max_source_length=data.max_source_length if data else (limit if limit and limit < _NO_LIMIT else None),
             label_names=inference.get("label_names") or (data.label_names if data else None),
         )
@@ -252,29 +297,42 @@ class IA3Predictor:
             settings.max_new_tokens = data.max_target_length
         self._settings[adapter] = settings
 
-    def encode(self, texts: list[str]) -> list[dict]:
-        """The model inputs (`input_ids`, `attention_mask`) of each text for the active adapter, through the encode
-        function training used (its `source_prefix`, `max_source_length`, prompt template)."""
-        settings = self.settings
-        data = settings.data or DataSection(path="<inference>", max_source_length=settings.max_source_length or 10**9)
-        encode = self._encoders[self.active_adapter]
-        encoded = encode({data.text_column: texts}, self.tokenizer, data)["input_ids"]
-        limit = settings.max_source_length
-        if limit is not None and encode is encode_batch and not self._warned_truncation:
-            at_limit = [i for i, ids in enumerate(encoded) if len(ids) >= limit]
-            long_texts = [settings.source_prefix + texts[i] for i in at_limit]
-            full = self.tokenizer(long_texts)["input_ids"] if long_texts else []
-            cut = [i for i, ids in zip(at_limit, full, strict=True) if len(ids) > limit]
-            if cut:
-                self._warned_truncation = True
-                logger.warning(
-                    "%d of %d texts are longer than the %d-token source limit (data.max_source_length of the "
-                    "adapter's recipe) and were truncated, e.g. text %d; later truncations are not reported",
-                    len(cut), len(texts), limit, cut[0] + 1,
-                )
+    def encode(self, texts: list[str], adapter: str | list[str] | None = None) -> list[dict]:
+        """The model inputs (`input_ids`, `attention_mask`) of each text for its adapter (`adapter` as in `predict`),
+        through the encode function training used (its `source_prefix`, `max_source_length`, prompt template)."""
+        rows = self._row_adapters(adapter, len(texts))
+        encoded, cut = [None] * len(texts), []
+        for name in dict.fromkeys(rows):
+            index = [i for i, row in enumerate(rows) if row == name]
+            settings, encode = self._settings[name], self._encoders[name]
+            data = settings.data or DataSection(path="<inference>",
+                                                max_source_length=settings.max_source_length or 10**9)
+            ids = encode({data.text_column: [texts[i] for i in index]}, self.tokenizer, data)["input_ids"]
+            for i, row_ids in zip(index, ids, strict=True):
+                encoded[i] = row_ids
+            limit = settings.max_source_length
+            if limit is not None and encode is encode_batch and not self._warned_truncation:
+                at_limit = [i for i in index if len(encoded[i]) >= limit]
+                long_texts = [settings.source_prefix + texts[i] for i in at_limit]
+                full = self.tokenizer(long_texts)["input_ids"] if long_texts else []
+                cut += [(i, limit) for i, row_ids in zip(at_limit, full, strict=True) if len(row_ids) > limit]
+        if cut:
+            self._warned_truncation = True
+            first, limit = min(cut)
+            logger.warning(
+                "%d of %d texts are longer than the %d-token source limit (data.max_source_length of the adapter's "
+                "recipe) and were truncated, e.g. text %d; later truncations are not reported",
+                len(cut), len(texts), limit, first + 1,
+            )
         return [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in encoded]
 
-    def _batches(self, rows: list[dict], batch_size: int, progress: bool | None, desc: str, with_model: bool = False):
+    def _bound(self, adapter: str, max_new_tokens: int | None) -> int | None:
+        return max_new_tokens or self._settings[adapter].max_new_tokens
+
+    def _batches(self, rows: list[dict], names: list[str], max_new_tokens: int | None, batch_size: int,
+                 progress: bool | None, desc: str, with_model: bool = False):
+        """(positions, collated batch) over `rows` in order of generation bound: a batch of rows with one adapter or
+        with equal bounds never generates longer than each would alone (with one adapter, the order given)."""
         from tqdm.auto import tqdm
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
@@ -283,10 +341,12 @@ class IA3Predictor:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         # The trainer's collator (same padding multiple), so predictions match the ones made in evaluation.
         collate = build_collator(self.tokenizer, self.model if with_model else None)
+        order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or _NO_LIMIT)
         starts = range(0, len(rows), batch_size)
         show = len(starts) > 1 if progress is None else progress
         for start in tqdm(starts, desc=desc, unit="batch", disable=not show):
-            yield collate(rows[start:start + batch_size]).to(self.device)
+            index = order[start:start + batch_size]
+            yield index, collate([rows[i] for i in index]).to(self.device)
 
 
 def check_texts(texts: list) -> list[str]:
@@ -368,6 +428,11 @@ def base_model_path(config: dict, folder: Path, recipe: Recipe | None = None) ->
     if not name:
         raise ValueError(f"{where}: base_model_name_or_path: is empty; set the base model")
     return name
+
+
+def _same_base(name: str | None) -> str | None:
+    """A base model name to compare with another: a local folder as its resolved path, a Hub id as it is."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
 def _read_optional(path: Path) -> dict | None:

@@ -96,6 +96,7 @@ def score_batch(
     batch: dict[str, torch.Tensor],
     *,
     candidate_ids: torch.Tensor | None = None,
+    rank_fn: Callable | None = None,
     generate: bool = True,
     max_new_tokens: int | None = None,
     generate_fn: Callable | None = None,
@@ -106,8 +107,10 @@ def score_batch(
 
     With labels: one call of the whole model gives `nll_sum`, `token_count` and `teacher_forced`. With
     `candidate_ids` (see [`candidate_label_ids`]) and labels, `rank_choice` is the index of the most likely
-    candidate. With `generate`, `generated` holds greedy output ids bounded by `max_new_tokens`; the encoder output
-    of the loss pass is reused when there is one. `generate_fn` replaces `model.generate` (the trainer passes its own
+    candidate; `rank_fn(model, encoder_outputs, attention_mask)`, when given, replaces that step and returns
+    `rank_choice` itself (`IA3Predictor.score` passes one for rows with different label sets). With `generate`,
+    `generated` holds greedy output ids bounded by `max_new_tokens`; the encoder output of the loss pass is reused
+    when there is one. `generate_fn` replaces `model.generate` (the trainer passes its own
     to add `synced_gpus`); `generate_kwargs` go to it. `seconds` times the rank and generate steps.
     """
     result = BatchScores()
@@ -122,10 +125,13 @@ def score_batch(
             # the dtype of the (possibly bf16) frozen weights, so the reused encoding goes back to that dtype.
             dtype = model.get_input_embeddings().weight.dtype
             encoded = (outputs.encoder_last_hidden_state.to(dtype),)
-            if candidate_ids is not None:
+            if candidate_ids is not None or rank_fn is not None:
                 started = time.perf_counter()
-                scores = score_candidates(model, encoded, batch["attention_mask"], candidate_ids)
-                result.rank_choice = scores.argmax(dim=-1)
+                if rank_fn is not None:
+                    result.rank_choice = rank_fn(model, encoded, batch["attention_mask"])
+                else:
+                    scores = score_candidates(model, encoded, batch["attention_mask"], candidate_ids)
+                    result.rank_choice = scores.argmax(dim=-1)
                 result.seconds["rank"] = time.perf_counter() - started
         if generate:
             started = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, TrainerCallback
 
-from . import kernels, modeling
+from . import kernels, layers, modeling
 from ._schema import write_json
 from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically
 from .data import PreparedData, build_collator, encode_batch, prepare_data
@@ -112,6 +112,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
                 "let the callback push (recipes: use the hub section)"
             )
         model = self.wrap_model_with_ia3(model, peft_config)
+        # IA3 layers that scale in the activations' dtype: no activation-size casts under bf16, one op fewer a layer.
+        layers.install(model)
         if args.bf16:
             modeling.cast_frozen_weights(model, torch.bfloat16)
         if getattr(args, "fused_kernels", False):
