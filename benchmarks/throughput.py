@@ -440,6 +440,18 @@ def main(argv=None) -> int:
             variants += ["ia3 compile_blocks"] if args.device == "cuda" else []
         else:
             variants += [name for name in args.ablations.split(",") if name]
+    setup, results = run_variants(args, variants, timed=True)
+    print(table(results, setup, args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"setup": setup, "args": {k: str(v) for k, v in vars(args).items()},
+                                     "results": results}, indent=2))
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+def run_variants(args, variants: list[str], timed: bool) -> tuple[dict, dict]:
+    """Prepare the model and data once, then run each variant in its own process: the timed job (`timed`), and a
+    short run counting its dispatched ops (and kernel launches on CUDA) per training step."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         setup = {**prepare(args, work), "device": _device_name(args.device)}
@@ -448,15 +460,11 @@ def main(argv=None) -> int:
             cfg = {"variant": variant, "model_dir": setup["model_dir"], "train_file": str(work / "train.jsonl"),
                    "eval_file": str(work / "eval.jsonl"), "work": str(work), "epochs": args.epochs, "lr": args.lr,
                    "seed": args.seed, "device": args.device}
-            results[variant] = run_child(cfg, work)
+            results[variant] = run_child(cfg, work) if timed else {}
             results[variant].update(run_child({**cfg, "count_ops": True}, work))
-            print(f"{variant}: {results[variant]['job_seconds']:.1f} s whole job", file=sys.stderr)
-    print(table(results, setup, args))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"setup": setup, "args": {k: str(v) for k, v in vars(args).items()},
-                                     "results": results}, indent=2))
-    print(f"\nresults written to {args.json}")
-    return 0
+            if timed:
+                print(f"{variant}: {results[variant]['job_seconds']:.1f} s whole job", file=sys.stderr)
+    return setup, results
 
 
 def ops_table(args) -> int:
@@ -466,15 +474,7 @@ def ops_table(args) -> int:
         args.shape = "mt0-large-thin"
     args.train_size, args.eval_size = min(args.train_size, 64), min(args.eval_size, 8)
     variants = ["guide", "plain", "ia3 fp32", "ia3 bf16"]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        setup = {**prepare(args, work), "device": _device_name(args.device)}
-        results = {}
-        for variant in variants:
-            cfg = {"variant": variant, "model_dir": setup["model_dir"], "train_file": str(work / "train.jsonl"),
-                   "eval_file": str(work / "eval.jsonl"), "work": str(work), "epochs": 1, "lr": args.lr,
-                   "seed": args.seed, "device": args.device, "count_ops": True}
-            results[variant] = run_child(cfg, work)
+    setup, results = run_variants(args, variants, timed=False)
     plain = results["plain"]["ops_per_step"]
     lines = [f"model: {setup['model']}; batch 8; device: {setup['device']}", "",
              "| variant | ops/step | vs plain | most frequent |", "|---|---|---|---|"]
