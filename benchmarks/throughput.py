@@ -479,7 +479,7 @@ def ops_table(args) -> int:
     lines = [f"model: {setup['model']}; batch 8; device: {setup['device']}", "",
              "| variant | ops/step | vs plain | most frequent |", "|---|---|---|---|"]
     for name, result in results.items():
-        top = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in list(result["top_ops"].items())[:5])
+        top = ", ".join(f"{op.removeprefix('aten.')} {n:.0f}" for op, n in list(result["top_ops"].items())[:5])
         lines.append(f"| {name} | {result['ops_per_step']:.0f} | {result['ops_per_step'] / plain:.2f}x | {top} |")
     print("\n".join(lines))
     args.json.parent.mkdir(parents=True, exist_ok=True)
