@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._schema import read_json
+from .errors import first_line
 
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ INFERENCE_FILE = "inference.json"
 METADATA_FILES = ("recipe.json", INFERENCE_FILE)
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TORCH_WRITER = ("inline_container", "PytorchStreamWriter")  # what torch.save's write failures name
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
@@ -181,7 +183,8 @@ class AtomicCheckpoints:
         trainer.accelerator.wait_for_everyone()
         self.staging_root = staging_root
         try:
-            save()
+            with saving(final):
+                save()
         finally:
             self.staging_root = None
         trainer.accelerator.wait_for_everyone()
@@ -222,13 +225,32 @@ class AtomicCheckpoints:
             return
         staging = output_dir / f"{STAGING_PREFIX}{name}"
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
-        staging.mkdir(parents=True)
         try:
-            yield staging
-            for entry in sorted(staging.iterdir(), key=lambda path: path.name in METADATA_FILES):
-                publish(entry, output_dir / entry.name)
+            with saving(output_dir):
+                staging.mkdir(parents=True)
+                yield staging
+                for entry in sorted(staging.iterdir(), key=lambda path: path.name in METADATA_FILES):
+                    publish(entry, output_dir / entry.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def saving(folder: str | Path) -> Iterator[None]:
+    """Turn a failure to write a save (a full disk, a file size limit, a read-only folder) into one `OSError` that
+    names the folder and says what to do; other errors pass unchanged. Not every writer raises `OSError`: torch's zip
+    writer raises `RuntimeError` (from `inline_container.cc`), and the Rust writers of safetensors and tokenizers
+    raise their own errors, which end in the system's "(os error N)"."""
+    try:
+        yield
+    except Exception as error:
+        text = str(error)
+        torch_writer = isinstance(error, RuntimeError) and any(name in text for name in _TORCH_WRITER)
+        written = isinstance(error, OSError) or torch_writer or re.search(r"\(os error \d+\)", text) is not None
+        if not written:
+            raise
+        raise OSError(f"could not save to {folder}: {first_line(error)}; what was there before is unchanged: free "
+                      "some disk space, then resume the run (--resume)") from error
 
 
 def publish(staged: str | Path, final: str | Path) -> None:

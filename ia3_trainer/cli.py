@@ -284,7 +284,9 @@ def _add_adapter_commands(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=32)
 
     merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.")
-    merge.add_argument("merged_dir", metavar="MERGED_DIR", help="folder for the merged model and its tokenizer")
+    merge.add_argument("merged_dir", metavar="MERGED_DIR", help="a new or empty folder for the merged model and its "
+                       "tokenizer")
+    merge.add_argument("--overwrite", action="store_true", help="replace the model in MERGED_DIR (an earlier merge)")
 
 
 def _predict(args) -> int:
@@ -417,7 +419,7 @@ def _file_data(path: str, builder: str, data):
 def _merge(args) -> int:
     from .predictor import merge_adapter
 
-    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision)
+    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite)
     print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")
     return 0
 

@@ -297,6 +297,13 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             run.begin(self.args)
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _init_training_state(self, max_steps, *args, **kwargs):
+        # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
+        # the recipe may change them on resume (runs.RESUMABLE), so they apply from the checkpoint on.
+        trained = super()._init_training_state(max_steps, *args, **kwargs)
+        self.state.compute_steps(self.args, max_steps)
+        return trained
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # The host already waited for these numbers: the moment to read the non-finite guard's flags (it raises for
         # non_finite_loss "stop") and leave skipped steps out of the logged means.
