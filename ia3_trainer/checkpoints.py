@@ -137,7 +137,7 @@ def _whole_checkpoints(output_dir: str | Path):
         if problem is None:
             yield path
         else:
-            logger.warning("Skipping %s: %s; an older checkpoint is used", path, problem)
+            logger.warning("Skipping %s: %s; it cannot be resumed from", path, problem)
 
 
 def _step(path: Path) -> int:

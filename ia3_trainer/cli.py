@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
         if os.environ.get("RANK", "0") == "0":  # under a launcher, the first process speaks for all
+            _close_progress_bars()
             print(redact(_interrupted(args, recipe)), file=sys.stderr)
         return 130
     # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
@@ -165,6 +166,14 @@ def _interrupted(args, recipe) -> str:
                 f"{shlex.join([*command, '--overwrite'])}")
     return (f"ia3-trainer: interrupted; the last checkpoint is {checkpoint}; continue with: "
             f"{shlex.join([*command, '--resume'])}")
+
+
+def _close_progress_bars() -> None:
+    """End the open progress bars on their own line now; tqdm would close them at exit, after the last line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _train(recipe, resume: bool = False) -> int:

@@ -146,7 +146,8 @@ class RunFolder:
         if checkpoint is not None:
             _check_checkpoint(Path(checkpoint))
         # Resuming continues the run of this folder; a checkpoint elsewhere starts a new run from it.
-        continuing = resume is True or (checkpoint is not None and Path(checkpoint).resolve().parent == folder)
+        continuing = resume is True or (checkpoint is not None
+                                        and Path(checkpoint).resolve().parent == folder.resolve())
         if continuing and not checkpoint_folders(folder):
             raise no_checkpoint_error(folder)
         if not continuing:

@@ -387,8 +387,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(tmp_path, capsys, ca
         assert main(["train", path, "--resume"]) == 0
     assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out.splitlines()
     assert [record.getMessage() for record in caplog.records if record.name.startswith("ia3_trainer")] == [
-        f"Skipping {out / 'checkpoint-4'}: its adapter_model.safetensors is truncated or unreadable; an older "
-        "checkpoint is used"]
+        f"Skipping {out / 'checkpoint-4'}: its adapter_model.safetensors is truncated or unreadable; it cannot be "
+        "resumed from"]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4  # saved again
 
     optimizer = out / "checkpoint-2" / "optimizer.pt"
