@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +329,7 @@ def check_output_dir(output_dir: Any, name: str, source: str | None, model: Mode
     elif out == Path.home().resolve():
         what = "is the home folder"
     else:
-        for path, described in _read_folders(source, model, data):
+        for path, described in _read_folders(source, model, data, out):
             if out == path or out in path.parents:
                 what = f"is the {described}" if out == path else f"holds the {described}, {path}"
                 break
@@ -338,10 +339,22 @@ def check_output_dir(output_dir: Any, name: str, source: str | None, model: Mode
                      f"outputs/{name}")
 
 
-def _read_folders(source: str | None, model: ModelSection, data: DataSection) -> list[tuple[Path, str]]:
+def _saved_by_run(recipe_file: Path, out: Path) -> bool:
+    """`recipe_file` is the `recipe.json` a run saved in `out` beside its adapter, or in one of its checkpoints."""
+    folder = recipe_file.parent
+    if recipe_file.name != "recipe.json":
+        return False
+    if folder == out:
+        return (out / "adapter_config.json").is_file() or (out / "run.json").is_file()
+    return folder.parent == out and re.match(r"checkpoint-\d+$", folder.name) is not None
+
+
+def _read_folders(source: str | None, model: ModelSection, data: DataSection, out: Path) -> list[tuple[Path, str]]:
     """The local folders a run reads from, each with what it holds."""
     folders = []
-    if source is not None:
+    # A run's own recipe.json (beside its adapter, or in one of its checkpoints) names that run's folder: training
+    # from it again is the run folder's rules to judge (--resume, --overwrite), not a recipe folder taken over.
+    if source is not None and not _saved_by_run(Path(source).resolve(), out):
         folders.append((Path(source).resolve().parent, "folder of the recipe file"))
     for key in ("name_or_path", "tokenizer_name_or_path"):
         value = getattr(model, key)

@@ -142,6 +142,9 @@ def test_resume_refuses_a_changed_recipe_naming_the_keys_and_allows_safe_changes
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4, 6]  # new steps apply
     assert json.loads((out / "recipe.json").read_text())["training"]["max_steps"] == 6
     assert len(json.loads((out / RUN_FILE).read_text())["resumed"]) == 1
+    # A run's own recipe.json names its own folder, and continues it.
+    assert main(["train", str(out / "recipe.json"), "--resume", "--set", "training.max_steps=8"]) == 0
+    assert f"Resuming from {out / 'checkpoint-6'}" in capsys.readouterr().out.splitlines()
 
 
 def test_only_keys_that_do_not_change_training_may_change():
