@@ -378,14 +378,17 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     target = merged_dir.resolve()
     folder = resolve_adapter(dir_or_repo, revision)
     base = base_model_path(read_json(folder / "adapter_config.json"), folder, load_saved_recipe(folder))
-    protected = [(folder.resolve(), "the adapter folder", False)]
+    # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)
+    protected = [(folder.resolve(), "is the adapter folder itself", "holds the adapter folder", None)]
     if Path(base).expanduser().is_dir():  # inside the base model's folder, the merge would change what it loads
-        protected.append((Path(base).expanduser().resolve(), f"the adapter's base model {base}", True))
-    for path, what, not_inside in protected:
-        relation = ("is" if target == path else "holds" if target in path.parents
-                    else "is inside" if not_inside and path in target.parents else None)
-        if relation:
-            raise ValueError(f"MERGED_DIR: {merged_dir} {relation} {what}; give a new folder for the merged model")
+        described = f"the adapter's base model {base}"
+        protected.append((Path(base).expanduser().resolve(), f"is {described}", f"holds {described}",
+                          f"is inside {described}"))
+    for path, equal, holds, inside in protected:
+        problem = equal if target == path else holds if target in path.parents else (
+            inside if path in target.parents else None)
+        if problem:
+            raise ValueError(f"MERGED_DIR: {merged_dir} {problem}; give a new folder for the merged model")
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"MERGED_DIR: {merged_dir} is a file; give a new folder for the merged model")
     if target.is_dir() and any(target.iterdir()):

@@ -265,7 +265,7 @@ def test_merge_refuses_folders_it_does_not_own_and_replaces_only_an_earlier_merg
     for target, problem in (
         (out / "base-model", f"{out / 'base-model'} is the adapter's base model {out / 'base-model'}"),
         (out / "base-model" / "merged", f"{out / 'base-model' / 'merged'} is inside the adapter's base model"),
-        (out, f"{out} is the adapter folder"),
+        (out, f"{out} is the adapter folder itself"),
         (tmp_path, f"{tmp_path} holds the adapter folder"),
     ):
         for extra in ([], ["--overwrite"]):
