@@ -1,4 +1,4 @@
-"""Checkpoints that are whole or absent, and finding the newest one to resume from.
+"""Checkpoints that are whole or absent, finding the newest one to resume from, and saves staged the same way.
 
 transformers 5.24 `Trainer._save_checkpoint` writes `checkpoint-N` in place: adapter, then optimizer and scheduler,
 then RNG states, then `trainer_state.json`. A crash, `SIGKILL` or preempted node during a save leaves a
@@ -6,18 +6,25 @@ then RNG states, then `trainer_state.json`. A crash, `SIGKILL` or preempted node
 from a half-written optimizer. [`IA3Seq2SeqTrainer`] therefore lets Trainer write into `tmp-checkpoint-N/` and
 renames the finished folder to `checkpoint-N` once every process is done: a rename is atomic on one filesystem,
 so `checkpoint-N` exists only when it is whole. (transformers 4.36 did the same and reverted it in 4.37 because
-every process renamed; here only the process that saves does, after a barrier.)
+every process renamed; here only the process that saves does, after a barrier.) The final save is staged too
+(`AtomicCheckpoints.staged`): a full disk leaves the previous adapter and the metadata that describes it as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ._schema import read_json
+from .errors import first_line
 
 
 logger = logging.getLogger(__name__)
@@ -25,8 +32,11 @@ logger = logging.getLogger(__name__)
 # Written by IA3Seq2SeqTrainer beside every adapter it saves: what training derived from the data (label set,
 # generation bound) and how it encoded sources; IA3Predictor reads it.
 INFERENCE_FILE = "inference.json"
+# Files that describe the adapter beside them: published after it, so that they never describe what is not there.
+METADATA_FILES = ("recipe.json", INFERENCE_FILE)
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TORCH_WRITER = ("inline_container", "PytorchStreamWriter")  # what torch.save's write failures name
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
@@ -42,9 +52,9 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
     """The newest whole `checkpoint-N` folder in `output_dir`, or None.
 
-    A folder counts as whole when its `trainer_state.json` (the last file Trainer writes) reads as JSON. Every
-    checkpoint this package writes is whole; the check skips folders that a crash left behind when they were
-    written in place (older versions, a plain `Trainer`), with a warning naming them.
+    Whole is what `checkpoint_damage` finds nothing wrong with. Every checkpoint this package writes is whole when
+    written; the check skips folders that a crash left behind when they were written in place (older versions, a
+    plain `Trainer`) or that a disk damaged later, with a warning naming each and why.
 
     With an `accelerator` of several processes (every process must call it then), each process looks in its own
     `output_dir` (machines need not share a disk) and all agree on the newest step whole for every one of them: a
@@ -82,12 +92,52 @@ def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
     )
 
 
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why `path` is no checkpoint to resume from, or None when it is whole.
+
+    Whole means: a folder whose `trainer_state.json` (the last file Trainer writes) reads as JSON, and whose weights
+    and states read too: every `.safetensors` file is as long as its header says, and every `.pt`, `.pth` and `.bin`
+    file (`torch.save`'s zip format) ends with its zip directory. A file that a disk cut or lost after the save would
+    otherwise pass, and resuming would fail inside torch or safetensors.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "it is not a folder"
+    try:
+        read_json(path / "trainer_state.json", allow_nan=True)
+    except (OSError, ValueError):
+        return "it has no readable trainer_state.json (a save that did not finish)"
+    for file in sorted(path.iterdir()):
+        if not file.is_file():
+            continue
+        if file.suffix == ".safetensors" and not _whole_safetensors(file):
+            return f"its {file.name} is truncated or unreadable"
+        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
+            return f"its {file.name} is truncated or unreadable"
+    return None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """The file holds its 8-byte header length, a JSON header, and exactly the bytes the header's offsets cover."""
+    try:
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 2 <= size <= 100_000_000:  # safetensors refuses headers over 100 MB
+                return False
+            header = json.loads(file.read(size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
 def _whole_checkpoints(output_dir: str | Path):
     for path in checkpoint_folders(output_dir):
-        if path.is_dir() and _has_trainer_state(path):
+        problem = checkpoint_damage(path)
+        if problem is None:
             yield path
         else:
-            logger.warning("Skipping %s: it has no readable trainer_state.json (a save that did not finish)", path)
+            logger.warning("Skipping %s: %s; it cannot be resumed from", path, problem)
 
 
 def _step(path: Path) -> int:
@@ -103,59 +153,117 @@ def _processes(ranks: list[int]) -> str:
     return "processes " + ", ".join(map(str, ranks))
 
 
-def save_checkpoint_atomically(trainer, trial, save) -> None:
-    """Run `save()` (Trainer's `_save_checkpoint`) into a staging folder, then publish it as `checkpoint-N`.
+class AtomicCheckpoints:
+    """Writes each `checkpoint-N` whole or not at all, and stages final saves; [`IA3Seq2SeqTrainer`] holds one.
 
-    Every process writes its part (its RNG state, its shard under FSDP or DeepSpeed) into the staging folder;
-    after a barrier each process that saves (one, or one per machine with `save_on_each_node`) renames it, and after
-    the next one rotates old checkpoints as Trainer would have. A process that saves nothing removes what it staged
-    if it is still there (its machine's own disk).
+    While a checkpoint is being written, Trainer must take its staging folder for the run folder:
+    `IA3Seq2SeqTrainer._get_output_dir` asks `staging_root` (None between saves).
     """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-    args, state = trainer.args, trainer.state
-    run_dir = trainer._get_output_dir(trial=trial)
-    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-    staging_root, final = os.path.join(run_dir, STAGING_PREFIX + name), os.path.join(run_dir, name)
-    staged = os.path.join(staging_root, name)
-    if args.should_save:  # a crash during an earlier save of this step left it
-        shutil.rmtree(staging_root, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer._checkpoint_staging_root = staging_root
-    try:
-        save()
-    finally:
-        trainer._checkpoint_staging_root = None
-    trainer.accelerator.wait_for_everyone()
-    # Trainer saw the staging folder as the run folder, so a best checkpoint saved just now has its staging path.
-    moved_best = state.best_model_checkpoint == staged
-    if moved_best:
-        state.best_model_checkpoint = final
-    if args.should_save:
+    def __init__(self):
+        self.staging_root: str | None = None
+
+    def save(self, trainer, trial, save) -> None:
+        """Run `save()` (Trainer's `_save_checkpoint`) into a staging folder, then publish it as `checkpoint-N`.
+
+        Every process writes its part (its RNG state, its shard under FSDP or DeepSpeed) into the staging folder;
+        after a barrier each process that saves (one, or one per machine with `save_on_each_node`) renames it, and
+        after the next one rotates old checkpoints as Trainer would have. A process that saves nothing removes what it
+        staged if it is still there (its machine's own disk).
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        args, state = trainer.args, trainer.state
+        run_dir = trainer._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        staging_root, final = os.path.join(run_dir, STAGING_PREFIX + name), os.path.join(run_dir, name)
+        staged = os.path.join(staging_root, name)
+        if args.should_save:  # a crash during an earlier save of this step left it
+            shutil.rmtree(staging_root, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
+        self.staging_root = staging_root
+        try:
+            with saving(final):
+                save()
+        finally:
+            self.staging_root = None
+        trainer.accelerator.wait_for_everyone()
+        # Trainer saw the staging folder as the run folder, so a best checkpoint saved just now has its staging path.
+        moved_best = state.best_model_checkpoint == staged
         if moved_best:
-            state.save_to_json(os.path.join(staged, "trainer_state.json"))
-        if os.path.isdir(final):  # resumed from an older checkpoint and reached this step again
-            shutil.rmtree(final)
-        os.replace(staged, final)
-        os.rmdir(staging_root)
-    trainer.accelerator.wait_for_everyone()
-    if args.should_save:
-        # Old checkpoints go only once every machine has published this one (training.save_on_each_node): a machine
-        # lost before its rename leaves an older step that every machine still has, for `--resume` to agree on.
-        rotate_checkpoints(
-            output_dir=run_dir, save_total_limit=args.save_total_limit,
-            best_model_checkpoint=state.best_model_checkpoint, use_mtime=True,
-        )
-    else:
-        # Every process wrote its RNG state into the staging folder. On a shared disk the saving process has moved it
-        # by now; on a machine with its own disk that saves nothing (training.save_on_each_node false) no process
-        # would, and a tmp-checkpoint-N would be left there at each save.
-        shutil.rmtree(staging_root, ignore_errors=True)
+            state.best_model_checkpoint = final
+        if args.should_save:
+            if moved_best:
+                state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            if os.path.isdir(final):  # resumed from an older checkpoint and reached this step again
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            os.rmdir(staging_root)
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            # Old checkpoints go only once every machine has published this one (training.save_on_each_node): a
+            # machine lost before its rename leaves an older step that every machine still has, for `--resume`.
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=args.save_total_limit,
+                best_model_checkpoint=state.best_model_checkpoint, use_mtime=True,
+            )
+        else:
+            # Every process wrote its RNG state into the staging folder. On a shared disk the saving process has
+            # moved it by now; on a machine with its own disk that saves nothing (training.save_on_each_node false) no
+            # process would, and a tmp-checkpoint-N would be left there at each save.
+            shutil.rmtree(staging_root, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def staged(self, output_dir: str | Path, name: str = "save") -> Iterator[Path]:
+        """A folder to save into in place of `output_dir`: when the block ends, its entries replace those of
+        `output_dir`, the adapter first and `recipe.json` and `inference.json` last; when it fails (a full disk),
+        `output_dir` is left as it was. Inside a checkpoint save (staged whole already) it is `output_dir` itself.
+        """
+        output_dir = Path(output_dir)
+        if self.staging_root is not None:
+            yield output_dir
+            return
+        staging = output_dir / f"{STAGING_PREFIX}{name}"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
+        try:
+            with saving(output_dir):
+                staging.mkdir(parents=True)
+                yield staging
+                for entry in sorted(staging.iterdir(), key=lambda path: path.name in METADATA_FILES):
+                    publish(entry, output_dir / entry.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _has_trainer_state(path: Path) -> bool:
+@contextlib.contextmanager
+def saving(folder: str | Path) -> Iterator[None]:
+    """Turn a failure to write a save (a full disk, a file size limit, a read-only folder) into one `OSError` that
+    names the folder and says what to do; other errors pass unchanged. Not every writer raises `OSError`: torch's zip
+    writer raises `RuntimeError` (from `inline_container.cc`), and the Rust writers of safetensors and tokenizers
+    raise their own errors, which end in the system's "(os error N)"."""
     try:
-        read_json(path / "trainer_state.json", allow_nan=True)
-    except (OSError, ValueError):
-        return False
-    return True
+        yield
+    except Exception as error:
+        text = str(error)
+        torch_writer = isinstance(error, RuntimeError) and any(name in text for name in _TORCH_WRITER)
+        written = isinstance(error, OSError) or torch_writer or re.search(r"\(os error \d+\)", text) is not None
+        if not written:
+            raise
+        raise OSError(f"could not save to {folder}: {first_line(error)}; what was there before is unchanged: free "
+                      "some disk space, then resume the run (--resume)") from error
+
+
+def publish(staged: str | Path, final: str | Path) -> None:
+    """Move the file or folder `staged` to `final` on the same filesystem, replacing what is there.
+
+    A file replaces the old one atomically (`os.replace`). A folder cannot replace a non-empty one in one rename: the
+    old one is renamed aside first and removed after, so `final` is the old folder or the new one, never a mix.
+    """
+    staged, final = Path(staged), Path(final)
+    if not (staged.is_dir() and final.is_dir()):
+        os.replace(staged, final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.replace(final, aside / final.name)
+    os.replace(staged, final)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -38,9 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     train = with_recipe("train", "Train an IA3 adapter from a recipe and save it to training.output_dir.")
-    train.add_argument(
+    start = train.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume", action="store_true",
-        help="continue from the newest whole checkpoint-N in training.output_dir (e.g. after a crash)",
+        help="continue the run in training.output_dir from its newest whole checkpoint-N (e.g. after a crash); the "
+             "recipe may differ only in the length of the run, logging, evaluation, saving, hub and speed settings",
+    )
+    start.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the run in training.output_dir: remove the files a run writes there (adapter, checkpoints, "
+             "metadata, results), keep any others, then train",
     )
     with_recipe("validate", "Check a recipe and print it resolved, without loading any model.")
     commands.add_parser("list", help="List the shipped recipes.", description="List the shipped recipes.")
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    recipe = None
     try:
         if args.command == "list":
             return _list()
@@ -98,7 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(recipe.to_dict(), indent=2))
             print(f"Recipe OK: {recipe.name}")
             return 0
-        return _train(recipe, resume=args.resume)
+        with _claim_output_dir(recipe, args):  # before the data and the model load; held until the report is written
+            return _train(recipe, resume=args.resume)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on
+        if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under a launcher, the first process speaks for all
+            _close_progress_bars()
+            print(redact(_interrupted(args, recipe)), file=sys.stderr)
+        return 130
     # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
     # named on the command line or in the recipe.
     except (ValueError, TypeError, OSError, ImportError) as error:
@@ -122,6 +138,42 @@ def _list_architectures() -> int:
     for model_type, (targets, feedforward) in sorted(IA3_TARGETS.items()):
         print(f"{model_type:20} {origin(model_type):13} {json.dumps(targets)} / {json.dumps(feedforward)}")
     return 0
+
+
+def _claim_output_dir(recipe, args):
+    from .runs import claim_output_dir
+
+    training = recipe.training_args()
+    resume = True if args.resume else training.resume_from_checkpoint
+    return claim_output_dir(training, recipe.to_dict(), resume=resume,
+                            overwrite=args.overwrite or training.overwrite_output_dir)
+
+
+def _interrupted(args, recipe) -> str:
+    """The line Ctrl-C prints: for `train`, the newest whole checkpoint now (rotation may have removed the one saved
+    before it) and the command that continues from it."""
+    if args.command != "train" or recipe is None:
+        return "ia3-trainer: interrupted"
+    import shlex
+
+    from .checkpoints import last_checkpoint
+
+    output_dir = recipe.training["output_dir"]
+    command = ["ia3-trainer", "train", args.recipe, *(part for item in args.overrides for part in ("--set", item))]
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint is None:
+        return (f"ia3-trainer: interrupted before the first checkpoint in {output_dir}; start over with: "
+                f"{shlex.join([*command, '--overwrite'])}")
+    return (f"ia3-trainer: interrupted; the last checkpoint is {checkpoint}; continue with: "
+            f"{shlex.join([*command, '--resume'])}")
+
+
+def _close_progress_bars() -> None:
+    """End the open progress bars on their own line now; tqdm would close them at exit, after the last line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _train(recipe, resume: bool = False) -> int:
@@ -241,7 +293,9 @@ def _add_adapter_commands(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=32)
 
     merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.")
-    merge.add_argument("merged_dir", metavar="MERGED_DIR", help="folder for the merged model and its tokenizer")
+    merge.add_argument("merged_dir", metavar="MERGED_DIR", help="a new or empty folder for the merged model and its "
+                       "tokenizer")
+    merge.add_argument("--overwrite", action="store_true", help="replace the model in MERGED_DIR (an earlier merge)")
 
 
 def _predict(args) -> int:
@@ -374,7 +428,7 @@ def _file_data(path: str, builder: str, data):
 def _merge(args) -> int:
     from .predictor import merge_adapter
 
-    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision)
+    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite)
     print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")
     return 0
 

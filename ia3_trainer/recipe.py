@@ -41,6 +41,7 @@ from .sections import (
     HubSection,
     ModelSection,
     check_ia3_values,
+    check_output_dir,
     check_training_values,
     ia3_field_types,
     training_field_types,
@@ -174,6 +175,8 @@ class Recipe:
                              "data.validation_split or data.validation_size > 0, or eval_strategy 'no'")
             if best and not has_validation:
                 problems.add("training.load_best_model_at_end", "needs validation data; set data.validation_size > 0")
+        if not portable:  # a saved recipe.json names folders of the machine it was trained on
+            check_output_dir(self.training.get("output_dir"), self.name, self.source, self.model, self.data, problems)
         problems.raise_if_any()
 
     def training_args(self):

@@ -10,13 +10,14 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, TrainerCallback
 
 from . import kernels, layers, modeling
 from ._schema import write_json
-from .checkpoints import INFERENCE_FILE, last_checkpoint, save_checkpoint_atomically
+from .checkpoints import INFERENCE_FILE, AtomicCheckpoints, last_checkpoint
 from .data import PreparedData, build_collator, encode_batch, prepare_data
 from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
 from .guard import NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
+from .runs import claim_output_dir, no_checkpoint_error
 from .training_args import IA3TrainingArguments
 
 
@@ -118,6 +119,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             modeling.cast_frozen_weights(model, torch.bfloat16)
         if getattr(args, "fused_kernels", False):
             kernels.fuse_modules(model)
+        self.atomic_checkpoints = AtomicCheckpoints()  # Trainer asks _get_output_dir during __init__ already
         super().__init__(
             model=model,
             args=args,
@@ -273,18 +275,34 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         """Train; when `args.save_final_adapter`, the adapter, tokenizer, `recipe.json` and `inference.json` are saved
         to `output_dir` at the end (by every process, before other callbacks' `on_train_end`).
 
-        `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir` (checkpoints are
-        written atomically, and a folder a crash left half-written is skipped); a path resumes from that folder.
+        The run owns `output_dir` while it trains (`ia3_trainer.runs`): a fresh run needs a new or empty folder, or
+        `args.overwrite_output_dir` to replace another run's files; a second run on the folder at the same time is
+        refused. `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir`
+        (checkpoints are written atomically, and a folder a crash left half-written or a disk damaged is skipped); a
+        path resumes from that folder. Resuming continues the recorded run only when the recipe differs in keys that
+        do not change what is trained (`ia3_trainer.runs.RESUMABLE`).
         """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_checkpoint(self.args.output_dir, self.accelerator)  # every process has it
-            if resume_from_checkpoint is None:
-                raise RecipeError(
-                    f"training.output_dir: no checkpoint to resume from in {self.args.output_dir}; train without "
-                    "--resume to start over, or set training.save_strategy so that runs save checkpoints"
-                )
-            logger.info("Resuming from %s", resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        recipe = self.recipe.to_dict() if self.recipe is not None else None
+        overwrite = getattr(self.args, "overwrite_output_dir", False)
+        with claim_output_dir(self.args, recipe, resume=resume_from_checkpoint, overwrite=overwrite) as run:
+            if resume_from_checkpoint is True:
+                # The newest whole checkpoint every process has.
+                resume_from_checkpoint = last_checkpoint(self.args.output_dir, self.accelerator)
+                if resume_from_checkpoint is None:
+                    raise no_checkpoint_error(self.args.output_dir)
+            if resume_from_checkpoint:
+                logger.info("Resuming from %s", resume_from_checkpoint)
+                if self.is_world_process_zero():
+                    print(f"Resuming from {resume_from_checkpoint}")
+            run.begin(self.args)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(self, max_steps, *args, **kwargs):
+        # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
+        # the recipe may change them on resume (runs.RESUMABLE), so they apply from the checkpoint on.
+        trained = super()._init_training_state(max_steps, *args, **kwargs)
+        self.state.compute_steps(self.args, max_steps)
+        return trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # The host already waited for these numbers: the moment to read the non-finite guard's flags (it raises for
@@ -352,20 +370,22 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
                 base = self.model.get_base_model()
                 state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items()
                          if ".ia3_l." not in key}
-                base.save_pretrained(base_dir, state_dict=state)
-                self.processing_class.save_pretrained(base_dir)
+                with self.atomic_checkpoints.staged(output_dir, "base-model") as staging:  # whole or not at all
+                    base.save_pretrained(staging / "base-model", state_dict=state)
+                    self.processing_class.save_pretrained(staging / "base-model")
             self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(base_dir.resolve())
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
         if not self.args.should_save:  # Trainer calls _save on every process; one writes per machine or run
-            return
-        # After the adapter they describe, each written whole or not at all.
-        output_dir = Path(output_dir or self.args.output_dir)
-        if self.recipe is not None:
-            write_json(output_dir / "recipe.json", self.recipe.to_dict())
-        write_json(output_dir / INFERENCE_FILE, self.inference_settings())
+            return super()._save(output_dir, state_dict)
+        # Everything goes to a staging folder first and replaces the previous files only once written (a full disk
+        # leaves the previous adapter and its metadata as they were); recipe.json and inference.json go last.
+        with self.atomic_checkpoints.staged(output_dir or self.args.output_dir) as staging:
+            super()._save(str(staging), state_dict)
+            if self.recipe is not None:
+                write_json(staging / "recipe.json", self.recipe.to_dict())
+            write_json(staging / INFERENCE_FILE, self.inference_settings())
 
     def inference_settings(self) -> dict:
         """What `inference.json` holds: the label set, the generation bound, and how sources were encoded
@@ -383,11 +403,12 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         self.non_finite_guard.check()  # a "stop" run never writes a checkpoint after a non-finite step
         # transformers 5.24 writes checkpoint-N in place, so a crash mid-save leaves a folder that resuming takes
         # for whole; write it to tmp-checkpoint-N and rename it when every process is done (checkpoints.py).
-        save_checkpoint_atomically(self, trial, lambda: super(IA3Seq2SeqTrainer, self)._save_checkpoint(model, trial))
+        save = super()._save_checkpoint
+        self.atomic_checkpoints.save(self, trial, lambda: save(model, trial))
 
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is being written, Trainer's run folder is its staging folder (see _save_checkpoint).
-        return getattr(self, "_checkpoint_staging_root", None) or super()._get_output_dir(trial)
+        return self.atomic_checkpoints.staging_root or super()._get_output_dir(trial)
 
 class FinalSave(TrainerCallback):
     """Saves the final adapter in `on_train_end` (every process takes part, as sharded models need) when

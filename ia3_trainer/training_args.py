@@ -13,6 +13,11 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
 
     > Parameters that control what is saved
 
+    overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+        Let a fresh run replace another run in `output_dir`: the files a run writes (adapter, checkpoints, tokenizer,
+        metadata, results; `ia3_trainer.runs.RUN_FILES`) are removed first and other files are kept. Without it a
+        fresh run needs a new or empty folder. (transformers 5 removed the parent's field of this name; the command
+        line's `--overwrite` does the same for one run.)
     save_final_adapter (`bool`, *optional*, defaults to `True`):
         Save the adapter, tokenizer and `recipe.json` to `output_dir` when `train()` finishes, so a run from a
         recipe leaves a usable adapter without a separate `save_model()` call.
@@ -65,6 +70,11 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         non-finite losses out of the weights and out of the logged means without it.
     """
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a fresh run replace another run's files in output_dir (else it needs a new or empty "
+                          "folder)."},
+    )
     save_final_adapter: bool = field(
         default=True,
         metadata={"help": "Save the adapter, tokenizer and recipe.json to output_dir when train() finishes."},

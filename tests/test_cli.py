@@ -68,9 +68,9 @@ def test_train_then_data_error_exit_codes(tmp_path, capsys):
                  "all_results.json"):
         assert (output_dir / name).is_file(), name
 
-    # A later run with a bad column fails before training and leaves the earlier adapter alone.
+    # A later run with a bad column fails before training and leaves the earlier adapter alone, --overwrite or not.
     with pytest.raises(SystemExit) as info:
-        main(["train", path, "--set", "data.text_column=text"])
+        main(["train", path, "--overwrite", "--set", "data.text_column=text"])
     assert info.value.code == 2
     assert "data.text_column: no column 'text' in split 'train'" in capsys.readouterr().err
     assert (output_dir / "adapter_model.safetensors").is_file()

@@ -259,6 +259,6 @@ def test_trust_remote_code_is_off_unless_set_and_announced(tmp_path, capsys):
     raw["model"]["name_or_path"] = str(TINY_MODEL_DIR)
     raw["model"]["trust_remote_code"] = True
     path.write_text(json.dumps(raw))
-    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--overwrite"]) == 0
     assert (f"ia3-trainer: model.trust_remote_code is on: code from {TINY_MODEL_DIR} will run"
             in capsys.readouterr().out)

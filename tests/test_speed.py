@@ -102,7 +102,7 @@ def test_compiled_blocks_train_to_the_same_losses_and_evaluate_eager(tmp_path):
     eager = IA3Seq2SeqTrainer.from_recipe(raw)
     eager.train()
     torch._dynamo.reset()
-    compiled = IA3Seq2SeqTrainer.from_recipe(raw)
+    compiled = IA3Seq2SeqTrainer.from_recipe(raw, {"training.output_dir": str(tmp_path / "compiled")})
     # aot_eager traces forward and backward as inductor does, without generating code (inductor takes minutes on a
     # 2-core CPU); training.compile_blocks uses inductor.
     assert compile_blocks(compiled.model, backend="aot_eager") == 4  # 2 encoder + 2 decoder blocks
@@ -125,7 +125,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path):
     raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.bf16": False})
     eager = IA3Seq2SeqTrainer.from_recipe(raw)
     eager.train()
-    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw, {"training.output_dir": str(tmp_path / "fallback")})
     compile_blocks(trainer.model, backend=broken_backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

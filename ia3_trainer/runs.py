@@ -1,0 +1,401 @@
+"""A run owns its output folder: one run at a time (a lock), a record of which run it is (`run.json`), and the rules
+for starting over and for resuming.
+
+- A fresh run trains into a folder that is missing or empty. A folder that holds another run (its adapter,
+  checkpoints, `recipe.json` or `run.json`) is refused unless `overwrite` (`--overwrite`), which first removes the
+  files a run writes (`RUN_FILES`, `RUN_FOLDERS`) and leaves everything else; a folder that holds other files and no
+  run is always refused.
+- `run.json` records the run (an id, when and where it started, its resolved recipe), written whole before training.
+- Resuming continues the run recorded in the folder, and only when the recipe is the same but for the keys that do
+  not change what is trained (`RESUMABLE`); the changed keys are named either way.
+- The process that saves (one per machine with `save_on_each_node`) holds an exclusive `flock` on `run.lock` for
+  the whole run; a second run on the folder is refused with the holder's pid, host and start. The kernel releases
+  the lock when its process dies, so a run that crashed never blocks the next one.
+
+Every process of a launch takes part in `claim_output_dir`, and all of them raise the same error when one is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._schema import read_json, write_json
+from .checkpoints import STAGING_PREFIX, checkpoint_damage, checkpoint_folders
+from .errors import RecipeError, shorten
+
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
+# What a run writes at the top of its output_dir (the adapter, tokenizer, metadata, model card, results, report):
+# `--overwrite` removes these and the folders below, and nothing else.
+RUN_FILES = frozenset({
+    RUN_FILE, "recipe.json", "inference.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "README.md", "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json",
+    "eval_results.json", "test_results.json", "predict_results.json", "metrics.json", "eval_report.json",
+    "confusion_matrix.png", "training_curves.png", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+    "vocab.txt", "merges.txt", "source.spm", "target.spm", "chat_template.jinja", "chat_template.json",
+})
+RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
+# Entries that mean "this folder holds a run".
+_RUN_MARKS = re.compile(r"^(run\.json|recipe\.json|adapter_config\.json|adapter_model\..+|(tmp-)?checkpoint-\d+)$")
+# What may change when a run is resumed: how long it trains, what it logs, evaluates and saves, where it pushes, and
+# how fast it runs. Every other key changes what is trained (the data, the model, the adapter, the optimizer and its
+# schedule), and the resumed run would mix two recipes.
+RESUMABLE_SECTIONS = ("eval", "hub")
+RESUMABLE = frozenset({
+    "name", "description", "data.max_eval_samples",
+    *(f"training.{key}" for key in (
+        "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "num_train_epochs", "max_steps",
+        "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
+        "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id",
+        "trackio_bucket_id", "trackio_static_space_id", "include_num_input_tokens_seen", "skip_memory_metrics",
+        "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+        "eval_accumulation_steps", "eval_do_concat_batches", "eval_use_gather_object", "prediction_loss_only",
+        "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "predict_with_generate",
+        "generation_max_length", "generation_num_beams", "generation_config", "rank_classification",
+        "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
+        "save_final_adapter", "enable_jit_checkpoint", "dataloader_num_workers", "dataloader_pin_memory",
+        "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+        "use_cpu", "fused_kernels", "compile_blocks", "torch_compile", "torch_compile_backend", "torch_compile_mode",
+        "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_empty_cache_steps", "ddp_timeout",
+        "ddp_backend", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_static_graph",
+    )),
+})
+
+_CLAIMS: dict[str, RunFolder] = {}  # output folders this process has claimed, by absolute path
+
+
+@contextlib.contextmanager
+def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | None = None,
+                     overwrite: bool = False) -> Iterator[RunFolder]:
+    """Own `args.output_dir` for the block: refuse it when the rules above say so, else lock it; `RunFolder.begin`
+    then records the run (and, with `overwrite`, first removes the previous one) right before training starts.
+
+    Every process of a launch must call both; the processes that save (`args.should_save`) check, lock and write,
+    and all raise the same error when one of them is refused. `resume` is `True` (the newest checkpoint of the
+    folder), a checkpoint path, or None for a fresh run; `recipe` is the resolved recipe (`Recipe.to_dict()`), or
+    None for a trainer built without one (nothing to compare then). A claim this process holds already (the command
+    line claims before the data and the model load, `IA3Seq2SeqTrainer.train` claims again) is reused as it is.
+    """
+    key = os.path.abspath(args.output_dir)
+    if key in _CLAIMS:
+        yield _CLAIMS[key]
+        return
+    run = RunFolder(key)
+    error = None
+    if args.should_save:
+        try:
+            run.open(recipe, resume=resume, overwrite=overwrite)
+        except (OSError, ValueError) as caught:
+            error = caught
+    error = _agree(error, args.world_size)
+    if error is not None:
+        run.release()
+        raise error
+    _CLAIMS[key] = run
+    try:
+        yield run
+    finally:
+        del _CLAIMS[key]
+        run.release()
+
+
+def no_checkpoint_error(output_dir: str | Path) -> RecipeError:
+    """What `--resume` says when `output_dir` has no checkpoint (to start over in a folder that holds a run is to
+    overwrite it)."""
+    ours, _ = run_entries(Path(output_dir))
+    again = "with --overwrite" if any(_RUN_MARKS.match(name) for name in ours) else "without --resume"
+    return RecipeError(
+        f"training.output_dir: no checkpoint to resume from in {output_dir}; train {again} to start over, or set "
+        "training.save_strategy so that runs save checkpoints"
+    )
+
+
+class RunFolder:
+    """One run's hold on its output folder: the lock (a file descriptor with an exclusive `flock`) and `run.json`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock: int | None = None
+        self._record: dict | None = None  # what `begin` writes to run.json
+        self._replace = False  # whether `begin` removes the previous run's files first
+
+    def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False) -> None:
+        """Check the folder for this run and lock it; nothing is written into it before the checks pass."""
+        folder = self.path
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"training.output_dir: {folder} is a file; choose a folder")
+        checkpoint = resume if isinstance(resume, (str, os.PathLike)) and str(resume) else None
+        if checkpoint is not None:
+            _check_checkpoint(Path(checkpoint))
+        # Resuming continues the run of this folder; a checkpoint elsewhere starts a new run from it.
+        continuing = resume is True or (checkpoint is not None
+                                        and Path(checkpoint).resolve().parent == folder.resolve())
+        if continuing and not checkpoint_folders(folder):
+            raise no_checkpoint_error(folder)
+        if not continuing:
+            _check_fresh(folder, overwrite)
+        self._acquire()
+        record = _read_record(folder)
+        if continuing:
+            saved = record["recipe"] if record else _checkpoint_recipe(checkpoint_folders(folder))
+            _compare(saved, recipe, folder)
+            record = {**(record or _new_record(None)), "recipe": recipe}
+            record["resumed"] = [*record.get("resumed", []), _now()]
+        else:
+            _check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
+            if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
+                _compare(_checkpoint_recipe([Path(checkpoint)]), recipe, Path(checkpoint))
+            record, self._replace = _new_record(recipe), overwrite
+        self._record = record
+
+    def begin(self, args) -> None:
+        """Right before training (once the data and the model loaded): with `overwrite`, remove the previous run's
+        files; then write `run.json`, whole or not at all. Every process calls it; the second call does nothing."""
+        error = None
+        if self._record is not None:
+            try:
+                if self._replace:
+                    _remove_run_files(self.path)
+                write_json(self.path / RUN_FILE, self._record)
+            except OSError as caught:
+                error = caught
+            self._record = None
+        error = _agree(error, args.world_size)
+        if error is not None:
+            raise error
+
+    def _acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the folder rules still apply
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a filesystem without locks
+                logger.warning("Cannot lock %s (%s); make sure no other run uses it", self.path, error.strerror)
+                return
+            raise BlockingIOError(
+                f"training.output_dir: {self.path} is in use by another run ({_holder(self.path / LOCK_FILE)}); wait "
+                "for it to end, or choose another training.output_dir"
+            ) from None
+        self._lock = descriptor
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
+
+def _agree(error: BaseException | None, world_size: int) -> BaseException | None:
+    """This process's error, else the first error of any process (so that every process stops, none waits)."""
+    if world_size <= 1:
+        return error
+    from accelerate.utils import gather_object
+
+    errors = gather_object([error])
+    return error or next((other for other in errors if other is not None), None)
+
+
+def _check_checkpoint(checkpoint: Path) -> None:
+    if not checkpoint.exists():
+        raise FileNotFoundError(
+            f"training.resume_from_checkpoint: no such folder {checkpoint}; give a checkpoint-N folder, or pass "
+            "--resume to continue from the newest checkpoint in training.output_dir"
+        )
+    problem = checkpoint_damage(checkpoint)
+    if problem is not None:
+        raise ValueError(f"training.resume_from_checkpoint: cannot resume from {checkpoint}: {problem}; give a whole "
+                         "checkpoint-N folder, or pass --resume to take the newest whole one")
+
+
+def run_entries(folder: Path) -> tuple[list[str], list[str]]:
+    """The entries of `folder` that a run writes, and the others (the lock file is neither)."""
+    if not folder.is_dir():
+        return [], []
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name != LOCK_FILE)
+    ours = [name for name in names if name in RUN_FILES or RUN_FOLDERS.match(name)]
+    return ours, [name for name in names if name not in ours]
+
+
+def _check_fresh(folder: Path, overwrite: bool) -> None:
+    ours, others = run_entries(folder)
+    holds_run = any(_RUN_MARKS.match(name) for name in ours)
+    if not holds_run and (ours or others):
+        raise FileExistsError(
+            f"training.output_dir: {folder} holds files that are not a training run's ({_some(others or ours)}); a "
+            "run trains into a new or empty folder and owns it: choose another training.output_dir"
+        )
+    if holds_run and not overwrite:
+        resumable = ", --resume to continue it" if checkpoint_folders(folder) else ""
+        raise FileExistsError(
+            f"training.output_dir: {folder} holds another run ({_describe_run(folder)}); pass --overwrite to replace "
+            f"it (training.overwrite_output_dir in Python){resumable}, or choose another training.output_dir"
+        )
+
+
+def _describe_run(folder: Path) -> str:
+    record = _read_record(folder) or {}
+    parts = []
+    if isinstance(record.get("recipe"), dict) and record["recipe"].get("name"):
+        parts.append(f"recipe {record['recipe']['name']!r}")
+    if record.get("started"):
+        parts.append(f"started {record['started']}")
+    if (folder / "adapter_config.json").is_file():
+        parts.append("a final adapter")
+    checkpoints = checkpoint_folders(folder)
+    if checkpoints:
+        parts.append(f"{len(checkpoints)} checkpoint{'s' * (len(checkpoints) > 1)}, newest {checkpoints[0].name}")
+    return ", ".join(parts) or "its files"
+
+
+def _remove_run_files(folder: Path) -> None:
+    ours, others = run_entries(folder)
+    for name in ours:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if others:
+        logger.warning("--overwrite: kept %s in %s (not files a run writes)", _some(others), folder)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _read_record(folder: Path) -> dict | None:
+    try:
+        record = read_json(folder / RUN_FILE)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _new_record(recipe: dict | None) -> dict:
+    return {"run_id": uuid.uuid4().hex, "started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+            "resumed": [], "recipe": recipe}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        holder = json.loads(lock_file.read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is starting"  # it holds the lock and has not written its name yet
+
+
+def _checkpoint_recipe(checkpoints: list[Path]) -> dict | None:
+    """The recipe a run without `run.json` (an older version's) saved beside its newest checkpoint."""
+    for checkpoint in checkpoints:
+        try:
+            recipe = read_json(checkpoint / "recipe.json")
+        except (OSError, ValueError):
+            continue
+        return recipe if isinstance(recipe, dict) else None
+    return None
+
+
+# --- comparing recipes ----------------------------------------------------------------------------------------------
+
+
+def recipe_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """`{dotted key: (saved value, new value)}` for every key whose value differs; a key one recipe leaves out has
+    its default value there."""
+    changes = {}
+    for section in dict.fromkeys([*saved, *new]):
+        old, now = saved.get(section), new.get(section)
+        if isinstance(old, dict) and isinstance(now, dict):
+            defaults = _section_defaults(section)
+            for key in dict.fromkeys([*old, *now]):
+                before, after = old.get(key, defaults.get(key)), now.get(key, defaults.get(key))
+                if _normal(before) != _normal(after):
+                    changes[f"{section}.{key}"] = (before, after)
+        elif _normal(old) != _normal(now):
+            changes[section] = (old, now)
+    return changes
+
+
+def resumable(key: str) -> bool:
+    return key in RESUMABLE or key.split(".", 1)[0] in RESUMABLE_SECTIONS
+
+
+def _compare(saved: dict | None, new: dict | None, where: Path) -> None:
+    if saved is None or new is None:
+        return
+    changes = recipe_changes(saved, new)
+    refused = {key: values for key, values in changes.items() if not resumable(key)}
+    if refused:
+        raise RecipeError(
+            f"training.output_dir: resuming continues the run of {where}, whose recipe differs in {_listed(refused)}; "
+            "resuming would mix two recipes: undo those changes, or train into a new training.output_dir (on resume "
+            "only the length of the run, logging, evaluation, saving, hub and speed settings may change)"
+        )
+    shown = {key: values for key, values in changes.items()
+             if key not in ("training.output_dir", "training.resume_from_checkpoint")}
+    if shown:
+        print(f"Resuming {where} with {_listed(shown)}")
+
+
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} ({_shown(old)} -> {_shown(new)})" for key, (old, new) in changes.items())
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else shorten(json.dumps(value, default=str), 60)
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@functools.cache
+def _section_defaults(section: str) -> dict[str, Any]:
+    if section == "training":
+        from .training_args import IA3TrainingArguments as cls
+    elif section == "ia3":
+        from peft import IA3Config as cls
+    else:
+        from . import sections
+
+        cls = {"model": sections.ModelSection, "data": sections.DataSection, "eval": sections.EvalSection,
+               "hub": sections.HubSection}.get(section)
+    if cls is None:
+        return {}
+    defaults = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
