@@ -151,7 +151,7 @@ def _train(recipe, resume: bool = False) -> int:
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
-    from .callbacks import describe_push_error, push_adapter_folder
+    from .hub import describe_push_error, push_adapter_folder
     from .model_card import write_model_card
 
     folder = Path(output_dir)

@@ -102,7 +102,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             # logits for the whole eval set is what keeps evaluation memory flat.
             logger.info("IA3Seq2SeqTrainer evaluates by generation; setting predict_with_generate=True")
             args.predict_with_generate = True
-        from .callbacks import PushAdapterToHubCallback
+        from .hub import PushAdapterToHubCallback
 
         if args.push_to_hub and any(isinstance(cb, PushAdapterToHubCallback) for cb in kwargs.get("callbacks") or []):
             # One rule: a PushAdapterToHubCallback owns pushing; Trainer's own push would upload the same folder
@@ -246,7 +246,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         """Callbacks the recipe asks for: a [`PushAdapterToHubCallback`] when `hub.repo_id` is set."""
         if recipe.hub.repo_id is None:
             return []
-        from .callbacks import PushAdapterToHubCallback
+        from .hub import PushAdapterToHubCallback
 
         return [PushAdapterToHubCallback(recipe.hub.repo_id, private=recipe.hub.private, strategy=recipe.hub.strategy)]
 

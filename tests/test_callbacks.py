@@ -24,7 +24,7 @@ from transformers import (
     TrainerState,
 )
 
-from ia3_trainer.callbacks import PushAdapterToHubCallback, push_adapter_folder
+from ia3_trainer.hub import PushAdapterToHubCallback, push_adapter_folder
 from ia3_trainer.model_card import write_model_card
 
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
