@@ -16,6 +16,7 @@ from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
 from .guard import NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
+from .model_card import card_metrics, write_model_card
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .training_args import IA3TrainingArguments
 
@@ -366,6 +367,10 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         if self.recipe is not None:
             write_json(output_dir / "recipe.json", self.recipe.to_dict())
         write_json(output_dir / INFERENCE_FILE, self.inference_settings())
+        # Our card replaces the generic README.md that peft's save_pretrained just wrote: one card, the one a push
+        # uploads (it writes this card again, for the repo pushed to).
+        write_model_card(output_dir, recipe=self.recipe.to_dict() if self.recipe is not None else {},
+                         metrics=card_metrics(self.state.log_history), tags=self._tag_names)
 
     def inference_settings(self) -> dict:
         """What `inference.json` holds: the label set, the generation bound, and how sources were encoded
