@@ -104,12 +104,12 @@ _FACTORY_LOCK = threading.Lock()
 def bound_hub_requests(timeout: float) -> None:
     """Give every request huggingface_hub sends through its shared HTTP client a timeout of `timeout` seconds.
 
-    huggingface_hub 2.4 (and 1.x) builds that client with `timeout=None` and sends `create_repo`, the README check,
-    `preupload`, the LFS calls and `commit` without a timeout of their own: a Hub that accepts the connection and
-    never answers blocked a push for ever. This wraps the installed client factory (`set_client_factory`; a client
-    someone configured with a timeout keeps it), so a client huggingface_hub builds again after a connection error
-    is bounded too. Downloads that pass their own timeout are unaffected. Uploads through Xet (`hf_xet`) use that
-    package's own network code and timeouts.
+    huggingface_hub 2.4 builds that client with `timeout=None` (some 1.x releases with 10 s) and sends
+    `create_repo`, the README check, `preupload`, the LFS calls and `commit` without a timeout of their own: a Hub
+    that accepts the connection and never answers blocked a push for ever. This wraps the installed client factory
+    (`set_client_factory`; a client someone configured with a timeout keeps it), so a client huggingface_hub builds
+    again after a connection error is bounded too. Downloads that pass their own timeout are unaffected. Uploads
+    through Xet (`hf_xet`) use that package's own network code and timeouts.
     """
     import huggingface_hub
     from huggingface_hub.utils import _http  # the installed factory has no public getter (1.x and 2.x)
@@ -389,6 +389,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         self.failures: list[str] = []
         self._output_dir: Path | None = None
         self._epoch_step: int | None = None  # the step whose checkpoint on_save pushes as an epoch's adapter
+        self._offline_told = False
         # One daemon thread runs the queued Hub calls in order, so pushes reach the Hub one at a time; being a
         # daemon, it never keeps the interpreter alive (see _at_exit for the bounded wait there).
         self._lock = threading.Lock()
@@ -427,7 +428,10 @@ class PushAdapterToHubCallback(TrainerCallback):
             logger.warning(
                 "hub.strategy is 'checkpoint' but save_strategy is 'no', so only the final adapter will be pushed"
             )
-        if not hub_offline():  # offline, each push says so in one line; creating the repo would only fail
+        self._offline_told = False
+        if hub_offline():  # the one error that cannot be transient: say so once, attempt nothing, retry nothing
+            self._tell_offline()
+        else:
             self._submit("create the repo", None, self._create_repo)
 
     def on_save(self, args, state, control, **kwargs):
@@ -519,8 +523,8 @@ class PushAdapterToHubCallback(TrainerCallback):
     def _push(self, message: str, args, state, folder: Path | None = None, save=None, final: bool = False) -> None:
         """Stage a copy of the adapter (never writing into `folder`) and hand its upload to the background thread."""
         where = folder if final else Path(args.output_dir)
-        if hub_offline():  # the one error that cannot be transient: no attempt, no retry
-            self._report_failure(message, describe_push_error(_offline_error()), where, final, attempts=0)
+        if hub_offline():
+            self._tell_offline()
             return
         metrics = {"global_step": state.global_step, "epoch": state.epoch, "metrics": _latest(state.log_history),
                    "log_history": state.log_history}
@@ -529,6 +533,16 @@ class PushAdapterToHubCallback(TrainerCallback):
         with self._lock:
             self._staging.add(staging)
         self._submit(message, staging, self._upload, staging, message, where, final)
+
+    def _tell_offline(self) -> None:
+        if self._offline_told:
+            return
+        self._offline_told = True
+        folder = self._output_dir or Path(".")
+        text = (f"HF_HUB_OFFLINE is set, so nothing is pushed to Hub repo {self.repo_id} in this run; after training, "
+                f"push the adapter (with HF_HUB_OFFLINE unset) with: ia3-trainer push {folder} {self.repo_id}")
+        self.failures.append(text)
+        logger.warning(text)
 
     def _remove(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -607,10 +621,9 @@ class PushAdapterToHubCallback(TrainerCallback):
             self._remove(staging)
 
     def _report_failure(self, message: str, reason: str, where: Path, final: bool, attempts: int) -> None:
-        offline = " (with HF_HUB_OFFLINE unset)" if hub_offline() else ""
         tried = f" after {attempts} attempt(s)" if attempts else ""
         saved = "The adapter is saved in" if final else "Training goes on; the final adapter will be saved in"
-        advice = f"{saved} {where}; push it later{offline} with: ia3-trainer push {where} {self.repo_id}"
+        advice = f"{saved} {where}; push it later with: ia3-trainer push {where} {self.repo_id}"
         text = self._redact(f"Could not push to Hub repo {self.repo_id} ({message}){tried}: {reason}. {advice}")
         self.failures.append(text)
         logger.error(text)
@@ -669,12 +682,6 @@ def _is_offline_error(err: BaseException) -> bool:
 
     offline = getattr(errors, "OfflineModeIsEnabled", None)
     return offline is not None and isinstance(err, offline)
-
-
-def _offline_error() -> BaseException:
-    from huggingface_hub import errors
-
-    return getattr(errors, "OfflineModeIsEnabled", ConnectionError)("HF_HUB_OFFLINE is set")
 
 
 def _is_timeout(err: BaseException) -> bool:

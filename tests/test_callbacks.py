@@ -389,21 +389,25 @@ def test_push_adapter_folder_raises_errors_without_the_token(tiny, tmp_path, mon
     assert list(staging_root.iterdir()) == []
 
 
-def test_offline_mode_fails_at_once_in_one_line(tiny, hub, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("strategy", ["end", "epoch"])
+def test_offline_mode_says_so_once_and_attempts_nothing(tiny, hub, tmp_path, monkeypatch, caplog, strategy):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     output_dir = tmp_path / "out"
-    callback = PushAdapterToHubCallback(REPO_ID, endpoint=hub.endpoint)  # default backoff: retries would take 14 s
+    # Default backoff: retrying the final push would take 14 s.
+    callback = PushAdapterToHubCallback(REPO_ID, strategy=strategy, endpoint=hub.endpoint)
     start = time.monotonic()
-    train(tiny, output_dir, callback)
+    train(tiny, output_dir, callback, max_steps=-1, num_train_epochs=2)
 
     assert time.monotonic() - start < 10
     assert hub.requests == []
     [message] = callback.failures
-    assert "HF_HUB_OFFLINE is set" in message and "attempt" not in message
-    assert f"push it later (with HF_HUB_OFFLINE unset) with: ia3-trainer push {output_dir} {REPO_ID}" in message
+    assert message == (f"HF_HUB_OFFLINE is set, so nothing is pushed to Hub repo {REPO_ID} in this run; after "
+                       f"training, push the adapter (with HF_HUB_OFFLINE unset) with: ia3-trainer push {output_dir} "
+                       f"{REPO_ID}")
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("ia3_trainer") and r.levelno >= logging.INFO]
     assert ours == [message]
+    assert (output_dir / "adapter_model.safetensors").is_file()
 
 
 def test_a_hub_that_never_answers_ends_each_push_within_its_timeouts(tiny, hub, tmp_path, staging_root):
