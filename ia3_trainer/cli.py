@@ -154,8 +154,8 @@ def _train(recipe, resume: bool = False) -> int:
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
-    from .hub import describe_push_error, push_adapter_folder, retry_advice
     from .recipe import check_repo_id
+    from .upload import describe_push_error, push_adapter_folder, retry_advice
 
     folder = Path(output_dir)
     problem = check_repo_id(repo_id)  # a malformed id, told apart from the Hub's own refusals (HTTP 400) below

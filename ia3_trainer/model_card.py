@@ -105,15 +105,19 @@ def write_model_card(
     return write_text(folder / CARD_FILE, str(card))
 
 
-def card_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The newest value of each metric logged in `log_history` (a `TrainerState.log_history`), without optimizer
-    and speed bookkeeping: what a card lists."""
+def latest_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The newest value of each number logged in `log_history` (a `TrainerState.log_history`)."""
     latest: dict[str, Any] = {}
     for entry in log_history:
         latest.update(entry)
+    return latest
+
+
+def card_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """[`latest_metrics`] without optimizer and speed bookkeeping: what a card lists."""
     return {
         name: value
-        for name, value in latest.items()
+        for name, value in latest_metrics(log_history).items()
         if name not in _BOOKKEEPING and not name.endswith(("_runtime", "_per_second"))
     }
 

@@ -30,8 +30,9 @@ from transformers import (
     TrainerState,
 )
 
-from ia3_trainer.hub import STRATEGIES, PushAdapterToHubCallback, bound_hub_requests, push_adapter_folder
+from ia3_trainer.hub import STRATEGIES, PushAdapterToHubCallback
 from ia3_trainer.model_card import write_model_card
+from ia3_trainer.upload import bound_hub_requests, push_adapter_folder
 
 from conftest import REPO
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
