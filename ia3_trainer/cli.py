@@ -186,23 +186,26 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
 
 def _wait_for_pushes(trainer) -> None:
     """The end of `train`, after results and report are written: wait, bounded and saying so, for the pushes the
-    hub callback still runs in the background."""
+    hub callback still runs in the background; then name the commit of the final adapter."""
     from .hub import PushAdapterToHubCallback
 
     for callback in trainer.callback_handler.callbacks:
-        if not isinstance(callback, PushAdapterToHubCallback) or not callback.pending:
+        if not isinstance(callback, PushAdapterToHubCallback):
             continue
+        line = None
         try:
-            print(f"ia3-trainer: waiting up to {callback.wait_limit:g} s for Hub repo {callback.repo_id}: "
-                  f"{'; '.join(callback.pending)} (Ctrl-C stops waiting)", flush=True)
-            done = callback.wait(timeout=callback.wait_limit)
+            if callback.pending:
+                print(f"ia3-trainer: waiting up to {callback.wait_limit:g} s for Hub repo {callback.repo_id}: "
+                      f"{'; '.join(callback.pending)} (Ctrl-C stops waiting)", flush=True)
+                if not callback.wait(timeout=callback.wait_limit):
+                    line = callback.cancel(f"Stopped waiting after {callback.wait_limit:g} s")
         except KeyboardInterrupt:
-            line = callback.cancel("Interrupted")
-            print(f"ia3-trainer: {line or 'interrupted'}", file=sys.stderr)
+            print(f"ia3-trainer: {callback.cancel('Interrupted') or 'interrupted'}", file=sys.stderr)
             raise SystemExit(130) from None
-        line = None if done else callback.cancel(f"Stopped waiting after {callback.wait_limit:g} s")
         if line:
             print(f"ia3-trainer: {line}", file=sys.stderr)
+        elif callback.final_commit:
+            print(f"Pushed the adapter to {callback.final_commit}")
 
 
 def _init(args) -> int:

@@ -87,6 +87,7 @@ class PushAdapterToHubCallback(TrainerCallback):
 
     Attributes:
         pushed_commits (`list[str]`): URL of each commit made, in push order.
+        final_commit (`str` or `None`): URL of the commit of the final adapter, once made.
         failures (`list[str]`): one message per push that failed for good or was not waited for.
         wait_limit (`float`): `5 × timeout`, how long the end of `ia3-trainer train` waits for pushes.
 
@@ -133,6 +134,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         self.backoff_seconds = backoff_seconds
         self._token = token
         self.pushed_commits: list[str] = []
+        self.final_commit: str | None = None
         self.failures: list[str] = []
         self._output_dir: Path | None = None
         self._epoch_step: int | None = None  # the step whose checkpoint on_save pushes as an epoch's adapter
@@ -358,6 +360,7 @@ class PushAdapterToHubCallback(TrainerCallback):
                     self._report_failure(message, reason, where, final, attempts=attempt + 1)
                     return
                 self.pushed_commits.append(commit.commit_url)
+                self.final_commit = commit.commit_url if final else self.final_commit
                 logger.info(f"{message}: {commit.commit_url}")
                 return
         finally:

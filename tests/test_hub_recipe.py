@@ -112,6 +112,15 @@ def test_epoch_strategy_through_a_recipe_pushes_each_epochs_checkpoint(hub, tmp_
     assert list(staging_root.iterdir()) == []
 
 
+def test_cli_train_prints_the_commit_of_the_final_push(hub, tmp_path, capsys, staging_root):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(tiny_recipe(tmp_path, **{"hub.repo_id": REPO_ID, "training.max_steps": 2})))
+    assert main(["train", str(path)]) == 0
+    [final] = [c for c in hub.commits if c["message"] == "Upload final adapter (step 2)"]
+    assert f"Pushed the adapter to {hub.endpoint}/{REPO_ID}/commit/{final['oid']}" in capsys.readouterr().out
+    assert list(staging_root.iterdir()) == []
+
+
 def test_cli_push_of_a_finished_run_leaves_the_folder_as_it_was(hub, run, capsys, staging_root):
     # The card and metrics.json go to a staging copy: nothing in the run folder is written, even its mtimes.
     (run / "README.md").write_text("# a stale card of an earlier push\n")
