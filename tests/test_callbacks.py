@@ -288,11 +288,24 @@ def test_model_must_be_a_peft_model(tmp_path):
         ({"repo_id": "no-namespace"}, r"^hub\.repo_id: 'no-namespace' has no namespace"),
         ({"repo_id": REPO_ID, "strategy": "steps"}, r"^hub\.strategy: 'steps' is not one of 'end', 'epoch'"),
         ({"repo_id": REPO_ID, "max_retries": -1}, r"^max_retries: must be 0 or more"),
+        ({"repo_id": REPO_ID, "timeout": 0}, r"^timeout: expected a number of seconds above 0, such as 60, got 0$"),
     ],
 )
 def test_bad_arguments_fail_early(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PushAdapterToHubCallback(**kwargs)
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    ("soon", r"^IA3_TRAINER_HUB_TIMEOUT: expected a number of seconds such as 60, got 'soon'$"),
+    ("inf", r"^IA3_TRAINER_HUB_TIMEOUT: expected a number of seconds above 0, such as 60, got inf$"),
+])
+def test_a_bad_timeout_variable_fails_early(monkeypatch, value, match):
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", value)
+    with pytest.raises(ValueError, match=match):
+        PushAdapterToHubCallback(REPO_ID)
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", "2.5")
+    assert PushAdapterToHubCallback(REPO_ID).wait_limit == 12.5
 
 
 def test_push_adapter_folder_needs_an_adapter(tmp_path):
@@ -506,3 +519,15 @@ def test_the_interpreter_exit_waits_a_bounded_time_for_a_push(tmp_path):
     assert len(lines) == 3
     assert elapsed < 90  # imports and one step take ~15 s on a busy 2-core machine; a hang would never end
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_model_card_of_a_run_not_pushed_names_its_folder(tmp_path):
+    config = {"base_model_name_or_path": "google/flan-t5-small", "task_type": "SEQ_2_SEQ_LM", "target_modules": ["k"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "recipe.json").write_text(json.dumps({"name": "tiny", "training": {"output_dir": "outputs/tiny"}}))
+    card = huggingface_hub.ModelCard.load(write_model_card(tmp_path, tags=["my-tag"]))
+
+    assert card.text.lstrip().startswith("# tiny")
+    assert 'from_pretrained("outputs/tiny")' in card.text
+    assert card.data.tags == ["peft", "ia3", "ia3-trainer", "my-tag", "text2text-generation"]
+    assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, renamed over README.md
