@@ -103,11 +103,14 @@ def bound_hub_requests(timeout: float) -> None:
     from huggingface_hub.utils import _http  # the installed factory has no public getter (1.x and 2.x)
 
     with _FACTORY_LOCK:
-        installed = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+        installed = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or getattr(_http, "default_client_factory", None)
+        if installed is None:  # a huggingface_hub without these internals: bound the client it has now
+            _BoundedClientFactory(huggingface_hub.get_session, timeout)()
+            return
         if isinstance(installed, _BoundedClientFactory) and installed.timeout == timeout:
             return
         base = installed.base if isinstance(installed, _BoundedClientFactory) else installed
-        huggingface_hub.set_client_factory(_BoundedClientFactory(base or _http.default_client_factory, timeout))
+        huggingface_hub.set_client_factory(_BoundedClientFactory(base, timeout))
 
 
 def hub_offline() -> bool:

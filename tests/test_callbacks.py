@@ -457,21 +457,27 @@ def test_wait_is_bounded_and_cancel_gives_up(tiny, hub, tmp_path, staging_root):
 
 
 def test_hub_requests_get_a_timeout_unless_the_client_has_one(monkeypatch):
-    import httpx2 as httpx  # what huggingface_hub 2.4 uses (1.x: httpx)
     from huggingface_hub.utils import _http
 
-    monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", _http._GLOBAL_CLIENT_FACTORY)
+    def unbounded():  # huggingface_hub 2.4's own client (some 1.x releases set 10 s)
+        client = _http.default_client_factory()
+        client.timeout = None
+        return client
+
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", unbounded)  # restored after the test
     monkeypatch.setattr(_http, "_GLOBAL_CLIENT", None)
     bound_hub_requests(7.0)
-    assert huggingface_hub.get_session().timeout == httpx.Timeout(7.0)
-    bound_hub_requests(7.0)  # the same bound: the shared client is kept
     session = huggingface_hub.get_session()
+    assert (session.timeout.connect, session.timeout.read, session.timeout.write) == (7.0, 7.0, 7.0)
+    bound_hub_requests(7.0)  # the same bound: the shared client is kept
+    assert huggingface_hub.get_session() is session
     bound_hub_requests(3.0)
-    assert huggingface_hub.get_session() is not session and huggingface_hub.get_session().timeout == httpx.Timeout(3.0)
+    assert huggingface_hub.get_session() is not session and huggingface_hub.get_session().timeout.read == 3.0
 
-    huggingface_hub.set_client_factory(lambda: httpx.Client(timeout=httpx.Timeout(1.5)))  # a user's own client
+    client_class = type(session)  # httpx2.Client (huggingface_hub 2.x) or httpx.Client (1.x)
+    huggingface_hub.set_client_factory(lambda: client_class(timeout=1.5))  # a user's own client, with a timeout
     bound_hub_requests(7.0)
-    assert huggingface_hub.get_session().timeout == httpx.Timeout(1.5)
+    assert huggingface_hub.get_session().timeout.read == 1.5
     huggingface_hub.close_session()
 
 
