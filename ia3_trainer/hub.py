@@ -79,7 +79,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         timeout (`float`, *optional*):
             Seconds each request may take to connect, and each read or write to make progress. Defaults to
             `IA3_TRAINER_HUB_TIMEOUT` or 60. It applies to huggingface_hub's shared HTTP client (see
-            `bound_hub_requests`).
+            `ia3_trainer.upload.bound_hub_requests`).
         max_retries (`int`, *optional*, defaults to `3`):
             How many times a push that failed for a transient reason is tried again.
         backoff_seconds (`float`, *optional*, defaults to `2.0`):
