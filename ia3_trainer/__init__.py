@@ -22,7 +22,7 @@ def __getattr__(name):
 
         return IA3TrainingArguments
     if name == "PushAdapterToHubCallback":
-        from .callbacks import PushAdapterToHubCallback
+        from .hub import PushAdapterToHubCallback
 
         return PushAdapterToHubCallback
     raise AttributeError(f"module 'ia3_trainer' has no attribute {name!r}")

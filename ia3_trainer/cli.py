@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_commands(commands)
     push = commands.add_parser(
         "push", help="Push a finished run's adapter (never the base model) to the Hugging Face Hub.",
-        description="Push the adapter, tokenizer, recipe.json, metrics and a model card of OUTPUT_DIR to REPO_ID. "
-                    "The token comes from HF_TOKEN or `hf auth login`.",
+        description="Push the adapter, tokenizer, recipe.json, inference.json, metrics and a model card of "
+                    "OUTPUT_DIR to REPO_ID. OUTPUT_DIR is only read: the card and metrics.json are written into a "
+                    "temporary copy, which is uploaded. The token comes from HF_TOKEN or `hf auth login`. Each "
+                    "request to the Hub times out after IA3_TRAINER_HUB_TIMEOUT seconds (default 60).",
     )
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir or one of its checkpoint-* folders")
     push.add_argument("repo_id", metavar="REPO_ID", help="user/name of the adapter repo (created private if missing)")
@@ -197,36 +199,65 @@ def _train(recipe, resume: bool = False) -> int:
         paths = write_training_report(trainer, evaluation)
         if paths:
             print(_report_summary(read_json(paths[0], allow_nan=True), paths))
+        _wait_for_pushes(trainer)  # after the results: a Hub that never answers cannot keep them from being written
     return 0
 
 
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
-    from .callbacks import describe_push_error, push_adapter_folder
-    from .model_card import write_model_card
+    from .recipe import check_repo_id
+    from .upload import describe_push_error, push_adapter_folder, retry_advice
 
     folder = Path(output_dir)
+    problem = check_repo_id(repo_id)  # a malformed id, told apart from the Hub's own refusals (HTTP 400) below
+    if problem:
+        raise ValueError(f"REPO_ID: {problem}")
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
-    saved = load_saved_recipe(folder)
-    recipe = saved.to_dict() if saved is not None else None
+    load_saved_recipe(folder)  # the card reads recipe.json: a bad one fails here, in one line
     results = folder / "all_results.json"
-    metrics = read_json(results, allow_nan=True) if results.is_file() else {}
-    if not (folder / "metrics.json").is_file() and metrics:
-        (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2) + "\n", encoding="utf-8")
+    metrics = read_json(results, allow_nan=True) if results.is_file() else None
+    # push_adapter_folder uploads a staged copy (with the card and metrics.json) and removes it whatever happens:
+    # the folder is only read.
     try:
-        write_model_card(folder, repo_id=repo_id, metrics=metrics, recipe=recipe)
-        commit = push_adapter_folder(folder, repo_id, private=private, commit_message="Upload adapter")
-    except ValueError as error:  # a malformed repo id (huggingface_hub's validation errors are ValueErrors)
-        raise ValueError(f"REPO_ID: {first_line(error)}; use 'user/name'") from error
-    except Exception as error:  # HTTP refusals and the network's own errors (httpx, OSError) alike
+        commit = push_adapter_folder(folder, repo_id, private=private, metrics=metrics,
+                                     commit_message="Upload adapter")
+    except KeyboardInterrupt:
+        print(redact(f"ia3-trainer: interrupted: the push to {repo_id} did not finish; {folder} is unchanged; run the "
+                     "same command again to push it"), file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # HTTP refusals, timeouts and the network's own errors (httpx, OSError) alike
         raise ValueError(
-            f"REPO_ID: could not push {folder} to {repo_id}: {describe_push_error(error)}; check the network and "
-            "that HF_TOKEN has write access, then run the same command again (the local copy is untouched)"
+            f"could not push {folder} to {repo_id}: {describe_push_error(error)}; {retry_advice(error)} (nothing in "
+            f"{folder} was changed)"
         ) from error
     print(f"Pushed {folder} to {commit.commit_url}")
     return 0
+
+
+def _wait_for_pushes(trainer) -> None:
+    """The end of `train`, after results and report are written: wait, bounded and saying so, for the pushes the
+    hub callback still runs in the background; then name the commit of the final adapter."""
+    from .hub import PushAdapterToHubCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if not isinstance(callback, PushAdapterToHubCallback):
+            continue
+        line = None
+        try:
+            if callback.pending:
+                print(f"ia3-trainer: waiting up to {callback.wait_limit:g} s for Hub repo {callback.repo_id}: "
+                      f"{'; '.join(callback.pending)} (Ctrl-C stops waiting)", flush=True)
+                if not callback.wait(timeout=callback.wait_limit):
+                    line = callback.cancel(f"Stopped waiting after {callback.wait_limit:g} s")
+        except KeyboardInterrupt:
+            print(f"ia3-trainer: {callback.cancel('Interrupted') or 'interrupted'}", file=sys.stderr)
+            raise SystemExit(130) from None
+        if line:
+            print(f"ia3-trainer: {line}", file=sys.stderr)
+        elif callback.final_commit:
+            print(f"Pushed the adapter to {callback.final_commit}")
 
 
 def _init(args) -> int:

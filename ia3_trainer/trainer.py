@@ -16,6 +16,7 @@ from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
 from .guard import NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
+from .model_card import card_metrics, write_model_card
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .runs import claim_output_dir, no_checkpoint_error
 from .training_args import IA3TrainingArguments
@@ -103,7 +104,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             # logits for the whole eval set is what keeps evaluation memory flat.
             logger.info("IA3Seq2SeqTrainer evaluates by generation; setting predict_with_generate=True")
             args.predict_with_generate = True
-        from .callbacks import PushAdapterToHubCallback
+        from .hub import PushAdapterToHubCallback
 
         if args.push_to_hub and any(isinstance(cb, PushAdapterToHubCallback) for cb in kwargs.get("callbacks") or []):
             # One rule: a PushAdapterToHubCallback owns pushing; Trainer's own push would upload the same folder
@@ -248,7 +249,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         """Callbacks the recipe asks for: a [`PushAdapterToHubCallback`] when `hub.repo_id` is set."""
         if recipe.hub.repo_id is None:
             return []
-        from .callbacks import PushAdapterToHubCallback
+        from .hub import PushAdapterToHubCallback
 
         return [PushAdapterToHubCallback(recipe.hub.repo_id, private=recipe.hub.private, strategy=recipe.hub.strategy)]
 
@@ -380,12 +381,16 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         if not self.args.should_save:  # Trainer calls _save on every process; one writes per machine or run
             return super()._save(output_dir, state_dict)
         # Everything goes to a staging folder first and replaces the previous files only once written (a full disk
-        # leaves the previous adapter and its metadata as they were); recipe.json and inference.json go last.
+        # leaves the previous adapter and its metadata as they were); recipe.json, inference.json and the card last.
         with self.atomic_checkpoints.staged(output_dir or self.args.output_dir) as staging:
             super()._save(str(staging), state_dict)
             if self.recipe is not None:
                 write_json(staging / "recipe.json", self.recipe.to_dict())
             write_json(staging / INFERENCE_FILE, self.inference_settings())
+            # Our card replaces the generic README.md that peft's save_pretrained just wrote: one card, the one a
+            # push uploads (it writes this card again, for the repo pushed to).
+            write_model_card(staging, recipe=self.recipe.to_dict() if self.recipe is not None else {},
+                             metrics=card_metrics(self.state.log_history), tags=self._tag_names)
 
     def inference_settings(self) -> dict:
         """What `inference.json` holds: the label set, the generation bound, and how sources were encoded

@@ -11,6 +11,8 @@ Example:
 >>> with HubServer() as server:
 ...     HfApi(endpoint=server.endpoint, token=FAKE_TOKEN).create_repo("alice/adapter")
 ...     server.fail_next(2)  # the next two POST/PUT requests answer 500
+...     server.fail_next(1, status=400, echo_headers=True)  # an error whose message repeats the request's headers
+...     server.hang = True  # accept every connection and never answer (until the server stops)
 """
 
 import base64
@@ -52,6 +54,7 @@ def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN, as_default: boo
 
     huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET once, into `constants`, when it is imported, and
     `is_xet_available()` and `HfApi()` read those constants: the variables alone come too late for this process.
+    The same goes for HF_HUB_OFFLINE, which is turned off here.
     With hf_xet installed and Xet on, uploads and downloads would go to a Xet storage server, which the fake Hub is
     not. `as_default` also makes `endpoint` the default one (`constants.ENDPOINT`), for code that passes none, such
     as a callback built from a recipe; downloads then need `endpoint=` left out too (hf_hub_url swaps the endpoint
@@ -63,6 +66,10 @@ def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN, as_default: boo
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    # The fake Hub is a server like any other: whoever runs the suite with HF_HUB_OFFLINE=1 set, these tests talk
+    # to it (huggingface_hub read the variable into `constants` when it was imported; subprocesses read the variable).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     if as_default:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
 
@@ -98,6 +105,8 @@ class HubServer:
             `files` the `{path: bytes}` the commit added.
         requests (`list[dict]`): every request: `{"method", "path", "headers", "body", "status"}`, header names
             in lower case.
+        hang (`bool`): when true, every request is read and never answered until the server stops (then its
+            connection is closed): a Hub that accepts connections and never answers.
     """
 
     def __init__(self, tokens: set[str] | None = None):
@@ -109,6 +118,9 @@ class HubServer:
         self._fail_count = 0
         self._fail_status = 500
         self._fail_path = ""
+        self._fail_echo = False
+        self.hang = False
+        self.released = threading.Event()  # set when the server stops: hanging requests end then
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
@@ -121,14 +133,18 @@ class HubServer:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.released.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
 
-    def fail_next(self, count: int, status: int = 500, path: str = "") -> None:
-        """Answer the next `count` write requests (POST or PUT) whose path contains `path` with `status`."""
+    def fail_next(self, count: int, status: int = 500, path: str = "", echo_headers: bool = False) -> None:
+        """Answer the next `count` write requests (POST or PUT) whose path contains `path` with `status`; with
+        `echo_headers`, the error message repeats the request's headers, `Authorization` included (as some proxies
+        and misconfigured servers do)."""
         with self.lock:
             self._fail_count, self._fail_status, self._fail_path = count, status, path
+            self._fail_echo = echo_headers
 
     def repo_files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """The files of `repo_id` at `revision`."""
@@ -209,8 +225,16 @@ class _Handler(BaseHTTPRequestHandler):
             fail = self.command in ("POST", "PUT") and hub._fail_count > 0 and hub._fail_path in path
             if fail:
                 hub._fail_count -= 1
+        if hub.hang:
+            hub.released.wait()
+            self.close_connection = True
+            return
         try:
-            if fail:
+            if fail and hub._fail_echo:
+                headers = {key: value for key, value in self.headers.items() if key.lower() != "authorization"}
+                echo = f"Bad request with Authorization: {self.headers.get('Authorization')}; headers: {headers}"
+                self._error(hub._fail_status, echo)
+            elif fail:
                 self._error(hub._fail_status, "Internal Error - We're working hard to fix this as soon as possible!")
             elif self._auth_error(path):
                 self._error(401, "Invalid credentials in Authorization header")

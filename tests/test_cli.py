@@ -102,7 +102,7 @@ def test_validate_builds_no_trainer_callback_or_model(tmp_path, monkeypatch, cap
     import peft
     import transformers
 
-    from ia3_trainer.callbacks import PushAdapterToHubCallback
+    from ia3_trainer.hub import PushAdapterToHubCallback
     from ia3_trainer.trainer import IA3Seq2SeqTrainer
 
     def refuse(self, *args, **kwargs):  # not a ValueError/TypeError, which validate or the CLI would turn into a line

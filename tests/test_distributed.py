@@ -42,7 +42,7 @@ def test_two_processes_train_one_adapter_and_count_each_eval_example_once(tmp_pa
                "--dynamo_backend", "no",
                "-m", "ia3_trainer", "train", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
-           "HF_HUB_DISABLE_XET": "1"}
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}  # the fake Hub is reachable whatever the caller set
     try:
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     finally:

@@ -1,14 +1,22 @@
 """Pushing from a recipe (`hub.repo_id`) and with `ia3-trainer push`, against the fake Hub on 127.0.0.1."""
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
+import huggingface_hub
 import pytest
 from transformers import Seq2SeqTrainingArguments
 
 from ia3_trainer import IA3Seq2SeqTrainer, PushAdapterToHubCallback
 from ia3_trainer.cli import main
 
-from conftest import tiny_recipe
+from conftest import REPO, tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 
 
@@ -22,16 +30,46 @@ def hub(monkeypatch):
         yield server
 
 
-def test_recipe_with_hub_repo_id_pushes_the_adapter(hub, tmp_path):
+@pytest.fixture
+def staging_root(tmp_path, monkeypatch):
+    """The temporary folder pushes stage their uploads in: each test checks that nothing is left there."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A finished run of the tiny recipe (1 step), its output_dir."""
+    IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1})).train()
+    out = tmp_path / "out"
+    (out / "all_results.json").write_text(json.dumps({"eval_label_accuracy": 0.5}))
+    return out
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its content hash and modification time: what "left unchanged" compares."""
+    return {str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def hub_callback(trainer) -> PushAdapterToHubCallback:
+    [callback] = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PushAdapterToHubCallback)]
+    return callback
+
+
+def test_recipe_with_hub_repo_id_pushes_the_adapter(hub, tmp_path, staging_root):
     raw = tiny_recipe(tmp_path, **{"hub.repo_id": REPO_ID, "training.max_steps": 3})
     trainer = IA3Seq2SeqTrainer.from_recipe(raw)
-    assert any(isinstance(cb, PushAdapterToHubCallback) for cb in trainer.callback_handler.callbacks)
+    callback = hub_callback(trainer)
     trainer.train()
+    assert callback.wait(timeout=60) and callback.failures == []
     commits = [c for c in hub.commits if c["repo_id"] == REPO_ID]
     assert commits and commits[-1]["message"] == "Upload final adapter (step 3)"
     files = hub.repo_files(REPO_ID)
-    assert {"adapter_config.json", "adapter_model.safetensors", "recipe.json", "metrics.json", "README.md",
-            "tokenizer.json"} <= set(files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "recipe.json", "inference.json", "metrics.json",
+            "README.md", "tokenizer.json"} <= set(files)
     assert not any(name.startswith("base-model") or name.endswith(("model.safetensors.index.json", ".bin"))
                    for name in files if name != "adapter_model.safetensors")
     for content in files.values():
@@ -39,35 +77,224 @@ def test_recipe_with_hub_repo_id_pushes_the_adapter(hub, tmp_path):
     assert json.loads(files["recipe.json"])["hub"]["repo_id"] == REPO_ID
     # The final push is the folder the trainer saved after training (every process takes part in that save).
     out = tmp_path / "out"
-    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
-    assert files["adapter_config.json"] == (out / "adapter_config.json").read_bytes()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "inference.json"):
+        assert files[name] == (out / name).read_bytes()
+    # One card, ours: the trainer replaced peft's generic README.md in the run folder, and that card is the one pushed.
+    assert files["README.md"] == (out / "README.md").read_bytes()
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert card.data.tags == ["peft", "ia3", "ia3-trainer", "text2text-generation"]  # with the trainer's _tag_names
+    assert f"# {REPO_ID}" in card.text and "1,280" in card.text and "| train_loss |" in card.text
+    assert "Model Card for Model ID" not in card.text
+    assert not (out / "metrics.json").exists()  # metrics.json exists in the staging copy only
+    assert list(staging_root.iterdir()) == []
 
 
-def test_cli_push_of_a_finished_run(hub, tmp_path, capsys):
-    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1}))
+def test_epoch_strategy_through_a_recipe_pushes_each_epochs_checkpoint(hub, tmp_path, staging_root):
+    raw = tiny_recipe(tmp_path, **{"hub.repo_id": REPO_ID, "hub.strategy": "epoch", "training.max_steps": -1,
+                                   "training.num_train_epochs": 2, "training.save_strategy": "epoch",
+                                   "data.max_train_samples": 16})
+    trainer = IA3Seq2SeqTrainer.from_recipe(raw)
+    callback = hub_callback(trainer)
+    assert callback.strategy == "epoch"
     trainer.train()
-    out = tmp_path / "out"
-    (out / "all_results.json").write_text(json.dumps({"eval_label_accuracy": 0.5}))
-    assert main(["push", str(out), REPO_ID]) == 0
-    assert f"Pushed {out} to " in capsys.readouterr().out
+    assert callback.wait(timeout=60) and callback.failures == []
+
+    assert [c["message"] for c in hub.commits] == [
+        "Upload adapter at epoch 1 (step 2)", "Upload adapter at epoch 2 (step 4)", "Upload final adapter (step 4)",
+    ]
+    # Each epoch's push is the checkpoint the trainer saved at that step, whole: recipe and inference settings too.
+    first = hub.commits[0]["files"]
+    assert {"adapter_model.safetensors", "recipe.json", "inference.json", "README.md", "metrics.json"} <= set(first)
+    assert json.loads(first["metrics.json"])["global_step"] == 2
+    assert json.loads(first["inference.json"])["label_names"] == ["negative", "neutral", "positive"]
+    # The checkpoints keep only what the trainer wrote (the push wrote its metrics.json into the staging copy).
+    assert not any((checkpoint / "metrics.json").exists() for checkpoint in (tmp_path / "out").glob("checkpoint-*"))
+    assert list(staging_root.iterdir()) == []
+
+
+def test_cli_train_prints_the_commit_of_the_final_push(hub, tmp_path, capsys, staging_root):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(tiny_recipe(tmp_path, **{"hub.repo_id": REPO_ID, "training.max_steps": 2})))
+    assert main(["train", str(path)]) == 0
+    [final] = [c for c in hub.commits if c["message"] == "Upload final adapter (step 2)"]
+    assert f"Pushed the adapter to {hub.endpoint}/{REPO_ID}/commit/{final['oid']}" in capsys.readouterr().out
+    assert list(staging_root.iterdir()) == []
+
+
+def test_cli_push_of_a_finished_run_leaves_the_folder_as_it_was(hub, run, capsys, staging_root):
+    # The card and metrics.json go to a staging copy: nothing in the run folder is written, even its mtimes.
+    (run / "README.md").write_text("# a stale card of an earlier push\n")
+    (run / "metrics.json").write_text('{"metrics": {"from": "an earlier run"}}\n')
+    before = snapshot(run)
+    assert main(["push", str(run), REPO_ID]) == 0
+    assert snapshot(run) == before
+    assert list(staging_root.iterdir()) == []
+    out = capsys.readouterr().out
+    assert f"Pushed {run} to {hub.endpoint}/{REPO_ID}/commit/{hub.commits[-1]['oid']}" in out
     files = hub.repo_files(REPO_ID)
     assert b"library_name: peft" in files["README.md"] and b"AutoPeftModelForSeq2SeqLM" in files["README.md"]
-    assert "recipe.json" in files and "base-model/model.safetensors" not in files
+    assert f'from_pretrained("{REPO_ID}")'.encode() in files["README.md"] and b"stale" not in files["README.md"]
+    assert json.loads(files["metrics.json"]) == {"metrics": {"eval_label_accuracy": 0.5}}
+    assert "recipe.json" in files and "inference.json" in files and "base-model/model.safetensors" not in files
 
 
-def test_cli_push_with_the_hub_down_exits_2_and_keeps_the_adapter(tmp_path, monkeypatch, capsys):
+def test_cli_push_with_the_hub_down_exits_2_and_keeps_the_folder(run, monkeypatch, capsys, staging_root):
     use_hub(monkeypatch, closed_endpoint(), as_default=True)
-    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1}))
-    trainer.train()
-    out = tmp_path / "out"
+    before = snapshot(run)
     capsys.readouterr()  # drop the training progress bars
     with pytest.raises(SystemExit) as info:
-        main(["push", str(out), REPO_ID])
+        main(["push", str(run), REPO_ID])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"ia3-trainer: error: REPO_ID: could not push {out} to {REPO_ID}: ")
+    assert err.startswith(f"ia3-trainer: error: could not push {run} to {REPO_ID}: ConnectError: ")
     assert "run the same command again" in err and err.count("\n") == 1
-    assert (out / "adapter_model.safetensors").is_file()
+    assert snapshot(run) == before
+    assert list(staging_root.iterdir()) == []
+
+
+def test_cli_push_of_a_malformed_repo_id_is_refused_before_any_request(hub, run, capsys):
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(run), "alice/bad--name"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("ia3-trainer: error: REPO_ID: ")
+    assert hub.requests == [] and snapshot(run) == before
+
+
+def test_cli_push_reports_the_hubs_400_without_the_token(hub, run, capsys, staging_root):
+    """A 400 is the Hub's refusal, not a bad repo id; its message echoes the Authorization header: redacted."""
+    before = snapshot(run)
+    capsys.readouterr()
+    hub.fail_next(1, status=400, echo_headers=True)
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(run), REPO_ID])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith(f"ia3-trainer: error: could not push {run} to {REPO_ID}: HTTP 400 for POST ")
+    assert "Authorization: Bearer ***" in err and "REPO_ID" not in err and err.count("\n") == 1
+    assert FAKE_TOKEN not in captured.out + err
+    assert snapshot(run) == before
+    assert list(staging_root.iterdir()) == []
+
+
+def test_cli_push_in_offline_mode_fails_at_once(hub, run, monkeypatch, capsys, staging_root):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(run), REPO_ID])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"ia3-trainer: error: could not push {run} to {REPO_ID}: HF_HUB_OFFLINE is set, so nothing may reach the Hub; "
+        f"unset HF_HUB_OFFLINE (or set it to 0) and run the same command again (nothing in {run} was changed)\n"
+    )
+    assert hub.requests == []
+    assert list(staging_root.iterdir()) == []
+
+
+def test_cli_push_to_a_hub_that_never_answers_ends_in_bounded_time(hub, run, monkeypatch, capsys, staging_root):
+    hub.hang = True
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", "1")
+    before = snapshot(run)
+    capsys.readouterr()
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(run), REPO_ID])
+    assert time.monotonic() - start < 30
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ia3-trainer: error: could not push {run} to {REPO_ID}: the Hub did not answer within 1 s")
+    assert err.count("\n") == 1
+    assert snapshot(run) == before
+    assert list(staging_root.iterdir()) == []
+
+
+def test_cli_train_writes_its_results_then_waits_a_bounded_time_for_the_push(hub, tmp_path, monkeypatch, capsys):
+    hub.hang = True
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", "1")
+    raw = tiny_recipe(tmp_path, **{"hub.repo_id": REPO_ID, "training.max_steps": -1, "training.eval_strategy": "epoch",
+                                   "data.max_train_samples": 16})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    start = time.monotonic()
+    assert main(["train", str(path)]) == 0
+    assert time.monotonic() - start < 30  # training takes a few seconds, the wait 5 (5 request timeouts)
+
+    out = tmp_path / "out"
+    assert (out / "all_results.json").is_file() and (out / "eval_report.json").is_file()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    waiting = next(i for i, line in enumerate(lines) if line.startswith("ia3-trainer: waiting up to 5 s"))
+    assert lines[waiting] == (f"ia3-trainer: waiting up to 5 s for Hub repo {REPO_ID}: create the repo; Upload final "
+                              "adapter (step 2) (Ctrl-C stops waiting)")
+    assert any(line.startswith("report: ") for line in lines[:waiting])  # the results came first
+    stopped = [line for line in captured.err.splitlines() if line.startswith("ia3-trainer: ")]
+    assert len(stopped) == 1 and stopped[0].startswith(f"ia3-trainer: Stopped waiting after 5 s: 1 push(es) to Hub "
+                                                       f"repo {REPO_ID} did not finish")
+    assert stopped[0].endswith(f"push it later with: ia3-trainer push {out} {REPO_ID}")
+
+
+def _launch(command, hub, tmp_path, timeout_s: str):
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_OFFLINE": "0", "IA3_TRAINER_HUB_TIMEOUT": timeout_s, "TMPDIR": str(tmp_path / "tmp"),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ia3_trainer", *command], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_train_waits_for_the_push_exits_at_once_with_one_line(tmp_path):
+    with HubServer() as hub:
+        hub.hang = True
+        raw = tiny_recipe(tmp_path, **{"hub.repo_id": REPO_ID, "data.max_train_samples": 16, "training.max_steps": -1,
+                                       "training.disable_tqdm": True})
+        (tmp_path / "recipe.json").write_text(json.dumps(raw))
+        process = _launch(["train", str(tmp_path / "recipe.json")], hub, tmp_path, "60")
+        try:
+            for line in process.stdout:  # the wait starts once the results are written
+                if line.startswith("ia3-trainer: waiting up to 300 s"):
+                    break
+            process.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            out, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert time.monotonic() - start < 10
+    assert process.returncode == 130
+    lines = [line for line in err.splitlines() if line.startswith("ia3-trainer: ")]
+    out = tmp_path / "out"
+    assert lines == [f"ia3-trainer: Interrupted: 1 push(es) to Hub repo {REPO_ID} did not finish (Upload final "
+                     f"adapter (step 2)). The adapter is saved in {out}; push it later with: ia3-trainer push {out} "
+                     f"{REPO_ID}"]
+    assert "Traceback" not in err
+    assert (tmp_path / "out" / "all_results.json").is_file()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_cli_push_exits_at_once_and_removes_its_staging_copy(run, tmp_path):
+    before = snapshot(run)
+    with HubServer() as hub:
+        hub.hang = True
+        process = _launch(["push", str(run), REPO_ID], hub, tmp_path, "60")
+        try:
+            deadline = time.monotonic() + 60
+            while not hub.requests and time.monotonic() < deadline:  # the push is under way: the Hub got a request
+                time.sleep(0.1)
+            assert list((tmp_path / "tmp").iterdir()) != []  # its staging copy
+            process.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            out, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert time.monotonic() - start < 10
+    assert process.returncode == 130
+    assert err == (f"ia3-trainer: interrupted: the push to {REPO_ID} did not finish; {run} is unchanged; run the same "
+                   "command again to push it\n")
+    assert snapshot(run) == before
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_cli_push_needs_an_adapter(tmp_path, capsys):

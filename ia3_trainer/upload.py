@@ -1,0 +1,343 @@
+"""Push an adapter folder to the Hugging Face Hub: an allow-list of files, a staging copy, bounded requests, and errors
+with no token in them.
+
+A push never writes into the folder it pushes: it copies the allow-listed files (`ADAPTER_FILE_PATTERNS`) into a
+temporary staging folder, writes the model card (`README.md`, for the repo pushed to) and `metrics.json` there,
+uploads that folder and always removes it. Every request to the Hub has a timeout (`IA3_TRAINER_HUB_TIMEOUT`
+seconds, 60 by default, to connect and for each read or write), and every message about a push goes through
+`errors.redact`: a server's error can echo the request's `Authorization` header. `ia3-trainer push` runs
+[`push_adapter_folder`]; [`~ia3_trainer.hub.PushAdapterToHubCallback`] stages and uploads in the background.
+"""
+
+import fnmatch
+import math
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from ._schema import write_json
+from .checkpoints import INFERENCE_FILE
+from .errors import redact, shorten
+from .model_card import CARD_FILE, card_metrics, card_tags, write_model_card
+from .recipe import check_repo_id
+
+
+TIMEOUT_VARIABLE = "IA3_TRAINER_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+
+# Everything a pushed adapter repo holds. Anything else in the folder (base weights, optimizer.pt, scheduler.pt,
+# rng_state*.pth, training_args.bin, trainer_state.json) stays local.
+ADAPTER_FILE_PATTERNS = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "*.model",  # sentencepiece: spiece.model (T5), sentencepiece.bpe.model
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "recipe.json",
+    INFERENCE_FILE,
+    "metrics.json",
+    CARD_FILE,
+]
+# Written into the staging folder by each push, never copied from the folder pushed: peft's generic card and a
+# metrics.json of an earlier run must not reach the Hub.
+GENERATED_FILES = (CARD_FILE, "metrics.json")
+
+
+def request_timeout(timeout: float | None = None) -> float:
+    """Seconds each Hub request may take to connect, and each read or write of it to make progress: `timeout`, else
+    `IA3_TRAINER_HUB_TIMEOUT`, else 60. A slow upload that keeps moving is not cut."""
+    where = "timeout"
+    if timeout is None:
+        text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+        if not text:
+            return DEFAULT_TIMEOUT
+        where = TIMEOUT_VARIABLE
+        try:
+            timeout = float(text)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_VARIABLE}: expected a number of seconds such as 60, got {text!r}") from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"{where}: expected a number of seconds above 0, such as 60, got {timeout!r}")
+    return float(timeout)
+
+
+class _BoundedClientFactory:
+    """Builds huggingface_hub's shared HTTP client with the installed factory, then gives it `timeout` unless that
+    factory already set one."""
+
+    def __init__(self, base, timeout: float):
+        self.base, self.timeout = base, timeout
+
+    def __call__(self):
+        client = self.base()
+        bounds = client.timeout
+        if all(getattr(bounds, name, None) is None for name in ("connect", "read", "write", "pool")):
+            client.timeout = self.timeout  # httpx turns a number into the same bound for each phase
+        return client
+
+
+_FACTORY_LOCK = threading.Lock()
+
+
+def bound_hub_requests(timeout: float) -> None:
+    """Give every request huggingface_hub sends through its shared HTTP client a timeout of `timeout` seconds.
+
+    huggingface_hub 2.4 builds that client with `timeout=None` (some 1.x releases with 10 s) and sends
+    `create_repo`, the README check, `preupload`, the LFS calls and `commit` without a timeout of their own: a Hub
+    that accepts the connection and never answers blocked a push for ever. This wraps the installed client factory
+    (`set_client_factory`; a client someone configured with a timeout keeps it), so a client huggingface_hub builds
+    again after a connection error is bounded too. Downloads that pass their own timeout are unaffected. Uploads
+    through Xet (`hf_xet`) use that package's own network code and timeouts.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import _http  # the installed factory has no public getter (1.x and 2.x)
+
+    with _FACTORY_LOCK:
+        installed = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or getattr(_http, "default_client_factory", None)
+        if installed is None:  # a huggingface_hub without these internals: bound the client it has now
+            _BoundedClientFactory(huggingface_hub.get_session, timeout)()
+            return
+        if isinstance(installed, _BoundedClientFactory) and installed.timeout == timeout:
+            return
+        base = installed.base if isinstance(installed, _BoundedClientFactory) else installed
+        huggingface_hub.set_client_factory(_BoundedClientFactory(base, timeout))
+
+
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` (read by huggingface_hub when it is imported) forbids every request to the Hub."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def push_adapter_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = True,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str = "Upload adapter with ia3-trainer",
+    metrics: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """Create `repo_id` if needed and upload the adapter of `folder` to it in one commit, synchronously.
+
+    Only the files in `ADAPTER_FILE_PATTERNS` are uploaded, never base model weights or optimizer state. They are
+    copied to a temporary folder, with the model card for `repo_id` and `metrics.json` written there; `folder` is
+    only read, and the copy is removed whatever happens (an error, a timeout, Ctrl-C). This is what
+    `ia3-trainer push OUTPUT_DIR REPO_ID` runs.
+
+    Args:
+        folder (`str` or `Path`):
+            An adapter folder: the `output_dir` of a run or one of its `checkpoint-*` folders.
+        repo_id (`str`):
+            Hub repo to push to, `user/name`.
+        private (`bool`, *optional*, defaults to `True`):
+            Whether a repo created here is private. An existing repo keeps its visibility.
+        token (`str`, *optional*):
+            Hub token with write access. Defaults to `HF_TOKEN` or the token saved by `hf auth login`.
+        endpoint (`str`, *optional*):
+            Hub URL. Defaults to `HF_ENDPOINT` or https://huggingface.co.
+        commit_message (`str`, *optional*, defaults to `"Upload adapter with ia3-trainer"`):
+            Summary of the commit.
+        metrics (`dict[str, Any]`, *optional*):
+            Final metrics (such as the run's `all_results.json`): uploaded as `metrics.json` and listed in the card.
+        timeout (`float`, *optional*):
+            Seconds each request may wait for the Hub; defaults to `IA3_TRAINER_HUB_TIMEOUT` or 60.
+
+    Returns:
+        [`~huggingface_hub.CommitInfo`]: the commit made (or, when no file changed, the latest one).
+
+    Raises:
+        `ValueError`: `repo_id` is not `user/name`.
+        `FileNotFoundError`: `folder` holds no `adapter_config.json`.
+        [`~huggingface_hub.errors.HfHubHTTPError`], `OSError` or an `httpx` error: the Hub refused the push or could
+        not be reached in time; the message holds no token.
+
+    Example:
+
+    >>> push_adapter_folder("outputs/phrasebank", "alice/flan-t5-small-ia3-phrasebank")
+    CommitInfo(commit_url='https://huggingface.co/alice/flan-t5-small-ia3-phrasebank/commit/...', ...)
+    """
+    problem = check_repo_id(repo_id) if isinstance(repo_id, str) else f"expected a str, got {type(repo_id).__name__}"
+    if problem:
+        raise ValueError(f"repo_id: {problem}")
+    timeout = request_timeout(timeout)
+    staging = stage_adapter(
+        Path(folder), repo_id, metrics={"metrics": metrics} if metrics else None, results=card_metrics([metrics or {}])
+    )
+    try:
+        return upload_staged(
+            staging, repo_id, private=private, token=token, endpoint=endpoint, commit_message=commit_message,
+            timeout=timeout,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage_adapter(
+    folder: Path | None,
+    repo_id: str,
+    *,
+    metrics: dict[str, Any] | None,
+    results: dict[str, Any],
+    save=None,
+    recipe_folder: Path | None = None,
+) -> Path:
+    """A new temporary folder holding what a push of `folder` uploads: its allow-listed files (or what `save(path)`
+    writes), `recipe.json` and `inference.json` from `recipe_folder` when it has none, `metrics` as `metrics.json`,
+    and the model card for `repo_id` listing `results`. The caller removes it."""
+    if folder is not None and not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: no adapter_config.json, so there is no adapter to push; pass the output_dir of a finished "
+            "run or one of its checkpoint-* folders"
+        )
+    staging = Path(tempfile.mkdtemp(prefix="ia3-trainer-push-"))
+    try:
+        if save is not None:
+            save(staging)
+            for name in GENERATED_FILES:  # peft's save_pretrained writes its own README.md
+                (staging / name).unlink(missing_ok=True)
+        else:
+            for path in folder.iterdir():
+                if path.name not in GENERATED_FILES and path.is_file() and _allowed(path.name):
+                    shutil.copy2(path, staging / path.name)
+        for name in ("recipe.json", INFERENCE_FILE):  # a checkpoint or an epoch snapshot shows its run's files too
+            if recipe_folder is not None and not (staging / name).exists() and (recipe_folder / name).is_file():
+                shutil.copy2(recipe_folder / name, staging / name)
+        if metrics:
+            write_json(staging / "metrics.json", metrics)
+        tags = card_tags(folder) if folder is not None else None
+        write_model_card(staging, repo_id=repo_id, metrics=results, tags=tags)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def create_repo(repo_id: str, *, private: bool, token: str | None, endpoint: str | None, timeout: float) -> None:
+    """Create `repo_id` on the Hub unless it exists, each request bounded by `timeout`; an error raised holds no
+    token."""
+    _api(token, endpoint, timeout, lambda api: api.create_repo(repo_id, private=private, exist_ok=True))
+
+
+def upload_staged(
+    staging: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    token: str | None,
+    endpoint: str | None,
+    commit_message: str,
+    timeout: float,
+) -> Any:
+    """Create the repo if needed and upload every allow-listed file of `staging` in one commit, each request bounded
+    by `timeout`. An error raised holds no token (`errors.redact` is applied to it and the errors it chains)."""
+
+    def upload(api):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=staging, allow_patterns=ADAPTER_FILE_PATTERNS, commit_message=commit_message
+        )
+
+    return _api(token, endpoint, timeout, upload)
+
+
+def _api(token: str | None, endpoint: str | None, timeout: float, call):
+    from huggingface_hub import HfApi
+
+    bound_hub_requests(timeout)
+    try:
+        return call(HfApi(endpoint=endpoint, token=token, library_name="ia3-trainer", library_version=__version__))
+    except Exception as error:
+        _scrub(error, token)
+        raise
+
+
+def describe_push_error(err: BaseException, limit: int = 300, timeout: float | None = None,
+                        token: str | None = None) -> str:
+    """`err` as one short line with no token in it (`errors.redact`, before it is cut to `limit`): for an HTTP
+    error, the status, the request and the Hub's own message (which can echo the request's headers); for a
+    timeout, the limit; for offline mode, that `HF_HUB_OFFLINE` is set."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_offline_error(err):
+        return "HF_HUB_OFFLINE is set, so nothing may reach the Hub"
+    if _is_timeout(err):
+        seconds = timeout if timeout is not None else request_timeout()
+        return (f"the Hub did not answer within {seconds:g} s ({type(err).__name__}; {TIMEOUT_VARIABLE} sets this "
+                "limit)")
+    if not isinstance(err, HfHubHTTPError) or getattr(err, "response", None) is None:
+        return shorten(redact(f"{type(err).__name__}: {err}", token), limit)
+    request = err.response.request
+    text = f"HTTP {err.response.status_code} for {request.method} {request.url}"
+    text += f": {err.server_message}" if err.server_message else ""
+    if err.response.status_code in (401, 403):
+        text += " (check that the token, HF_TOKEN or the one saved by `hf auth login`, may write to this repo)"
+    return shorten(redact(text, token), limit)
+
+
+def retry_advice(err: BaseException) -> str:
+    """What to do before running the same push again."""
+    if is_offline_error(err) or hub_offline():
+        return "unset HF_HUB_OFFLINE (or set it to 0) and run the same command again"
+    if _is_timeout(err):
+        return f"check the network (or raise {TIMEOUT_VARIABLE}) and run the same command again"
+    return "check the network and that HF_TOKEN may write to the repo, then run the same command again"
+
+
+def _allowed(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in ADAPTER_FILE_PATTERNS)
+
+
+def is_offline_error(err: BaseException) -> bool:
+    from huggingface_hub import errors
+
+    offline = getattr(errors, "OfflineModeIsEnabled", None)
+    return offline is not None and isinstance(err, offline)
+
+
+def _is_timeout(err: BaseException) -> bool:
+    # httpx's (and httpx2's) TimeoutException is no TimeoutError; its name is the same in both.
+    return isinstance(err, TimeoutError) or any(cls.__name__ == "TimeoutException" for cls in type(err).__mro__)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether trying the same push again may work: network trouble or a server-side error, not a refusal."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_offline_error(err):
+        return False
+    if isinstance(err, HfHubHTTPError) and getattr(err, "response", None) is not None:
+        status = err.response.status_code
+        return status >= 500 or status in (408, 429)
+    # A missing adapter_config.json (FileNotFoundError) or invalid card metadata (ValueError) will not fix itself.
+    return not isinstance(err, (FileNotFoundError, ValueError))
+
+
+def _scrub(error: BaseException, *secrets: str | None) -> None:
+    """Take every token out of `error`'s message and the messages of the errors it chains, in place: the caller
+    re-raises it, and a traceback prints them."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.args = tuple(redact(arg, *secrets) if isinstance(arg, str) else arg for arg in error.args)
+        for name in ("server_message", "strerror"):
+            value = getattr(error, name, None)
+            if isinstance(value, str):
+                try:
+                    setattr(error, name, redact(value, *secrets))
+                except AttributeError:
+                    pass
+        error = error.__cause__ or error.__context__
