@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 
+from . import network
 from .errors import first_line
 from .recipe import ModelSection, RecipeError
 
@@ -23,13 +25,11 @@ def load_tokenizer(model: ModelSection, key: str | None = None):
 
     name = model.tokenizer_name_or_path or model.name_or_path
     key = key or ("model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.name_or_path")
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise RecipeError(
-            f"{key}: cannot load a tokenizer from {name!r}: {first_line(error)}; check the id and the network, or "
-            "point it at a local folder"
-        ) from error
+    return _from_hub_or_cache(
+        lambda **cache: AutoTokenizer.from_pretrained(
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code, **cache
+        ), name, key, "a tokenizer",
+    )
 
 
 def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_path"):
@@ -40,22 +40,43 @@ def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_pa
 
     dtype = model.dtype if model.dtype == "auto" else getattr(torch, model.dtype)
     common = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
-    try:
+
+    def load(**cache):
         if model.init == "random":
-            config = AutoConfig.from_pretrained(model.name_or_path, **common)
+            config = AutoConfig.from_pretrained(model.name_or_path, **common, **cache)
             set_seed(seed)
-            base = AutoModelForSeq2SeqLM.from_config(
+            return AutoModelForSeq2SeqLM.from_config(
                 config, trust_remote_code=model.trust_remote_code, dtype=None if dtype == "auto" else dtype
             )
-        else:
-            base = AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common)
-    except (OSError, ValueError) as error:
-        raise RecipeError(
-            f"{key}: cannot load a seq2seq model from {model.name_or_path!r}: {first_line(error)}; check the id and "
-            "the network, or point it at a local folder"
-        ) from error
+        return AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common, **cache)
+
+    base = _from_hub_or_cache(load, model.name_or_path, key, "a seq2seq model")
     untie_separate_lm_head(base)
     return base
+
+
+def _from_hub_or_cache(load, name: str, key: str, what: str):
+    """`load()`, or `load(local_files_only=True)` when `name` is a Hub id and the Hub cannot be reached (so a cached
+    model loads at once instead of after minutes of retries); every failure is one [`RecipeError`] naming `key`."""
+    unreachable = None if Path(name).exists() else network.hub_unreachable()
+    try:
+        if unreachable is None:
+            return load()
+        loaded = load(local_files_only=True)
+    except (OSError, ValueError) as error:
+        if unreachable is not None:
+            # The cause is in the message; the chain (retries, cache misses) is a page of noise from Python.
+            raise RecipeError(
+                f"{key}: cannot load {what} from {name!r}: {unreachable}, and it is not in the local cache; connect "
+                f"to the network or point {key} at a local folder ({network.OFFLINE_HINT})"
+            ) from None
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if network.hub_offline() else ""
+        raise RecipeError(
+            f"{key}: cannot load {what} from {name!r}{offline}: {first_line(error)}; check the id and the network, "
+            "or point it at a local folder"
+        ) from error
+    logger.warning("%s; %s loaded from the local cache (%s)", unreachable, name, network.OFFLINE_HINT)
+    return loaded
 
 
 def untie_separate_lm_head(model) -> bool:
