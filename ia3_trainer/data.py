@@ -5,10 +5,13 @@ Every problem found here is a [`RecipeError`] naming the `data.*` field to chang
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from .errors import RecipeError, first_line
+from . import network
+from .errors import RecipeError, first_line, shorten
 from .recipe import DataSection
 
 
@@ -23,6 +26,7 @@ FILE_FORMATS = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
+FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas")  # datasets' own builders of local files
 
 
 @dataclass
@@ -37,22 +41,50 @@ class PreparedData:
 
 def load_splits(data: DataSection):
     """Return `(train, validation_or_None)` as `datasets.Dataset`s with text `text_column` and `label_column`."""
+    try:
+        return _load_splits(data)
+    except UnicodeDecodeError as error:  # json files are decoded only when a column is read (check_columns)
+        raise RecipeError(_not_utf8(data, error)) from error
+
+
+def _load_splits(data: DataSection):
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(data.path, data.name, data_files=data.data_files, **data.load_kwargs)
-    except (FileNotFoundError, ValueError, OSError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as error:
-        # RuntimeError: datasets >= 4 refuses datasets that still need a loading script
+    _check_data_files(data)
+    key, hub = _hub_source(data)
+    unreachable = network.hub_unreachable() if hub else None
+    if unreachable is not None:  # else minutes of retries per file before the same failure
         raise RecipeError(
-            f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {first_line(error)}; "
-            "check data.path / data.data_files, the network, or use local files"
-        ) from error
+            f"{key}: {hub!r} is on the Hugging Face Hub: {unreachable}; connect to the network, download it and "
+            f"point {key} at the local copy, or {network.OFFLINE_HINT}"
+        )
+    try:
+        with _local_archives_readable_offline(data):
+            loaded = datasets.load_dataset(data.path, data.name, data_files=data.data_files, **data.load_kwargs)
     except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 on an empty file: the json builder raises StopIteration, csv and text a generation error.
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            raise RecipeError(_not_utf8(data, error.__cause__)) from error
         reason = first_line(error.__cause__) if error.__cause__ is not None else "a file has no examples"
         raise RecipeError(
             f"data.data_files: cannot read examples from {data.data_files!r} with {data.path!r}: {reason}; check "
             "that no file is empty and that data.path matches the file format"
+        ) from error
+    except Exception as error:
+        # RuntimeError: datasets >= 4 refuses datasets that still need a loading script. The HTTP client's own
+        # errors (no network) are no OSError.
+        if not isinstance(error, (ValueError, OSError, RuntimeError)) and not network.is_network_error(error):
+            raise
+        where = f"{key}: cannot load {hub!r}" if hub else (
+            f"data.path: cannot load {data.path!r} (data_files={data.data_files!r})")
+        if network.is_network_error(error):
+            offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if network.hub_offline() else ""
+            raise RecipeError(
+                f"{where}{offline}: {first_line(error)}; connect to the network, or download it and point {key} at "
+                "the local copy"
+            ) from None  # the cause is in the message; its chain is pages of retries
+        raise RecipeError(
+            f"{where}: {first_line(error)}; check data.path / data.data_files, the network, or use local files"
         ) from error
     if not isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.DatasetDict({data.train_split: loaded})
@@ -95,6 +127,65 @@ def load_splits(data: DataSection):
     return train, validation
 
 
+def _data_file_paths(data: DataSection) -> list[str]:
+    files = data.data_files
+    if files is None:
+        return []
+    values = files.values() if isinstance(files, dict) else [files]
+    return [str(item) for value in values for item in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _check_data_files(data: DataSection) -> None:
+    """A local folder named as a data file is refused in words (datasets says "Unable to find" it)."""
+    for path in _data_file_paths(data):
+        if "://" not in path and Path(path).expanduser().is_dir():
+            raise RecipeError(
+                f"data.data_files: {path} is a folder; name the files in it, e.g. {path.rstrip('/')}/*.csv"
+            )
+
+
+def _hub_source(data: DataSection) -> tuple[str, str | None]:
+    """`(key, what)`: the `data.data_files` entry (`hf://...`) or the `data.path` (a Hub dataset id) that loading
+    downloads from the Hub; `what` is None when everything is local (or read from another server)."""
+    import datasets
+
+    hub_files = [path for path in _data_file_paths(data) if "hf://" in path]
+    if hub_files:
+        return "data.data_files", hub_files[0]
+    builders = getattr(datasets.packaged_modules, "_PACKAGED_DATASETS_MODULES", FILE_BUILDERS)
+    if data.path not in builders and not Path(data.path).expanduser().exists():
+        return "data.path", data.path
+    return "data.data_files", None
+
+
+@contextlib.contextmanager
+def _local_archives_readable_offline(data: DataSection):
+    """datasets 5.2 refuses a local archive read through a chained URL (`zip://inner.txt::/path/file.zip`, how the
+    phrasebank recipe reads a downloaded zip) when HF_HUB_OFFLINE is set: it asks for the file's details as if it
+    were remote. Nothing is downloaded when every data file is local, so offline mode is lifted for datasets
+    during that one call."""
+    import datasets
+    paths = _data_file_paths(data)
+    chained = [path.rsplit("::", 1)[-1].removeprefix("file://") for path in paths if "::" in path]
+    local = chained and all("://" not in path and Path(path).exists() for path in chained) and all(
+        "://" not in path or "::" in path for path in paths) and _hub_source(data)[1] is None
+    if not local or not datasets.config.HF_HUB_OFFLINE:
+        yield
+        return
+    datasets.config.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+def _not_utf8(data: DataSection, error: UnicodeDecodeError) -> str:
+    return (
+        f"data.data_files: {data.data_files!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+        "UTF-8, or name its encoding for csv and text files in data.load_kwargs, e.g. {\"encoding\": \"latin-1\"}"
+    )
+
+
 def split_lines(dataset, data: DataSection, split: str):
     """Turn one-column `text<sep>label` lines into `text_column` and `label_column`, splitting on the last `sep`."""
     column = dataset.column_names[0] if len(dataset.column_names) == 1 else None
@@ -120,13 +211,25 @@ def split_lines(dataset, data: DataSection, split: str):
 
 
 def check_columns(dataset, data: DataSection, split: str) -> None:
-    """Both columns exist and every row has a value in them (an empty cell would train on the text "None")."""
+    """Both columns exist, hold one value a row (a text, or an integer label), and every row has a value in them (an
+    empty cell would train on the text "None")."""
+    import datasets
+
     for key in ("text_column", "label_column"):
         column = getattr(data, key)
         if column not in dataset.column_names:
             raise RecipeError(
                 f"data.{key}: no column {column!r} in split {split!r}; its columns are {dataset.column_names}; "
                 f"set data.{key} to one of them"
+            )
+        feature = dataset.features[column]
+        if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
+            # Json: values of mixed types (1 and "positive"); List: a list per row. Arrow cannot compare either.
+            what = "values of mixed types" if type(feature).__name__ == "Json" else f"{type(feature).__name__} values"
+            example = next((value for value in dataset[column] if value is not None), None)
+            raise RecipeError(
+                f"data.{key}: column {column!r} of split {split!r} holds {what} (e.g. {shorten(repr(example), 60)}); "
+                "each row needs one text" + (" or one integer label" if key == "label_column" else "")
             )
         empty = dataset.select_columns([column]).filter(
             lambda batch, column=column: [v is None or (isinstance(v, str) and not v.strip()) for v in batch[column]],
@@ -271,12 +374,63 @@ def prepare_data(data: DataSection, tokenizer, encode=None) -> PreparedData:
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
     longest = target_length_bound(tokenizer, [train, validation], data, names)
-    return PreparedData(
+    warn_shared_texts(train, validation, data)
+    prepared = PreparedData(
         train_dataset=tokenize(train, tokenizer, data, encode),
         eval_dataset=tokenize(validation, tokenizer, data, encode),
         label_names=names,
         max_label_tokens=longest,
     )
+    warn_truncated_sources({"training": (train, prepared.train_dataset), "validation": (validation,
+                            prepared.eval_dataset)}, tokenizer, data, encode)
+    return prepared
+
+
+def warn_shared_texts(train, validation, data: DataSection) -> int:
+    """Log how many validation examples have a text the training split has too (they inflate validation scores);
+    return that count."""
+    if validation is None:
+        return 0
+    seen = set(train[data.text_column])
+    shared = [text for text in validation[data.text_column] if text in seen]
+    if shared:
+        logger.warning(
+            "%d of %d validation examples have the same text as a training example (e.g. %r): their scores say how "
+            "well the adapter remembers, not how it does on new text; remove the duplicates from the data",
+            len(shared), len(validation), shorten(str(shared[0]), 60),
+        )
+    return len(shared)
+
+
+def warn_truncated_sources(splits: dict, tokenizer, data: DataSection, encode=None) -> dict[str, int]:
+    """Log once how many sources of each split (`{name: (examples, tokenized)}`) were cut at
+    `data.max_source_length`; return the counts. A source that encodes to exactly the limit is encoded again
+    without it, through the same `encode`, to tell a cut source from one that just fits."""
+    import dataclasses
+
+    encode = encode or encode_batch
+    unlimited = dataclasses.replace(data, max_source_length=1_000_000)  # the largest the section takes
+    counts, totals = {}, {}
+    for name, (examples, tokenized) in splits.items():
+        if tokenized is None:
+            continue
+        lengths = [len(ids) for ids in tokenized["input_ids"]]
+        at_limit = [i for i, length in enumerate(lengths) if length >= data.max_source_length]
+        if at_limit:
+            rows = examples.select(at_limit)[:]
+            full = encode(rows, tokenizer, unlimited)["input_ids"]
+            counts[name] = sum(len(ids) > data.max_source_length for ids in full)
+        else:
+            counts[name] = 0
+        totals[name] = len(lengths)
+    said = [f"{counts[name]} of {totals[name]} {name}" for name in counts if counts[name]]
+    if said:
+        logger.warning(
+            "%s sources are longer than data.max_source_length=%d tokens and were truncated (the model sees only "
+            "their start); raise data.max_source_length to keep them whole", " and ".join(said),
+            data.max_source_length,
+        )
+    return counts
 
 
 def build_collator(tokenizer, model=None, pad_to_multiple_of: int | None = 8):
