@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ._schema import read_json
+from ._schema import read_json, write_text
 from .errors import RecipeError, first_line, redact
 from .recipe import list_shipped_recipes, load_recipe, load_saved_recipe
 
@@ -23,9 +23,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(
         prog="ia3-trainer", description="Fine-tune seq2seq models with IA3 from JSON recipes."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_recipe(name: str, help_: str) -> argparse.ArgumentParser:
@@ -56,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init = commands.add_parser(
         "init", help="Write a starter recipe for a local data file.",
-        description="Write a starter recipe for a csv, tsv, json, jsonl or parquet file, with the label set and "
-                    "token lengths read from the file, and print what to check before training.",
+        description="Write a starter recipe for a csv, tsv, json, jsonl, parquet or txt (text<SEP>label lines) file, "
+                    "with the label set and token lengths read from the file, and print what to check before "
+                    "training.",
     )
     init.add_argument("--data", required=True, metavar="FILE", help="the training data file")
     init.add_argument("--text-column", default="sentence", help="source text column (default: sentence)")
     init.add_argument("--label-column", default="label", help="target column (default: label)")
     init.add_argument("--model", default="bigscience/mt0-large", help="Hub id or folder of a seq2seq model")
+    init.add_argument("--label-separator", metavar="SEP",
+                      help="for a .txt file of text<SEP>label lines, e.g. @ (default: the one of @, tab, | that every "
+                           "line has)")
+    init.add_argument("--encoding", help="the file's text encoding when it is not UTF-8, e.g. latin-1")
     init.add_argument("-o", "--output", metavar="FILE", help="where to write the recipe (default: <data>-ia3.json)")
     init.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     _add_adapter_commands(commands)
@@ -185,9 +193,10 @@ def _init(args) -> int:
     output = Path(args.output or f"{Path(args.data).stem}-ia3.json")
     if output.exists() and not args.force:
         raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
-    recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model)
+    recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model,
+                                   label_separator=args.label_separator, encoding=args.encoding)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    write_text(output, json.dumps(recipe, indent=2) + "\n")
     load_recipe(output)  # what init writes must validate (relative paths resolve against the file)
     print(f"Wrote {output}")
     print("\n".join(f"  - {note}" for note in notes))
@@ -244,6 +253,14 @@ def _add_adapter_commands(commands) -> None:
     merge.add_argument("merged_dir", metavar="MERGED_DIR", help="folder for the merged model and its tokenizer")
 
 
+def _check_counts(args) -> None:
+    """--batch-size and --max-new-tokens are >= 1, checked before any model loads."""
+    for flag in ("batch_size", "max_new_tokens"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+
+
 def _predict(args) -> int:
     from .predictor import IA3Predictor, check_texts
 
@@ -251,6 +268,9 @@ def _predict(args) -> int:
     if not args.texts and not rows:
         raise ValueError("predict: no texts; give TEXT arguments or --file FILE")
     check_texts(args.texts)  # before the model loads, which can take minutes
+    _check_counts(args)
+    if args.output:  # so is an --output that cannot be written: checked before predicting, written whole at the end
+        _check_output_file(args.output)
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
     data = predictor.settings.data
     column = args.text_column or (data.text_column if data is not None else "text")
@@ -269,12 +289,24 @@ def _predict(args) -> int:
     lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
              for record, prediction in zip(records, predictions, strict=True)]
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as file:
-            file.writelines(line + "\n" for line in lines)
+        write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"{len(lines)} predictions written to {args.output}")
     else:
         print("\n".join(lines))
     return 0
+
+
+def _check_output_file(path: str) -> None:
+    """`path` can be written: its folder exists and takes files, and it is not itself a folder."""
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--output: {path} is a folder; name a file, e.g. {file / 'predictions.jsonl'}")
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"--output: no folder {file.parent} to write {file.name} in; create it first")
+    if not os.access(file.parent, os.W_OK):
+        raise PermissionError(f"--output: cannot write in {file.parent}")
 
 
 def _read_text_file(path: str) -> list:
@@ -309,6 +341,7 @@ def _evaluate(args) -> int:
     from .report import build_report, read_log_history, write_report
 
     builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
+    _check_counts(args)
     local = Path(args.adapter).is_dir()
     saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
@@ -345,6 +378,8 @@ def _data_builder(path: str) -> str:
 
     builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
     file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--data: {path} is a folder; name one data file in it")
     if not file.is_file():
         raise FileNotFoundError(f"--data: no such file {path}")
     if file.suffix not in builders:
@@ -364,10 +399,12 @@ def _file_data(path: str, builder: str, data):
     data = data or DataSection(path=builder)
     own = FILE_FORMATS.get(Path(path).suffix, (builder, {}))[1]
     load_kwargs = own or (data.load_kwargs if builder == data.path else {})
+    # A `text<sep>label` separator describes .txt lines; a csv or json file has its own text and label columns.
+    separator = data.label_separator if builder == "text" else None
     # The whole file is the evaluation set: it is both splits, so nothing is held out or cut.
     return dataclasses.replace(
         data, path=builder, name=None, data_files={"train": str(path)}, load_kwargs=load_kwargs, train_split="train",
-        validation_split="train", max_train_samples=None, max_eval_samples=None,
+        validation_split="train", max_train_samples=None, max_eval_samples=None, label_separator=separator,
     )
 
 
