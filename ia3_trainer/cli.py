@@ -8,6 +8,7 @@ token taken out (`errors.redact`). Set `IA3_TRAINER_DEBUG=1` to get the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
     try:
         if args.command == "list":
             return _list()
@@ -114,6 +120,44 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(error) if isinstance(error, RecipeError) else first_line(error)
         parser.exit(2, redact(f"ia3-trainer: error: {message}\n"))
+
+
+_QUICK_COMMANDS = ("list", "list-architectures", "validate")  # they load no library that draws progress bars
+
+
+@contextlib.contextmanager
+def _progress_bars_on_terminals_only(applies: bool = True):
+    """While a command runs with stderr not a terminal (a log file), the progress bars of datasets, huggingface_hub
+    and transformers (downloads, loading, `map`) are off: a file keeps each redraw as a carriage-return line. The
+    trainer's own bars follow `training.disable_tqdm` (`IA3TrainingArguments`: off too, unless the recipe sets it).
+    What was on before is turned on again after."""
+    if not applies:
+        yield
+        return
+    from .training_args import stderr_is_terminal
+
+    if stderr_is_terminal():
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    switches = [
+        (datasets.is_progress_bar_enabled(), datasets.disable_progress_bars, datasets.enable_progress_bars),
+        (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars, hub_utils.enable_progress_bars),
+        (transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
+         transformers_logging.enable_progress_bar),
+    ]
+    for enabled, disable, _ in switches:
+        if enabled:
+            disable()
+    try:
+        yield
+    finally:
+        for enabled, _, enable in switches:
+            if enabled:
+                enable()
 
 
 def _list() -> int:

@@ -26,6 +26,7 @@ from .layers import check_adapter_names, install, score_rows
 from .metrics import decode
 from .recipe import DataSection, ModelSection, Recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
+from .training_args import stderr_is_terminal
 
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class IA3Predictor:
         adapters is one forward, in which each text is encoded, scaled and bounded as by its adapter alone (texts are
         batched in order of their generation bound, and come back in the order given). A text that is no string is
         a `TypeError`, an empty one a `ValueError`; a text over the source limit is truncated, with one warning.
-        `progress` shows a bar (default: over one batch)."""
+        `progress` shows a bar (default: over one batch, on a terminal)."""
         texts = check_texts([texts] if isinstance(texts, str) else list(texts))
         rows = self._row_adapters(adapter, len(texts))
         predictions = [""] * len(texts)
@@ -338,7 +339,7 @@ class IA3Predictor:
         collate = build_collator(self.tokenizer, self.model if with_model else None)
         order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or _NO_LIMIT)
         starts = range(0, len(rows), batch_size)
-        show = len(starts) > 1 if progress is None else progress
+        show = len(starts) > 1 and stderr_is_terminal() if progress is None else progress
         for start in tqdm(starts, desc=desc, unit="batch", disable=not show):
             index = order[start:start + batch_size]
             yield index, collate([rows[i] for i in index]).to(self.device)
