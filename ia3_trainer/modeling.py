@@ -70,6 +70,11 @@ def _from_hub_or_cache(load, name: str, key: str, what: str):
                 f"{key}: cannot load {what} from {name!r}: {unreachable}, and it is not in the local cache; connect "
                 f"to the network or point {key} at a local folder ({network.OFFLINE_HINT})"
             ) from None
+        if "custom code" in str(error) or "trust_remote_code" in str(error):
+            raise RecipeError(
+                f"{key}: {name!r} ships its own Python code, which runs only when the recipe sets "
+                "model.trust_remote_code: true (read that code first); or use a model that transformers knows"
+            ) from error
         offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if network.hub_offline() else ""
         raise RecipeError(
             f"{key}: cannot load {what} from {name!r}{offline}: {first_line(error)}; check the id and the network, "
