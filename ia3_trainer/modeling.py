@@ -48,6 +48,8 @@ def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_pa
             return AutoModelForSeq2SeqLM.from_config(
                 config, trust_remote_code=model.trust_remote_code, dtype=None if dtype == "auto" else dtype
             )
+        if cache:  # transformers 5.24 does not pass local_files_only on to its adapter_config.json lookup
+            cache = {**cache, "adapter_kwargs": {"local_files_only": True}}
         return AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common, **cache)
 
     base = _from_hub_or_cache(load, model.name_or_path, key, "a seq2seq model")
