@@ -212,6 +212,16 @@ def write_training_report(trainer, evaluation) -> list[Path]:
     return write_report(report, output_dir, trainer.state.log_history)
 
 
+def summary_text(report: dict, paths) -> str:
+    """What `ia3-trainer train` and `evaluate` print about a report: its main numbers and the files written."""
+    shown = "  ".join(f"{key}={report[key]:.4f}" for key in ("label_accuracy", "macro_f1", "perplexity")
+                      if report.get(key) is not None)
+    teacher = report.get("teacher_forced_accuracy")
+    if teacher is not None:
+        shown += f"  (teacher-forced argmax, not a label accuracy: {teacher:.4f})"
+    return f"{shown}\nreport: {', '.join(str(path) for path in paths)}"
+
+
 def _agg_figure(**kwargs):
     """A figure drawn by the Agg canvas: files only, no window, no display needed, and pyplot's global backend
     (a notebook's, say) is left alone."""
