@@ -65,17 +65,17 @@ def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Pat
         raise ValueError(f"{dir_or_repo}: no such folder; pass a training output_dir, or a Hub repo id (user/name)")
     from huggingface_hub import snapshot_download
 
-    unreachable = network.hub_unreachable()
     try:
-        folder = Path(snapshot_download(text, revision=revision, ignore_patterns=HUB_IGNORE,
-                                        local_files_only=unreachable is not None))
+        folder = Path(network.load_or_cached(
+            lambda **cache: snapshot_download(text, revision=revision, ignore_patterns=HUB_IGNORE, **cache), text
+        ))
+    except network.NotCached as error:
+        raise ValueError(
+            f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded: {error}, and it is not "
+            f"in the local cache; check the path, or connect to the network ({network.OFFLINE_HINT})"
+        ) from None
     except (OSError, ValueError) as error:
-        if unreachable is not None:
-            raise ValueError(
-                f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded: {unreachable}, and "
-                f"it is not in the local cache; check the path, or connect to the network ({network.OFFLINE_HINT})"
-            ) from None
-        offline = " (HF_HUB_OFFLINE is set)" if network.hub_offline() else ""
+        offline = network.offline_note()
         raise ValueError(
             f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded{offline}: "
             f"{first_line(error)}; check the path, or the repo id, the network and HF_TOKEN for a private repo"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 
 from . import network
 from .errors import first_line
@@ -58,32 +57,24 @@ def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_pa
 
 
 def _from_hub_or_cache(load, name: str, key: str, what: str):
-    """`load()`, or `load(local_files_only=True)` when `name` is a Hub id and the Hub cannot be reached (so a cached
-    model loads at once instead of after minutes of retries); every failure is one [`RecipeError`] naming `key`."""
-    unreachable = None if Path(name).exists() else network.hub_unreachable()
+    """`load()` through [`network.load_or_cached`]; every failure is one [`RecipeError`] naming `key`."""
     try:
-        if unreachable is None:
-            return load()
-        loaded = load(local_files_only=True)
+        return network.load_or_cached(load, name)
+    except network.NotCached as error:
+        raise RecipeError(
+            f"{key}: cannot load {what} from {name!r}: {error}, and it is not in the local cache; connect to the "
+            f"network or point {key} at a local folder ({network.OFFLINE_HINT})"
+        ) from None  # the cause is in the message; the chain (retries, cache misses) is a page of noise
     except (OSError, ValueError) as error:
-        if unreachable is not None:
-            # The cause is in the message; the chain (retries, cache misses) is a page of noise from Python.
-            raise RecipeError(
-                f"{key}: cannot load {what} from {name!r}: {unreachable}, and it is not in the local cache; connect "
-                f"to the network or point {key} at a local folder ({network.OFFLINE_HINT})"
-            ) from None
         if "custom code" in str(error) or "trust_remote_code" in str(error):
             raise RecipeError(
                 f"{key}: {name!r} ships its own Python code, which runs only when the recipe sets "
                 "model.trust_remote_code: true (read that code first); or use a model that transformers knows"
             ) from error
-        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if network.hub_offline() else ""
         raise RecipeError(
-            f"{key}: cannot load {what} from {name!r}{offline}: {first_line(error)}; check the id and the network, "
-            "or point it at a local folder"
+            f"{key}: cannot load {what} from {name!r}{network.offline_note()}: {first_line(error)}; check the id "
+            "and the network, or point it at a local folder"
         ) from error
-    logger.warning("%s; %s loaded from the local cache (%s)", unreachable, name, network.OFFLINE_HINT)
-    return loaded
 
 
 def untie_separate_lm_head(model) -> bool:

@@ -52,6 +52,32 @@ def hub_unreachable() -> str | None:
     return _answers[endpoint]
 
 
+class NotCached(OSError):
+    """The Hub cannot be reached and what was asked for is not in the local cache; the message says why."""
+
+
+def load_or_cached(load, name: str):
+    """`load()`; when `name` is not a local path and the Hub cannot be reached, `load(local_files_only=True)`
+    instead, with a warning, so a cached copy loads at once rather than after minutes of retries. Raises
+    [`NotCached`] (its message: why the Hub cannot be reached) when it is not in the cache."""
+    from pathlib import Path
+
+    unreachable = None if Path(name).expanduser().exists() else hub_unreachable()
+    if unreachable is None:
+        return load()
+    try:
+        loaded = load(local_files_only=True)
+    except (OSError, ValueError):
+        raise NotCached(unreachable) from None  # the chain is the cache miss the message already states
+    logger.warning("%s; %s loaded from the local cache (%s)", unreachable, name, OFFLINE_HINT)
+    return loaded
+
+
+def offline_note() -> str:
+    """What to add to a failure's message when HF_HUB_OFFLINE is set (the cause may be just that)."""
+    return " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
+
+
 def is_network_error(error: BaseException) -> bool:
     """`error`, or an error it was raised from, is the network failing (no route, DNS, timeout, offline mode)."""
     kinds = (ConnectionError, TimeoutError, *_transport_errors())

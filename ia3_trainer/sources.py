@@ -51,10 +51,9 @@ def read_dataset(data: DataSection):
         where = f"{key}: cannot load {hub!r}" if hub else (
             f"data.path: cannot load {data.path!r} (data_files={data.data_files!r})")
         if network.is_network_error(error):
-            offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if network.hub_offline() else ""
             raise RecipeError(
-                f"{where}{offline}: {first_line(error)}; connect to the network, or download it and point {key} at "
-                "the local copy"
+                f"{where}{network.offline_note()}: {first_line(error)}; connect to the network, or download it and "
+                f"point {key} at the local copy"
             ) from None  # the cause is in the message; its chain is pages of retries
         raise RecipeError(
             f"{where}: {first_line(error)}; check data.path / data.data_files, the network, or use local files"
