@@ -328,9 +328,8 @@ class IA3Predictor:
         with equal bounds never generates longer than each would alone (with one adapter, the order given)."""
         from tqdm.auto import tqdm
 
-        for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-            if value is None and name == "max_new_tokens":
-                continue
+        counts = {"batch_size": batch_size, **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})}
+        for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
             if value < 1:

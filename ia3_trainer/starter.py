@@ -41,6 +41,8 @@ def starter_recipe(
     Raises `FileNotFoundError` for a missing `data_file`, and `ValueError` for one that cannot be read or lacks a
     column, each naming the command-line option to change.
     """
+    import datasets
+
     from .data import is_classification
 
     data_file = Path(data_file)
@@ -60,8 +62,6 @@ def starter_recipe(
         data["label_separator"] = label_separator
         notes.append(f"each line is text{label_separator}label, split at its last {label_separator!r} "
                      "(data.label_separator)")
-
-    import datasets
 
     feature = dataset.features[label_column]
     values = sorted(dataset.unique(label_column), key=str)
@@ -157,49 +157,60 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
     load_kwargs = {**load_kwargs, **({"encoding": encoding} if encoding else {})}
     if builder != "text" and separator is not None:
         raise ValueError(f"--label-separator: only for .txt files (text<SEP>label lines), not {data_file.name}")
-    flags = {"data.text_column": "--text-column", "data.label_column": "--label-column",
-             "data.label_separator": "--label-separator"}
+    if builder == "text" and separator is None:
+        separator = _find_separator(data_file, encoding or "utf-8")
+    section = DataSection(path=builder, text_column=text_column, label_column=label_column, label_separator=separator)
     try:
-        if builder == "text" and separator is None:
-            separator = _find_separator(data_file, encoding or "utf-8")
-        section = DataSection(path=builder, text_column=text_column, label_column=label_column,
-                              label_separator=separator)
         dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
         if builder == "text":
             dataset = split_lines(dataset, section, "train")
-        for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
-            if column not in dataset.column_names:
-                hint = did_you_mean(column, dataset.column_names)
-                raise ValueError(
-                    f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
-                )
-        check_columns(dataset, section, data_file.name)  # also decodes both columns: a bad byte shows here
     except UnicodeDecodeError as error:
-        raise ValueError(f"--data: {data_file.name} is not UTF-8 text ({error.reason} at byte {error.start}); save "
-                         "it as UTF-8, or pass its --encoding, e.g. --encoding latin-1") from error
+        raise ValueError(_not_utf8(data_file, error)) from error
     except RecipeError as error:
-        message = str(error)
-        for key, flag in flags.items():
-            message = message.replace(key, flag)
-        raise ValueError(message.replace(f"split {data_file.name!r}", data_file.name)) from error
+        raise ValueError(_as_options(error, data_file)) from error
     except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 raises StopIteration for an empty json file
         if isinstance(error.__cause__, UnicodeDecodeError):
-            raise ValueError(f"--data: {data_file.name} is not UTF-8 text; save it as UTF-8, or pass its --encoding, "
-                             "e.g. --encoding latin-1") from error
-        if isinstance(error, ValueError) and str(error).startswith("--"):
-            raise
+            raise ValueError(_not_utf8(data_file, error.__cause__)) from error
         reason = first_line(error) if str(error) else "the file has no rows"
         raise ValueError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
+    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
+        if column not in dataset.column_names:
+            hint = did_you_mean(column, dataset.column_names)
+            raise ValueError(
+                f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
+            )
+    try:
+        check_columns(dataset, section, data_file.name)  # also decodes both columns: a bad byte shows here
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(data_file, error)) from error
+    except RecipeError as error:
+        raise ValueError(_as_options(error, data_file)) from error
     return dataset, builder, load_kwargs, separator
 
 
 def _find_separator(path: Path, encoding: str) -> str:
     """The one of `@`, tab and `|` that every non-empty line of a .txt file has (phrasebank lines end `@label`)."""
-    with open(path, encoding=encoding) as file:
-        lines = [line for line in file.read().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding=encoding).splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(path, error)) from error
     for candidate in ("@", "\t", "|"):
         if lines and all(candidate in line for line in lines):
             return candidate
     raise ValueError(f"--label-separator: {path.name}: no separator that every line has (tried '@', tab, '|'); pass "
                      "the one between each text and its label, e.g. --label-separator @")
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    return (f"--data: {path.name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8, or pass "
+            "its --encoding, e.g. --encoding latin-1")
+
+
+def _as_options(error: RecipeError, path: Path) -> str:
+    """A data check's message in `init`'s terms: the command-line option instead of the recipe key."""
+    message = str(error).replace(f"split {path.name!r}", path.name)
+    for key, flag in (("data.text_column", "--text-column"), ("data.label_column", "--label-column"),
+                      ("data.label_separator", "--label-separator")):
+        message = message.replace(key, flag)
+    return message
