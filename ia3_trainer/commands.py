@@ -90,6 +90,8 @@ def _check_output_file(path: str) -> None:
 
 def _read_text_file(path: str) -> list:
     file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--file: {path} is a folder; name one file of texts")
     if not file.is_file():
         raise FileNotFoundError(f"--file: no such file {path}")
     try:

@@ -89,6 +89,7 @@ CASES = {
         "--label-column: column 'label' of d.jsonl holds values of mixed types"),
     "train-folder-as-data-file": (lambda t, a: ["train", recipe_for(t, t)], "data.data_files: ", "is a folder"),
     "evaluate-folder-as-data": (lambda t, a: ["evaluate", str(a), "--data", str(t)], "is a folder"),
+    "predict-file-folder": (lambda t, a: ["predict", str(a), "--file", str(t)], "--file: ", "is a folder"),
     "init-folder-as-data": (lambda t, a: ["init", "--data", str(t / "x.csv"), "-o", str(t / "r.json")],
                             "is a folder"),
     "weights-truncated": (lambda t, a: ["predict", damaged(a, t, lambda f: half(f / "adapter_model.safetensors")),
