@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import socket
 
 from .errors import first_line
 
@@ -67,7 +68,7 @@ def load_or_cached(load, name: str):
         return load()
     try:
         loaded = load(local_files_only=True)
-    except (OSError, ValueError):
+    except OSError:  # what transformers and huggingface_hub raise for a file that is not in the cache
         raise NotCached(unreachable) from None  # the chain is the cache miss the message already states
     logger.warning("%s; %s loaded from the local cache (%s)", unreachable, name, OFFLINE_HINT)
     return loaded
@@ -80,11 +81,11 @@ def offline_note() -> str:
 
 def is_network_error(error: BaseException) -> bool:
     """`error`, or an error it was raised from, is the network failing (no route, DNS, timeout, offline mode)."""
-    kinds = (ConnectionError, TimeoutError, *_transport_errors())
+    kinds = (ConnectionError, TimeoutError, socket.gaierror, *_transport_errors())
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, kinds) or (isinstance(error, OSError) and "Name or service not known" in str(error)):
+        if isinstance(error, kinds):
             return True
         error = error.__cause__ or error.__context__
     return False
