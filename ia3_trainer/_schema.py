@@ -83,15 +83,16 @@ def read_json(path: str | Path, allow_nan: bool = False) -> Any:
 
 
 def write_json(path: str | Path, data) -> Path:
-    """Write `data` as JSON to `path` whole or not at all (`write_text`)."""
+    """Write `data` as JSON to `path` whole or not at all (see [`write_text`]), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed over it
-    (a full disk or a crash leaves the previous file, never a truncated one)."""
+    """Write `text` (UTF-8) to `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed
+    over it (a full disk or a crash leaves the previous file, never a truncated one). The folder must exist."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "w", encoding="utf-8", newline="") as file:

@@ -8,6 +8,7 @@ token taken out (`errors.redact`). Set `IA3_TRAINER_DEBUG=1` to get the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,9 +24,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(
         prog="ia3-trainer", description="Fine-tune seq2seq models with IA3 from JSON recipes."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_recipe(name: str, help_: str) -> argparse.ArgumentParser:
@@ -63,13 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init = commands.add_parser(
         "init", help="Write a starter recipe for a local data file.",
-        description="Write a starter recipe for a csv, tsv, json, jsonl or parquet file, with the label set and "
-                    "token lengths read from the file, and print what to check before training.",
+        description="Write a starter recipe for a csv, tsv, json, jsonl, parquet or txt (text<SEP>label lines) file, "
+                    "with the label set and token lengths read from the file, and print what to check before "
+                    "training.",
     )
     init.add_argument("--data", required=True, metavar="FILE", help="the training data file")
     init.add_argument("--text-column", default="sentence", help="source text column (default: sentence)")
     init.add_argument("--label-column", default="label", help="target column (default: label)")
     init.add_argument("--model", default="bigscience/mt0-large", help="Hub id or folder of a seq2seq model")
+    init.add_argument("--label-separator", metavar="SEP",
+                      help="for a .txt file of text<SEP>label lines, e.g. @ (default: the one of @, tab, | that every "
+                           "line has)")
+    init.add_argument("--encoding", help="the file's text encoding when it is not UTF-8, e.g. latin-1")
     init.add_argument("-o", "--output", metavar="FILE", help="where to write the recipe (default: <data>-ia3.json)")
     init.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     _add_adapter_commands(commands)
@@ -89,14 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
     recipe = None
     try:
         if args.command == "list":
             return _list()
         if args.command == "list-architectures":
             return _list_architectures()
-        if args.command == "init":
-            return _init(args)
+        if args.command in ("init", "predict", "evaluate"):
+            from . import commands
+
+            return getattr(commands, args.command)(args)
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "push":
@@ -124,6 +140,44 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(error) if isinstance(error, RecipeError) else first_line(error)
         parser.exit(2, redact(f"ia3-trainer: error: {message}\n"))
+
+
+_QUICK_COMMANDS = ("list", "list-architectures", "validate")  # they load no library that draws progress bars
+
+
+@contextlib.contextmanager
+def _progress_bars_on_terminals_only(applies: bool = True):
+    """While a command runs with stderr not a terminal (a log file), the progress bars of datasets, huggingface_hub
+    and transformers (downloads, loading, `map`) are off: a file keeps each redraw as a carriage-return line. The
+    trainer's own bars follow `training.disable_tqdm` (`IA3TrainingArguments`: off too, unless the recipe sets it).
+    What was on before is turned on again after."""
+    if not applies:
+        yield
+        return
+    from .training_args import stderr_is_terminal
+
+    if stderr_is_terminal():
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    switches = [
+        (datasets.is_progress_bar_enabled(), datasets.disable_progress_bars, datasets.enable_progress_bars),
+        (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars, hub_utils.enable_progress_bars),
+        (transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
+         transformers_logging.enable_progress_bar),
+    ]
+    for enabled, disable, _ in switches:
+        if enabled:
+            disable()
+    try:
+        yield
+    finally:
+        for enabled, _, enable in switches:
+            if enabled:
+                enable()
 
 
 def _list() -> int:
@@ -260,25 +314,6 @@ def _wait_for_pushes(trainer) -> None:
             print(f"Pushed the adapter to {callback.final_commit}")
 
 
-def _init(args) -> int:
-    from pathlib import Path
-
-    from .starter import starter_recipe
-
-    output = Path(args.output or f"{Path(args.data).stem}-ia3.json")
-    if output.exists() and not args.force:
-        raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
-    recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
-    load_recipe(output)  # what init writes must validate (relative paths resolve against the file)
-    print(f"Wrote {output}")
-    print("\n".join(f"  - {note}" for note in notes))
-    print("  - training: the PEFT IA3 guide's settings (lr 8e-3, 3 epochs, batch 8); see README 'Recipes'")
-    print(f"Next: ia3-trainer validate {output} && ia3-trainer train {output}")
-    return 0
-
-
 def _sweep(args) -> int:
     from .sweep import format_table, parse_grid, run_sweep
 
@@ -329,133 +364,6 @@ def _add_adapter_commands(commands) -> None:
     merge.add_argument("--overwrite", action="store_true", help="replace the model in MERGED_DIR (an earlier merge)")
 
 
-def _predict(args) -> int:
-    from .predictor import IA3Predictor, check_texts
-
-    rows = _read_text_file(args.file) if args.file else []
-    if not args.texts and not rows:
-        raise ValueError("predict: no texts; give TEXT arguments or --file FILE")
-    check_texts(args.texts)  # before the model loads, which can take minutes
-    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
-    data = predictor.settings.data
-    column = args.text_column or (data.text_column if data is not None else "text")
-    # Each output line is its input (a JSONL row keeps all its fields) plus "prediction".
-    records, texts = [{"text": text} for text in args.texts], list(args.texts)
-    for number, row in enumerate(rows, 1):
-        if isinstance(row, str):
-            records.append({"text": row})
-            texts.append(row)
-        elif isinstance(row, dict) and isinstance(row.get(column), str):
-            records.append(row)
-            texts.append(row[column])
-        else:
-            raise ValueError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
-    predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
-             for record, prediction in zip(records, predictions, strict=True)]
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as file:
-            file.writelines(line + "\n" for line in lines)
-        print(f"{len(lines)} predictions written to {args.output}")
-    else:
-        print("\n".join(lines))
-    return 0
-
-
-def _read_text_file(path: str) -> list:
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--file: no such file {path}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"--file: {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
-    lines = [line for line in text.splitlines() if line.strip()]
-    if file.suffix not in (".jsonl", ".json"):
-        return lines
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
-            reason = getattr(error, "msg", None) or first_line(error)
-            message = f"{path}: line {number}: not JSON ({reason}); write one JSON object per line"
-            raise ValueError(message) from error
-    return rows
-
-
-def _evaluate(args) -> int:
-    from pathlib import Path
-
-    from .data import label_texts, load_splits, target_length_bound, tokenize
-    from .predictor import IA3Predictor
-    from .report import build_report, read_log_history, write_report
-
-    builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
-    local = Path(args.adapter).is_dir()
-    saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
-    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
-    if not local:  # a Hub repo's recipe.json, downloaded with the adapter
-        saved = load_saved_recipe(predictor.settings.folder)
-    # The saved recipe, validated, says which data to read: never its unchecked load_dataset keywords.
-    data = saved.data if saved is not None else None
-    if args.data:
-        data, described = _file_data(args.data, builder, data), args.data
-    elif data is None:
-        raise ValueError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
-    elif data.validation_split is None and not data.validation_size:
-        raise ValueError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
-                         "--data FILE")
-    else:
-        described = f"validation split of the recipe in {args.adapter}"
-    train, validation = load_splits(data)
-    train, validation, names = label_texts(train, validation, data)
-    target_length_bound(predictor.tokenizer, [validation], data, names)
-    outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
-    names = predictor.settings.label_names or names
-    report = build_report(outputs, predictor.tokenizer, names, adapter=str(args.adapter), data=described)
-    output_dir = args.output_dir or (args.adapter if local else ".")
-    paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
-    print(_report_summary(report, paths))
-    return 0
-
-
-def _data_builder(path: str) -> str:
-    """The `datasets` builder that reads the --data file."""
-    from pathlib import Path
-
-    from .data import FILE_FORMATS
-
-    builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--data: no such file {path}")
-    if file.suffix not in builders:
-        kind = file.suffix or "extension-less"
-        raise ValueError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
-    return builders[file.suffix]
-
-
-def _file_data(path: str, builder: str, data):
-    """The recipe's data section, reading `path` as the evaluation set (defaults when there is no recipe)."""
-    import dataclasses
-    from pathlib import Path
-
-    from .data import FILE_FORMATS
-    from .recipe import DataSection
-
-    data = data or DataSection(path=builder)
-    own = FILE_FORMATS.get(Path(path).suffix, (builder, {}))[1]
-    load_kwargs = own or (data.load_kwargs if builder == data.path else {})
-    # The whole file is the evaluation set: it is both splits, so nothing is held out or cut.
-    return dataclasses.replace(
-        data, path=builder, name=None, data_files={"train": str(path)}, load_kwargs=load_kwargs, train_split="train",
-        validation_split="train", max_train_samples=None, max_eval_samples=None,
-    )
-
-
 def _merge(args) -> int:
     from .predictor import merge_adapter
 
@@ -465,15 +373,12 @@ def _merge(args) -> int:
 
 
 def _report_summary(report: dict, paths) -> str:
-    shown = "  ".join(f"{key}={report[key]:.4f}" for key in ("label_accuracy", "macro_f1", "perplexity")
-                      if report.get(key) is not None)
-    teacher = report.get("teacher_forced_accuracy")
-    if teacher is not None:
-        shown += f"  (teacher-forced argmax, not a label accuracy: {teacher:.4f})"
-    return f"{shown}\nreport: {', '.join(str(path) for path in paths)}"
+    from .report import summary_text
+
+    return summary_text(report, paths)
 
 
-_ADAPTER_COMMANDS = {"predict": _predict, "evaluate": _evaluate, "merge": _merge}
+_ADAPTER_COMMANDS = {"merge": _merge}
 
 
 if __name__ == "__main__":

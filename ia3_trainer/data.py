@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .errors import RecipeError, first_line
+from .errors import RecipeError, shorten
 from .recipe import DataSection
+from .sources import not_utf8, read_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -37,23 +38,16 @@ class PreparedData:
 
 def load_splits(data: DataSection):
     """Return `(train, validation_or_None)` as `datasets.Dataset`s with text `text_column` and `label_column`."""
+    try:
+        return _load_splits(data)
+    except UnicodeDecodeError as error:  # json files are decoded only when a column is read (check_columns)
+        raise RecipeError(not_utf8(data, error)) from error
+
+
+def _load_splits(data: DataSection):
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(data.path, data.name, data_files=data.data_files, **data.load_kwargs)
-    except (FileNotFoundError, ValueError, OSError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as error:
-        # RuntimeError: datasets >= 4 refuses datasets that still need a loading script
-        raise RecipeError(
-            f"data.path: cannot load {data.path!r} (data_files={data.data_files!r}): {first_line(error)}; "
-            "check data.path / data.data_files, the network, or use local files"
-        ) from error
-    except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
-        # datasets 5 on an empty file: the json builder raises StopIteration, csv and text a generation error.
-        reason = first_line(error.__cause__) if error.__cause__ is not None else "a file has no examples"
-        raise RecipeError(
-            f"data.data_files: cannot read examples from {data.data_files!r} with {data.path!r}: {reason}; check "
-            "that no file is empty and that data.path matches the file format"
-        ) from error
+    loaded = read_dataset(data)
     if not isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.DatasetDict({data.train_split: loaded})
     available = sorted(loaded)
@@ -120,13 +114,25 @@ def split_lines(dataset, data: DataSection, split: str):
 
 
 def check_columns(dataset, data: DataSection, split: str) -> None:
-    """Both columns exist and every row has a value in them (an empty cell would train on the text "None")."""
+    """Both columns exist, hold one value a row (a text, or an integer label), and every row has a value in them (an
+    empty cell would train on the text "None")."""
+    import datasets
+
     for key in ("text_column", "label_column"):
         column = getattr(data, key)
         if column not in dataset.column_names:
             raise RecipeError(
                 f"data.{key}: no column {column!r} in split {split!r}; its columns are {dataset.column_names}; "
                 f"set data.{key} to one of them"
+            )
+        feature = dataset.features[column]
+        if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
+            # Json: values of mixed types (1 and "positive"); List: a list per row. Arrow cannot compare either.
+            what = "values of mixed types" if type(feature).__name__ == "Json" else f"{type(feature).__name__} values"
+            example = next((value for value in dataset[column] if value is not None), None)
+            raise RecipeError(
+                f"data.{key}: column {column!r} of split {split!r} holds {what} (e.g. {shorten(repr(example), 60)}); "
+                "each row needs one text" + (" or one integer label" if key == "label_column" else "")
             )
         empty = dataset.select_columns([column]).filter(
             lambda batch, column=column: [v is None or (isinstance(v, str) and not v.strip()) for v in batch[column]],
@@ -271,12 +277,63 @@ def prepare_data(data: DataSection, tokenizer, encode=None) -> PreparedData:
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
     longest = target_length_bound(tokenizer, [train, validation], data, names)
-    return PreparedData(
+    warn_shared_texts(train, validation, data)
+    prepared = PreparedData(
         train_dataset=tokenize(train, tokenizer, data, encode),
         eval_dataset=tokenize(validation, tokenizer, data, encode),
         label_names=names,
         max_label_tokens=longest,
     )
+    warn_truncated_sources({"training": (train, prepared.train_dataset), "validation": (validation,
+                            prepared.eval_dataset)}, tokenizer, data, encode)
+    return prepared
+
+
+def warn_shared_texts(train, validation, data: DataSection) -> int:
+    """Log how many validation examples have a text the training split has too (they inflate validation scores);
+    return that count."""
+    if validation is None:
+        return 0
+    seen = set(train[data.text_column])
+    shared = [text for text in validation[data.text_column] if text in seen]
+    if shared:
+        logger.warning(
+            "%d of %d validation examples have the same text as a training example (e.g. %r): their scores say how "
+            "well the adapter remembers, not how it does on new text; remove the duplicates from the data",
+            len(shared), len(validation), shorten(str(shared[0]), 60),
+        )
+    return len(shared)
+
+
+def warn_truncated_sources(splits: dict, tokenizer, data: DataSection, encode=None) -> dict[str, int]:
+    """Log once how many sources of each split (`{name: (examples, tokenized)}`) were cut at
+    `data.max_source_length`; return the counts. A source that encodes to exactly the limit is encoded again
+    without it, through the same `encode`, to tell a cut source from one that just fits."""
+    import dataclasses
+
+    encode = encode or encode_batch
+    unlimited = dataclasses.replace(data, max_source_length=1_000_000)  # the largest the section takes
+    counts, totals = {}, {}
+    for name, (examples, tokenized) in splits.items():
+        if tokenized is None:
+            continue
+        lengths = [len(ids) for ids in tokenized["input_ids"]]
+        at_limit = [i for i, length in enumerate(lengths) if length >= data.max_source_length]
+        if at_limit:
+            rows = examples.select(at_limit)[:]
+            full = encode(rows, tokenizer, unlimited)["input_ids"]
+            counts[name] = sum(len(ids) > data.max_source_length for ids in full)
+        else:
+            counts[name] = 0
+        totals[name] = len(lengths)
+    said = [f"{counts[name]} of {totals[name]} {name}" for name in counts if counts[name]]
+    if said:
+        logger.warning(
+            "%s sources are longer than data.max_source_length=%d tokens and were truncated (the model sees only "
+            "their start); raise data.max_source_length to keep them whole", " and ".join(said),
+            data.max_source_length,
+        )
+    return counts
 
 
 def build_collator(tokenizer, model=None, pad_to_multiple_of: int | None = 8):

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 
+from . import network
 from .errors import first_line
 from .recipe import ModelSection, RecipeError
 
@@ -23,13 +24,11 @@ def load_tokenizer(model: ModelSection, key: str | None = None):
 
     name = model.tokenizer_name_or_path or model.name_or_path
     key = key or ("model.tokenizer_name_or_path" if model.tokenizer_name_or_path else "model.name_or_path")
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise RecipeError(
-            f"{key}: cannot load a tokenizer from {name!r}: {first_line(error)}; check the id and the network, or "
-            "point it at a local folder"
-        ) from error
+    return _from_hub_or_cache(
+        lambda **cache: AutoTokenizer.from_pretrained(
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code, **cache
+        ), name, key, "a tokenizer",
+    )
 
 
 def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_path"):
@@ -40,22 +39,42 @@ def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_pa
 
     dtype = model.dtype if model.dtype == "auto" else getattr(torch, model.dtype)
     common = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
-    try:
+
+    def load(**cache):
         if model.init == "random":
-            config = AutoConfig.from_pretrained(model.name_or_path, **common)
+            config = AutoConfig.from_pretrained(model.name_or_path, **common, **cache)
             set_seed(seed)
-            base = AutoModelForSeq2SeqLM.from_config(
+            return AutoModelForSeq2SeqLM.from_config(
                 config, trust_remote_code=model.trust_remote_code, dtype=None if dtype == "auto" else dtype
             )
-        else:
-            base = AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common)
-    except (OSError, ValueError) as error:
-        raise RecipeError(
-            f"{key}: cannot load a seq2seq model from {model.name_or_path!r}: {first_line(error)}; check the id and "
-            "the network, or point it at a local folder"
-        ) from error
+        if cache:  # transformers 5.24 does not pass local_files_only on to its adapter_config.json lookup
+            cache = {**cache, "adapter_kwargs": {"local_files_only": True}}
+        return AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common, **cache)
+
+    base = _from_hub_or_cache(load, model.name_or_path, key, "a seq2seq model")
     untie_separate_lm_head(base)
     return base
+
+
+def _from_hub_or_cache(load, name: str, key: str, what: str):
+    """`load()` through [`network.load_or_cached`]; every failure is one [`RecipeError`] naming `key`."""
+    try:
+        return network.load_or_cached(load, name)
+    except network.NotCached as error:
+        raise RecipeError(
+            f"{key}: cannot load {what} from {name!r}: {error}, and it is not in the local cache; connect to the "
+            f"network or point {key} at a local folder ({network.OFFLINE_HINT})"
+        ) from None  # the cause is in the message; the chain (retries, cache misses) is a page of noise
+    except (OSError, ValueError) as error:
+        if "custom code" in str(error) or "trust_remote_code" in str(error):
+            raise RecipeError(
+                f"{key}: {name!r} ships its own Python code, which runs only when the recipe sets "
+                "model.trust_remote_code: true (read that code first); or use a model that transformers knows"
+            ) from error
+        raise RecipeError(
+            f"{key}: cannot load {what} from {name!r}{network.offline_note()}: {first_line(error)}; check the id "
+            "and the network, or point it at a local folder"
+        ) from error
 
 
 def untie_separate_lm_head(model) -> bool:

@@ -20,20 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from . import modeling
-from ._schema import read_json
-from .checkpoints import INFERENCE_FILE, checkpoint_folders
+from .adapters import read_adapter, same_base
 from .data import build_collator, encode_batch
 from .errors import first_line
 from .layers import check_adapter_names, install, score_rows
 from .metrics import decode
-from .recipe import DataSection, ModelSection, Recipe, load_saved_recipe
+from .recipe import DataSection, ModelSection, Recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
+from .training_args import stderr_is_terminal
 
 
 logger = logging.getLogger(__name__)
 
-# Files of a Hub adapter repo that loading never needs: intermediate checkpoints and TensorBoard logs.
-_HUB_IGNORE = ["checkpoint-*", "runs/*", "*.pt", "*.pth", "*.bin.index.json"]
 # Tokenizers without a real limit report this sentinel (transformers' VERY_LARGE_INTEGER) as model_max_length.
 _NO_LIMIT = 10**12
 
@@ -136,12 +134,10 @@ class IA3Predictor:
         import torch
         from peft import PeftModel
 
-        folder = resolve_adapter(dir_or_repo, revision)
-        config = read_json(folder / "adapter_config.json")
-        recipe = load_saved_recipe(folder)
-        base_name = base_model_path(config, folder, recipe)
+        adapter = read_adapter(dir_or_repo, revision)
+        folder, recipe, base_name = adapter.folder, adapter.recipe, adapter.base_model
         # Code shipped with a model runs only when the adapter's own recipe allowed it.
-        model_section = ModelSection(name_or_path=base_name, revision=config.get("revision"),
+        model_section = ModelSection(name_or_path=base_name, revision=adapter.config.get("revision"),
                                      dtype=recipe.model.dtype if recipe else "auto",
                                      trust_remote_code=recipe.model.trust_remote_code if recipe else False)
         tokenizer_source = folder if (folder / "tokenizer_config.json").is_file() else base_name
@@ -156,9 +152,9 @@ class IA3Predictor:
                 "on this base model?"
             ) from error
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        predictor = cls(model, tokenizer, recipe=recipe, inference=_read_optional(folder / INFERENCE_FILE),
-                        encode=encode, device=device, source=str(dir_or_repo))
-        predictor.settings.folder, predictor.settings.base_model = folder, _same_base(base_name)  # resolved
+        predictor = cls(model, tokenizer, recipe=recipe, inference=adapter.inference, encode=encode, device=device,
+                        source=str(dir_or_repo))
+        predictor.settings.folder, predictor.settings.base_model = folder, same_base(base_name)  # resolved
         return predictor
 
     def load_adapter(self, dir_or_repo: str | Path, adapter_name: str, *, revision: str | None = None,
@@ -168,24 +164,21 @@ class IA3Predictor:
         warning (its predictions may be wrong), and is refused in a batch with adapters of the loaded base."""
         if adapter_name in self.adapters:
             raise ValueError(f"adapter name {adapter_name!r} is already loaded ({self.adapters}); pick another name")
-        folder = resolve_adapter(dir_or_repo, revision)
-        config = read_json(folder / "adapter_config.json")
-        recipe = load_saved_recipe(folder)
-        base_name = base_model_path(config, folder, recipe)
-        current = self.settings.base_model
-        if current and _same_base(base_name) != current:
+        adapter = read_adapter(dir_or_repo, revision)
+        base_name, current = adapter.base_model, self.settings.base_model
+        if current and same_base(base_name) != current:
             logger.warning("Adapter %s was trained on %s, not on the loaded base %s; its predictions may be wrong",
                            dir_or_repo, base_name, current)
         try:
-            self.model.load_adapter(str(folder), adapter_name=adapter_name)
+            self.model.load_adapter(str(adapter.folder), adapter_name=adapter_name)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise ValueError(
                 f"{dir_or_repo}: cannot load the adapter onto {current!r}: {first_line(error)}; adapters loaded "
                 "together must share one base model"
             ) from error
         install(self.model)
-        self._register(adapter_name, recipe.data if recipe else None, _read_optional(folder / INFERENCE_FILE), encode,
-                       str(dir_or_repo), base_name, folder)
+        data = adapter.recipe.data if adapter.recipe else None
+        self._register(adapter_name, data, adapter.inference, encode, str(dir_or_repo), base_name, adapter.folder)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter that `predict` and `score` use."""
@@ -216,7 +209,7 @@ class IA3Predictor:
         adapters is one forward, in which each text is encoded, scaled and bounded as by its adapter alone (texts are
         batched in order of their generation bound, and come back in the order given). A text that is no string is
         a `TypeError`, an empty one a `ValueError`; a text over the source limit is truncated, with one warning.
-        `progress` shows a bar (default: over one batch)."""
+        `progress` shows a bar (default: over one batch, on a terminal)."""
         texts = check_texts([texts] if isinstance(texts, str) else list(texts))
         rows = self._row_adapters(adapter, len(texts))
         predictions = [""] * len(texts)
@@ -285,7 +278,7 @@ class IA3Predictor:
         self._encoders[adapter] = encode or encode_batch
         limit = getattr(self.tokenizer, "model_max_length", None)
         settings = AdapterSettings(
-            source=source, data=data, folder=folder, base_model=_same_base(base_model),
+            source=source, data=data, folder=folder, base_model=same_base(base_model),
             max_source_length=data.max_source_length if data else (limit if limit and limit < _NO_LIMIT else None),
             label_names=inference.get("label_names") or (data.label_names if data else None),
         )
@@ -307,7 +300,7 @@ class IA3Predictor:
             index = [i for i, row in enumerate(rows) if row == name]
             settings, encode = self._settings[name], self._encoders[name]
             data = settings.data or DataSection(path="<inference>",
-                                                max_source_length=settings.max_source_length or 10**9)
+                                                max_source_length=settings.max_source_length or 1_000_000)
             ids = encode({data.text_column: [texts[i] for i in index]}, self.tokenizer, data)["input_ids"]
             for i, row_ids in zip(index, ids, strict=True):
                 encoded[i] = row_ids
@@ -336,15 +329,17 @@ class IA3Predictor:
         with equal bounds never generates longer than each would alone (with one adapter, the order given)."""
         from tqdm.auto import tqdm
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-            raise TypeError(f"batch_size: must be an int, got {type(batch_size).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        counts = {"batch_size": batch_size, **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
         # The trainer's collator (same padding multiple), so predictions match the ones made in evaluation.
         collate = build_collator(self.tokenizer, self.model if with_model else None)
         order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or _NO_LIMIT)
         starts = range(0, len(rows), batch_size)
-        show = len(starts) > 1 if progress is None else progress
+        show = len(starts) > 1 and stderr_is_terminal() if progress is None else progress
         for start in tqdm(starts, desc=desc, unit="batch", disable=not show):
             index = order[start:start + batch_size]
             yield index, collate([rows[i] for i in index]).to(self.device)
@@ -376,8 +371,8 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
 
     merged_dir = Path(merged_dir).expanduser()
     target = merged_dir.resolve()
-    folder = resolve_adapter(dir_or_repo, revision)
-    base = base_model_path(read_json(folder / "adapter_config.json"), folder, load_saved_recipe(folder))
+    adapter = read_adapter(dir_or_repo, revision)
+    folder, base = adapter.folder, adapter.base_model
     # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)
     protected = [(folder.resolve(), "is the adapter folder itself", "holds the adapter folder", None)]
     if Path(base).expanduser().is_dir():  # inside the base model's folder, the merge would change what it loads
@@ -411,66 +406,3 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return merged_dir
-
-
-def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Path:
-    """The local folder holding the adapter: `dir_or_repo` itself, or a download of the Hub repo of that id."""
-    path = Path(dir_or_repo).expanduser()
-    if path.is_dir():
-        if not (path / "adapter_config.json").is_file():
-            checkpoints = [c for c in checkpoint_folders(path) if (c / "adapter_config.json").is_file()]
-            hint = (f"its latest checkpoint {checkpoints[0]} has one" if checkpoints
-                    else "pass the training.output_dir of a finished run")
-            raise ValueError(f"{dir_or_repo}: holds no adapter (no adapter_config.json); {hint}")
-        return path
-    if path.exists():
-        raise ValueError(f"{dir_or_repo}: is a file; pass the folder that holds adapter_config.json")
-    text = str(dir_or_repo)
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
-        raise ValueError(f"{dir_or_repo}: no such folder; pass a training output_dir, or a Hub repo id (user/name)")
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        folder = Path(snapshot_download(str(dir_or_repo), revision=revision, ignore_patterns=_HUB_IGNORE))
-    except (OSError, ValueError) as error:
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ValueError(
-            f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded{offline}: "
-            f"{first_line(error)}; check the path, or the repo id, the network and HF_TOKEN for a private repo"
-        ) from error
-    if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{dir_or_repo}: the Hub repo holds no adapter_config.json; is it an adapter repo?")
-    return folder
-
-
-def base_model_path(config: dict, folder: Path, recipe: Recipe | None = None) -> str:
-    """The base model of an adapter.
-
-    A `model.init: random` run has no base to download: its final save keeps it in `base-model/` beside the adapter
-    (and records an absolute path, which breaks once the folder is moved or pushed), and its `checkpoint-*` folders
-    still point at the config-only folder. For those, the `base-model/` of the folder or of its parent is used.
-    """
-    name = config.get("base_model_name_or_path")
-    where = folder / "adapter_config.json"
-    random_init = recipe is not None and recipe.model.init == "random"
-    if random_init or not name or (Path(name).is_absolute() and not Path(name).exists()):
-        for local_copy in (folder / "base-model", folder.parent / "base-model"):
-            if (local_copy / "config.json").is_file():
-                return str(local_copy)
-        if random_init:
-            raise ValueError(
-                f"{where}: the base model was built with random weights (model.init: random) and is saved as "
-                "base-model/ only when training finishes; load the finished output_dir instead"
-            )
-    if not name:
-        raise ValueError(f"{where}: base_model_name_or_path: is empty; set the base model")
-    return name
-
-
-def _same_base(name: str | None) -> str | None:
-    """A base model name to compare with another: a local folder as its resolved path, a Hub id as it is."""
-    return str(Path(name).resolve()) if name and Path(name).exists() else name
-
-
-def _read_optional(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None

@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "eval_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+# The plot shows the most frequent reference classes; the others are summed into one row and one column (a plot of
+# every class grew quadratically: 150 labels took 2 minutes and 5 GB to draw, 2000 did not finish in 15).
+PLOT_CLASSES = 30
+OTHER_CLASSES = "(other classes)"
+# Up to this many classes the JSON holds the whole matrix ("counts"); above it only its non-zero cells ("cells":
+# [reference index, prediction index, count], at most one a distinct pair of the evaluation), so the file grows with
+# the examples, not with the square of the classes. Per-class scores are always there for every class.
+DENSE_MATRIX_CLASSES = 200
 TEACHER_FORCED_NOTE = (
     "Not a label accuracy: the share of examples whose teacher-forced argmax over the label positions decodes to "
     "the label. Each position sees the gold previous token, so a model can score high by copying its decoder "
@@ -66,8 +74,42 @@ def build_report(outputs, tokenizer, label_names: list[str] | None = None, **inf
         matrix, columns = confusion_matrix(predictions, references, labels)
         report["per_class"] = per_class_scores(matrix, labels)
         report["macro_f1"] = macro_f1(report["per_class"])
-        report["confusion_matrix"] = {"references": labels, "predictions": columns, "counts": matrix.tolist()}
+        report["confusion_matrix"] = {"references": labels, "predictions": columns}
+        if len(labels) <= DENSE_MATRIX_CLASSES:
+            report["confusion_matrix"]["counts"] = matrix.tolist()
+        else:
+            report["confusion_matrix"]["cells"] = [[int(i), int(j), int(matrix[i, j])] for i, j in np.argwhere(matrix)]
     return report
+
+
+def confusion_counts(report: dict) -> np.ndarray:
+    """The report's confusion matrix as an array (rows references, columns predictions), dense or from its cells."""
+    matrix = report["confusion_matrix"]
+    if "counts" in matrix:
+        return np.asarray(matrix["counts"], dtype=np.int64)
+    counts = np.zeros((len(matrix["references"]), len(matrix["predictions"])), dtype=np.int64)
+    for i, j, count in matrix["cells"]:
+        counts[i, j] = count
+    return counts
+
+
+def most_frequent_classes(matrix: np.ndarray, rows: list[str], columns: list[str], limit: int = PLOT_CLASSES):
+    """`(matrix, rows, columns)` cut to the `limit` references with the most examples (most first), every other
+    reference summed into an `OTHER_CLASSES` row and every prediction outside them into an `OTHER_CLASSES` column;
+    as given when there are no more than `limit` classes."""
+    if len(rows) <= limit:
+        return matrix, rows, columns
+    keep = np.argsort(-matrix.sum(axis=1), kind="stable")[:limit]
+    position = {name: j for j, name in enumerate(columns)}
+    kept_columns = [position[rows[i]] for i in keep]  # a reference class is a prediction column too
+    rest_rows = np.setdiff1d(np.arange(len(rows)), keep)
+    rest_columns = np.setdiff1d(np.arange(len(columns)), kept_columns)
+    cut = np.zeros((limit + 1, limit + 1), dtype=matrix.dtype)
+    for new, part in ((slice(0, limit), matrix[keep]), (limit, matrix[rest_rows].sum(axis=0))):
+        cut[new, :limit] = part[..., kept_columns]
+        cut[new, limit] = part[..., rest_columns].sum(axis=-1)
+    names = [rows[i] for i in keep] + [OTHER_CLASSES]
+    return cut, names, names
 
 
 def write_report(report: dict, output_dir: str | Path, log_history: list[dict] | None = None) -> list[Path]:
@@ -105,9 +147,11 @@ def read_log_history(folder: str | Path) -> list[dict]:
 
 
 def plot_confusion_matrix(report: dict, path: Path) -> Path:
-    """Confusion matrix with counts in each cell, coloured by the share of each reference row."""
-    matrix = np.asarray(report["confusion_matrix"]["counts"])
-    rows, columns = report["confusion_matrix"]["references"], report["confusion_matrix"]["predictions"]
+    """Confusion matrix with counts in each cell, coloured by the share of each reference row. With more than
+    `PLOT_CLASSES` classes, the most frequent references are shown and the rest summed (`most_frequent_classes`)."""
+    references = report["confusion_matrix"]["references"]
+    matrix, rows, columns = most_frequent_classes(confusion_counts(report), references,
+                                                  report["confusion_matrix"]["predictions"])
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     figure = _agg_figure(figsize=(1.6 + 0.9 * len(columns), 1.4 + 0.7 * len(rows)), dpi=100, layout="constrained")
     axes = figure.add_subplot()
@@ -120,7 +164,9 @@ def plot_confusion_matrix(report: dict, path: Path) -> Path:
     axes.set_ylabel("reference")
     macro = report.get("macro_f1")
     title = f"accuracy {report['label_accuracy']:.1%}" + (f", macro-F1 {macro:.3f}" if macro is not None else "")
-    axes.set_title(f"{title}\n{report['examples']} examples", fontsize=10)
+    cut = len(references) > PLOT_CLASSES
+    shown = f"; the {PLOT_CLASSES} most frequent of {len(references)} classes" if cut else ""
+    axes.set_title(f"{title}\n{report['examples']} examples{shown}", fontsize=10)
     figure.colorbar(image, ax=axes, label="share of row", shrink=0.8)
     figure.savefig(path)
     return path
@@ -164,6 +210,16 @@ def write_training_report(trainer, evaluation) -> list[Path]:
     report = build_report(evaluation.outputs, trainer.processing_class, trainer.candidate_labels,
                           adapter=str(output_dir), data=data, step=evaluation.step)
     return write_report(report, output_dir, trainer.state.log_history)
+
+
+def summary_text(report: dict, paths) -> str:
+    """What `ia3-trainer train` and `evaluate` print about a report: its main numbers and the files written."""
+    shown = "  ".join(f"{key}={report[key]:.4f}" for key in ("label_accuracy", "macro_f1", "perplexity")
+                      if report.get(key) is not None)
+    teacher = report.get("teacher_forced_accuracy")
+    if teacher is not None:
+        shown += f"  (teacher-forced argmax, not a label accuracy: {teacher:.4f})"
+    return f"{shown}\nreport: {', '.join(str(path) for path in paths)}"
 
 
 def _agg_figure(**kwargs):

@@ -21,13 +21,16 @@ import torch
 IGNORE_INDEX = -100
 # Candidate rows scored in one decoder pass: 2000 labels x batch 32 would otherwise be 64,000 rows at once.
 RANK_CHUNK_ROWS = 4096
+# ... and logits made by one pass: mt0's 250k-token vocabulary x 3-token labels x 4096 rows would be 12 GB in fp32.
+RANK_CHUNK_LOGITS = 2**28
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed negative log-likelihood and count of label tokens (positions with -100 are ignored)."""
+    # Over (tokens, vocab) rows: log-softmax along the contiguous vocab axis (2x faster on CPU than over a transpose).
     losses = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
     return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
 
 
@@ -46,22 +49,31 @@ def candidate_label_ids(tokenizer, candidates: list[str]) -> torch.Tensor:
 
 def score_candidates(
     model, encoder_outputs, attention_mask: torch.Tensor, candidate_ids: torch.Tensor, length_normalize: bool = True,
-    chunk_rows: int = RANK_CHUNK_ROWS,
+    chunk_rows: int = RANK_CHUNK_ROWS, chunk_logits: int = RANK_CHUNK_LOGITS,
 ) -> torch.Tensor:
     """Log-likelihood of each candidate for each example, shape (B, K), from a computed encoder output.
 
     With `length_normalize` (the default, as in T-Few) the score is the mean token log-probability, so a label of
-    more tokens is not penalised for its length. Candidates are scored `chunk_rows // B` at a time, so memory stays
-    bounded with thousands of labels.
+    more tokens is not penalised for its length. Candidates are scored shortest first, a chunk at a time, each chunk
+    cut to its own longest candidate (no pass pads short labels to the longest of thousands); a pass has at most
+    `chunk_rows` (example, candidate) rows and `chunk_logits` logits (rows x tokens x vocabulary), so memory stays
+    bounded with thousands of labels and a large vocabulary.
     """
     hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
     batch, num_candidates = attention_mask.shape[0], candidate_ids.shape[0]
     candidate_ids = candidate_ids.to(attention_mask.device)
-    step = max(1, chunk_rows // max(batch, 1))
-    scores = []
-    for start in range(0, num_candidates, step):
-        chunk = candidate_ids[start:start + step]
-        count = chunk.shape[0]
+    lengths = (candidate_ids != IGNORE_INDEX).sum(dim=1)
+    order = torch.argsort(lengths, stable=True).tolist()
+    lengths = lengths.tolist()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    scores = torch.empty(batch, num_candidates, device=attention_mask.device)
+    start = 0
+    while start < num_candidates:
+        count = min(max(1, chunk_rows // max(batch, 1)), num_candidates - start)
+        width = max(1, lengths[order[start + count - 1]])  # the longest of the chunk: candidates are sorted
+        count = max(1, min(count, chunk_logits // (max(batch, 1) * width * vocab)))
+        index = order[start:start + count]
+        chunk = candidate_ids[index, :width]
         labels = chunk.repeat(batch, 1)  # example-major: rows b*count ... b*count + count - 1 belong to example b
         outputs = model(
             encoder_outputs=(hidden.repeat_interleave(count, dim=0),),
@@ -70,8 +82,9 @@ def score_candidates(
             use_cache=False,  # whole label sequences at once (FSMT applies its causal mask only without a cache)
         )
         nll, tokens = token_nll(outputs.logits, labels)
-        scores.append((-(nll / tokens) if length_normalize else -nll).view(batch, count))
-    return torch.cat(scores, dim=1)
+        scores[:, index] = (-(nll / tokens) if length_normalize else -nll).view(batch, count)
+        start += count
+    return scores
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from ._schema import did_you_mean
 from .data import FILE_FORMATS
-from .errors import first_line
+from .errors import RecipeError, first_line
 from .recipe import DataSection
 
 
@@ -25,6 +25,8 @@ def starter_recipe(
     text_column: str = "sentence",
     label_column: str = "label",
     model: str = DEFAULT_MODEL,
+    label_separator: str | None = None,
+    encoding: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Build a recipe for `data_file` that will be saved at `output`; return `(recipe, notes)`.
 
@@ -32,6 +34,9 @@ def starter_recipe(
     the targets are free text and the recipe reports ROUGE. Token lengths are measured with the model's tokenizer
     when it is available without the network (a local folder or the cache), else set to safe defaults. A data file
     or model folder next to or below the recipe is written as `./...` (recipe-relative), others as absolute paths.
+    A `.txt` file holds one `text<label_separator>label` line per example (the Financial PhraseBank format); the
+    separator is found when every line has the same one of `@`, a tab or `|`. `encoding` (e.g. `latin-1`) reads a
+    file that is not UTF-8 and is written to `data.load_kwargs`.
 
     Raises `FileNotFoundError` for a missing `data_file`, and `ValueError` for one that cannot be read or lacks a
     column, each naming the command-line option to change.
@@ -41,24 +46,9 @@ def starter_recipe(
     from .data import is_classification
 
     data_file = Path(data_file)
-    if data_file.suffix.lower() not in FILE_FORMATS:
-        raise ValueError(f"--data: {data_file.name}: use a {', '.join(FILE_FORMATS)} file")
-    if not data_file.is_file():
-        raise FileNotFoundError(f"--data: no such file {str(data_file)!r}")
-    builder, load_kwargs = FILE_FORMATS[data_file.suffix.lower()]
-    try:
-        dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
-    except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
-        # datasets 5 raises StopIteration for an empty json file
-        reason = first_line(error) if str(error) else "the file has no rows"
-        raise ValueError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
-    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
-        if column not in dataset.column_names:
-            hint = did_you_mean(column, dataset.column_names)
-            raise ValueError(
-                f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
-            )
-
+    dataset, builder, load_kwargs, label_separator = _read_data_file(
+        data_file, text_column, label_column, label_separator, encoding
+    )
     recipe_dir = Path(output).resolve().parent
     name = Path(output).stem
     notes = [f"{data_file.name}: {len(dataset)} rows"]
@@ -68,6 +58,10 @@ def starter_recipe(
     }
     if load_kwargs:
         data["load_kwargs"] = load_kwargs
+    if label_separator is not None:
+        data["label_separator"] = label_separator
+        notes.append(f"each line is text{label_separator}label, split at its last {label_separator!r} "
+                     "(data.label_separator)")
 
     feature = dataset.features[label_column]
     values = sorted(dataset.unique(label_column), key=str)
@@ -134,9 +128,89 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def _local_tokenizer(model: str):
+    """The model's tokenizer when it is on this machine; never runs code shipped with the model."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError):
         return None
+
+
+def _read_data_file(data_file: Path, text_column: str, label_column: str, separator: str | None,
+                    encoding: str | None):
+    """`(dataset, builder, load_kwargs, separator)` of the file `init` reads, its two columns checked; each
+    problem is one line naming the option to change."""
+    import datasets
+
+    from .data import check_columns, split_lines
+
+    suffix = data_file.suffix.lower()
+    formats = [*FILE_FORMATS, ".txt"]
+    if suffix not in formats:
+        raise ValueError(f"--data: {data_file.name}: use a {', '.join(formats)} file")
+    if data_file.is_dir():
+        raise IsADirectoryError(f"--data: {data_file} is a folder; name one data file in it")
+    if not data_file.is_file():
+        raise FileNotFoundError(f"--data: no such file {str(data_file)!r}")
+    builder, load_kwargs = FILE_FORMATS.get(suffix, ("text", {}))
+    load_kwargs = {**load_kwargs, **({"encoding": encoding} if encoding else {})}
+    if builder != "text" and separator is not None:
+        raise ValueError(f"--label-separator: only for .txt files (text<SEP>label lines), not {data_file.name}")
+    if builder == "text" and separator is None:
+        separator = _find_separator(data_file, encoding or "utf-8")
+    section = DataSection(path=builder, text_column=text_column, label_column=label_column, label_separator=separator)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
+        if builder == "text":
+            dataset = split_lines(dataset, section, "train")
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(data_file, error)) from error
+    except RecipeError as error:
+        raise ValueError(_as_options(error, data_file)) from error
+    except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
+        # datasets 5 raises StopIteration for an empty json file
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            raise ValueError(_not_utf8(data_file, error.__cause__)) from error
+        reason = first_line(error) if str(error) else "the file has no rows"
+        raise ValueError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
+    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
+        if column not in dataset.column_names:
+            hint = did_you_mean(column, dataset.column_names)
+            raise ValueError(
+                f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
+            )
+    try:
+        check_columns(dataset, section, data_file.name)  # also decodes both columns: a bad byte shows here
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(data_file, error)) from error
+    except RecipeError as error:
+        raise ValueError(_as_options(error, data_file)) from error
+    return dataset, builder, load_kwargs, separator
+
+
+def _find_separator(path: Path, encoding: str) -> str:
+    """The one of `@`, tab and `|` that every non-empty line of a .txt file has (phrasebank lines end `@label`)."""
+    try:
+        lines = [line for line in path.read_text(encoding=encoding).splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(path, error)) from error
+    for candidate in ("@", "\t", "|"):
+        if lines and all(candidate in line for line in lines):
+            return candidate
+    raise ValueError(f"--label-separator: {path.name}: no separator that every line has (tried '@', tab, '|'); pass "
+                     "the one between each text and its label, e.g. --label-separator @")
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    return (f"--data: {path.name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8, or pass "
+            "its --encoding, e.g. --encoding latin-1")
+
+
+def _as_options(error: RecipeError, path: Path) -> str:
+    """A data check's message in `init`'s terms: the command-line option instead of the recipe key."""
+    message = str(error).replace(f"split {path.name!r}", path.name)
+    for key, flag in (("data.text_column", "--text-column"), ("data.label_column", "--label-column"),
+                      ("data.label_separator", "--label-separator")):
+        message = message.replace(key, flag)
+    return message

@@ -68,6 +68,10 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
     logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
         Trainer's filter reads every step's loss back to the host, which stalls a GPU; `non_finite_loss` keeps
         non-finite losses out of the weights and out of the logged means without it.
+    disable_tqdm (`bool`, *optional*, defaults to `None`):
+        `None` turns the progress bars off when stderr is not a terminal (redirected to a log file, each bar
+        update is a carriage-return line: hundreds a run) and the logs are printed as lines instead; on a
+        terminal it follows the parent's rule (off only when the log level is above warning).
     """
 
     overwrite_output_dir: bool = field(
@@ -110,12 +114,27 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         default=False,
         metadata={"help": "Trainer's per-step nan check, a host read every step; the non-finite guard replaces it."},
     )
+    disable_tqdm: bool | None = field(
+        default=None,
+        metadata={"help": "Disable tqdm progress bars; None = off when stderr is not a terminal (a log file), else "
+                          "the parent's rule (off when the log level is above warning)."},
+    )
 
     def __post_init__(self):
         # Resolved before the parent's checks, which need a bool.
         if self.bf16 is None:
             self.bf16 = not self.fp16 and default_bf16(self.use_cpu, self.compile_blocks)
+        if self.disable_tqdm is None and not stderr_is_terminal():
+            self.disable_tqdm = True
         super().__post_init__()
+
+
+def stderr_is_terminal() -> bool:
+    """Progress bars draw on stderr: a terminal redraws them in place, a file keeps every redraw."""
+    import sys
+
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def default_bf16(use_cpu: bool, compile_blocks: bool = False) -> bool:

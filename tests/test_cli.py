@@ -266,3 +266,26 @@ def test_unreadable_predict_file_is_one_line_before_any_model_loads(tmp_path, ca
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"ia3-trainer: error: {message}") and err.count("\n") == 1
+
+
+def test_version(capsys):
+    from ia3_trainer import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"ia3-trainer {__version__}\n"
+
+
+def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
+    """With stderr redirected to a file, no progress bar writes its carriage-return redraws there (training,
+    evaluation, datasets' map, loading); the trainer's logs still come as lines on stdout."""
+    path = write(tmp_path, tiny_recipe(tmp_path, **{"training.max_steps": 4, "training.eval_strategy": "steps",
+                                                    "training.eval_steps": 2}))
+    with open(tmp_path / "stdout.log", "wb") as out, open(tmp_path / "stderr.log", "wb") as err:
+        result = subprocess.run([sys.executable, "-m", "ia3_trainer", "train", path], stdout=out, stderr=err,
+                                cwd=REPO, timeout=300)
+    stdout, stderr = (tmp_path / "stdout.log").read_bytes(), (tmp_path / "stderr.log").read_bytes()
+    assert result.returncode == 0, stderr[-2000:]
+    assert b"\r" not in stderr and b"\r" not in stdout
+    assert stdout.count(b"'loss':") == 4 and stdout.count(b"'eval_loss':") == 2  # logged as lines instead

@@ -178,3 +178,41 @@ def test_a_dataset_that_needs_a_loading_script(tmp_path, tokenizer):
     data = data_section(tmp_path, path=str(folder), data_files=None)
     with pytest.raises(RecipeError, match=r"^data.path: cannot load .*scripted"):
         prepare_data(data, tokenizer)
+
+
+def test_truncated_sources_are_counted_once(tmp_path, tokenizer, caplog):
+    words = "Quarterly sales of the Finnish retailer rose by twelve percent in the third quarter".split()
+    sentences = [" ".join(words[:count]) for count in range(1, len(words) + 1)]
+    lengths = [len(tokenizer(sentence)["input_ids"]) for sentence in sentences]  # with end-of-sequence
+    limit = lengths[len(lengths) // 2]
+    assert lengths.count(limit) >= 1 and min(lengths) < limit < max(lengths)  # some under, at and over the limit
+    path = write_jsonl(tmp_path / "d.jsonl", [{"sentence": s, "label": "positive"} for s in sentences])
+    data = data_section(tmp_path, data_files={"train": path}, validation_size=0, max_source_length=limit,
+                        source_prefix="")
+    with caplog.at_level("WARNING", logger="ia3_trainer.data"):
+        prepared = prepare_data(data, tokenizer)
+    over = sum(length > limit for length in lengths)  # one that exactly fits is not cut
+    assert [r.getMessage() for r in caplog.records if r.name == "ia3_trainer.data"] == [
+        f"{over} of {len(sentences)} training sources are longer than data.max_source_length={limit} tokens and "
+        "were truncated (the model sees only their start); raise data.max_source_length to keep them whole"]
+    assert max(len(ids) for ids in prepared.train_dataset["input_ids"]) == limit
+
+
+def test_texts_in_both_training_and_validation_are_counted(tmp_path, tokenizer, caplog):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"sentence": f"s{i}", "label": ["positive", "negative"][i % 2]}
+                                               for i in range(6)])
+    valid = write_jsonl(tmp_path / "v.jsonl", [{"sentence": s, "label": "negative"} for s in ("s1", "s4", "new")])
+    data = data_section(tmp_path, data_files={"train": train, "validation": valid}, validation_split="validation",
+                        label_names=["negative", "positive"])
+    with caplog.at_level("WARNING", logger="ia3_trainer.data"):
+        prepare_data(data, tokenizer)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ia3_trainer.data"]
+    assert messages == ["2 of 3 validation examples have the same text as a training example (e.g. 's1'): their "
+                        "scores say how well the adapter remembers, not how it does on new text; remove the "
+                        "duplicates from the data"]
+
+
+def test_a_folder_as_data_file_says_so(tmp_path, tokenizer):
+    data = data_section(tmp_path, data_files={"train": str(tmp_path)})
+    with pytest.raises(RecipeError, match=rf"^data.data_files: {tmp_path} is a folder; name the files in it"):
+        prepare_data(data, tokenizer)

@@ -1,6 +1,7 @@
 """ia3-trainer init: a starter recipe read off a local data file; what it writes validates and trains."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -80,3 +81,30 @@ def test_does_not_overwrite_without_force(tmp_path, capsys):
     assert info.value.code == 2 and "exists; choose another file or pass --force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     assert load_recipe(output).data.label_names == ["negative", "neutral", "positive"]
+
+
+def test_init_reads_text_lines_with_a_label_separator(tmp_path, capsys):
+    """The format the phrasebank recipe reads: `sentence@label` lines, in latin-1."""
+    lines = tmp_path / "lines.txt"
+    rows = [("Caf\xe9 sales rose 5 % @ Espoo", "positive"), ("Profit fell", "negative"), ("It is Monday", "neutral")]
+    lines.write_bytes("".join(f"{text}@{label}\n" for text, label in rows * 4).encode("latin-1"))
+    output = tmp_path / "lines.json"
+    args = ["init", "--data", str(lines), "--model", str(TINY_MODEL_DIR), "-o", str(output)]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "--data: lines.txt is not UTF-8 text" in capsys.readouterr().err
+    assert main([*args, "--encoding", "latin-1"]) == 0
+    assert "each line is text@label, split at its last '@'" in capsys.readouterr().out
+    recipe = load_recipe(output)
+    assert (recipe.data.path, recipe.data.label_separator, recipe.data.load_kwargs) == ("text", "@",
+                                                                                      {"encoding": "latin-1"})
+    assert recipe.data.label_names == ["negative", "neutral", "positive"]
+    from ia3_trainer.data import load_splits
+
+    train, _ = load_splits(dataclasses.replace(recipe.data, validation_size=0))
+    assert list(zip(train["sentence"], train["label"], strict=True))[:3] == rows  # split at the last @
+
+    with pytest.raises(SystemExit):  # a separator is for .txt lines only
+        main(["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--label-separator", "@",
+              "-o", str(tmp_path / "r.json")])
+    assert "--label-separator: only for .txt files" in capsys.readouterr().err

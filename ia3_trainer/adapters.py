@@ -1,0 +1,152 @@
+"""Find and read an adapter folder: a training `output_dir`, one of its `checkpoint-N` folders, or a Hub repo's
+download; what it holds (`adapter_config.json`, the weights, `recipe.json`, `inference.json`), checked before any
+model loads; and the base model it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import network
+from ._schema import read_json
+from .checkpoints import INFERENCE_FILE, checkpoint_folders
+from .errors import first_line
+from .recipe import Recipe, load_saved_recipe
+
+
+# Files of a Hub adapter repo that loading never needs: intermediate checkpoints and TensorBoard logs.
+HUB_IGNORE = ["checkpoint-*", "runs/*", "*.pt", "*.pth", "*.bin.index.json"]
+WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, safetensors by default
+
+
+@dataclass
+class AdapterFolder:
+    """An adapter folder on this machine and what it says.
+
+    folder (`Path`): the local folder (a Hub repo's download). config (`dict`): its `adapter_config.json`.
+    recipe ([`Recipe`], *optional*): its validated `recipe.json`. inference (`dict`, *optional*): its
+    `inference.json`. base_model (`str`): the base model to load it onto (see [`base_model_path`]).
+    """
+
+    folder: Path
+    config: dict
+    recipe: Recipe | None
+    inference: dict | None
+    base_model: str
+
+
+def read_adapter(dir_or_repo: str | Path, revision: str | None = None) -> AdapterFolder:
+    """Find the adapter folder (downloading a Hub repo) and read it; every problem is one `ValueError` (a
+    [`RecipeError`] for its `recipe.json`) that names the file, raised before any model loads."""
+    folder = resolve_adapter(dir_or_repo, revision)
+    config = read_adapter_config(folder)
+    check_weights(folder)
+    recipe = load_saved_recipe(folder)
+    inference = read_json(folder / INFERENCE_FILE) if (folder / INFERENCE_FILE).is_file() else None
+    return AdapterFolder(folder, config, recipe, inference, base_model_path(config, folder, recipe))
+
+
+def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Path:
+    """The local folder holding the adapter: `dir_or_repo` itself, or a download of the Hub repo of that id (from
+    the local cache when the Hub cannot be reached)."""
+    path = Path(dir_or_repo).expanduser()
+    if path.is_dir():
+        if not (path / "adapter_config.json").is_file():
+            checkpoints = [c for c in checkpoint_folders(path) if (c / "adapter_config.json").is_file()]
+            hint = (f"its latest checkpoint {checkpoints[0]} has one" if checkpoints
+                    else "pass the training.output_dir of a finished run")
+            raise ValueError(f"{dir_or_repo}: holds no adapter (no adapter_config.json); {hint}")
+        return path
+    if path.exists():
+        raise ValueError(f"{dir_or_repo}: is a file; pass the folder that holds adapter_config.json")
+    text = str(dir_or_repo)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ValueError(f"{dir_or_repo}: no such folder; pass a training output_dir, or a Hub repo id (user/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(network.load_or_cached(
+            lambda **cache: snapshot_download(text, revision=revision, ignore_patterns=HUB_IGNORE, **cache), text
+        ))
+    except network.NotCached as error:
+        raise ValueError(
+            f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded: {error}, and it is not "
+            f"in the local cache; check the path, or connect to the network ({network.OFFLINE_HINT})"
+        ) from None
+    except (OSError, ValueError) as error:
+        offline = network.offline_note()
+        raise ValueError(
+            f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded{offline}: "
+            f"{first_line(error)}; check the path, or the repo id, the network and HF_TOKEN for a private repo"
+        ) from error
+    if not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{dir_or_repo}: the Hub repo holds no adapter_config.json; is it an adapter repo?")
+    return folder
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """`adapter_config.json` of `folder`: a JSON object of an IA3 adapter, or a `ValueError` saying what it is."""
+    path = folder / "adapter_config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must be a JSON object (peft's adapter config), got a {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if peft_type != "IA3":
+        what = f"a {peft_type} adapter" if peft_type else "no peft_type: not a peft adapter config"
+        raise ValueError(f"{path}: peft_type: {what}; ia3-trainer loads IA3 adapters (peft_type \"IA3\")")
+    return config
+
+
+def check_weights(folder: Path) -> Path:
+    """The adapter weights file of `folder`, checked to be whole (its safetensors header reads and covers the file);
+    a missing, empty, truncated or foreign file is one `ValueError`."""
+    path = next((folder / name for name in WEIGHTS_FILES if (folder / name).is_file()), None)
+    if path is None:
+        raise ValueError(
+            f"{folder}: holds adapter_config.json but no adapter weights ({WEIGHTS_FILES[0]}); the save did not "
+            "finish or the file was removed: use a whole checkpoint-N folder or train again"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as weights:
+                names = list(weights.keys())
+        except Exception as error:  # safetensors' own SafetensorError is no OSError
+            raise ValueError(
+                f"{path}: not a whole safetensors file ({first_line(error)}); it is truncated or damaged: use a "
+                "whole checkpoint-N folder or train again"
+            ) from error
+        if not names:
+            raise ValueError(f"{path}: holds no tensors; it is not the weights of an adapter")
+    return path
+
+
+def base_model_path(config: dict, folder: Path, recipe: Recipe | None = None) -> str:
+    """The base model of an adapter.
+
+    A `model.init: random` run has no base to download: its final save keeps it in `base-model/` beside the adapter
+    (and records an absolute path, which breaks once the folder is moved or pushed), and its `checkpoint-*` folders
+    still point at the config-only folder. For those, the `base-model/` of the folder or of its parent is used.
+    """
+    name = config.get("base_model_name_or_path")
+    where = folder / "adapter_config.json"
+    random_init = recipe is not None and recipe.model.init == "random"
+    if random_init or not name or (Path(name).is_absolute() and not Path(name).exists()):
+        for local_copy in (folder / "base-model", folder.parent / "base-model"):
+            if (local_copy / "config.json").is_file():
+                return str(local_copy)
+        if random_init:
+            raise ValueError(
+                f"{where}: the base model was built with random weights (model.init: random) and is saved as "
+                "base-model/ only when training finishes; load the finished output_dir instead"
+            )
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{where}: base_model_name_or_path: is empty; set the base model")
+    return name
+
+
+def same_base(name: str | None) -> str | None:
+    """A base model name to compare with another: a local folder as its resolved path, a Hub id as it is."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name

@@ -1,0 +1,183 @@
+"""What `ia3-trainer init`, `predict` and `evaluate` do with their parsed arguments (`ia3_trainer.cli` parses and
+dispatches). Arguments and files are checked before any model loads; every problem is one `ValueError` or `OSError`
+that names the option, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ._schema import write_text
+from .errors import first_line
+from .recipe import load_recipe, load_saved_recipe
+
+
+def init(args) -> int:
+    """`ia3-trainer init`: write a starter recipe for a data file and print what to check."""
+    from .starter import starter_recipe
+
+    output = Path(args.output or f"{Path(args.data).stem}-ia3.json")
+    if output.exists() and not args.force:
+        raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
+    recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model,
+                                   label_separator=args.label_separator, encoding=args.encoding)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_text(output, json.dumps(recipe, indent=2) + "\n")
+    load_recipe(output)  # what init writes must validate (relative paths resolve against the file)
+    print(f"Wrote {output}")
+    print("\n".join(f"  - {note}" for note in notes))
+    print("  - training: the PEFT IA3 guide's settings (lr 8e-3, 3 epochs, batch 8); see README 'Recipes'")
+    print(f"Next: ia3-trainer validate {output} && ia3-trainer train {output}")
+    return 0
+
+
+def _check_counts(args) -> None:
+    """--batch-size and --max-new-tokens are >= 1, checked before any model loads."""
+    for flag in ("batch_size", "max_new_tokens"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+
+
+def predict(args) -> int:
+    """`ia3-trainer predict`: one JSON line per text, printed or written whole to --output."""
+    from .predictor import IA3Predictor, check_texts
+
+    rows = _read_text_file(args.file) if args.file else []
+    if not args.texts and not rows:
+        raise ValueError("predict: no texts; give TEXT arguments or --file FILE")
+    check_texts(args.texts)  # before the model loads, which can take minutes
+    _check_counts(args)
+    if args.output:  # so is an --output that cannot be written: checked before predicting, written whole at the end
+        _check_output_file(args.output)
+    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
+    data = predictor.settings.data
+    column = args.text_column or (data.text_column if data is not None else "text")
+    # Each output line is its input (a JSONL row keeps all its fields) plus "prediction".
+    records, texts = [{"text": text} for text in args.texts], list(args.texts)
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            records.append({"text": row})
+            texts.append(row)
+        elif isinstance(row, dict) and isinstance(row.get(column), str):
+            records.append(row)
+            texts.append(row[column])
+        else:
+            raise ValueError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
+    predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
+             for record, prediction in zip(records, predictions, strict=True)]
+    if args.output:
+        write_text(args.output, "".join(line + "\n" for line in lines))
+        print(f"{len(lines)} predictions written to {args.output}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _check_output_file(path: str) -> None:
+    """`path` can be written: its folder exists and takes files, and it is not itself a folder."""
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--output: {path} is a folder; name a file, e.g. {file / 'predictions.jsonl'}")
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"--output: no folder {file.parent} to write {file.name} in; create it first")
+    if not os.access(file.parent, os.W_OK):
+        raise PermissionError(f"--output: cannot write in {file.parent}")
+
+
+def _read_text_file(path: str) -> list:
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--file: {path} is a folder; name one file of texts")
+    if not file.is_file():
+        raise FileNotFoundError(f"--file: no such file {path}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--file: {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+    lines = [line for line in text.splitlines() if line.strip()]
+    if file.suffix not in (".jsonl", ".json"):
+        return lines
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+            reason = getattr(error, "msg", None) or first_line(error)
+            message = f"{path}: line {number}: not JSON ({reason}); write one JSON object per line"
+            raise ValueError(message) from error
+    return rows
+
+
+def evaluate(args) -> int:
+    """`ia3-trainer evaluate`: score the adapter on its recipe's validation split or --data; write the report."""
+    from .data import label_texts, load_splits, target_length_bound, tokenize
+    from .predictor import IA3Predictor
+    from .report import build_report, read_log_history, summary_text, write_report
+
+    builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
+    _check_counts(args)
+    local = Path(args.adapter).is_dir()
+    saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
+    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
+    if not local:  # a Hub repo's recipe.json, downloaded with the adapter
+        saved = load_saved_recipe(predictor.settings.folder)
+    # The saved recipe, validated, says which data to read: never its unchecked load_dataset keywords.
+    data = saved.data if saved is not None else None
+    if args.data:
+        data, described = _file_data(args.data, builder, data), args.data
+    elif data is None:
+        raise ValueError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
+    elif data.validation_split is None and not data.validation_size:
+        raise ValueError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
+                         "--data FILE")
+    else:
+        described = f"validation split of the recipe in {args.adapter}"
+    train, validation = load_splits(data)
+    train, validation, names = label_texts(train, validation, data)
+    target_length_bound(predictor.tokenizer, [validation], data, names)
+    outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
+    names = predictor.settings.label_names or names
+    report = build_report(outputs, predictor.tokenizer, names, adapter=str(args.adapter), data=described)
+    output_dir = args.output_dir or (args.adapter if local else ".")
+    paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
+    print(summary_text(report, paths))
+    return 0
+
+
+def _data_builder(path: str) -> str:
+    """The `datasets` builder that reads the --data file."""
+    from .data import FILE_FORMATS
+
+    builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--data: {path} is a folder; name one data file in it")
+    if not file.is_file():
+        raise FileNotFoundError(f"--data: no such file {path}")
+    if file.suffix not in builders:
+        kind = file.suffix or "extension-less"
+        raise ValueError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
+    return builders[file.suffix]
+
+
+def _file_data(path: str, builder: str, data):
+    """The recipe's data section, reading `path` as the evaluation set (defaults when there is no recipe)."""
+    import dataclasses
+
+    from .data import FILE_FORMATS
+    from .recipe import DataSection
+
+    data = data or DataSection(path=builder)
+    own = FILE_FORMATS.get(Path(path).suffix, (builder, {}))[1]
+    load_kwargs = own or (data.load_kwargs if builder == data.path else {})
+    # A `text<sep>label` separator describes .txt lines; a csv or json file has its own text and label columns.
+    separator = data.label_separator if builder == "text" else None
+    # The whole file is the evaluation set: it is both splits, so nothing is held out or cut.
+    return dataclasses.replace(
+        data, path=builder, name=None, data_files={"train": str(path)}, load_kwargs=load_kwargs, train_split="train",
+        validation_split="train", max_train_samples=None, max_eval_samples=None, label_separator=separator,
+    )

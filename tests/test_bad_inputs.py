@@ -1,0 +1,163 @@
+"""Bad files and arguments, each one line from the CLI (`ia3-trainer: error: ...`, exit 2, no traceback): data that
+is not UTF-8, label columns Arrow cannot compare, damaged adapter folders, bad counts, an --output that cannot be
+written; and `evaluate --data` on a csv for an adapter trained from `text<SEP>label` lines (issue 11)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from ia3_trainer import IA3Seq2SeqTrainer
+from ia3_trainer.cli import main
+from ia3_trainer.predictor import IA3Predictor
+
+from conftest import TINY_ASSETS, tiny_recipe
+
+
+ROWS = [json.loads(line) for line in (TINY_ASSETS / "tiny-sentiment.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_t5_dir):
+    """A tiny adapter trained from `text@label` lines, as both phrasebank recipes read their data."""
+    folder = tmp_path_factory.mktemp("lines")
+    lines = folder / "lines.txt"
+    lines.write_text("".join(f"{row['sentence']}@{row['label']}\n" for row in ROWS))
+    raw = tiny_recipe(folder, **{
+        "model.name_or_path": str(tiny_t5_dir), "model.init": "pretrained", "training.max_steps": 2,
+        "data.path": "text", "data.data_files": {"train": str(lines)}, "data.label_separator": "@",
+    })
+    IA3Seq2SeqTrainer.from_recipe(raw).train()
+    return folder / "out"
+
+
+def write_rows(path, rows, encoding="utf-8"):
+    if path.suffix == ".csv":
+        text = "sentence,label\n" + "".join(f"{row['sentence'].replace(',', ' ')},{row['label']}\n" for row in rows)
+    else:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def latin1(path):
+    """The tiny data with one accented word, saved as latin-1 (what Financial PhraseBank ships in)."""
+    return write_rows(path, [{**ROWS[0], "sentence": "Caf\xe9 sales rose"}, *ROWS[1:8]], encoding="latin-1")
+
+
+def recipe_for(tmp_path, data_file, **fields):
+    path = "csv" if data_file.suffix == ".csv" else "json"
+    raw = tiny_recipe(tmp_path, **{"data.path": path, "data.data_files": {"train": str(data_file)}, **fields})
+    (tmp_path / "recipe.json").write_text(json.dumps(raw))
+    return str(tmp_path / "recipe.json")
+
+
+def damaged(adapter, tmp_path, damage):
+    folder = tmp_path / "damaged"
+    shutil.copytree(adapter, folder)
+    damage(folder)
+    return str(folder)
+
+
+def half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+CASES = {
+    # name: (argv builder (tmp_path, adapter) -> argv, part of the one line, fails before any model loads)
+    "train-latin1-csv": (lambda t, a: ["train", recipe_for(t, latin1(t / "d.csv"))], "is not UTF-8 text"),
+    "train-latin1-jsonl": (lambda t, a: ["train", recipe_for(t, latin1(t / "d.jsonl"))], "is not UTF-8 text"),
+    "evaluate-latin1-csv": (lambda t, a: ["evaluate", str(a), "--data", str(latin1(t / "d.csv"))],
+                            "is not UTF-8 text"),
+    "init-latin1-csv": (lambda t, a: ["init", "--data", str(latin1(t / "d.csv")), "-o", str(t / "r.json")],
+                        "--data: d.csv is not UTF-8 text"),
+    "predict-file-latin1": (lambda t, a: ["predict", str(a), "--file", str(latin1(t / "d.txt"))],
+                            "--file: ", "not UTF-8 text"),
+    "train-mixed-labels": (
+        lambda t, a: ["train", recipe_for(t, write_rows(t / "d.jsonl", [*ROWS[:8], {"sentence": "x", "label": 2}]),
+                                          **{"data.label_names": None})],
+        "data.label_column: column 'label' of split 'train' holds values of mixed types"),
+    "train-list-labels": (
+        lambda t, a: ["train", recipe_for(t, write_rows(t / "d.jsonl", [{**row, "label": [row["label"]]}
+                                                                          for row in ROWS[:8]]))],
+        "data.label_column: column 'label' of split 'train' holds List values"),
+    "init-mixed-labels": (
+        lambda t, a: ["init", "--data", str(write_rows(t / "d.jsonl", [*ROWS[:8], {"sentence": "x", "label": 2}])),
+                      "-o", str(t / "r.json")],
+        "--label-column: column 'label' of d.jsonl holds values of mixed types"),
+    "train-folder-as-data-file": (lambda t, a: ["train", recipe_for(t, t)], "data.data_files: ", "is a folder"),
+    "evaluate-folder-as-data": (lambda t, a: ["evaluate", str(a), "--data", str(t)], "is a folder"),
+    "predict-file-folder": (lambda t, a: ["predict", str(a), "--file", str(t)], "--file: ", "is a folder"),
+    "init-folder-as-data": (lambda t, a: ["init", "--data", str(t / "x.csv"), "-o", str(t / "r.json")],
+                            "is a folder"),
+    "weights-truncated": (lambda t, a: ["predict", damaged(a, t, lambda f: half(f / "adapter_model.safetensors")),
+                                        "text"], "not a whole safetensors file"),
+    "weights-empty": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_model.safetensors")
+                                                       .write_bytes(b"")), "text"], "not a whole safetensors file"),
+    "weights-random": (lambda t, a: ["evaluate", damaged(a, t, lambda f: (f / "adapter_model.safetensors")
+                                                         .write_bytes(os.urandom(4096)))],
+                       "not a whole safetensors file"),
+    "weights-missing": (lambda t, a: ["merge", damaged(a, t, lambda f: (f / "adapter_model.safetensors").unlink()),
+                                      str(t / "merged")], "holds adapter_config.json but no adapter weights"),
+    "config-list": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_config.json").write_text("[]")),
+                                  "text"], "adapter_config.json: must be a JSON object"),
+    "config-empty": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_config.json").write_text("{}")),
+                                   "text"], "peft_type: no peft_type"),
+    "max-new-tokens-negative": (lambda t, a: ["predict", str(a), "text", "--max-new-tokens", "-3"],
+                                "--max-new-tokens: must be >= 1, got -3"),
+    "max-new-tokens-zero": (lambda t, a: ["predict", str(a), "text", "--max-new-tokens", "0"],
+                            "--max-new-tokens: must be >= 1, got 0"),
+    "output-in-missing-folder": (lambda t, a: ["predict", str(a), "text", "--output", str(t / "no" / "p.jsonl")],
+                                 "--output: no folder"),
+    "output-is-a-folder": (lambda t, a: ["predict", str(a), "text", "--output", str(t)], "is a folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_exit_2(name, adapter, tmp_path, capsys, monkeypatch):
+    build, *expected = CASES[name]
+    if name == "init-folder-as-data":
+        (tmp_path / "x.csv").mkdir()
+    argv = build(tmp_path, adapter)
+    if name.startswith(("max-new-tokens", "output", "predict-file")):
+        # Argument problems are found before the model loads, which can take minutes.
+        monkeypatch.setattr(IA3Predictor, "from_pretrained", lambda *args, **kwargs: pytest.fail("model loaded"))
+    before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured
+    assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
+    if name.startswith("output"):
+        assert sorted(path.name for path in tmp_path.iterdir()) == before  # nothing half-written
+
+
+def test_predict_output_is_written_whole(adapter, tmp_path, capsys):
+    output = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(adapter), "Sales rose.", "Profit fell.", "--output", str(output)]) == 0
+    assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == ["Sales rose.", "Profit fell."]
+    assert [path.name for path in tmp_path.iterdir()] == ["predictions.jsonl"]  # no temporary file left
+
+
+def test_predictor_refuses_a_bad_generation_bound(adapter):
+    predictor = IA3Predictor.from_pretrained(adapter, device="cpu")
+    with pytest.raises(ValueError, match=r"max_new_tokens: must be >= 1, got -3"):
+        predictor.predict(["Sales rose."], max_new_tokens=-3)
+    with pytest.raises(TypeError, match=r"max_new_tokens: must be an int, got float"):
+        predictor.predict(["Sales rose."], max_new_tokens=2.0)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".txt"])
+def test_evaluate_a_file_for_an_adapter_trained_with_a_label_separator(adapter, tmp_path, capsys, suffix):
+    """Issue 11: the recipe's data.label_separator applies to .txt lines only; a csv or jsonl has its own columns."""
+    data = tmp_path / f"eval{suffix}"
+    if suffix == ".txt":
+        data.write_text("".join(f"{row['sentence']}@{row['label']}\n" for row in ROWS[:10]))
+    else:
+        write_rows(data, ROWS[:10])
+    assert main(["evaluate", str(adapter), "--data", str(data), "--output-dir", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "eval_report.json").read_text())
+    assert report["examples"] == 10 and report["data"] == str(data)

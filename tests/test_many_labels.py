@@ -1,0 +1,98 @@
+"""Many labels: `ia3-trainer train` on 200 and 2000 classes writes its report in bounded time and memory (the plot of
+every class grew quadratically: 150 labels took 2 minutes and 5 GB, 2000 did not finish in 15), and rank
+classification scores every candidate."""
+
+import json
+import random
+import struct
+import subprocess
+import sys
+
+import numpy as np
+
+from ia3_trainer.report import OTHER_CLASSES, most_frequent_classes
+
+from conftest import REPO, TINY_MODEL_DIR
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+RUNNER = r"""
+import json, resource, sys, time
+from ia3_trainer.cli import main
+
+results = []
+for recipe in sys.argv[1:]:
+    started = time.perf_counter()
+    code = main(["train", recipe])
+    results.append({"code": code, "seconds": time.perf_counter() - started,
+                    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024})
+print(json.dumps(results))
+"""
+
+
+def many_label_recipe(folder, classes: int) -> str:
+    """Two examples of each of `classes` labels; 16 held out for evaluation, scored against every label."""
+    folder.mkdir()
+    random.seed(classes)
+    words = "sales profit rose fell market shares quarter revenue company board said percent".split()
+    rows = [{"sentence": " ".join(random.choices(words, k=10)) + f" item {i % classes}", "label": f"c{i % classes}"}
+            for i in range(2 * classes)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw = json.loads((REPO / "recipes" / "tiny.json").read_text())
+    raw["model"]["name_or_path"] = str(TINY_MODEL_DIR)
+    raw["data"].update(data_files={"train": str(folder / "data.jsonl")}, label_names=[f"c{i}" for i in range(classes)],
+                       validation_size=16, max_train_samples=None, max_eval_samples=None, max_target_length=8)
+    raw["training"].update(output_dir=str(folder / "run"), max_steps=1, eval_strategy="no", save_strategy="no",
+                           per_device_eval_batch_size=16, use_cpu=True)
+    (folder / "recipe.json").write_text(json.dumps(raw))
+    return str(folder / "recipe.json")
+
+
+def test_200_and_2000_labels_report_in_bounded_time_and_memory(tmp_path):
+    counts = (200, 2000)
+    recipes = [many_label_recipe(tmp_path / str(count), count) for count in counts]
+    result = subprocess.run([sys.executable, "-c", RUNNER, *recipes], capture_output=True, text=True, cwd=REPO,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(result.stdout.strip().splitlines()[-1])
+    for count, run in zip(counts, runs, strict=True):
+        assert run["code"] == 0 and run["seconds"] < 90, run  # about 10 s and 20 s on one free core
+        folder = tmp_path / str(count) / "run"
+        report = json.loads((folder / "eval_report.json").read_text())
+        assert report["examples"] == 16 and len(report["per_class"]) == count
+        matrix = report["confusion_matrix"]
+        assert len(matrix["references"]) == count
+        if count <= 200:
+            assert len(matrix["counts"]) == count and "cells" not in matrix
+        else:  # only the non-zero cells: at most one per example
+            assert "counts" not in matrix and sum(cell[2] for cell in matrix["cells"]) == 16
+        width, height = png_size(folder / "confusion_matrix.png")  # 30 classes and (other classes): bounded
+        assert width <= 3000 and height <= 2400
+        summary = json.loads((folder / "all_results.json").read_text())
+        assert 0 <= summary["eval_rank_accuracy"] <= 1  # every candidate was scored
+    assert runs[-1]["peak_mb"] < 2500, runs  # about 1 GB
+
+
+def test_the_plot_keeps_the_most_frequent_classes_and_sums_the_rest():
+    rows = ["a", "b", "c", "d"]
+    columns = [*rows, "(other)"]
+    matrix = np.array([
+        [1, 0, 0, 0, 0],  # a: 1 example
+        [0, 5, 1, 0, 1],  # b: 7
+        [0, 2, 2, 0, 0],  # c: 4
+        [3, 0, 0, 0, 0],  # d: 3
+    ])
+    cut, names, cut_columns = most_frequent_classes(matrix, rows, columns, limit=2)
+    assert names == cut_columns == ["b", "c", OTHER_CLASSES]
+    assert cut.tolist() == [
+        [5, 1, 1],  # b: its "(other)" prediction goes to the summed column
+        [2, 2, 0],
+        [0, 0, 4],  # a and d: a->a (1) and d->a (3) are both outside the kept columns
+    ]
+    assert cut.sum() == matrix.sum()
+    assert most_frequent_classes(matrix, rows, columns, limit=4)[0] is matrix  # few enough: as given

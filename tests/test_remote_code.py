@@ -1,0 +1,101 @@
+"""A model folder's own Python code never runs unless the recipe sets model.trust_remote_code, even when stdin
+answers transformers' `[y/N]` question with `y`."""
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+
+from ia3_trainer import IA3Seq2SeqTrainer
+from ia3_trainer.cli import main
+from ia3_trainer.modeling import load_model
+from ia3_trainer.recipe import ModelSection
+
+from conftest import TINY_ASSETS, tiny_recipe
+
+
+def custom_code_model(source, folder, marker):
+    """A copy of `source` whose config and tokenizer name classes in a `custom_code.py` that appends to `marker`
+    when it is imported; its model_type is one transformers does not know, so only that code could load it."""
+    shutil.copytree(source, folder)
+    (folder / "custom_code.py").write_text(
+        f"with open({str(marker)!r}, 'a') as marker:\n"
+        "    marker.write('ran\\n')\n"
+        "from transformers import T5Config, T5ForConditionalGeneration, T5TokenizerFast\n"
+        "class CustomConfig(T5Config):\n    model_type = 'custom-t5'\n"
+        "class CustomModel(T5ForConditionalGeneration):\n    config_class = CustomConfig\n"
+        "class CustomTokenizer(T5TokenizerFast):\n    pass\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-t5", auto_map={"AutoConfig": "custom_code.CustomConfig",
+                                                    "AutoModelForSeq2SeqLM": "custom_code.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    add_tokenizer_auto_map(folder)
+    return folder
+
+
+def add_tokenizer_auto_map(folder):
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["custom_code.CustomTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(tmp_path_factory, tiny_t5_dir):
+    folder = tmp_path_factory.mktemp("plain-adapter")
+    raw = tiny_recipe(folder, **{"model.name_or_path": str(tiny_t5_dir), "model.init": "pretrained",
+                                 "training.max_steps": 1})
+    IA3Seq2SeqTrainer.from_recipe(raw).train()
+    return folder / "out"
+
+
+@pytest.fixture
+def hostile(tmp_path, tiny_t5_dir, plain_adapter, monkeypatch):
+    """A model folder with custom code (its own name: transformers caches imported modules by folder name), an
+    adapter whose base and tokenizer point at such code, and stdin answering `y` to every question."""
+    marker = tmp_path / "EXECUTED"
+    model = custom_code_model(tiny_t5_dir, tmp_path / f"custom-{tmp_path.name}", marker)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(plain_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(model)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    shutil.copy(model / "custom_code.py", adapter / "custom_code.py")
+    add_tokenizer_auto_map(adapter)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 100))
+    return model, adapter, marker
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "merge", "init"])
+def test_no_command_runs_a_model_folders_code(hostile, tmp_path, capsys, command):
+    model, adapter, marker = hostile
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe(tmp_path, **{"model.name_or_path": str(model),
+                                                          "model.init": "pretrained"})))
+    argv = {
+        "train": ["train", str(recipe)],
+        "predict": ["predict", str(adapter), "Sales rose."],
+        "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl")],
+        "merge": ["merge", str(adapter), str(tmp_path / "merged")],
+        "init": ["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(model),
+                 "-o", str(tmp_path / "init.json")],
+    }[command]
+    if command == "init":
+        assert main(argv) == 0  # the tokenizer's own class is known: init measures lengths with it
+    else:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "ships its own Python code, which runs only when the recipe sets model.trust_remote_code" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not marker.exists(), f"{command} ran the model folder's code"
+
+
+def test_the_code_runs_when_the_recipe_trusts_it(hostile):
+    """The control: the same folder's code does run with trust_remote_code, so the test above can fail."""
+    model, _, marker = hostile
+    load_model(ModelSection(name_or_path=str(model), init="pretrained", trust_remote_code=True))
+    assert marker.read_text() == "ran\n"
