@@ -54,6 +54,7 @@ VARIANTS = ("guide", "plain", "ia3")
 ABLATIONS = {
     "ia3 random order": {"train_sampling_strategy": "random"},
     "ia3 unfused": {"fused_kernels": False},
+    "ia3 fused": {"fused_kernels": True},
     "ia3 bf16": {"bf16": True},
     "ia3 fp32": {"bf16": False},
     "ia3 compile_blocks": {"compile_blocks": True},
@@ -284,7 +285,8 @@ def run_ia3(cfg: dict) -> dict:
         "data": {"path": "json", "data_files": {"train": cfg["train_file"], "validation": cfg["eval_file"]},
                  "validation_split": "validation", "label_names": LABELS, "max_source_length": 128,
                  "max_target_length": 3},
-        "training": {"output_dir": cfg["work"] + "/ia3-" + cfg["variant"].replace(" ", "-"),
+        "training": {"output_dir": cfg["work"] + "/ia3-" + cfg["variant"].replace(" ", "-")
+                     + ("-ops" if cfg.get("count_ops") else ""),
                      "learning_rate": cfg["lr"], "num_train_epochs": cfg["epochs"],
                      "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "weight_decay": 0.01,
                      "seed": cfg["seed"], "save_strategy": "no", "eval_strategy": "epoch", "logging_steps": 10_000,
@@ -435,8 +437,9 @@ def main(argv=None) -> int:
         if args.ablations == "auto":
             from ia3_trainer import IA3TrainingArguments
 
-            default_bf16 = IA3TrainingArguments(output_dir="x", use_cpu=args.device == "cpu").bf16
-            variants += ["ia3 random order", "ia3 unfused", "ia3 fp32" if default_bf16 else "ia3 bf16"]
+            defaults = IA3TrainingArguments(output_dir="x", use_cpu=args.device == "cpu")
+            variants += ["ia3 random order", "ia3 unfused" if defaults.fused_kernels else "ia3 fused",
+                         "ia3 fp32" if defaults.bf16 else "ia3 bf16"]
             variants += ["ia3 compile_blocks"] if args.device == "cuda" else []
         else:
             variants += [name for name in args.ablations.split(",") if name]

@@ -6,6 +6,7 @@ whether it is trained or used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -136,7 +137,7 @@ def wrap_with_ia3(model, peft_config=None):
             kind = model.peft_config[model.active_adapter].peft_type.value
             raise ValueError(f"IA3Seq2SeqTrainer trains IA3 adapters, but the PeftModel has a {kind} adapter")
         untie_separate_lm_head(model.get_base_model())
-        return model
+        return _without_embedding_layers(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"model must be a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}; "
@@ -156,4 +157,12 @@ def wrap_with_ia3(model, peft_config=None):
     warn_partial_matches(wrapped)
     if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
         print(f"{describe(peft_config)} ({model.config.model_type})")
-    return wrapped
+    return _without_embedding_layers(wrapped)
+
+
+def _without_embedding_layers(peft_model):
+    """Save the adapter without embedding layers, which IA3 never adapts. peft's default (`"auto"`) asks the Hub at
+    every save whether the base model's vocabulary was resized: a request per checkpoint, and about 24 s of retries
+    per save when the Hub cannot be reached."""
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model

@@ -32,6 +32,7 @@ def vectors(trainer) -> dict[str, torch.Tensor]:
 def test_defaults_on_cuda(tmp_path):
     args = IA3TrainingArguments(output_dir=str(tmp_path))
     assert args.device.type == "cuda" and args.bf16 is False  # measured: dispatch-bound, bf16 only adds casts
+    assert args.fused_kernels is True
     compiled = IA3TrainingArguments(output_dir=str(tmp_path), compile_blocks=True)
     assert compiled.bf16 is torch.cuda.is_bf16_supported()
 

@@ -64,8 +64,9 @@ def test_the_default_path_dispatches_fewer_ops_than_plain_and_reads_nothing_back
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     plain = ops_per_step(Seq2SeqTrainer, Seq2SeqTrainingArguments, thin_mt0, tokenizer, tmp_path / "plain")
-    # fp32: the default on CUDA (see IA3TrainingArguments.bf16); no compile (graphs are not counted here).
-    ia3 = ops_per_step(IA3Seq2SeqTrainer, IA3TrainingArguments, thin_mt0, tokenizer, tmp_path / "ia3", bf16=False)
+    # The defaults on CUDA (see IA3TrainingArguments): fp32 and fused modules; no compile (graphs are not counted).
+    ia3 = ops_per_step(IA3Seq2SeqTrainer, IA3TrainingArguments, thin_mt0, tokenizer, tmp_path / "ia3", bf16=False,
+                       fused_kernels=True)
     assert ia3["ops_per_step"] < plain["ops_per_step"], (ia3["ops_per_step"], plain["ops_per_step"])
     # A host read stalls a GPU's queue. Plain reads the loss back twice a step (logging_nan_inf_filter); the
     # default path does not. Both keep transformers' own two: its SDPA mask builder asks `attention_mask.all()` for
