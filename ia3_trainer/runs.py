@@ -151,7 +151,7 @@ class RunFolder:
         if continuing and not checkpoint_folders(folder):
             raise no_checkpoint_error(folder)
         if not continuing:
-            _check_fresh(folder, overwrite)
+            check_fresh(folder, overwrite)
         self._acquire()
         record = _read_record(folder)
         if continuing:
@@ -160,7 +160,7 @@ class RunFolder:
             record = {**(record or _new_record(None)), "recipe": recipe}
             record["resumed"] = [*record.get("resumed", []), _now()]
         else:
-            _check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
+            check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
             if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
                 _compare(_checkpoint_recipe([Path(checkpoint)]), recipe, Path(checkpoint))
             record, self._replace = _new_record(recipe), overwrite
@@ -242,7 +242,9 @@ def run_entries(folder: Path) -> tuple[list[str], list[str]]:
     return ours, [name for name in names if name not in ours]
 
 
-def _check_fresh(folder: Path, overwrite: bool) -> None:
+def check_fresh(folder: Path, overwrite: bool) -> None:
+    """Raise `FileExistsError` unless a fresh run may train into `folder`: new or empty, or holding another run
+    and `overwrite`."""
     ours, others = run_entries(folder)
     holds_run = any(_RUN_MARKS.match(name) for name in ours)
     if not holds_run and (ours or others):

@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._schema import parse_value
+from ._schema import parse_value, write_json
 from .errors import RecipeError
 from .recipe import OVERRIDE, Recipe, load_recipe
+from .runs import check_fresh
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -122,6 +123,17 @@ def run_sweep(
         from .trainer import IA3Seq2SeqTrainer as trainer_cls
     plan = plan_sweep(recipe, grid, overrides, extra_sections=trainer_cls.recipe_sections)
     root = Path(plan[0][1].training["output_dir"]).parent
+    # Every point's folder is checked before the first point trains: a sweep run again into the same folder stops
+    # at once, not after training the points before the first taken folder.
+    taken = []
+    for point, point_recipe in plan:
+        try:
+            check_fresh(Path(point_recipe.training["output_dir"]), point_recipe.training.get("overwrite_output_dir",
+                                                                                               False))
+        except FileExistsError as error:
+            taken.append(f"sweep point {point_name(point)}: {error}")
+    if taken:
+        raise RecipeError(taken)
     rows = []
     for point, point_recipe in plan:
         trainer = trainer_cls.from_recipe(point_recipe)
@@ -130,8 +142,7 @@ def run_sweep(
             metrics.update(trainer.final_eval_metrics())
         rows.append({**point, "output_dir": point_recipe.training["output_dir"], **metrics})
         if trainer.is_world_process_zero():
-            root.mkdir(parents=True, exist_ok=True)
-            (root / "sweep.json").write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")
+            write_json(root / "sweep.json", json.loads(json.dumps(rows, default=str)))
         del trainer
         gc.collect()  # free the model before the next point loads its own
     return rows

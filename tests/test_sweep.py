@@ -81,6 +81,18 @@ def test_sweep_command_trains_each_point_and_prints_a_table(tmp_path, capsys):
         assert json.loads((folder / "recipe.json").read_text())["training"]["learning_rate"] == row[
             "training.learning_rate"]
 
+    # The same sweep again: every point's folder holds a run, and it stops before training any point.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("holds another run" in line and "--overwrite" in line for line in lines)
+    assert lines[0].startswith("ia3-trainer: error: sweep point learning_rate=0.01: training.output_dir:")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert main([*argv, "--set", "training.overwrite_output_dir=true"]) == 0  # replaces both runs
+
 
 def test_format_table_skips_timings():
     rows = [{"training.seed": 1, "train_loss": 1.23456, "eval_runtime": 3.0, "eval_rouge1": float("nan")}]
