@@ -96,36 +96,64 @@ def repeated_blocks(model) -> list[torch.nn.Module]:
     return blocks
 
 
-class _CompileState:
-    """Shared by every compiled block of one model: after a failed compile all of them run eager."""
+class CompiledBlocks:
+    """The compiled repeated blocks of one model (what [`compile_blocks`] returns). After a failed compile every block
+    runs eager; `first_step` guards the first training step, whose backward compiles too."""
 
-    def __init__(self):
-        self.enabled, self.compiled_once = True, False
+    def __init__(self, count: int):
+        self.count, self.enabled, self.compiled_once, self.proven = count, True, False, False
+
+    def fail(self, error: BaseException, stacklevel: int = 3) -> None:
+        """Turn compilation off for every block, with one warning naming the compiler's own error."""
+        self.enabled = False
+        cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # BackendCompilerFailed wraps it
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        warnings.warn(f"torch.compile of the repeated blocks failed ({type(cause).__name__}: {text}); training "
+                      "continues eager (set training.compile_blocks false to skip compiling)", stacklevel=stacklevel)
+
+    def first_step(self, step, model):
+        """Run `step()` (a training step: forward and backward); if the compiler fails in it (AOTAutograd compiles the
+        backward only at the first `backward()`), turn compilation off, drop what the failed step left in the
+        gradients, and run it again eager. Later steps run as they are."""
+        if self.proven:
+            return step()
+        try:
+            result = step()
+        except Exception as error:
+            if not self.enabled:  # the step failed eager: not the compiler's doing
+                raise
+            self.fail(error, stacklevel=4)
+            model.zero_grad(set_to_none=True)  # the first step: nothing accumulated before it
+            result = step()
+        self.proven = True
+        return result
 
 
-def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None, backend: str = "inductor") -> int:
+def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None,
+                   backend="inductor") -> CompiledBlocks | None:
     """Compile every repeated block of `model` once (see `repeated_blocks`), used in training mode only: evaluation
     and generation (whose shapes change every decoding step) stay eager. `mode` defaults to `"reduce-overhead"`
     (CUDA graphs) on CUDA and `"default"` elsewhere; `backend` is torch.compile's (tests use `"aot_eager"`, which
-    traces forward and backward without generating code). Returns the number of blocks wrapped.
+    traces forward and backward without generating code). Returns the [`CompiledBlocks`], or None when the model has
+    no repeated block.
 
     If compiling fails (no C++ compiler, an unsupported op), every block falls back to eager with one warning, so a
     run never fails for want of a compiler.
     """
     blocks = repeated_blocks(model)
     if not blocks:
-        return 0
+        return None
     device = next(model.parameters()).device
     mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
-    state = _CompileState()
+    state = CompiledBlocks(len(blocks))
     options = {"mode": mode} if backend == "inductor" else {}
     for block in blocks:
         _wrap(block, dict(options, dynamic=dynamic, backend=backend), state)
     logger.info("Compiling %d repeated blocks (torch.compile mode=%s) for training", len(blocks), mode)
-    return len(blocks)
+    return state
 
 
-def _wrap(block: torch.nn.Module, options: dict, state: _CompileState) -> None:
+def _wrap(block: torch.nn.Module, options: dict, state: CompiledBlocks) -> None:
     eager = block.forward
     compiled = torch.compile(eager, **options)
 
@@ -137,11 +165,7 @@ def _wrap(block: torch.nn.Module, options: dict, state: _CompileState) -> None:
         try:
             result = compiled(*args, **kwargs)
         except Exception as error:  # the compiler's own failure types vary by backend and version
-            state.enabled = False
-            cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # BackendCompilerFailed wraps
-            text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-            warnings.warn(f"torch.compile of the repeated blocks failed ({type(cause).__name__}: {text}); training "
-                          "continues eager (set training.compile_blocks false to skip compiling)", stacklevel=2)
+            state.fail(error)
             return eager(*args, **kwargs)
         state.compiled_once = True
         return result

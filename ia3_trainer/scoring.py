@@ -34,6 +34,24 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
 
 
+def teacher_forced_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs of a teacher-forced pass over `batch`'s labels, without the labels themselves: the model
+    then computes no loss of its own (a mean we would discard; ours is the token sum), and `use_cache=False`, as a
+    whole label sequence goes through at once (FSMT builds its causal mask only then; a cache in every decoder block
+    also makes torch.compile specialise per layer). `decoder_input_ids` come from the collator, else from
+    `model.prepare_decoder_input_ids_from_labels`; a model without that method gets the labels and shifts them
+    itself."""
+    features = {key: value for key, value in batch.items() if key != "labels"}
+    labels = batch["labels"]
+    if "decoder_input_ids" not in features:
+        if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+            features["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        else:
+            features["labels"] = labels
+    features["use_cache"] = False
+    return features
+
+
 def teacher_forced_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The argmax token at each label position given the gold previous tokens (-100 elsewhere): the PEFT IA3 guide's
     metric, kept for comparison only; it is not a label accuracy."""
@@ -131,7 +149,7 @@ def score_batch(
     encoded = None
     with torch.no_grad():
         if labels is not None:
-            outputs = model(**batch)
+            outputs = model(**teacher_forced_inputs(model, batch))
             result.nll_sum, result.token_count = token_nll(outputs.logits, labels)
             result.teacher_forced = teacher_forced_argmax(outputs.logits, labels)
             # Mixed precision returns the encoder output in fp32; the decoder passes below run outside autocast, in

@@ -19,6 +19,7 @@ from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .model_card import card_metrics, write_model_card
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .runs import claim_output_dir, no_checkpoint_error
+from .scoring import teacher_forced_inputs
 from .training_args import IA3TrainingArguments
 
 
@@ -142,7 +143,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             getattr(args, "non_finite_loss", "stop"), step=lambda: self.state.global_step + 1,
             last_checkpoint=lambda: last_checkpoint(self.args.output_dir),
         )
-        self.blocks_compiled = bool(getattr(args, "compile_blocks", False)) and kernels.compile_blocks(self.model) > 0
+        self.compiled_blocks = kernels.compile_blocks(self.model) if getattr(args, "compile_blocks", False) else None
         # Trainer counts the label tokens of each optimizer step (num_items_in_batch) only for models that take loss
         # keyword arguments; compute_loss below always uses the count, whatever the model's forward accepts.
         self.model_accepts_loss_kwargs = True
@@ -328,16 +329,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
         loss is not computed here (see `prediction_step`).
         """
         labels = inputs["labels"]
-        unwrapped = self.accelerator.unwrap_model(model)
-        features = {key: value for key, value in inputs.items() if key != "labels"}
-        if "decoder_input_ids" not in features and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
-            # The model computes no loss of its own (a mean we would discard) when it gets no labels. Without labels
-            # some models (FSMT) build the decoder's causal mask only when the cache is off.
-            features["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
-            features["use_cache"] = False
-        else:
-            features["labels"] = labels
-        outputs = model(**features)
+        # The whole (possibly DDP/FSDP-wrapped) model is called, on inputs built from the unwrapped one.
+        outputs = model(**teacher_forced_inputs(self.accelerator.unwrap_model(model), inputs))
         nll = torch.nn.functional.cross_entropy(
             outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
@@ -351,10 +344,13 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # No host read here: the non-finite guard decides on the device before each optimizer step (guard.py).
-        if self.blocks_compiled:
-            kernels.mark_step_begin()
         self.non_finite_guard.attach(self.optimizer)
-        return self.non_finite_guard.observe(super().training_step(model, inputs, num_items_in_batch))
+        step = super().training_step
+        if self.compiled_blocks is None:
+            return self.non_finite_guard.observe(step(model, inputs, num_items_in_batch))
+        kernels.mark_step_begin()
+        loss = self.compiled_blocks.first_step(lambda: step(model, inputs, num_items_in_batch), model)
+        return self.non_finite_guard.observe(loss)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the adapter (never the base weights), the tokenizer, `recipe.json` and `inference.json`.

@@ -21,15 +21,15 @@ from conftest import tiny_recipe
 
 
 def count_eval_passes(monkeypatch) -> list:
-    """Record every forward call of a T5 in eval mode that gets labels: one per eval batch for the loss pass (rank
-    classification and generation reuse its encoder output and pass no labels)."""
+    """Record every forward call of a T5 in eval mode that runs its encoder (gets `input_ids`): one per eval batch,
+    the loss pass (rank classification and generation reuse its encoder output and pass `encoder_outputs`)."""
     calls = []
     forward = T5ForConditionalGeneration.forward
 
     @functools.wraps(forward)  # Trainer reads the signature to keep the dataset's model columns
     def counting(self, *args, **kwargs):
-        if not self.training and kwargs.get("labels") is not None:
-            calls.append(kwargs["labels"].shape[0])
+        if not self.training and kwargs.get("input_ids") is not None:
+            calls.append(kwargs["input_ids"].shape[0])
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(T5ForConditionalGeneration, "forward", counting)

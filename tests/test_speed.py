@@ -96,41 +96,74 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_compiled_blocks_train_to_the_same_losses_and_evaluate_eager(tmp_path):
+@pytest.fixture(scope="module")
+def deep_t5(tmp_path_factory):
+    """A 10+10-layer T5 config beside the tiny tokenizer: deep enough that a block compiled per layer would exceed
+    torch.compile's recompile limit (8), as mt0-large's 24 decoder layers would."""
+    from transformers import AutoTokenizer, T5Config
+
+    folder = tmp_path_factory.mktemp("deep-t5")
+    T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=10, num_decoder_layers=10, num_heads=4,
+             dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(REPO / "recipes" / "assets" / "tiny-t5").save_pretrained(folder)
+    return folder
+
+
+def test_compiled_blocks_train_to_the_same_losses_and_evaluate_eager(tmp_path, deep_t5, caplog):
+    import logging
+
     import torch._dynamo
 
-    raw = tiny_recipe(tmp_path, **{"training.max_steps": 5, "training.bf16": False})
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 4, "training.bf16": False,
+                                   "model.name_or_path": str(deep_t5)})
     eager = IA3Seq2SeqTrainer.from_recipe(raw)
     eager.train()
     torch._dynamo.reset()
     compiled = IA3Seq2SeqTrainer.from_recipe(raw, {"training.output_dir": str(tmp_path / "compiled")})
     # aot_eager traces forward and backward as inductor does, without generating code (inductor takes minutes on a
     # 2-core CPU); training.compile_blocks uses inductor.
-    assert compile_blocks(compiled.model, backend="aot_eager") == 4  # 2 encoder + 2 decoder blocks
-    compiled.blocks_compiled = True
-    compiled.train()
+    compiled.compiled_blocks = compile_blocks(compiled.model, backend="aot_eager")
+    assert compiled.compiled_blocks.count == 20
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        compiled.train()
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-6)
+    # One graph for the first block of each stack and one for the others (no cache, no per-layer guard), each
+    # static then dynamic in length: 20 blocks, at most 8 graphs, and never the recompile limit.
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert 0 < frames <= 8  # the first and the other blocks of each stack, static then dynamic lengths
+    assert 0 < frames <= 8, frames
+    assert "recompile_limit" not in caplog.text
     compiled.evaluate()  # generation changes shapes every step: evaluation must not compile anything
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path):
-    import torch._dynamo
+def _broken_forward_compiler(graph, example_inputs):
+    raise RuntimeError("no compiler here")
 
-    def broken_backend(graph, example_inputs):
-        raise RuntimeError("no compiler here")
+
+def _broken_backward_compiler():
+    from torch._dynamo.backends.common import aot_autograd
+
+    def refuse(graph, example_inputs):
+        raise RuntimeError("backward compiler broke")
+
+    return aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=refuse)
+
+
+@pytest.mark.parametrize(("backend", "reason"), [(_broken_forward_compiler, "no compiler here"),
+                                                 (_broken_backward_compiler(), "backward compiler broke")],
+                         ids=["forward", "backward"])
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path, backend, reason):
+    import torch._dynamo
 
     torch._dynamo.reset()
     raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.bf16": False})
     eager = IA3Seq2SeqTrainer.from_recipe(raw)
     eager.train()
     trainer = IA3Seq2SeqTrainer.from_recipe(raw, {"training.output_dir": str(tmp_path / "fallback")})
-    compile_blocks(trainer.model, backend=broken_backend)
+    trainer.compiled_blocks = compile_blocks(trainer.model, backend=backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
     messages = [str(w.message) for w in caught if "torch.compile of the repeated blocks failed" in str(w.message)]
-    assert len(messages) == 1 and "no compiler here" in messages[0]
+    assert len(messages) == 1 and reason in messages[0], messages
     assert losses(trainer) == pytest.approx(losses(eager), rel=1e-6)
