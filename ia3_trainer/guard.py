@@ -40,7 +40,8 @@ class NonFiniteGuard:
         if mode not in ("stop", "skip"):
             raise ValueError(f"non_finite_loss: must be 'stop' or 'skip', got {mode!r}")
         self.mode, self._step, self._last_checkpoint = mode, step, last_checkpoint
-        self.attached = self.on_device = False
+        self.attached = self.on_device = self._set_found_inf = False
+        self._optimizer, self._handles = None, []
         self._pending = None  # this optimizer step's "a loss was not finite", on the device
         self._loss = None  # this optimizer step's last loss (the value the error message shows)
         # On the device since the last check: skipped steps, the first of them, and its loss.
@@ -50,16 +51,19 @@ class NonFiniteGuard:
         self.steps_unlogged = self.steps_total = 0  # optimizer steps, counted on the host
 
     def attach(self, optimizer) -> None:
-        """Hook the torch optimizer under `optimizer` (an accelerate `AcceleratedOptimizer` or a torch one)."""
+        """Hook the torch optimizer under `optimizer` (an accelerate `AcceleratedOptimizer` or a torch one); a new
+        optimizer (Trainer builds another with `auto_find_batch_size` or `model_init`) is hooked too."""
         inner = getattr(optimizer, "optimizer", optimizer)
-        if self.attached or not isinstance(inner, torch.optim.Optimizer):
+        if inner is self._optimizer or not isinstance(inner, torch.optim.Optimizer):
             return
+        for handle in self._handles:
+            handle.remove()
         # Fused torch optimizers read `found_inf` and skip the whole update on the device when it is nonzero.
         self.on_device = bool(getattr(inner, "_step_supports_amp_scaling", False)) and all(
             group.get("fused") for group in inner.param_groups)
-        inner.register_step_pre_hook(self._before_step)
-        inner.register_step_post_hook(self._after_step)
-        self.attached = True
+        self._handles = [inner.register_step_pre_hook(self._before_step),
+                         inner.register_step_post_hook(self._after_step)]
+        self._optimizer, self.attached = inner, True
 
     def observe(self, loss: torch.Tensor) -> torch.Tensor:
         """Record one micro-batch's loss; returns the loss to log (0 in place of a skipped non-finite one, which
@@ -74,21 +78,32 @@ class NonFiniteGuard:
         return torch.where(bad, torch.zeros_like(loss), loss) if self.mode == "skip" else loss
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
+        all_params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = [p for p in all_params if p.grad is not None]
+        if not all_params:
             return
-        device = params[0].grad.device
+        # Every process takes part in the all-reduce below, also one that holds no gradient (a sharded parameter
+        # whose shard is elsewhere), or the others would wait for it.
+        device = params[0].grad.device if params else all_params[0].device
         found = torch.zeros(1, device=device)
-        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]  # FSDP2: DTensor
-        # GradScaler's own check: one fused kernel per device sets `found` when any gradient is not finite.
-        torch._amp_foreach_non_finite_check_and_unscale_(local, found, torch.ones(1, device=device))
+        scaled = any(getattr(optimizer, name, None) is not None for name in ("found_inf", "grad_scale"))
+        if params and not scaled:
+            # GradScaler's own check: one fused kernel per device sets `found` when any gradient is not finite. Under
+            # fp16 GradScaler checks the gradients itself and skips overflow steps by design (that is no error).
+            local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]  # FSDP2: DTensor
+            torch._amp_foreach_non_finite_check_and_unscale_(local, found, torch.ones(1, device=device))
         if self._pending is not None:
             found = torch.maximum(found, self._pending.to(device=device, dtype=found.dtype).reshape(1))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)  # every process skips together
         self._record(found)
-        if self.on_device:
+        if scaled:  # the scaler's own flag (a gradient overflow) and ours (a non-finite loss) both skip the step
+            existing = getattr(optimizer, "found_inf", None)
+            optimizer.found_inf = found.reshape(()) if existing is None else torch.maximum(
+                existing, found.reshape(()).to(existing.device, existing.dtype))
+        elif self.on_device:
             optimizer.found_inf = found.reshape(())  # 0-dim, as GradScaler passes it
+            self._set_found_inf = True
         elif bool(found.item()):  # an optimizer that cannot skip on the device: decide on the host
             if self.mode == "stop":
                 self.check()
@@ -96,8 +111,9 @@ class NonFiniteGuard:
                 param.grad = None
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if hasattr(optimizer, "found_inf"):
+        if self._set_found_inf:  # a GradScaler deletes its own after the step
             del optimizer.found_inf
+            self._set_found_inf = False
         self._pending = self._loss = None
         self.steps_unlogged += 1
         self.steps_total += 1

@@ -233,3 +233,40 @@ def test_nan_loss_skip_drops_the_batch_and_goes_on(tmp_path, caplog):
         assert torch.equal(seen[4][name], seen[3][name]), "the nan batch changed the weights"
         assert not torch.equal(seen[5][name], seen[4][name])
     assert math.isfinite(result.training_loss)
+
+
+def test_the_guard_works_with_a_grad_scaler_and_a_new_optimizer():
+    # fp16 on a GPU: accelerate's GradScaler sets the optimizer's found_inf itself, skips overflow steps by design,
+    # and deletes found_inf after the step. The guard adds only a non-finite loss to it, and deletes nothing.
+    from ia3_trainer.guard import NonFiniteGuard
+
+    steps = []
+    guard = NonFiniteGuard("stop", step=lambda: len(steps) + 1, last_checkpoint=lambda: None)
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    guard.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for loss_scale in (1.0, float("inf")):  # a finite step, then an fp16-style gradient overflow
+        loss = (param * loss_scale).sum()
+        guard.observe(loss if loss_scale == 1.0 else torch.tensor(1.0))  # the loss itself is finite
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # raised AttributeError when the guard deleted the scaler's found_inf
+        scaler.update()
+        optimizer.zero_grad()
+        steps.append(1)
+    guard.check()  # the overflow was the scaler's to skip: no error
+    assert torch.isfinite(param).all() and scaler.get_scale() < 2.0**16
+    # A non-finite loss under the scaler still stops.
+    guard.observe(torch.tensor(float("nan")))
+    (param.sum() * 1.0).backward()
+    scaler.step(optimizer)
+    with pytest.raises(RecipeError, match="loss is nan at step 3"):
+        guard.check()
+    # A new optimizer (Trainer builds another with auto_find_batch_size) is hooked too; the old one is let go.
+    other = torch.optim.AdamW([param], lr=0.1, fused=True)
+    guard.attach(other)
+    before = param.detach().clone()
+    guard.observe(torch.tensor(float("inf")))
+    param.grad = torch.ones(4)
+    other.step()
+    assert torch.equal(param.detach(), before) and not hasattr(other, "found_inf")
