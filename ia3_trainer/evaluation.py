@@ -4,6 +4,10 @@ that reports are built from (so `ia3-trainer train` never evaluates twice at the
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from .data import longest_labels
@@ -25,6 +29,16 @@ class EvaluationMixin:
             outputs=self._eval_outputs,
         )
         return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
+        """Predict on `test_dataset`: `predictions` are always generated token ids (also when no metric needs
+        generation), with the metrics of `evaluate` when the dataset has labels."""
+        self.non_finite_guard.check()
+        self._predicting = True
+        try:
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+        finally:
+            self._predicting = False
 
     def final_evaluation(self) -> Evaluation:
         """The evaluation of the trained adapter on `eval_dataset`: the one the run made at its last step when there
@@ -86,7 +100,8 @@ class EvaluationMixin:
         scores = score_batch(
             model, inputs,
             candidate_ids=self._candidate_ids if rank and not prediction_loss_only else None,
-            generate=not prediction_loss_only and (labels is None or needs_generation(self.metrics)),
+            generate=not prediction_loss_only and (
+                labels is None or getattr(self, "_predicting", False) or needs_generation(self.metrics)),
             generate_fn=self._generate, **self._generation_kwargs(gen_kwargs),
         )
         for name, seconds in scores.seconds.items():
@@ -107,9 +122,17 @@ class EvaluationMixin:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         from transformers.integrations.fsdp import is_fsdp_managed_module
 
-        # Every process must keep stepping while any still generates when weights are sharded.
+        # Every process must keep stepping while any still generates when weights are sharded; FSDP1 gathers its
+        # flat parameters around generate (as Seq2SeqTrainer does), FSDP2 and ZeRO-3 gather per module.
         kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model))
-        return self.model.generate(**kwargs)
+        gathered = contextlib.nullcontext()
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(self.model, FullyShardedDataParallel):
+                gathered = FullyShardedDataParallel.summon_full_params(self.model)
+        with gathered:
+            return self.model.generate(**kwargs)
 
     @property
     def eval_metrics(self) -> list[str]:

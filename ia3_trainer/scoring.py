@@ -65,6 +65,14 @@ def candidate_label_ids(tokenizer, candidates: list[str]) -> torch.Tensor:
     return torch.tensor([ids + [IGNORE_INDEX] * (width - len(ids)) for ids in encoded])
 
 
+def vocab_size(model) -> int:
+    """The decoder's vocabulary size from the config (a weight sharded by FSDP may hold no rows here)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return int(size) if size else model.get_output_embeddings().weight.shape[0]
+
+
 def score_candidates(
     model, encoder_outputs, attention_mask: torch.Tensor, candidate_ids: torch.Tensor, length_normalize: bool = True,
     chunk_rows: int = RANK_CHUNK_ROWS, chunk_logits: int = RANK_CHUNK_LOGITS,
@@ -83,7 +91,7 @@ def score_candidates(
     lengths = (candidate_ids != IGNORE_INDEX).sum(dim=1)
     order = torch.argsort(lengths, stable=True).tolist()
     lengths = lengths.tolist()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = vocab_size(model)
     scores = torch.empty(batch, num_candidates, device=attention_mask.device)
     start = 0
     while start < num_candidates:

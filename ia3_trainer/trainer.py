@@ -196,7 +196,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             peft_config=peft_config,
             recipe=recipe,
             candidate_labels=prepared.label_names,
-            max_new_tokens=prepared.max_label_tokens,
+            # Free text: each evaluated dataset bounds generation by its own longest target.
+            max_new_tokens=prepared.max_label_tokens if prepared.label_names else None,
             compute_metrics=kwargs.pop("compute_metrics", None) or compute_metrics,
             callbacks=callbacks or None,
             **kwargs,
@@ -398,7 +399,10 @@ class IA3Seq2SeqTrainer(EvaluationMixin, Seq2SeqTrainer):
             encode = "default"
         else:
             encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
-        return {"label_names": self.candidate_labels, "max_new_tokens": self.max_new_tokens, "encode": encode}
+        bound = self.max_new_tokens
+        if bound is None and self.recipe is not None:  # free text: as long as a target could be in training
+            bound = self.recipe.data.max_target_length
+        return {"label_names": self.candidate_labels, "max_new_tokens": bound, "encode": encode}
 
     def _save_checkpoint(self, model, trial) -> None:
         self.non_finite_guard.check()  # a "stop" run never writes a checkpoint after a non-finite step

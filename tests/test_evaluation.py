@@ -105,6 +105,36 @@ def test_predict_returns_generated_ids_with_or_without_labels(tmp_path):
     assert decode(single.numpy(), tokenizer)[0] == decode(with_labels.predictions[:1], tokenizer)[0]
 
 
+def test_predict_generates_when_no_metric_needs_generation(tmp_path):
+    # evaluate() skips generate when only perplexity and rank accuracy are asked for; predict() still returns ids.
+    trainer = IA3Seq2SeqTrainer.from_recipe(
+        tiny_recipe(tmp_path, **{"eval.metrics": ["perplexity", "rank_accuracy"], "training.bf16": False}))
+    assert "eval_label_accuracy" not in trainer.evaluate() and trainer.last_evaluation.outputs.generated is None
+    output = trainer.predict(trainer.eval_dataset)
+    assert isinstance(output.predictions, np.ndarray) and output.predictions.dtype.kind == "i"
+    assert output.predictions.shape[0] == 24 and {"test_loss", "test_rank_accuracy"} <= set(output.metrics)
+    assert "eval_label_accuracy" not in trainer.evaluate()  # predict() changed nothing for evaluate()
+
+
+def test_free_text_evaluation_is_bounded_by_each_dataset_and_inference_by_the_target_length(tmp_path):
+    # Without a label set the targets are free text: no fixed bound from the training data, so another dataset
+    # evaluates up to its own longest target; inference.json keeps the longest a target could be in training.
+    rows = [{"sentence": f"A: meeting {i}? B: at {i} pm.", "label": f"They meet at {i} pm" + " sharp" * (i % 3)}
+            for i in range(40)]
+    data = tmp_path / "talks.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{
+        "data.data_files": {"train": str(data)}, "data.label_names": None, "data.max_target_length": 32,
+        "eval.metrics": ["label_accuracy"]}))
+    assert trainer.candidate_labels is None and trainer.max_new_tokens is None
+    assert trainer.inference_settings()["max_new_tokens"] == 32
+    short = trainer.eval_dataset.map(lambda row: {"labels": row["labels"][-1:]})  # EOS alone: one token
+    trainer.evaluate(short)
+    assert trainer._eval_bound == 1
+    trainer.evaluate()
+    assert trainer._eval_bound == max(len(labels) for labels in trainer.eval_dataset["labels"])
+
+
 def test_a_user_compute_metrics_gets_generated_ids_and_labels(tmp_path):
     seen = []
 
