@@ -76,6 +76,7 @@ RESUMABLE = frozenset({
         "use_cpu", "fused_kernels", "compile_blocks", "torch_compile", "torch_compile_backend", "torch_compile_mode",
         "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_empty_cache_steps", "ddp_timeout",
         "ddp_backend", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_static_graph",
+        "bf16", "fp16",  # as written; the precision they resolve to is compared instead (`precision`)
     )),
 })
 
@@ -102,7 +103,7 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     error = None
     if args.should_save:
         try:
-            run.open(recipe, resume=resume, overwrite=overwrite)
+            run.open(recipe, resume=resume, overwrite=overwrite, precision=precision(args))
         except (OSError, ValueError) as caught:
             error = caught
     error = _agree(error, args.world_size)
@@ -115,6 +116,11 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     finally:
         del _CLAIMS[key]
         run.release()
+
+
+def precision(args) -> str:
+    """The precision a run trains in, as resolved (`bf16` defaults by the machine, see `IA3TrainingArguments`)."""
+    return "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
 
 
 def no_checkpoint_error(output_dir: str | Path) -> RecipeError:
@@ -137,7 +143,8 @@ class RunFolder:
         self._record: dict | None = None  # what `begin` writes to run.json
         self._replace = False  # whether `begin` removes the previous run's files first
 
-    def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False) -> None:
+    def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
+             precision: str | None = None) -> None:
         """Check the folder for this run and lock it; nothing is written into it before the checks pass."""
         folder = self.path
         if folder.exists() and not folder.is_dir():
@@ -157,13 +164,14 @@ class RunFolder:
         if continuing:
             saved = record["recipe"] if record else _checkpoint_recipe(checkpoint_folders(folder))
             _compare(saved, recipe, folder)
-            record = {**(record or _new_record(None)), "recipe": recipe}
+            _compare_precision(record, precision, folder)
+            record = {**(record or _new_record(None, precision)), "recipe": recipe}
             record["resumed"] = [*record.get("resumed", []), _now()]
         else:
             check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
             if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
                 _compare(_checkpoint_recipe([Path(checkpoint)]), recipe, Path(checkpoint))
-            record, self._replace = _new_record(recipe), overwrite
+            record, self._replace = _new_record(recipe, precision), overwrite
         self._record = record
 
     def begin(self, args) -> None:
@@ -300,9 +308,9 @@ def _read_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _new_record(recipe: dict | None) -> dict:
+def _new_record(recipe: dict | None, precision: str | None) -> dict:
     return {"run_id": uuid.uuid4().hex, "started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
-            "resumed": [], "recipe": recipe}
+            "resumed": [], "precision": precision, "recipe": recipe}
 
 
 def _now() -> str:
@@ -367,6 +375,17 @@ def _compare(saved: dict | None, new: dict | None, where: Path) -> None:
              if key not in ("training.output_dir", "training.resume_from_checkpoint")}
     if shown:
         print(f"Resuming {where} with {_listed(shown)}")
+
+
+def _compare_precision(record: dict | None, new: str | None, where: Path) -> None:
+    old = (record or {}).get("precision")
+    if old is not None and new is not None and old != new:
+        flags = {"bf16": "training.bf16=true", "fp16": "training.fp16=true", "fp32": "training.bf16=false"}
+        raise RecipeError(
+            f"training.bf16: the run of {where} trained in {old} and this one would train in {new} (bf16 defaults by "
+            f"the machine and device); set {flags[old]} to continue it in {old}, or train into a new "
+            "training.output_dir"
+        )
 
 
 def _listed(changes: dict[str, tuple[Any, Any]]) -> str:

@@ -147,6 +147,29 @@ def test_resume_refuses_a_changed_recipe_naming_the_keys_and_allows_safe_changes
     assert f"Resuming from {out / 'checkpoint-6'}" in capsys.readouterr().out.splitlines()
 
 
+def test_resume_refuses_a_precision_the_machine_resolves_differently(tmp_path, capsys, monkeypatch):
+    # bf16 unset defaults by the machine: a resume where it resolves otherwise would mix fp32 and bf16 training.
+    import ia3_trainer.training_args as training_args
+
+    out = tmp_path / "out"
+    raw = tiny_recipe(tmp_path, **SAVES)
+    del raw["training"]["bf16"]
+    path = write(tmp_path, raw)
+    monkeypatch.setattr(training_args, "default_bf16", lambda *args, **kwargs: False)
+    assert main(["train", path]) == 0
+    assert json.loads((out / RUN_FILE).read_text())["precision"] == "fp32"
+    monkeypatch.setattr(training_args, "default_bf16", lambda *args, **kwargs: True)
+    capsys.readouterr()
+    err = fails(["train", path, "--resume", "--set", "training.max_steps=6"], capsys)
+    assert err == (
+        f"ia3-trainer: error: training.bf16: the run of {out} trained in fp32 and this one would train in bf16 (bf16 "
+        "defaults by the machine and device); set training.bf16=false to continue it in fp32, or train into a new "
+        "training.output_dir")
+    # Writing the precision the run had continues it (the written value may change, the resolved one may not).
+    assert main(["train", path, "--resume", "--set", "training.max_steps=6", "--set", "training.bf16=false"]) == 0
+    assert f"Resuming from {out / 'checkpoint-4'}" in capsys.readouterr().out.splitlines()
+
+
 def test_only_keys_that_do_not_change_training_may_change():
     old = {"name": "a", "training": {"learning_rate": 0.3, "max_steps": 4}, "hub": {"repo_id": None}, "ia3": {}}
     new = {"name": "b", "training": {"learning_rate": 0.3, "max_steps": 8, "seed": 42}, "hub": {"repo_id": "a/b"},
@@ -156,7 +179,7 @@ def test_only_keys_that_do_not_change_training_may_change():
     assert all(map(resumable, recipe_changes(old, new)))
     for key in ("training.learning_rate", "training.seed", "training.per_device_train_batch_size",
                 "training.gradient_accumulation_steps", "training.optim", "training.lr_scheduler_type",
-                "training.bf16", "model.name_or_path", "data.label_names", "data.source_prefix", "ia3.target_modules"):
+                "model.name_or_path", "data.label_names", "data.source_prefix", "ia3.target_modules"):
         assert not resumable(key), key
 
 
