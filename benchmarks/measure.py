@@ -114,8 +114,9 @@ class OpCounter:
 
 def count_step_ops(trainer_or_step, batches, device: str, warmup: int = 2, measured: int = 2) -> dict:
     """Dispatched aten ops per training step (mean over `measured` steps after `warmup`) and, on CUDA, kernel launches
-    per step (torch.profiler over the last one). `trainer_or_step` is a Trainer (whose `max_steps` must be
-    `warmup + measured`) or a `step(batch)` function fed from `batches`."""
+    per step (the host's launch calls in torch.profiler over the last one; a CUDA graph replay counts once).
+    `trainer_or_step` is a Trainer (whose `max_steps` must be `warmup + measured`) or a `step(batch)` function fed
+    from `batches`."""
     import torch
 
     counter, kernels = OpCounter(), []
@@ -123,7 +124,10 @@ def count_step_ops(trainer_or_step, batches, device: str, warmup: int = 2, measu
     def profile_begin():
         if device != "cuda":
             return None
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        # The CUDA runtime calls are CPU-side events: counted there, a CUDA graph replay is one launch (the device
+        # still runs all its kernels), which is what a dispatch-bound step pays for.
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        profiler = torch.profiler.profile(activities=activities)
         profiler.__enter__()
         return profiler
 
@@ -131,8 +135,7 @@ def count_step_ops(trainer_or_step, batches, device: str, warmup: int = 2, measu
         if profiler is not None:
             torch.cuda.synchronize()
             profiler.__exit__(None, None, None)
-            cuda = torch.autograd.DeviceType.CUDA
-            kernels.append(sum(1 for event in profiler.events() if event.device_type == cuda))
+            kernels.append(sum(1 for event in profiler.events() if is_launch(event.name)))
 
     if hasattr(trainer_or_step, "train"):
         from transformers import TrainerCallback
@@ -166,6 +169,16 @@ def count_step_ops(trainer_or_step, batches, device: str, warmup: int = 2, measu
     if kernels:
         result["kernels_per_step"] = kernels[-1]
     return result
+
+
+# CUDA runtime and driver calls that start work on the device: kernels (one by one or cooperative) and graph replays.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel",
+                "cuLaunchKernelEx", "cudaGraphLaunch", "cuGraphLaunch")
+
+
+def is_launch(name: str) -> bool:
+    """Whether a profiler event is a host call that launches device work (`LAUNCH_CALLS`, any API version suffix)."""
+    return name.split("_v")[0] in LAUNCH_CALLS
 
 
 def train_tokenizer(texts: list[str], folder: Path, vocab_size: int) -> int:

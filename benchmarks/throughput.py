@@ -17,9 +17,10 @@ Variants:
 
 Reported per variant: training samples/s and tokens/s (non-padding tokens), the wall-clock of the whole job (model
 load and warm-up, training and every evaluation), peak memory, dispatched aten ops per training step (counted with a
-TorchDispatchMode in a separate short run: the figure `benchmarks/dispatch_ops.py` tracks) and, on CUDA, kernel
-launches per step (torch.profiler). Quality comes from one evaluator for every variant: `IA3Predictor.score`, the
-package's own evaluation kernel (eval loss, generated-label accuracy, rank accuracy).
+TorchDispatchMode in a separate short run: the figure `--ops-only` prints alone) and, on CUDA, kernel launches per
+step (the host's launch calls in torch.profiler; a CUDA graph replay counts once). Quality comes from one evaluator
+for every variant: `IA3Predictor.score`, the package's own evaluation kernel (eval loss, generated-label accuracy,
+rank accuracy).
 
 `--shape mt0-large` builds random weights in bigscience/mt0-large's exact shape (1.23 B parameters, separate lm_head)
 with the tokenizer in `--tokenizer` (default ../shared/gpu/tok); `mt0-large-thin` keeps its 24+24 layers at width 64:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from .data import longest_labels
