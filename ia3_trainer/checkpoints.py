@@ -110,25 +110,31 @@ def checkpoint_damage(path: str | Path) -> str | None:
     for file in sorted(path.iterdir()):
         if not file.is_file():
             continue
-        if file.suffix == ".safetensors" and not _whole_safetensors(file):
+        if file.suffix == ".safetensors" and safetensors_header(file) is None:
             return f"its {file.name} is truncated or unreadable"
         if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
             return f"its {file.name} is truncated or unreadable"
     return None
 
 
-def _whole_safetensors(path: Path) -> bool:
-    """The file holds its 8-byte header length, a JSON header, and exactly the bytes the header's offsets cover."""
+def safetensors_header(path: str | Path) -> dict | None:
+    """The tensors of a `.safetensors` file, `{name: {"dtype", "shape", "data_offsets"}}`, read from its header (8
+    bytes giving the header's length, then JSON) when the file holds exactly the bytes the header covers; None for a
+    missing, truncated or damaged file."""
+    path = Path(path)
     try:
         with open(path, "rb") as file:
             size = int.from_bytes(file.read(8), "little")
             if not 2 <= size <= 100_000_000:  # safetensors refuses headers over 100 MB
-                return False
+                return None
             header = json.loads(file.read(size))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        return path.stat().st_size == 8 + size + end
+        tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+        end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+        if not all(isinstance(entry["shape"], list) for entry in tensors.values()):
+            return None
+        return tensors if path.stat().st_size == 8 + size + end else None
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return False
+        return None
 
 
 def _whole_checkpoints(output_dir: str | Path):

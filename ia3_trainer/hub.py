@@ -22,11 +22,11 @@ from transformers import TrainerCallback
 from .checkpoints import INFERENCE_FILE
 from .errors import one_line, redact
 from .model_card import card_metrics, latest_metrics, write_model_card
+from .network import hub_offline
 from .recipe import check_repo_id
 from .upload import (
     create_repo,
     describe_push_error,
-    hub_offline,
     is_transient,
     request_timeout,
     stage_adapter,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._schema import read_json, write_text
+from .checkpoints import safetensors_header
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -151,17 +152,10 @@ def _hub_id(name: str | None) -> str | None:
 
 
 def _count_parameters(folder: Path) -> int | None:
-    """The number of values in the folder's `adapter_model.safetensors`, read from its header (8 bytes giving the
-    header's length, then a JSON object of tensor shapes), or None when there is no such readable file."""
-    try:
-        with open(folder / "adapter_model.safetensors", "rb") as file:
-            size = int.from_bytes(file.read(8), "little")
-            if size > 100_000_000:  # the format's own limit: a damaged file
-                return None
-            header = json.loads(file.read(size))
-        return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+    """The number of values in the folder's `adapter_model.safetensors` (from its header), or None when there is no
+    such whole file."""
+    tensors = safetensors_header(folder / "adapter_model.safetensors")
+    return None if tensors is None else sum(math.prod(entry["shape"]) for entry in tensors.values())
 
 
 def _describe_dataset(data: dict[str, Any], dataset_id: str | None) -> str:

@@ -108,11 +108,6 @@ def cast_frozen_weights(model, dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def base_model_dtype(model):
-    """The dtype of the frozen weights (the input embeddings'): what the reused encoder output is cast back to."""
-    return model.get_input_embeddings().weight.dtype
-
-
 def wrap_with_ia3(model, peft_config=None):
     """Return `model` wrapped with IA3 (`peft.get_peft_model`), or the given IA3 `PeftModel` as it is.
 

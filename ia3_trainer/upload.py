@@ -23,6 +23,7 @@ from ._schema import write_json
 from .checkpoints import INFERENCE_FILE
 from .errors import redact, shorten
 from .model_card import CARD_FILE, card_metrics, card_tags, write_model_card
+from .network import hub_offline
 from .recipe import check_repo_id
 
 
@@ -111,13 +112,6 @@ def bound_hub_requests(timeout: float) -> None:
             return
         base = installed.base if isinstance(installed, _BoundedClientFactory) else installed
         huggingface_hub.set_client_factory(_BoundedClientFactory(base, timeout))
-
-
-def hub_offline() -> bool:
-    """Whether `HF_HUB_OFFLINE` (read by huggingface_hub when it is imported) forbids every request to the Hub."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def push_adapter_folder(

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,14 @@ PHRASEBANK_DIR = REPO.parent / "shared" / "data" / "financial_phrasebank"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Hermetic caches: the suite neither reads nor writes the user's Hugging Face caches, whatever HF_HOME or the
+# per-library variables say (set before huggingface_hub, datasets and transformers read them at import).
+HF_CACHE_ROOT = tempfile.mkdtemp(prefix="ia3-trainer-tests-hf-")
+os.environ["HF_HOME"] = HF_CACHE_ROOT
+for _variable, _sub in (("HF_HUB_CACHE", "hub"), ("HUGGINGFACE_HUB_CACHE", "hub"), ("HF_XET_CACHE", "xet"),
+                        ("HF_ASSETS_CACHE", "assets"), ("HF_DATASETS_CACHE", "datasets"),
+                        ("HF_MODULES_CACHE", "modules")):
+    os.environ[_variable] = os.path.join(HF_CACHE_ROOT, _sub)
 
 
 def pytest_configure(config):
@@ -24,6 +33,12 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(HF_CACHE_ROOT, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -145,3 +160,12 @@ def phrasebank_zip(tmp_path_factory):
         for file in sorted(PHRASEBANK_DIR.glob("*.txt")):
             archive.write(file, f"FinancialPhraseBank-v1.0/{file.name}")
     return path
+
+
+@pytest.fixture
+def staging_root(tmp_path, monkeypatch):
+    """The temporary folder pushes stage their uploads in: each test checks that nothing is left there."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -77,15 +76,6 @@ def hub(monkeypatch):
     with HubServer() as server:
         use_hub(monkeypatch, server.endpoint)
         yield server
-
-
-@pytest.fixture
-def staging_root(tmp_path, monkeypatch):
-    """The temporary folder pushes stage their uploads in: each test checks that nothing is left there."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def snapshot(folder: Path) -> dict:

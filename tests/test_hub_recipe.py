@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import huggingface_hub
@@ -28,15 +27,6 @@ def hub(monkeypatch):
     with HubServer() as server:
         use_hub(monkeypatch, server.endpoint, as_default=True)
         yield server
-
-
-@pytest.fixture
-def staging_root(tmp_path, monkeypatch):
-    """The temporary folder pushes stage their uploads in: each test checks that nothing is left there."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 @pytest.fixture
