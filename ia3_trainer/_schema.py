@@ -92,11 +92,16 @@ def write_json(path: str | Path, data) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed
     over it (a full disk or a crash leaves the previous file, never a truncated one). The folder must exist."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all, as [`write_text`] does."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(temporary, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
+        with open(temporary, "wb") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

@@ -7,14 +7,13 @@ matplotlib (`pip install "ia3-trainer[plots]"`); without it only the JSON is wri
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
-from ._schema import write_json
+from ._schema import read_json, write_bytes, write_json
 from .checkpoints import checkpoint_folders
 from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
@@ -139,11 +138,25 @@ def read_log_history(folder: str | Path) -> list[dict]:
     for path in candidates:
         if path.is_file():
             try:
-                return json.loads(path.read_text(encoding="utf-8")).get("log_history", [])
-            except (OSError, json.JSONDecodeError) as error:
+                state = read_json(path, allow_nan=True)  # a non-finite loss is logged as NaN
+            except (OSError, ValueError) as error:
                 logger.warning("Cannot read %s (%s); no training curves", path, error)
                 return []
+            history = state.get("log_history") if isinstance(state, dict) else None
+            if not isinstance(history, list):
+                logger.warning("%s has no log_history list; no training curves", path)
+                return []
+            return [entry for entry in history if isinstance(entry, dict)]
     return []
+
+
+def _save_figure(figure, path: Path) -> None:
+    """The PNG whole or not at all (a crash never leaves a truncated picture beside the report)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(report: dict, path: Path) -> Path:
@@ -168,7 +181,7 @@ def plot_confusion_matrix(report: dict, path: Path) -> Path:
     shown = f"; the {PLOT_CLASSES} most frequent of {len(references)} classes" if cut else ""
     axes.set_title(f"{title}\n{report['examples']} examples{shown}", fontsize=10)
     figure.colorbar(image, ax=axes, label="share of row", shrink=0.8)
-    figure.savefig(path)
+    _save_figure(figure, path)
     return path
 
 
@@ -196,7 +209,7 @@ def plot_training_curves(log_history: list[dict], path: Path) -> Path:
         accuracy_axes.set(xlabel="step", ylabel="eval accuracy", title="Accuracy", ylim=(-0.02, 1.02))
         accuracy_axes.legend()
         accuracy_axes.grid(alpha=0.3)
-    figure.savefig(path)
+    _save_figure(figure, path)
     return path
 
 

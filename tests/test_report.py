@@ -169,6 +169,18 @@ def test_training_curves_come_from_the_latest_checkpoint(trained):
     assert sum("loss" in entry for entry in history) == 60
 
 
+def test_training_curves_read_nan_losses_and_skip_a_state_without_history(tmp_path, caplog):
+    # A skipped non-finite step logs its loss as NaN; trainer_state.json then holds NaN, which strict JSON refuses.
+    (tmp_path / "trainer_state.json").write_text(
+        '{"log_history": [{"loss": NaN, "step": 1}, {"loss": 0.5, "step": 2}, "junk"]}')
+    history = read_log_history(tmp_path)
+    assert [entry["step"] for entry in history] == [1, 2] and math.isnan(history[0]["loss"])
+    (tmp_path / "trainer_state.json").write_text('{"log_history": {"loss": 1}}')
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer"):
+        assert read_log_history(tmp_path) == []
+    assert "has no log_history list" in caplog.text
+
+
 def test_random_init_adapter_loads_from_a_checkpoint_and_after_a_move(trained, tmp_path):
     # Its base exists only as out/base-model: checkpoints point at the config-only recipe folder, and the final
     # adapter at an absolute path that a move breaks.
