@@ -4,6 +4,7 @@ __version__ = "0.1.0.dev0"
 
 from .errors import RecipeError
 from .recipe import Recipe, apply_overrides, load_recipe
+from .sections import DataSection, EvalSection, HubSection, ModelSection
 
 
 def __getattr__(name):
@@ -21,6 +22,10 @@ def __getattr__(name):
         from .training_args import IA3TrainingArguments
 
         return IA3TrainingArguments
+    if name == "PreparedData":
+        from .data import PreparedData
+
+        return PreparedData
     if name == "PushAdapterToHubCallback":
         from .hub import PushAdapterToHubCallback
 
@@ -29,9 +34,14 @@ def __getattr__(name):
 
 
 __all__ = [
+    "DataSection",
+    "EvalSection",
+    "HubSection",
     "IA3Predictor",
     "IA3Seq2SeqTrainer",
     "IA3TrainingArguments",
+    "ModelSection",
+    "PreparedData",
     "PushAdapterToHubCallback",
     "Recipe",
     "RecipeError",

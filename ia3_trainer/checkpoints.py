@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 # Written by IA3Seq2SeqTrainer beside every adapter it saves: what training derived from the data (label set,
 # generation bound) and how it encoded sources; IA3Predictor reads it.
 INFERENCE_FILE = "inference.json"
-# Files that describe the adapter beside them: published after it, so that they never describe what is not there.
-METADATA_FILES = ("recipe.json", INFERENCE_FILE)
+CARD_FILE = "README.md"  # the model card (`ia3_trainer.model_card` writes it)
+# Files that describe the adapter beside them: published after it, in this order (the card, which a Hub push reads,
+# last), so that they never describe what is not there.
+METADATA_FILES = ("recipe.json", INFERENCE_FILE, CARD_FILE)
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TORCH_WRITER = ("inline_container", "PytorchStreamWriter")  # what torch.save's write failures name
@@ -235,7 +237,8 @@ class AtomicCheckpoints:
             with saving(output_dir):
                 staging.mkdir(parents=True)
                 yield staging
-                for entry in sorted(staging.iterdir(), key=lambda path: path.name in METADATA_FILES):
+                last = {name: rank for rank, name in enumerate(METADATA_FILES, start=1)}
+                for entry in sorted(staging.iterdir(), key=lambda path: (last.get(path.name, 0), path.name)):
                     publish(entry, output_dir / entry.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

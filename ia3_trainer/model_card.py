@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ._schema import read_json, write_text
-from .checkpoints import safetensors_header
+from .checkpoints import CARD_FILE, safetensors_header
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
-CARD_FILE = "README.md"
 TAGS = ["peft", "ia3", "ia3-trainer"]  # every card has these; a trainer's `_tag_names` adds its own
 
 # `datasets.load_dataset` builder names: such a recipe read local or remote files, not a Hub dataset repo.

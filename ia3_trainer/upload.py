@@ -20,9 +20,9 @@ from typing import Any
 
 from . import __version__
 from ._schema import write_json
-from .checkpoints import INFERENCE_FILE
+from .checkpoints import CARD_FILE, INFERENCE_FILE
 from .errors import redact, shorten
-from .model_card import CARD_FILE, card_metrics, card_tags, write_model_card
+from .model_card import card_metrics, card_tags, write_model_card
 from .network import hub_offline
 from .recipe import check_repo_id
 

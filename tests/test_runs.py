@@ -316,6 +316,23 @@ def test_merge_refuses_folders_it_does_not_own_and_replaces_only_an_earlier_merg
     assert snapshot(out / "base-model") == base
 
 
+def test_the_final_save_publishes_the_adapter_first_and_the_card_last(tmp_path, monkeypatch):
+    import ia3_trainer.checkpoints as checkpoints
+
+    published, publish = [], checkpoints.publish
+
+    def recording(staged, final):
+        published.append(Path(final).name)
+        publish(staged, final)
+
+    monkeypatch.setattr(checkpoints, "publish", recording)
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1, "training.bf16": False}))
+    trainer.train()
+    trainer.save_model()
+    assert published[-3:] == ["recipe.json", "inference.json", "README.md"], published
+    assert published.index("adapter_model.safetensors") < published.index("recipe.json")
+
+
 # --- a full disk ---------------------------------------------------------------------------------------------------
 
 
