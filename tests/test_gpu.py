@@ -83,12 +83,10 @@ def test_a_nan_step_never_reaches_the_vectors(tmp_path, compile_blocks):
     seen = {}
     trainer = NanLossAt.from_recipe(cuda_recipe(tmp_path, **{"training.non_finite_loss": "skip",
                                                              "training.compile_blocks": compile_blocks}))
-    assert trainer.non_finite_guard is not None
 
-    class Snapshot:
-        def __getattr__(self, name):
-            return lambda args, state, control, **kw: None
+    from transformers import TrainerCallback
 
+    class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             seen[state.global_step] = vectors(trainer)
 

@@ -1,0 +1,78 @@
+"""Saving for [`IA3Seq2SeqTrainer`]: the adapter (never the base weights) with its metadata and card, staged and
+published whole (`ia3_trainer.checkpoints`), checkpoints written whole, and the final save at the end of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ._schema import write_json
+from .checkpoints import INFERENCE_FILE
+from .model_card import card_metrics, write_model_card
+
+
+class SavingMixin:
+    """The saving methods of [`IA3Seq2SeqTrainer`] (a `Seq2SeqTrainer`); they read `recipe`, `atomic_checkpoints`,
+    `non_finite_guard` and `inference_settings()` from the trainer."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter (never the base weights), the tokenizer, `recipe.json` and `inference.json`.
+
+        A base model built with `model.init: random` cannot be downloaded again, so the final save also keeps
+        it in `output_dir/base-model` and points the adapter at it, so `AutoPeftModelForSeq2SeqLM` can load it.
+        """
+        output_dir = output_dir or self.args.output_dir
+        if not _internal_call and self.recipe is not None and self.recipe.model.init == "random":
+            base_dir = Path(output_dir) / "base-model"
+            if self.args.should_save:
+                # IA3 wraps each target as `k.base_layer` + `k.ia3_l`; saved as they are, those keys would not load
+                # into a plain model (its k/v/wo would come back random), so save the plain names without IA3.
+                base = self.model.get_base_model()
+                state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items()
+                         if ".ia3_l." not in key}
+                with self.atomic_checkpoints.staged(output_dir, "base-model") as staging:  # whole or not at all
+                    base.save_pretrained(staging / "base-model", state_dict=state)
+                    self.processing_class.save_pretrained(staging / "base-model")
+            self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(base_dir.resolve())
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # Trainer calls _save on every process; one writes per machine or run
+            return super()._save(output_dir, state_dict)
+        # Everything goes to a staging folder first and replaces the previous files only once written (a full disk
+        # leaves the previous adapter and its metadata as they were); recipe.json, inference.json and the card last.
+        with self.atomic_checkpoints.staged(output_dir or self.args.output_dir) as staging:
+            super()._save(str(staging), state_dict)
+            if self.recipe is not None:
+                write_json(staging / "recipe.json", self.recipe.to_dict())
+            write_json(staging / INFERENCE_FILE, self.inference_settings())
+            # Our card replaces the generic README.md that peft's save_pretrained just wrote: one card, the one a
+            # push uploads (it writes this card again, for the repo pushed to).
+            write_model_card(staging, recipe=self.recipe.to_dict() if self.recipe is not None else {},
+                             metrics=card_metrics(self.state.log_history), tags=self._tag_names)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.non_finite_guard.check()  # a "stop" run never writes a checkpoint after a non-finite step
+        # transformers 5.24 writes checkpoint-N in place, so a crash mid-save leaves a folder that resuming takes
+        # for whole; write it to tmp-checkpoint-N and rename it when every process is done (checkpoints.py).
+        save = super()._save_checkpoint
+        self.atomic_checkpoints.save(self, trial, lambda: save(model, trial))
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, Trainer's run folder is its staging folder (see _save_checkpoint).
+        return self.atomic_checkpoints.staging_root or super()._get_output_dir(trial)
+
+
+class FinalSave(TrainerCallback):
+    """Saves the final adapter in `on_train_end` (every process takes part, as sharded models need) when
+    `args.save_final_adapter`; IA3Seq2SeqTrainer puts it before every other callback, so a push callback's
+    `on_train_end` finds the adapter saved."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.non_finite_guard.check()
+        if getattr(args, "save_final_adapter", False):
+            self.trainer.save_model()
