@@ -41,6 +41,26 @@ def pytest_unconfigure(config):
     shutil.rmtree(HF_CACHE_ROOT, ignore_errors=True)
 
 
+def signal_at_first_checkpoint(recipe: str, out: Path, sig: int, cwd, env: dict) -> tuple[int, str]:
+    """Run `ia3-trainer train recipe` in a subprocess and send it `sig` once `out` holds a `checkpoint-*` (or after
+    120 s, or when it ended first); its return code and stderr."""
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "ia3_trainer", "train", recipe], cwd=cwd, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now: launched process groups never collide with another run's default 29500."""
     import socket
@@ -121,14 +141,17 @@ def generate_one_by_one(trainer, dataset=None) -> tuple[list[str], list[str]]:
     evaluation independent of the batched one, to check its metrics against."""
     import torch
 
+    from ia3_trainer.data import longest_labels
     from ia3_trainer.metrics import decode
 
     model, tokenizer = trainer.model.eval(), trainer.processing_class
+    dataset = dataset if dataset is not None else trainer.eval_dataset
+    bound = trainer.max_new_tokens or longest_labels(dataset)  # free text: the dataset's longest target, as evaluation
     predictions, references = [], []
-    for row in dataset if dataset is not None else trainer.eval_dataset:
+    for row in dataset:
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([row["input_ids"]], device=model.device),
-                                 max_new_tokens=trainer.max_new_tokens)
+                                 max_new_tokens=bound)
         predictions += decode(out.cpu().numpy(), tokenizer)
         references += decode([row["labels"]], tokenizer)
     return predictions, references

@@ -5,9 +5,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from ia3_trainer import IA3Seq2SeqTrainer, RecipeError
 from ia3_trainer.checkpoints import last_checkpoint
 from ia3_trainer.cli import main
 
-from conftest import REPO, tiny_recipe
+from conftest import REPO, signal_at_first_checkpoint, tiny_recipe
 
 
 # 64 examples in batches of 2: 32 steps an epoch, so checkpoints every 5 steps fall mid-epoch.
@@ -52,17 +49,8 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path, caplog, capsy
     killed_recipe = write_recipe(tmp_path, "killed", **RUN)
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same single thread as this process (conftest)
-    process = subprocess.Popen([sys.executable, "-m", "ia3_trainer", "train", killed_recipe], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(killed_dir.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-2000:]}"
+    returncode, stderr = signal_at_first_checkpoint(killed_recipe, killed_dir, signal.SIGKILL, cwd=REPO, env=env)
+    assert returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-2000:]}"
     assert not (killed_dir / "adapter_model.safetensors").exists()
     newest = last_checkpoint(killed_dir)
     assert newest is not None

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from ia3_trainer.checkpoints import checkpoint_damage, last_checkpoint
 from ia3_trainer.cli import main
 from ia3_trainer.runs import LOCK_FILE, RUN_FILE, claim_output_dir, recipe_changes, resumable
 
-from conftest import REPO, TINY_MODEL_DIR, free_port, tiny_recipe
+from conftest import REPO, TINY_MODEL_DIR, free_port, signal_at_first_checkpoint, tiny_recipe
 
 
 # Checkpoints at steps 2 and 4, no evaluation: a few seconds a run.
@@ -393,17 +392,8 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_resume_finishes(tmp_
     out = tmp_path / "out"
     path = write(tmp_path, tiny_recipe(tmp_path, **{**SAVES, "training.max_steps": 60, "training.save_total_limit": 2,
                                                    "training.logging_steps": 10}))
-    process = subprocess.Popen([sys.executable, "-m", "ia3_trainer", "train", path], cwd=tmp_path, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, stderr[-3000:]
+    returncode, stderr = signal_at_first_checkpoint(path, out, signal.SIGINT, cwd=tmp_path, env=ENV)
+    assert returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     newest = last_checkpoint(out)  # what is on disk now: rotation may have removed the first checkpoint
     assert newest is not None and int(newest.rsplit("-", 1)[1]) < 60, "the run ended before Ctrl-C"

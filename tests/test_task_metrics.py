@@ -193,7 +193,7 @@ def test_dotted_columns_pick_nested_fields(tmp_path, tokenizer):
 
 def test_summarisation_trains_and_reports_rouge(tmp_path):
     trainer = IA3Seq2SeqTrainer.from_recipe(summary_recipe(tmp_path))
-    assert trainer.candidate_labels is None and trainer.max_new_tokens <= 24
+    assert trainer.candidate_labels is None and trainer.max_new_tokens is None  # bounded by each dataset's targets
     trainer.train()
     metrics = trainer.evaluate()
     assert {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_perplexity"} <= set(metrics)
