@@ -132,7 +132,8 @@ def safetensors_header(path: str | Path) -> dict | None:
             header = json.loads(file.read(size))
         tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
         end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
-        if not all(isinstance(entry["shape"], list) for entry in tensors.values()):
+        if not all(isinstance(entry["shape"], list) and all(type(n) is int and n >= 0 for n in entry["shape"])
+                   for entry in tensors.values()):
             return None
         return tensors if path.stat().st_size == 8 + size + end else None
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
@@ -224,8 +225,9 @@ class AtomicCheckpoints:
     @contextlib.contextmanager
     def staged(self, output_dir: str | Path, name: str = "save") -> Iterator[Path]:
         """A folder to save into in place of `output_dir`: when the block ends, its entries replace those of
-        `output_dir`, the adapter first and `recipe.json` and `inference.json` last; when it fails (a full disk),
-        `output_dir` is left as it was. Inside a checkpoint save (staged whole already) it is `output_dir` itself.
+        `output_dir`, the adapter first and `recipe.json`, `inference.json` and the card last; when it fails (a full
+        disk), `output_dir` is left as it was. Inside a checkpoint save (staged whole already) it is `output_dir`
+        itself.
         """
         output_dir = Path(output_dir)
         if self.staging_root is not None:

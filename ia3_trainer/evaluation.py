@@ -16,7 +16,7 @@ from .scoring import EvalOutputs, candidate_label_ids, score_batch
 
 class EvaluationMixin:
     """The evaluation methods of [`IA3Seq2SeqTrainer`] (a `Seq2SeqTrainer`); they read `metrics`,
-    `candidate_labels`, `max_new_tokens` and `non_finite_guard` from the trainer."""
+    `candidate_labels`, `max_new_tokens`, `inference_settings()` and `non_finite_guard` from the trainer."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         """Evaluate (see the class docstring for the metrics); the per-example outputs of this pass are kept in
@@ -59,7 +59,10 @@ class EvaluationMixin:
         # the last batch under DDP; metrics must count each example once, so gather for metrics instead.
         self.gather_function = self.accelerator.gather_for_metrics
         self._eval_runtimes = {"generate": 0.0, "rank": 0.0}
-        self._eval_bound = self.max_new_tokens or longest_labels(dataloader.dataset)
+        # The label set's bound, else (free text) the dataset's longest target, else (no labels) the longest a target
+        # could be in training.
+        self._eval_bound = (self.max_new_tokens or longest_labels(dataloader.dataset)
+                            or self.inference_settings()["max_new_tokens"])
         # The built-in metrics come from per-example outputs that Trainer's compute_metrics call never sees; the
         # user's compute_metrics is called below, with generated ids.
         user_metrics, self.compute_metrics = self.compute_metrics, None

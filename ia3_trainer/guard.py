@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from transformers import TrainerCallback
 
 from .recipe import RecipeError
 
@@ -58,6 +59,9 @@ class NonFiniteGuard:
             return
         for handle in self._handles:
             handle.remove()
+        if self._set_found_inf and self._optimizer is not None and hasattr(self._optimizer, "found_inf"):
+            del self._optimizer.found_inf
+        self._set_found_inf = False
         # Fused torch optimizers read `found_inf` and skip the whole update on the device when it is nonzero.
         self.on_device = bool(getattr(inner, "_step_supports_amp_scaling", False)) and all(
             group.get("fused") for group in inner.param_groups)
@@ -78,6 +82,10 @@ class NonFiniteGuard:
         return torch.where(bad, torch.zeros_like(loss), loss) if self.mode == "skip" else loss
 
     def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._set_found_inf:  # ours, left by a step that raised before the post-hook ran
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
+            self._set_found_inf = False
         all_params = [p for group in optimizer.param_groups for p in group["params"]]
         params = [p for p in all_params if p.grad is not None]
         if not all_params:
@@ -118,6 +126,18 @@ class NonFiniteGuard:
         self.steps_unlogged += 1
         self.steps_total += 1
 
+    def step_end(self, step: int) -> None:
+        """After optimizer step `step` (Trainer's `on_step_end`): a step whose optimizer never ran its hooks (fp16
+        GradScaler does not call `optimizer.step()` when a gradient overflowed, which a non-finite loss causes) is
+        recorded here, so its flag does not carry over to the next step."""
+        if self._pending is None:
+            return
+        found = self._pending.to(torch.float32).reshape(())
+        self._record(found, step=step)
+        self._pending = self._loss = None
+        self.steps_unlogged += 1
+        self.steps_total += 1
+
     def correct(self, logs: dict) -> None:
         """Leave skipped steps (logged as 0) out of the mean `loss` and `train_loss` in `logs`, in place."""
         if "loss" in logs:
@@ -127,9 +147,9 @@ class NonFiniteGuard:
         if "train_loss" in logs and self.total:
             logs["train_loss"] = self.mean_without_skipped(logs["train_loss"], self.steps_total, self.total)
 
-    def _record(self, found: torch.Tensor) -> None:
+    def _record(self, found: torch.Tensor, step: int | None = None) -> None:
         found = found.reshape(())
-        step = torch.full((), self._step(), device=found.device, dtype=torch.long)
+        step = torch.full((), self._step() if step is None else step, device=found.device, dtype=torch.long)
         loss = (self._loss if self._loss is not None else torch.zeros(())).to(found.device, torch.float32)
         if self._skipped is None:
             self._skipped = torch.zeros((), device=found.device)
@@ -166,3 +186,13 @@ class NonFiniteGuard:
     def mean_without_skipped(mean: float, steps: int, skipped: int) -> float:
         """A logged mean loss over `steps` optimizer steps, `skipped` of which counted 0: the mean of the others."""
         return mean * steps / (steps - skipped) if steps > skipped else float("nan")
+
+
+class GuardSteps(TrainerCallback):
+    """Tells the guard where each optimizer step ends (`NonFiniteGuard.step_end`)."""
+
+    def __init__(self, guard: NonFiniteGuard):
+        self.guard = guard
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.guard.step_end(state.global_step)

@@ -7,7 +7,7 @@ for starting over and for resuming.
   run is always refused.
 - `run.json` records the run (an id, when and where it started, its resolved recipe), written whole before training.
 - Resuming continues the run recorded in the folder, and only when the recipe is the same but for the keys that do
-  not change what is trained (`RESUMABLE`); the changed keys are named either way.
+  not change what is trained (`ia3_trainer.resuming`); the changed keys are named either way.
 - The process that saves (one per machine with `save_on_each_node`) holds an exclusive `flock` on `run.lock` for
   the whole run; a second run on the folder is refused with the holder's pid, host and start. The kernel releases
   the lock when its process dies, so a run that crashed never blocks the next one.
@@ -18,9 +18,7 @@ Every process of a launch takes part in `claim_output_dir`, and all of them rais
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import functools
 import json
 import logging
 import os
@@ -31,11 +29,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ._schema import read_json, write_json
 from .checkpoints import STAGING_PREFIX, checkpoint_damage, checkpoint_folders
-from .errors import RecipeError, shorten
+from .errors import RecipeError
+from .resuming import check_same_precision, check_same_recipe, precision, run_precision
 
 
 logger = logging.getLogger(__name__)
@@ -55,31 +53,6 @@ RUN_FILES = frozenset({
 RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
 # Entries that mean "this folder holds a run".
 _RUN_MARKS = re.compile(r"^(run\.json|recipe\.json|adapter_config\.json|adapter_model\..+|(tmp-)?checkpoint-\d+)$")
-# What may change when a run is resumed: how long it trains, what it logs, evaluates and saves, where it pushes, and
-# how fast it runs. Every other key changes what is trained (the data, the model, the adapter, the optimizer and its
-# schedule), and the resumed run would mix two recipes.
-RESUMABLE_SECTIONS = ("eval", "hub")
-RESUMABLE = frozenset({
-    "name", "description", "data.max_eval_samples",
-    *(f"training.{key}" for key in (
-        "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "num_train_epochs", "max_steps",
-        "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
-        "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id",
-        "trackio_bucket_id", "trackio_static_space_id", "include_num_input_tokens_seen", "skip_memory_metrics",
-        "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
-        "eval_accumulation_steps", "eval_do_concat_batches", "eval_use_gather_object", "prediction_loss_only",
-        "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "predict_with_generate",
-        "generation_max_length", "generation_num_beams", "generation_config", "rank_classification",
-        "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
-        "save_final_adapter", "enable_jit_checkpoint", "dataloader_num_workers", "dataloader_pin_memory",
-        "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
-        "use_cpu", "fused_kernels", "compile_blocks", "torch_compile", "torch_compile_backend", "torch_compile_mode",
-        "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_empty_cache_steps", "ddp_timeout",
-        "ddp_backend", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_static_graph",
-        "bf16", "fp16",  # as written; the precision they resolve to is compared instead (`precision`)
-    )),
-})
-
 _CLAIMS: dict[str, RunFolder] = {}  # output folders this process has claimed, by absolute path
 
 
@@ -116,11 +89,6 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     finally:
         del _CLAIMS[key]
         run.release()
-
-
-def precision(args) -> str:
-    """The precision a run trains in, as resolved (`bf16` defaults by the machine, see `IA3TrainingArguments`)."""
-    return "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
 
 
 def no_checkpoint_error(output_dir: str | Path) -> RecipeError:
@@ -163,14 +131,18 @@ class RunFolder:
         record = _read_record(folder)
         if continuing:
             saved = record["recipe"] if record else _checkpoint_recipe(checkpoint_folders(folder))
-            _compare(saved, recipe, folder)
-            _compare_precision(record, precision, folder)
+            check_same_recipe(saved, recipe, folder)
+            check_same_precision(run_precision(record, saved), precision, saved, recipe, folder)
             record = {**(record or _new_record(None, precision)), "recipe": recipe}
+            record.setdefault("precision", precision)  # a run.json from before precision was recorded
             record["resumed"] = [*record.get("resumed", []), _now()]
         else:
             check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
             if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
-                _compare(_checkpoint_recipe([Path(checkpoint)]), recipe, Path(checkpoint))
+                saved = _checkpoint_recipe([Path(checkpoint)])
+                check_same_recipe(saved, recipe, Path(checkpoint))
+                earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
+                check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
             record, self._replace = _new_record(recipe, precision), overwrite
         self._record = record
 
@@ -334,89 +306,3 @@ def _checkpoint_recipe(checkpoints: list[Path]) -> dict | None:
             continue
         return recipe if isinstance(recipe, dict) else None
     return None
-
-
-# --- comparing recipes ----------------------------------------------------------------------------------------------
-
-
-def recipe_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """`{dotted key: (saved value, new value)}` for every key whose value differs; a key one recipe leaves out has
-    its default value there."""
-    changes = {}
-    for section in dict.fromkeys([*saved, *new]):
-        old, now = saved.get(section), new.get(section)
-        if isinstance(old, dict) and isinstance(now, dict):
-            defaults = _section_defaults(section)
-            for key in dict.fromkeys([*old, *now]):
-                before, after = old.get(key, defaults.get(key)), now.get(key, defaults.get(key))
-                if _normal(before) != _normal(after):
-                    changes[f"{section}.{key}"] = (before, after)
-        elif _normal(old) != _normal(now):
-            changes[section] = (old, now)
-    return changes
-
-
-def resumable(key: str) -> bool:
-    return key in RESUMABLE or key.split(".", 1)[0] in RESUMABLE_SECTIONS
-
-
-def _compare(saved: dict | None, new: dict | None, where: Path) -> None:
-    if saved is None or new is None:
-        return
-    changes = recipe_changes(saved, new)
-    refused = {key: values for key, values in changes.items() if not resumable(key)}
-    if refused:
-        raise RecipeError(
-            f"training.output_dir: resuming continues the run of {where}, whose recipe differs in {_listed(refused)}; "
-            "resuming would mix two recipes: undo those changes, or train into a new training.output_dir (on resume "
-            "only the length of the run, logging, evaluation, saving, hub and speed settings may change)"
-        )
-    shown = {key: values for key, values in changes.items()
-             if key not in ("training.output_dir", "training.resume_from_checkpoint")}
-    if shown:
-        print(f"Resuming {where} with {_listed(shown)}")
-
-
-def _compare_precision(record: dict | None, new: str | None, where: Path) -> None:
-    old = (record or {}).get("precision")
-    if old is not None and new is not None and old != new:
-        flags = {"bf16": "training.bf16=true", "fp16": "training.fp16=true", "fp32": "training.bf16=false"}
-        raise RecipeError(
-            f"training.bf16: the run of {where} trained in {old} and this one would train in {new} (bf16 defaults by "
-            f"the machine and device); set {flags[old]} to continue it in {old}, or train into a new "
-            "training.output_dir"
-        )
-
-
-def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{key} ({_shown(old)} -> {_shown(new)})" for key, (old, new) in changes.items())
-
-
-def _shown(value: Any) -> str:
-    return "unset" if value is None else shorten(json.dumps(value, default=str), 60)
-
-
-def _normal(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-@functools.cache
-def _section_defaults(section: str) -> dict[str, Any]:
-    if section == "training":
-        from .training_args import IA3TrainingArguments as cls
-    elif section == "ia3":
-        from peft import IA3Config as cls
-    else:
-        from . import sections
-
-        cls = {"model": sections.ModelSection, "data": sections.DataSection, "eval": sections.EvalSection,
-               "hub": sections.HubSection}.get(section)
-    if cls is None:
-        return {}
-    defaults = {}
-    for field in dataclasses.fields(cls):
-        if field.default is not dataclasses.MISSING:
-            defaults[field.name] = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            defaults[field.name] = field.default_factory()
-    return defaults

@@ -13,7 +13,7 @@ from .checkpoints import AtomicCheckpoints, last_checkpoint
 from .data import PreparedData, build_collator, encode_batch, prepare_data
 from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
-from .guard import NonFiniteGuard
+from .guard import GuardSteps, NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .runs import claim_output_dir, no_checkpoint_error
@@ -155,6 +155,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         # The final adapter is saved in on_train_end, before any other callback's on_train_end (a push callback then
         # uploads what every process saved); see FinalSave.
         self.callback_handler.callbacks.insert(0, FinalSave(self))
+        self.callback_handler.callbacks.insert(0, GuardSteps(self.non_finite_guard))  # before any logging callback
         if self.is_world_process_zero():
             self.model.print_trainable_parameters()
 
@@ -282,7 +283,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         refused. `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir`
         (checkpoints are written atomically, and a folder a crash left half-written or a disk damaged is skipped); a
         path resumes from that folder. Resuming continues the recorded run only when the recipe differs in keys that
-        do not change what is trained (`ia3_trainer.runs.RESUMABLE`).
+        do not change what is trained (`ia3_trainer.resuming.RESUMABLE`).
         """
         recipe = self.recipe.to_dict() if self.recipe is not None else None
         overwrite = getattr(self.args, "overwrite_output_dir", False)
@@ -301,7 +302,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
 
     def _init_training_state(self, max_steps, *args, **kwargs):
         # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
-        # the recipe may change them on resume (runs.RESUMABLE), so they apply from the checkpoint on.
+        # the recipe may change them on resume (resuming.RESUMABLE), so they apply from the checkpoint on.
         trained = super()._init_training_state(max_steps, *args, **kwargs)
         self.state.compute_steps(self.args, max_steps)
         return trained

@@ -133,6 +133,8 @@ def test_free_text_evaluation_is_bounded_by_each_dataset_and_inference_by_the_ta
     assert trainer._eval_bound == 1
     trainer.evaluate()
     assert trainer._eval_bound == max(len(labels) for labels in trainer.eval_dataset["labels"])
+    unlabeled = trainer.predict(trainer.eval_dataset.remove_columns("labels"))  # no targets: the training bound
+    assert trainer._eval_bound == 32 and unlabeled.predictions.shape[0] == len(trainer.eval_dataset)
 
 
 def test_a_user_compute_metrics_gets_generated_ids_and_labels(tmp_path):

@@ -256,3 +256,29 @@ def test_the_guard_works_with_a_grad_scaler_and_a_new_optimizer():
     param.grad = torch.ones(4)
     other.step()
     assert torch.equal(param.detach(), before) and not hasattr(other, "found_inf")
+
+
+def test_a_step_the_grad_scaler_skipped_does_not_carry_its_flag_to_the_next_step(caplog):
+    # With a non-fused optimizer GradScaler never calls optimizer.step() after an overflow, so the guard's hooks do
+    # not run; the step's end (Trainer's on_step_end) closes its record, and the next, finite step is applied.
+    from ia3_trainer.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard("skip", step=lambda: 99, last_checkpoint=lambda: None)
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1, foreach=False)
+    guard.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    for step, value in ((1, float("nan")), (2, 1.0)):
+        before = param.detach().clone()
+        loss = (param * value).sum()
+        guard.observe(loss)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        guard.step_end(step)
+        assert torch.equal(param.detach(), before) == (step == 1), step  # the nan step skipped, the next applied
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer"):
+        guard.check()
+    assert "loss is nan at step 1; skipped that optimizer step" in caplog.text
+    assert guard.steps_total == 2 and guard.total == 1

@@ -19,7 +19,9 @@ import pytest
 from ia3_trainer import IA3Seq2SeqTrainer
 from ia3_trainer.checkpoints import checkpoint_damage, last_checkpoint
 from ia3_trainer.cli import main
-from ia3_trainer.runs import LOCK_FILE, RUN_FILE, claim_output_dir, recipe_changes, resumable
+from ia3_trainer.errors import RecipeError
+from ia3_trainer.resuming import recipe_changes, resumable
+from ia3_trainer.runs import LOCK_FILE, RUN_FILE, claim_output_dir
 
 from conftest import REPO, TINY_MODEL_DIR, free_port, signal_at_first_checkpoint, tiny_recipe
 
@@ -161,12 +163,30 @@ def test_resume_refuses_a_precision_the_machine_resolves_differently(tmp_path, c
     capsys.readouterr()
     err = fails(["train", path, "--resume", "--set", "training.max_steps=6"], capsys)
     assert err == (
-        f"ia3-trainer: error: training.bf16: the run of {out} trained in fp32 and this one would train in bf16 (bf16 "
-        "defaults by the machine and device); set training.bf16=false to continue it in fp32, or train into a new "
-        "training.output_dir")
+        f"ia3-trainer: error: training.bf16: the run of {out} trained in fp32 and this one would train in bf16 (an "
+        "unset training.bf16 defaults by the machine and device); set training.bf16=false and training.fp16=false to "
+        "continue it in fp32, or train into a new training.output_dir")
     # Writing the precision the run had continues it (the written value may change, the resolved one may not).
     assert main(["train", path, "--resume", "--set", "training.max_steps=6", "--set", "training.bf16=false"]) == 0
     assert f"Resuming from {out / 'checkpoint-4'}" in capsys.readouterr().out.splitlines()
+
+
+def test_precision_checks_where_the_earlier_run_recorded_none():
+    # run.json from before precision was recorded, or a folder with checkpoints only: the written flags decide.
+    from ia3_trainer.resuming import check_same_precision, run_precision
+
+    where = Path("/runs/a")
+    unset, fp32, bf16 = ({"training": {}}, {"training": {"bf16": False}}, {"training": {"bf16": True}})
+    assert run_precision({"precision": "bf16"}, unset) == "bf16"
+    assert run_precision({}, fp32) == "fp32" and run_precision(None, {"training": {"fp16": True}}) == "fp16"
+    assert run_precision(None, unset) is None
+    check_same_precision(None, "bf16", unset, unset, where)  # both unset: nothing to compare
+    with pytest.raises(RecipeError, match=r"differs in training.bf16 \(unset -> true\); it would train in another"):
+        check_same_precision(None, "bf16", unset, bf16, where)
+    check_same_precision(run_precision(None, fp32), "fp32", fp32, unset, where)  # unset resolves to the same
+    with pytest.raises(RecipeError, match="trained in fp32 and this one would train in fp16 .* set "
+                                          "training.bf16=false and training.fp16=false to continue it in fp32"):
+        check_same_precision(run_precision(None, fp32), "fp16", fp32, {"training": {"fp16": True}}, where)
 
 
 def test_only_keys_that_do_not_change_training_may_change():
@@ -184,7 +204,7 @@ def test_only_keys_that_do_not_change_training_may_change():
 
 def test_every_resumable_key_is_a_recipe_key():
     from ia3_trainer.recipe import known_keys
-    from ia3_trainer.runs import RESUMABLE
+    from ia3_trainer.resuming import RESUMABLE
 
     for key in RESUMABLE:
         section, _, field = key.partition(".")
