@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import network
-from ._schema import read_json
 from .checkpoints import INFERENCE_FILE, checkpoint_folders
 from .errors import first_line
+from .jsonfiles import read_json
 from .recipe import Recipe, load_saved_recipe
 
 

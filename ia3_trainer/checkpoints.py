@@ -23,8 +23,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._schema import read_json
 from .errors import first_line
+from .jsonfiles import read_json
 
 
 logger = logging.getLogger(__name__)

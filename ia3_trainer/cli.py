@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from ._schema import read_json
 from .errors import RecipeError, first_line, redact
+from .jsonfiles import read_json
 from .recipe import list_shipped_recipes, load_recipe, load_saved_recipe
 
 

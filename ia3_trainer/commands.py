@@ -9,8 +9,8 @@ import json
 import os
 from pathlib import Path
 
-from ._schema import write_text
 from .errors import first_line
+from .jsonfiles import write_text
 from .recipe import load_recipe, load_saved_recipe
 
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._schema import read_json, write_text
 from .checkpoints import CARD_FILE, safetensors_header
+from .jsonfiles import read_json, write_text
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"

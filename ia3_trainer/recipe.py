@@ -18,21 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._schema import (
+from .errors import RecipeError, first_line
+from .jsonfiles import parse_value, read_json, write_json
+from .schema import (
     Problems,
     check_fields,
     check_json_data,
     check_section,
     did_you_mean,
     has_required,
-    parse_value,
     path_fields,
-    read_json,
     resolve_path,
     type_name,
-    write_json,
 )
-from .errors import RecipeError, first_line
 from .sections import (
     IA3_RESERVED,
     TRAINING_PATH_FIELDS,

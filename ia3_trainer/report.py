@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._schema import read_json, write_bytes, write_json
 from .checkpoints import checkpoint_folders
+from .jsonfiles import read_json, write_bytes, write_json
 from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 

@@ -30,9 +30,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._schema import read_json, write_json
 from .checkpoints import STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .errors import RecipeError
+from .jsonfiles import read_json, write_json
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ._schema import write_json
 from .checkpoints import INFERENCE_FILE
+from .jsonfiles import write_json
 from .model_card import card_metrics, write_model_card
 
 

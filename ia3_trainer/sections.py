@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._schema import Problems, did_you_mean
 from .errors import RecipeError
+from .schema import Problems, did_you_mean
 
 
 # IA3Config fields the trainer sets itself: a recipe that set them would be overridden or break loading.

@@ -10,10 +10,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ._schema import did_you_mean
 from .data import FILE_FORMATS
 from .errors import RecipeError, first_line
 from .recipe import DataSection
+from .schema import did_you_mean
 
 
 DEFAULT_MODEL = "bigscience/mt0-large"

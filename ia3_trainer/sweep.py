@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._schema import parse_value, write_json
 from .errors import RecipeError
+from .jsonfiles import parse_value, write_json
 from .recipe import OVERRIDE, Recipe, load_recipe
 from .runs import check_fresh
 

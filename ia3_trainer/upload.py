@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._schema import write_json
 from .checkpoints import CARD_FILE, INFERENCE_FILE
 from .errors import redact, shorten
+from .jsonfiles import write_json
 from .model_card import card_metrics, card_tags, write_model_card
 from .network import hub_offline
 from .recipe import check_repo_id

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from ia3_trainer import RecipeError, apply_overrides, load_recipe
-from ia3_trainer._schema import read_json
 from ia3_trainer.errors import first_line, one_line, redact
+from ia3_trainer.jsonfiles import read_json
 from ia3_trainer.recipe import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
