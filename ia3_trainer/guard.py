@@ -122,9 +122,7 @@ class NonFiniteGuard:
         if self._set_found_inf:  # a GradScaler deletes its own after the step
             del optimizer.found_inf
             self._set_found_inf = False
-        self._pending = self._loss = None
-        self.steps_unlogged += 1
-        self.steps_total += 1
+        self._close_step()
 
     def step_end(self, step: int) -> None:
         """After optimizer step `step` (Trainer's `on_step_end`): a step whose optimizer never ran its hooks (fp16
@@ -134,6 +132,9 @@ class NonFiniteGuard:
             return
         found = self._pending.to(torch.float32).reshape(())
         self._record(found, step=step)
+        self._close_step()
+
+    def _close_step(self) -> None:
         self._pending = self._loss = None
         self.steps_unlogged += 1
         self.steps_total += 1
