@@ -131,8 +131,9 @@ class RunFolder:
         record = _read_record(folder)
         if continuing:
             saved = record["recipe"] if record else _checkpoint_recipe(checkpoint_folders(folder))
-            check_same_recipe(saved, recipe, folder)
+            # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
             check_same_precision(run_precision(record, saved), precision, saved, recipe, folder)
+            check_same_recipe(saved, recipe, folder)
             record = {**(record or _new_record(None, precision)), "recipe": recipe}
             record.setdefault("precision", precision)  # a run.json from before precision was recorded
             record["resumed"] = [*record.get("resumed", []), _now()]
@@ -140,9 +141,9 @@ class RunFolder:
             check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
             if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
                 saved = _checkpoint_recipe([Path(checkpoint)])
-                check_same_recipe(saved, recipe, Path(checkpoint))
                 earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
                 check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
+                check_same_recipe(saved, recipe, Path(checkpoint))
             record, self._replace = _new_record(recipe, precision), overwrite
         self._record = record
 
