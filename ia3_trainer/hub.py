@@ -22,13 +22,12 @@ from transformers import TrainerCallback
 from .checkpoints import INFERENCE_FILE
 from .errors import one_line, redact
 from .model_card import card_metrics, latest_metrics, write_model_card
-from .network import hub_offline
+from .network import hub_offline, request_timeout
 from .recipe import check_repo_id
 from .upload import (
     create_repo,
     describe_push_error,
     is_transient,
-    request_timeout,
     stage_adapter,
     upload_staged,
 )
@@ -79,7 +78,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         timeout (`float`, *optional*):
             Seconds each request may take to connect, and each read or write to make progress. Defaults to
             `IA3_TRAINER_HUB_TIMEOUT` or 60. It applies to huggingface_hub's shared HTTP client (see
-            `ia3_trainer.upload.bound_hub_requests`).
+            `ia3_trainer.network.bound_hub_requests`).
         max_retries (`int`, *optional*, defaults to `3`):
             How many times a push that failed for a transient reason is tried again.
         backoff_seconds (`float`, *optional*, defaults to `2.0`):

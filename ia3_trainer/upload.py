@@ -10,11 +10,8 @@ seconds, 60 by default, to connect and for each read or write), and every messag
 """
 
 import fnmatch
-import math
-import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +20,9 @@ from .checkpoints import CARD_FILE, INFERENCE_FILE
 from .errors import redact, shorten
 from .jsonfiles import write_json
 from .model_card import card_metrics, card_tags, write_model_card
-from .network import hub_offline
+from .network import TIMEOUT_VARIABLE, bound_hub_requests, hub_offline, request_timeout
 from .recipe import check_repo_id
 
-
-TIMEOUT_VARIABLE = "IA3_TRAINER_HUB_TIMEOUT"
-DEFAULT_TIMEOUT = 60.0
 
 # Everything a pushed adapter repo holds. Anything else in the folder (base weights, optimizer.pt, scheduler.pt,
 # rng_state*.pth, training_args.bin, trainer_state.json) stays local.
@@ -52,66 +46,6 @@ ADAPTER_FILE_PATTERNS = [
 # Written into the staging folder by each push, never copied from the folder pushed: peft's generic card and a
 # metrics.json of an earlier run must not reach the Hub.
 GENERATED_FILES = (CARD_FILE, "metrics.json")
-
-
-def request_timeout(timeout: float | None = None) -> float:
-    """Seconds each Hub request may take to connect, and each read or write of it to make progress: `timeout`, else
-    `IA3_TRAINER_HUB_TIMEOUT`, else 60. A slow upload that keeps moving is not cut."""
-    where = "timeout"
-    if timeout is None:
-        text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
-        if not text:
-            return DEFAULT_TIMEOUT
-        where = TIMEOUT_VARIABLE
-        try:
-            timeout = float(text)
-        except ValueError:
-            raise ValueError(f"{TIMEOUT_VARIABLE}: expected a number of seconds such as 60, got {text!r}") from None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"{where}: expected a number of seconds above 0, such as 60, got {timeout!r}")
-    return float(timeout)
-
-
-class _BoundedClientFactory:
-    """Builds huggingface_hub's shared HTTP client with the installed factory, then gives it `timeout` unless that
-    factory already set one."""
-
-    def __init__(self, base, timeout: float):
-        self.base, self.timeout = base, timeout
-
-    def __call__(self):
-        client = self.base()
-        bounds = client.timeout
-        if all(getattr(bounds, name, None) is None for name in ("connect", "read", "write", "pool")):
-            client.timeout = self.timeout  # httpx turns a number into the same bound for each phase
-        return client
-
-
-_FACTORY_LOCK = threading.Lock()
-
-
-def bound_hub_requests(timeout: float) -> None:
-    """Give every request huggingface_hub sends through its shared HTTP client a timeout of `timeout` seconds.
-
-    huggingface_hub 2.4 builds that client with `timeout=None` (some 1.x releases with 10 s) and sends
-    `create_repo`, the README check, `preupload`, the LFS calls and `commit` without a timeout of their own: a Hub
-    that accepts the connection and never answers blocked a push for ever. This wraps the installed client factory
-    (`set_client_factory`; a client someone configured with a timeout keeps it), so a client huggingface_hub builds
-    again after a connection error is bounded too. Downloads that pass their own timeout are unaffected. Uploads
-    through Xet (`hf_xet`) use that package's own network code and timeouts.
-    """
-    import huggingface_hub
-    from huggingface_hub.utils import _http  # the installed factory has no public getter (1.x and 2.x)
-
-    with _FACTORY_LOCK:
-        installed = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or getattr(_http, "default_client_factory", None)
-        if installed is None:  # a huggingface_hub without these internals: bound the client it has now
-            _BoundedClientFactory(huggingface_hub.get_session, timeout)()
-            return
-        if isinstance(installed, _BoundedClientFactory) and installed.timeout == timeout:
-            return
-        base = installed.base if isinstance(installed, _BoundedClientFactory) else installed
-        huggingface_hub.set_client_factory(_BoundedClientFactory(base, timeout))
 
 
 def push_adapter_folder(

@@ -31,7 +31,8 @@ from transformers import (
 
 from ia3_trainer.hub import STRATEGIES, PushAdapterToHubCallback
 from ia3_trainer.model_card import write_model_card
-from ia3_trainer.upload import bound_hub_requests, push_adapter_folder
+from ia3_trainer.network import bound_hub_requests
+from ia3_trainer.upload import push_adapter_folder
 
 from conftest import REPO
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
@@ -527,3 +528,24 @@ def test_model_card_of_a_run_not_pushed_names_its_folder(tmp_path):
     assert 'from_pretrained("outputs/tiny")' in card.text
     assert card.data.tags == ["peft", "ia3", "ia3-trainer", "my-tag", "text2text-generation"]
     assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, renamed over README.md
+
+
+def test_an_adapter_download_from_a_hub_that_never_answers_ends_in_bounded_time(monkeypatch):
+    # predict / evaluate / merge with a Hub repo id: the Hub answered the reachability check, then nothing.
+    from huggingface_hub.utils import _http
+
+    from ia3_trainer import network
+    from ia3_trainer.adapters import resolve_adapter
+
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)  # restored after the test
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT", None)
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", "1")
+    with HubServer() as server:
+        use_hub(monkeypatch, server.endpoint, as_default=True)
+        assert network.hub_unreachable() is None  # it answers, and the answer is kept
+        server.hang = True
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="alice/some-adapter: no such local folder"):
+            resolve_adapter("alice/some-adapter")
+        assert time.monotonic() - started < 30  # was: for ever
+    huggingface_hub.close_session()
