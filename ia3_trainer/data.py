@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import RecipeError, shorten
 from .recipe import DataSection
+from .sections import MAX_TOKENS
 from .sources import not_utf8, read_dataset
 
 
@@ -307,25 +308,13 @@ def warn_shared_texts(train, validation, data: DataSection) -> int:
 
 def warn_truncated_sources(splits: dict, tokenizer, data: DataSection, encode=None) -> dict[str, int]:
     """Log once how many sources of each split (`{name: (examples, tokenized)}`) were cut at
-    `data.max_source_length`; return the counts. A source that encodes to exactly the limit is encoded again
-    without it, through the same `encode`, to tell a cut source from one that just fits."""
-    import dataclasses
-
-    encode = encode or encode_batch
-    unlimited = dataclasses.replace(data, max_source_length=1_000_000)  # the largest the section takes
+    `data.max_source_length` (see [`cut_sources`]); return the counts."""
     counts, totals = {}, {}
     for name, (examples, tokenized) in splits.items():
         if tokenized is None:
             continue
-        lengths = [len(ids) for ids in tokenized["input_ids"]]
-        at_limit = [i for i, length in enumerate(lengths) if length >= data.max_source_length]
-        if at_limit:
-            rows = examples.select(at_limit)[:]
-            full = encode(rows, tokenizer, unlimited)["input_ids"]
-            counts[name] = sum(len(ids) > data.max_source_length for ids in full)
-        else:
-            counts[name] = 0
-        totals[name] = len(lengths)
+        ids = tokenized["input_ids"]
+        counts[name], totals[name] = len(cut_sources(examples, ids, tokenizer, data, encode)), len(ids)
     said = [f"{counts[name]} of {totals[name]} {name}" for name in counts if counts[name]]
     if said:
         logger.warning(
@@ -334,6 +323,24 @@ def warn_truncated_sources(splits: dict, tokenizer, data: DataSection, encode=No
             data.max_source_length,
         )
     return counts
+
+
+def cut_sources(examples, ids: list[list[int]], tokenizer, data: DataSection, encode=None) -> list[int]:
+    """Positions of the `examples` (a `datasets.Dataset`, or a batch `{column: values}`) whose encoding `ids` was cut
+    at `data.max_source_length`. A source that encodes to exactly the limit is encoded again without it, through
+    the same `encode` (defaults to [`encode_batch`]), to tell a cut source from one that just fits."""
+    import dataclasses
+
+    at_limit = [i for i, row_ids in enumerate(ids) if len(row_ids) >= data.max_source_length]
+    if not at_limit:
+        return []
+    if isinstance(examples, dict):
+        rows = {column: [values[i] for i in at_limit] for column, values in examples.items()}
+    else:
+        rows = examples.select(at_limit)[:]
+    unlimited = dataclasses.replace(data, max_source_length=MAX_TOKENS)  # the largest the section takes
+    full = (encode or encode_batch)(rows, tokenizer, unlimited)["input_ids"]
+    return [i for i, row_ids in zip(at_limit, full, strict=True) if len(row_ids) > data.max_source_length]
 
 
 def build_collator(tokenizer, model=None, pad_to_multiple_of: int | None = 8):

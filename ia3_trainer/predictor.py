@@ -21,7 +21,7 @@ import numpy as np
 
 from . import modeling
 from .adapters import read_adapter, same_base
-from .data import build_collator, encode_batch
+from .data import build_collator, cut_sources, encode_batch
 from .errors import first_line
 from .layers import check_adapter_names, install, score_rows
 from .metrics import decode
@@ -285,8 +285,7 @@ class IA3Predictor:
         if inference.get("max_new_tokens"):
             settings.max_new_tokens = inference["max_new_tokens"]
         elif settings.label_names:
-            settings.max_new_tokens = max(len(ids) for ids in
-                                          self.tokenizer(text_target=list(settings.label_names))["input_ids"])
+            settings.max_new_tokens = candidate_label_ids(self.tokenizer, settings.label_names).shape[1]
         elif data is not None:
             settings.max_new_tokens = data.max_target_length
         self._settings[adapter] = settings
@@ -301,15 +300,13 @@ class IA3Predictor:
             settings, encode = self._settings[name], self._encoders[name]
             data = settings.data or DataSection(path="<inference>",
                                                 max_source_length=settings.max_source_length or 1_000_000)
-            ids = encode({data.text_column: [texts[i] for i in index]}, self.tokenizer, data)["input_ids"]
+            batch = {data.text_column: [texts[i] for i in index]}
+            ids = encode(batch, self.tokenizer, data)["input_ids"]
             for i, row_ids in zip(index, ids, strict=True):
                 encoded[i] = row_ids
-            limit = settings.max_source_length
-            if limit is not None and encode is encode_batch and not self._warned_truncation:
-                at_limit = [i for i in index if len(encoded[i]) >= limit]
-                long_texts = [settings.source_prefix + texts[i] for i in at_limit]
-                full = self.tokenizer(long_texts)["input_ids"] if long_texts else []
-                cut += [(i, limit) for i, row_ids in zip(at_limit, full, strict=True) if len(row_ids) > limit]
+            if settings.max_source_length is not None and not self._warned_truncation:
+                cut += [(index[position], data.max_source_length)
+                        for position in cut_sources(batch, ids, self.tokenizer, data, encode)]
         if cut:
             self._warned_truncation = True
             first, limit = min(cut)

@@ -13,7 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MT5ForConditional
 
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
 from ia3_trainer.cli import main
-from ia3_trainer.data import label_texts, load_splits
+from ia3_trainer.data import encode_batch, label_texts, load_splits
 from ia3_trainer.metrics import decode
 from ia3_trainer.predictor import IA3Predictor, merge_adapter
 
@@ -243,3 +243,23 @@ def test_merge_keeps_a_separate_head_untied(tmp_path, tokenizer):
         torch.testing.assert_close(merged(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="is the adapter folder itself"):
         merge_adapter(tmp_path / "adapter", tmp_path / "adapter")
+
+
+class Prompted(IA3Seq2SeqTrainer):
+    @classmethod
+    def preprocess(cls, batch, tokenizer, data):
+        batch = {**batch, data.text_column: [f"Review: {text}" for text in batch[data.text_column]]}
+        return encode_batch(batch, tokenizer, data)
+
+
+def test_a_text_cut_through_a_custom_preprocess_is_reported(tiny_t5, tokenizer, tmp_path, caplog):
+    recipe = load_recipe(tiny_recipe(tmp_path))  # data.max_source_length: 64
+    predictor = IA3Predictor(IA3Seq2SeqTrainer.wrap_model_with_ia3(tiny_t5), tokenizer, recipe=recipe,
+                             encode=Prompted.preprocess)
+    long = "Juniper Retail said its net sales rose by 12 % . " * 20
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer.predictor"):
+        predictor.predict(["fine", long], max_new_tokens=2)
+    warnings = [r.getMessage() for r in caplog.records if "source limit" in r.getMessage()]
+    assert len(warnings) == 1 and "1 of 2 texts are longer than the 64-token source limit" in warnings[0]
+    assert "e.g. text 2" in warnings[0]
+
