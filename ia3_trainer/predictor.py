@@ -5,25 +5,25 @@ An adapter folder (a training `output_dir`, a `checkpoint-*` folder, or a Hub re
 recipe for what training fed the model (`data.source_prefix`, `data.max_source_length`, the label set), so a text
 is encoded exactly as in training, through the same `encode` function (`inference.json` says which one training
 used). Several adapters share one base model, and one batch may mix them: each text then goes through its own
-adapter's encoding, vectors, label set and generation bound (`ia3_trainer.layers.adapter_rows`). `merge_adapter`
-folds the IA3 vectors into the base weights.
+adapter's encoding, vectors, label set and generation bound (`ia3_trainer.layers.adapter_rows`).
+`load_adapter_model` loads a base model with its adapter, for predicting and for `ia3_trainer.merging.merge_adapter`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import modeling
-from .adapters import read_adapter, same_base
+from .adapters import AdapterFolder, read_adapter, same_base
 from .data import build_collator, cut_sources, encode_batch
 from .errors import first_line
 from .layers import check_adapter_names, install, score_rows
+from .merging import merge_adapter as merge_adapter  # public here too: `ia3_trainer.merge_adapter`, the CLI
 from .metrics import decode
 from .recipe import DataSection, ModelSection, Recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
@@ -132,29 +132,13 @@ class IA3Predictor:
         CUDA when available, else CPU. `encode` is the trainer's `preprocess` for adapters trained with a custom one.
         """
         import torch
-        from peft import PeftModel
 
         adapter = read_adapter(dir_or_repo, revision)
-        folder, recipe, base_name = adapter.folder, adapter.recipe, adapter.base_model
-        # Code shipped with a model runs only when the adapter's own recipe allowed it.
-        model_section = ModelSection(name_or_path=base_name, revision=adapter.config.get("revision"),
-                                     dtype=recipe.model.dtype if recipe else "auto",
-                                     trust_remote_code=recipe.model.trust_remote_code if recipe else False)
-        tokenizer_source = folder if (folder / "tokenizer_config.json").is_file() else base_name
-        tokenizer = modeling.load_tokenizer(dataclasses.replace(model_section, name_or_path=str(tokenizer_source)),
-                                            key=f"{folder}: tokenizer")
-        base = modeling.load_model(model_section, key=f"{folder / 'adapter_config.json'}: base_model_name_or_path")
-        try:
-            model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
-            raise ValueError(
-                f"{dir_or_repo}: cannot load the adapter onto {base_name!r}: {first_line(error)}; was it trained "
-                "on this base model?"
-            ) from error
+        model, tokenizer = load_adapter_model(adapter, dir_or_repo, adapter_name)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        predictor = cls(model, tokenizer, recipe=recipe, inference=adapter.inference, encode=encode, device=device,
-                        source=str(dir_or_repo))
-        predictor.settings.folder, predictor.settings.base_model = folder, same_base(base_name)  # resolved
+        predictor = cls(model, tokenizer, recipe=adapter.recipe, inference=adapter.inference, encode=encode,
+                        device=device, source=str(dir_or_repo))
+        predictor.settings.folder, predictor.settings.base_model = adapter.folder, same_base(adapter.base_model)
         return predictor
 
     def load_adapter(self, dir_or_repo: str | Path, adapter_name: str, *, revision: str | None = None,
@@ -352,54 +336,25 @@ def check_texts(texts: list) -> list[str]:
     return texts
 
 
-def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: str | None = None,
-                  overwrite: bool = False) -> Path:
-    """Fold the adapter's IA3 vectors into the base weights and save a plain transformers model plus tokenizer.
+def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name: str = "default"):
+    """The base model named in the adapter's `adapter_config.json` with the adapter on it (a `peft.PeftModel`, on the
+    CPU), and the adapter's tokenizer. Every failure is one line naming the field or the folder."""
+    from peft import PeftModel
 
-    The merged model loads with `AutoModelForSeq2SeqLM.from_pretrained(merged_dir)` and has exactly the base
-    model's parameters. A separate output head (mt0, mT5, flan-t5) is saved with `tie_word_embeddings: false`.
-    `merged_dir` must be new or empty; `overwrite=True` replaces a folder that holds a saved model (an earlier merge).
-    It is never the adapter's folder or its base model's, nor a folder that holds either. The model is written to a
-    temporary folder beside `merged_dir` and renamed into place once complete: a failure leaves `merged_dir` as it was.
-    """
-    import uuid
-
-    from .checkpoints import publish
-
-    merged_dir = Path(merged_dir).expanduser()
-    target = merged_dir.resolve()
-    adapter = read_adapter(dir_or_repo, revision)
-    folder, base = adapter.folder, adapter.base_model
-    # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)
-    protected = [(folder.resolve(), "is the adapter folder itself", "holds the adapter folder", None)]
-    if Path(base).expanduser().is_dir():  # inside the base model's folder, the merge would change what it loads
-        described = f"the adapter's base model {base}"
-        protected.append((Path(base).expanduser().resolve(), f"is {described}", f"holds {described}",
-                          f"is inside {described}"))
-    for path, equal, holds, inside in protected:
-        problem = equal if target == path else holds if target in path.parents else (
-            inside if path in target.parents else None)
-        if problem:
-            raise ValueError(f"MERGED_DIR: {merged_dir} {problem}; give a new folder for the merged model")
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"MERGED_DIR: {merged_dir} is a file; give a new folder for the merged model")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"MERGED_DIR: {merged_dir} is not empty; give a new folder, or pass --overwrite to "
-                                  "replace the model in it")
-        if not (target / "config.json").is_file():
-            raise FileExistsError(f"MERGED_DIR: {merged_dir} holds files that are not a saved model (no config.json); "
-                                  "--overwrite replaces only an earlier merge: give a new folder")
-    predictor = IA3Predictor.from_pretrained(folder, device="cpu")
-    merged = predictor.model.merge_and_unload(safe_merge=True)
-    modeling.untie_separate_lm_head(merged)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    folder, recipe, base_name = adapter.folder, adapter.recipe, adapter.base_model
+    # Code shipped with a model runs only when the adapter's own recipe allowed it.
+    model_section = ModelSection(name_or_path=base_name, revision=adapter.config.get("revision"),
+                                 dtype=recipe.model.dtype if recipe else "auto",
+                                 trust_remote_code=recipe.model.trust_remote_code if recipe else False)
+    tokenizer_source = folder if (folder / "tokenizer_config.json").is_file() else base_name
+    tokenizer = modeling.load_tokenizer(dataclasses.replace(model_section, name_or_path=str(tokenizer_source)),
+                                        key=f"{folder}: tokenizer")
+    base = modeling.load_model(model_section, key=f"{folder / 'adapter_config.json'}: base_model_name_or_path")
     try:
-        merged.save_pretrained(staging)
-        predictor.tokenizer.save_pretrained(staging)
-        publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return merged_dir
+        model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise ValueError(
+            f"{source}: cannot load the adapter onto {base_name!r}: {first_line(error)}; was it trained "
+            "on this base model?"
+        ) from error
+    return model, tokenizer

@@ -263,3 +263,21 @@ def test_a_text_cut_through_a_custom_preprocess_is_reported(tiny_t5, tokenizer, 
     assert len(warnings) == 1 and "1 of 2 texts are longer than the 64-token source limit" in warnings[0]
     assert "e.g. text 2" in warnings[0]
 
+
+def test_an_adapter_trained_with_a_custom_preprocess_merges(tmp_path, tiny_t5_dir, capsys):
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "model.name_or_path": str(tiny_t5_dir),
+                                   "model.init": "pretrained", "training.bf16": False})
+    Prompted.from_recipe(raw).train()
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="was trained with a custom preprocess"):  # predicting needs its encode
+        IA3Predictor.from_pretrained(out)
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0  # merging encodes nothing
+    assert "merged model and tokenizer saved to" in capsys.readouterr().out
+    merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    predictor = IA3Predictor.from_pretrained(out, encode=Prompted.preprocess)
+    batch = predictor.tokenizer(["Review: a fine quarter"], return_tensors="pt")
+    with torch.no_grad():
+        expected = predictor.model(**batch, decoder_input_ids=batch["input_ids"]).logits
+        torch.testing.assert_close(merged(**batch, decoder_input_ids=batch["input_ids"]).logits, expected,
+                                   rtol=1e-4, atol=1e-5)
+
