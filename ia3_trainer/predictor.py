@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,11 @@ from .merging import merge_adapter as merge_adapter  # public here too: `ia3_tra
 from .metrics import decode
 from .recipe import DataSection, ModelSection, Recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
+from .sections import MAX_TOKENS
 from .training_args import stderr_is_terminal
 
 
 logger = logging.getLogger(__name__)
-
-# Tokenizers without a real limit report this sentinel (transformers' VERY_LARGE_INTEGER) as model_max_length.
-_NO_LIMIT = 10**12
 
 
 @dataclass
@@ -260,10 +259,11 @@ class IA3Predictor:
                 "same way: from Python, IA3Predictor.from_pretrained(..., encode=YourTrainer.preprocess)"
             )
         self._encoders[adapter] = encode or encode_batch
+        # Without a recipe, the tokenizer's own limit; one without a real limit says VERY_LARGE_INTEGER (1e30).
         limit = getattr(self.tokenizer, "model_max_length", None)
         settings = AdapterSettings(
             source=source, data=data, folder=folder, base_model=same_base(base_model),
-            max_source_length=data.max_source_length if data else (limit if limit and limit < _NO_LIMIT else None),
+            max_source_length=data.max_source_length if data else (limit if limit and limit <= MAX_TOKENS else None),
             label_names=inference.get("label_names") or (data.label_names if data else None),
         )
         if inference.get("max_new_tokens"):
@@ -283,7 +283,7 @@ class IA3Predictor:
             index = [i for i, row in enumerate(rows) if row == name]
             settings, encode = self._settings[name], self._encoders[name]
             data = settings.data or DataSection(path="<inference>",
-                                                max_source_length=settings.max_source_length or 1_000_000)
+                                                max_source_length=settings.max_source_length or MAX_TOKENS)
             batch = {data.text_column: [texts[i] for i in index]}
             ids = encode(batch, self.tokenizer, data)["input_ids"]
             for i, row_ids in zip(index, ids, strict=True):
@@ -318,7 +318,7 @@ class IA3Predictor:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
         # The trainer's collator (same padding multiple), so predictions match the ones made in evaluation.
         collate = build_collator(self.tokenizer, self.model if with_model else None)
-        order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or _NO_LIMIT)
+        order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or math.inf)
         starts = range(0, len(rows), batch_size)
         show = len(starts) > 1 and stderr_is_terminal() if progress is None else progress
         for start in tqdm(starts, desc=desc, unit="batch", disable=not show):

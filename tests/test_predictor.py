@@ -16,6 +16,7 @@ from ia3_trainer.cli import main
 from ia3_trainer.data import encode_batch, label_texts, load_splits
 from ia3_trainer.metrics import decode
 from ia3_trainer.predictor import IA3Predictor, merge_adapter
+from ia3_trainer.sections import MAX_TOKENS
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_config, tiny_recipe
 
@@ -281,3 +282,16 @@ def test_an_adapter_trained_with_a_custom_preprocess_merges(tmp_path, tiny_t5_di
         torch.testing.assert_close(merged(**batch, decoder_input_ids=batch["input_ids"]).logits, expected,
                                    rtol=1e-4, atol=1e-5)
 
+
+@pytest.mark.parametrize("model_max_length,expected", [
+    (32, 32), (MAX_TOKENS, MAX_TOKENS), (5_000_000, None), (int(1e30), None),
+])
+def test_without_a_recipe_the_tokenizers_own_limit_applies(tiny_t5, model_max_length, expected):
+    # 5,000,000 is no real limit either (over what a data section takes): it used to fail every predict.
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR, model_max_length=model_max_length)
+    predictor = IA3Predictor(IA3Seq2SeqTrainer.wrap_model_with_ia3(tiny_t5), tokenizer)
+    assert predictor.settings.max_source_length == expected
+    long = "Juniper Retail said its net sales rose by 12 % . " * 10
+    assert len(tokenizer(long)["input_ids"]) > 32
+    assert len(predictor.encode([long])[0]["input_ids"]) == min(len(tokenizer(long)["input_ids"]), model_max_length)
+    assert len(predictor.predict([long, "fine"], max_new_tokens=2)) == 2
