@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import RecipeError, first_line
 from .jsonfiles import parse_value, read_json, write_json
+from .output_dir import check_output_dir
 from .schema import (
     Problems,
     check_fields,
@@ -39,7 +40,6 @@ from .sections import (
     HubSection,
     ModelSection,
     check_ia3_values,
-    check_output_dir,
     check_training_values,
     ia3_field_types,
     training_field_types,
