@@ -45,6 +45,8 @@ from .sections import (
     training_field_types,
 )
 from .sections import check_repo_id as check_repo_id  # public here: the hub callback checks with it
+from .shipped import list_shipped_recipes as list_shipped_recipes  # public here: the CLI lists them
+from .shipped import recipe_file
 
 
 SECTIONS = ("name", "description", "model", "data", "ia3", "training", "eval", "hub")
@@ -214,33 +216,6 @@ class Recipe:
         return write_json(Path(folder) / "recipe.json", self.to_dict())
 
 
-def shipped_recipes_dir() -> Path:
-    """Where the shipped recipes are: `recipes/` beside the package in a source checkout (a git worktree too),
-    `ia3_trainer/recipes` once installed."""
-    package = Path(__file__).resolve().parent
-    if (package.parent / "pyproject.toml").is_file() and (package.parent / "recipes").is_dir():
-        return package.parent / "recipes"
-    installed = package / "recipes"
-    if installed.is_dir():
-        return installed
-    try:  # editable installs map ia3_trainer.recipes onto the checkout's recipes/ through an import hook
-        from importlib.resources import files
-
-        return Path(str(files("ia3_trainer.recipes")))
-    except (ModuleNotFoundError, TypeError):
-        return package.parent / "recipes"
-
-
-def list_shipped_recipes() -> dict[str, Path]:
-    """Shipped recipes by name (path relative to the recipes folder, without `.json`)."""
-    root = shipped_recipes_dir()
-    return {
-        path.relative_to(root).with_suffix("").as_posix(): path
-        for path in sorted(root.rglob("*.json"))
-        if "assets" not in path.relative_to(root).parts
-    }
-
-
 def load_recipe(
     name_or_path: str | Path | dict,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -256,15 +231,8 @@ def load_recipe(
     if isinstance(name_or_path, dict):
         raw, source = copy.deepcopy(name_or_path), None
     else:
-        path = Path(name_or_path)
-        shipped = list_shipped_recipes()
-        if not path.is_file() and str(name_or_path) in shipped:
-            path = shipped[str(name_or_path)]
-        if not path.is_file():
-            names = ", ".join(shipped) or "none"
-            raise RecipeError(f"{name_or_path}: no such recipe file or shipped recipe (shipped: {names})")
-        source = path
-        raw = _read_recipe_file(path)
+        source = recipe_file(name_or_path)
+        raw = _read_recipe_file(source)
     overridden = {}
     if overrides:
         raw = apply_overrides(raw, overrides, source=source, extra_sections=extra_sections)
