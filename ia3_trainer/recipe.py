@@ -154,9 +154,10 @@ class Recipe:
             try:
                 args = self.training_args()
             except (ValueError, TypeError, OverflowError) as error:
-                problems.add("training", first_line(error))
+                problems.add_to_section("training", first_line(error))
             except ImportError as error:  # e.g. training.deepspeed without the deepspeed package
-                problems.add("training", f"{first_line(error)}; install it, or remove the setting that needs it")
+                problems.add_to_section("training", f"{first_line(error)}; install it, or remove the setting that "
+                                        "needs it")
             except OSError as error:  # accelerator_config, deepspeed and fsdp_config may name a JSON file to read
                 keys = [key for key, value in self.training.items() if value == error.filename]
                 problems.add("training" + (f".{keys[0]}" if keys else ""), f"cannot read {error.filename!r} "
@@ -164,7 +165,7 @@ class Recipe:
         try:
             self.ia3_config()
         except (ValueError, TypeError) as error:
-            problems.add("ia3", first_line(error))
+            problems.add_to_section("ia3", first_line(error))
         if args is not None or portable:  # else the training section's own problem is reported, and is enough
             strategy = getattr(args, "eval_strategy", self.training.get("eval_strategy", "no"))
             strategy = str(getattr(strategy, "value", strategy))

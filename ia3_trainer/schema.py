@@ -12,6 +12,7 @@ import difflib
 import enum
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -98,6 +99,17 @@ class Problems:
 
     def __bool__(self) -> bool:
         return bool(self.lines)
+
+    def add_to_section(self, section: str, problem: str) -> None:
+        """Add a problem of `section`'s values together (building the object the section feeds). When its message
+        names keys that overrides set in the section, it is the problem of the one named first, blamed where that
+        was given; else the section's, blamed on the file."""
+        named = {}
+        for key in self.overridden:
+            match = key.startswith(section + ".") and re.search(rf"\b{re.escape(key.split('.')[1])}\b", problem)
+            if match:
+                named[key] = match.start()
+        self.add(min(named, key=named.get) if named else section, problem)
 
     def raise_if_any(self) -> None:
         if not self.lines:

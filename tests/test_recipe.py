@@ -301,6 +301,23 @@ def test_problems_are_blamed_on_where_they_came_from(tmp_path):
     assert info.value.errors == [f"{path}: data.max_source_length: must be in [1, 1,000,000], got 0",
                                  "--set: training.seed: must be in [0, 2**32 - 1], got -1"]
 
+def test_a_training_arguments_problem_is_blamed_on_the_override_it_names(tmp_path):
+    best = "training.load_best_model_at_end: --load_best_model_at_end requires the save and eval strategy to match"
+    with pytest.raises(RecipeError) as info:
+        load_recipe("tiny", ["training.save_strategy=steps", "training.load_best_model_at_end=true"])
+    assert len(info.value.errors) == 1 and info.value.errors[0].startswith(f"--set: {best}"), info.value.errors
+    # The file's own combination stays the file's, whatever else an override sets.
+    path = tmp_path / "r.json"
+    raw = tiny_recipe(tmp_path)
+    raw["training"].update(eval_strategy="epoch", save_strategy="steps", load_best_model_at_end=True)
+    path.write_text(json.dumps(raw))
+    for overrides in (None, ["training.seed=3"]):
+        with pytest.raises(RecipeError) as info:
+            load_recipe(path, overrides)
+        assert len(info.value.errors) == 1
+        assert info.value.errors[0].startswith(f"{path}: training: --load_best_model_at_end requires")
+
+
 
 # --- path fields --------------------------------------------------------------------------------------------------
 
