@@ -342,9 +342,15 @@ def _read_recipe_file(path: Path) -> Any:
 
 def _override_pairs(overrides: dict[str, Any] | list[str]) -> list[tuple[str, Any]]:
     if isinstance(overrides, dict):
+        for key in overrides:
+            if not isinstance(key, str):
+                raise RecipeError(f"{OVERRIDE}: {key!r}: keys must be strings (dotted keys, e.g. \"training.seed\"), "
+                                  f"got {type_name(key)}")
         return list(overrides.items())
     pairs = []
     for item in overrides:
+        if not isinstance(item, str):
+            raise RecipeError(f"{OVERRIDE} {item!r}: expected a key=value string, got {type_name(item)}")
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"{OVERRIDE} {item!r}: expected key=value, e.g. training.learning_rate=1e-2")

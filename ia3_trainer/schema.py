@@ -28,23 +28,28 @@ MAX_SHOWN = 10  # problems spelled out in one error; a file with 200,000 unknown
 
 def check_json_data(raw: dict, problems: Problems) -> None:
     """Add a problem per top-level key whose value JSON cannot hold or a recipe must not: nesting deeper than
-    `MAX_NESTING` (deepcopy, type checks and json.dumps recurse), lone surrogates such as `"\\ud800"` (not text:
-    printing or saving fails), and NaN or infinite numbers (a dict recipe from Python can hold them)."""
+    `MAX_NESTING` (deepcopy, type checks and json.dumps recurse), keys that are not strings, lone surrogates such as
+    `"\\ud800"` (not text: printing or saving fails), and NaN or infinite numbers (a dict recipe from Python can
+    hold the last three)."""
     for key, value in raw.items():
         # Breadth-first, so the check never recurses itself. Each node comes with the key it is named by in
         # messages: `section.key` for what a section holds, however deep.
-        depth, level, leaves = 0, [(str(key), value)], [(str(key), key)]
+        depth, level, leaves, keys = 0, [(str(key), value)], [], [(str(key), key)]
         while level and depth <= MAX_NESTING:
             leaves += [(path, node) for path, node in level if isinstance(node, (str, float))]
-            leaves += [(path, name) for path, node in level if isinstance(node, dict) for name in node]
+            keys += [(path, name) for path, node in level if isinstance(node, dict) for name in node]
             children = [(f"{path}.{name}" if depth == 0 else path, child) for path, node in level
                         if isinstance(node, dict) for name, child in node.items()]
             level = children + [(path, child) for path, node in level if isinstance(node, list) for child in node]
             depth += 1
-        bad_text = [path for path, leaf in leaves if isinstance(leaf, str) and not _is_text(leaf)]
+        not_strings = [(path, name) for path, name in keys if not isinstance(name, str)]
+        bad_text = [path for path, leaf in leaves + keys if isinstance(leaf, str) and not _is_text(leaf)]
         not_finite = [(path, leaf) for path, leaf in leaves if isinstance(leaf, float) and not math.isfinite(leaf)]
         if depth > MAX_NESTING:
             problems.add(str(key), f"nests lists and objects over {MAX_NESTING} levels deep; flatten it")
+        elif not_strings:
+            path, name = not_strings[0]
+            problems.add(path, f"keys must be strings, got {type_name(name)} {name!r}")
         elif bad_text:
             problems.add(bad_text[0], "holds a lone surrogate (an escape such as \\ud800), which is not text; "
                          "remove it")

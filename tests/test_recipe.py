@@ -319,6 +319,24 @@ def test_a_training_arguments_problem_is_blamed_on_the_override_it_names(tmp_pat
 
 
 
+def test_keys_that_are_not_strings_are_one_problem(tmp_path):
+    raw = tiny_recipe(tmp_path)
+    raw[1] = {}
+    assert errors_of(raw) == ["<recipe>: 1: keys must be strings, got int 1"]
+    raw = tiny_recipe(tmp_path)
+    raw["data"]["load_kwargs"] = {("a",): 1}
+    assert errors_of(raw) == ["<recipe>: data.load_kwargs: keys must be strings, got tuple ('a',)"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tiny_recipe(tmp_path), {1: 2})
+    assert info.value.errors == ['--set: 1: keys must be strings (dotted keys, e.g. "training.seed"), got int']
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tiny_recipe(tmp_path), {"data.load_kwargs": {None: "x"}})
+    assert info.value.errors == ["--set: data.load_kwargs: keys must be strings, got null None"]
+    with pytest.raises(RecipeError) as info:
+        apply_overrides(tiny_recipe(tmp_path), [3])
+    assert info.value.errors == ["--set 3: expected a key=value string, got int"]
+
+
 # --- path fields --------------------------------------------------------------------------------------------------
 
 
