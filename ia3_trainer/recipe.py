@@ -50,6 +50,7 @@ from .shipped import recipe_file
 
 
 SECTIONS = ("name", "description", "model", "data", "ia3", "training", "eval", "hub")
+SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "hub": HubSection}
 OVERRIDE = "--set"  # where a problem in an override's value is blamed
 
 
@@ -236,8 +237,9 @@ def load_recipe(
         raw = _read_recipe_file(source)
     overridden = {}
     if overrides:
+        overrides = dict(_override_pairs(overrides))  # parsed once; the last value of a key given twice wins
         raw = apply_overrides(raw, overrides, source=source, extra_sections=extra_sections)
-        overridden = {key: OVERRIDE for key, _ in _override_pairs(overrides)}
+        overridden = dict.fromkeys(overrides, OVERRIDE)
     return Recipe.from_dict(raw, source=source, extra_sections=extra_sections, overridden=overridden)
 
 
@@ -319,8 +321,7 @@ def apply_overrides(
 
 def known_keys(section: str, extra_sections: dict[str, type] | None = None) -> set[str] | None:
     """The keys `section` may hold (None for the plain values `name` and `description`, and unknown sections)."""
-    classes = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "hub": HubSection,
-               **(extra_sections or {})}
+    classes = {**SECTION_CLASSES, **(extra_sections or {})}
     if section in classes:
         return {f.name for f in dataclasses.fields(classes[section])}
     if section == "ia3":
@@ -361,7 +362,7 @@ def _override_pairs(overrides: dict[str, Any] | list[str]) -> list[tuple[str, An
 def _is_path_key(parts: list[str], value: Any, extra_sections: dict[str, type] | None) -> bool:
     if parts[0] == "training":
         return parts[1] in TRAINING_PATH_FIELDS and len(parts) == 2 and isinstance(value, str)
-    classes = {"model": ModelSection, "data": DataSection, **(extra_sections or {})}
+    classes = {**SECTION_CLASSES, **(extra_sections or {})}
     return parts[0] in classes and parts[1] in path_fields(classes[parts[0]])
 
 

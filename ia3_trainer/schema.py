@@ -102,9 +102,6 @@ class Problems:
                 return given
         return self.where
 
-    def __bool__(self) -> bool:
-        return bool(self.lines)
-
     def add_to_section(self, section: str, problem: str) -> None:
         """Add a problem of `section`'s values together (building the object the section feeds). When its message
         names keys that overrides set in the section, it is the problem of the one named first, blamed where that
