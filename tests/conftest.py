@@ -75,10 +75,7 @@ def tiny_config(model_type: str = "t5", vocab_size: int = 512, **kwargs):
     from transformers import BartConfig, MT5Config, T5Config
 
     if model_type in ("t5", "mt5"):
-        cls = T5Config if model_type == "t5" else MT5Config
-        defaults = dict(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
-                        num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-        return cls(**{**defaults, **kwargs})
+        return tiny_t5_like(T5Config if model_type == "t5" else MT5Config, vocab_size, **kwargs)
     if model_type == "bart":
         defaults = dict(vocab_size=vocab_size, d_model=16, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32,
@@ -86,6 +83,13 @@ def tiny_config(model_type: str = "t5", vocab_size: int = 512, **kwargs):
                         decoder_start_token_id=0, forced_eos_token_id=1, dropout=0.0)
         return BartConfig(**{**defaults, **kwargs})
     raise ValueError(model_type)
+
+
+def tiny_t5_like(cls, vocab_size: int = 512, **kwargs):
+    """`tiny_config("t5")` as the config class `cls` (T5's own or another of its family: UMT5, LongT5, ...)."""
+    defaults = dict(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
+                    num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return cls(**{**defaults, **kwargs})
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,10 @@ import transformers
 
 from ia3_trainer.architectures import IA3_TARGETS, PEFT_DEFAULTS, build_ia3_config, ia3_targets, warn_partial_matches
 
+from conftest import tiny_t5_like
+
 
 VOCAB = 512  # the shipped tiny tokenizer: pad 0, eos 1, unk 2
-
-
-def _t5_like(cls, **kwargs):
-    return cls(**{**dict(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
-                         num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
-                  **kwargs})
 
 
 def _bart_like(cls, **kwargs):
@@ -76,11 +72,11 @@ def _gemma_count(encoder, decoder, decoder_kv):
 
 
 FAMILIES = {
-    "t5": (lambda: _t5_like(transformers.T5Config), _t5_count),
-    "mt5": (lambda: _t5_like(transformers.MT5Config, feed_forward_proj="gated-gelu"), _t5_count),  # wi_1: d_ff out
-    "umt5": (lambda: _t5_like(transformers.UMT5Config), _t5_count),
-    "longt5": (lambda: _t5_like(transformers.LongT5Config), _t5_count),
-    "switch_transformers": (lambda: _t5_like(
+    "t5": (lambda: tiny_t5_like(transformers.T5Config), _t5_count),
+    "mt5": (lambda: tiny_t5_like(transformers.MT5Config, feed_forward_proj="gated-gelu"), _t5_count),  # wi_1: d_ff out
+    "umt5": (lambda: tiny_t5_like(transformers.UMT5Config), _t5_count),
+    "longt5": (lambda: tiny_t5_like(transformers.LongT5Config), _t5_count),
+    "switch_transformers": (lambda: tiny_t5_like(
         transformers.SwitchTransformersConfig, num_experts=2, expert_capacity=8, num_sparse_encoder_layers=1,
         num_sparse_decoder_layers=1, router_jitter_noise=0.0), _switch_count),
     "bart": (lambda: _bart_like(transformers.BartConfig), _bart_count),  # peft's q_proj: as wide as k_proj
@@ -227,7 +223,7 @@ class _UnknownConfig(transformers.T5Config):
 def test_unknown_family_names_its_model_type_and_the_keys_to_set(tokenizer):
     from ia3_trainer import IA3Seq2SeqTrainer
 
-    model = transformers.T5ForConditionalGeneration(_t5_like(_UnknownConfig))
+    model = transformers.T5ForConditionalGeneration(tiny_t5_like(_UnknownConfig))
     message = r"model type 'my-seq2seq'; set ia3.target_modules and ia3.feedforward_modules"
     with pytest.raises(ValueError, match=message):
         ia3_targets(model)
@@ -296,7 +292,7 @@ def test_recipe_without_targets_takes_the_table(tmp_path):
     config = wrapped.peft_config["default"]
     assert (config.target_modules, config.feedforward_modules, config.init_ia3_weights) == (
         {"k_proj", "v_proj", "fc2"}, {"fc2"}, False)
-    unknown = transformers.T5ForConditionalGeneration(_t5_like(_UnknownConfig))
+    unknown = transformers.T5ForConditionalGeneration(tiny_t5_like(_UnknownConfig))
     with pytest.raises(RecipeError, match=r"^ia3.target_modules: .* model type 'my-seq2seq'"):
         IA3Seq2SeqTrainer.build_ia3_config(recipe, unknown)
 
