@@ -92,6 +92,15 @@ def tiny_t5_like(cls, vocab_size: int = 512, **kwargs):
     return cls(**{**defaults, **kwargs})
 
 
+def assert_same_adapter(got: dict, expected: dict) -> None:
+    """Two adapter state dicts (`safetensors.torch.load_file`) hold the same tensors, to float noise."""
+    import torch
+
+    assert got.keys() == expected.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

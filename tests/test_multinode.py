@@ -17,14 +17,13 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from ia3_trainer import RecipeError, load_recipe
 from ia3_trainer.checkpoints import last_checkpoint
 from ia3_trainer.data import prepare_data
 
-from conftest import REPO, free_port, tiny_recipe
+from conftest import REPO, assert_same_adapter, free_port, tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer
 
 
@@ -101,12 +100,6 @@ def adapter(folder):
     return load_file(folder / "adapter_model.safetensors")
 
 
-def assert_same_adapter(got, expected):
-    assert got.keys() == expected.keys() and expected
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0)
-
-
 @pytest.fixture(scope="module")
 def env():
     # The worktree's own package (the launchers run in other folders), one thread a process, and the Hub only as
@@ -139,7 +132,7 @@ def test_two_machines_train_as_one_and_only_machine_0_saves_and_pushes(tmp_path,
         # The same adapter as one machine with two processes.
         out = machines[0] / "out"
         assert_same_adapter(adapter(out), one_machine)
-        # Both processes trained, each on its half: every example once an epoch (six epochs of 64).
+        # Both processes trained, each on its half: every example once an epoch (twelve epochs of 64).
         prepared = prepare_data(load_recipe(json.loads(recipe.read_text())).data, tokenizer)
         tokens = sum(len(ids) for ids in prepared.train_dataset["input_ids"])
         metrics = json.loads((out / "all_results.json").read_text())
@@ -193,10 +186,11 @@ def test_each_machine_saves_its_own_checkpoints_and_both_resume_after_one_is_kil
         finally:
             run_machines(launchers, timeout=1)
         assert launchers[1].returncode == -9, "machine 1 ended before it was killed:\n" + output(machines[1])[-3000:]
-        # It failed by itself within seconds: gloo sees the killed process's connections reset. (A machine that
-        # vanishes without closing them, a power cut, keeps the others waiting: under use_cpu transformers 5.24 does
-        # not pass training.ddp_timeout to the process group, so that is torch's default of 30 minutes.)
-        assert launchers[0].returncode == 1 and waited < 30, output(machines[0])[-3000:]
+        # It failed by itself, not at the 30-minute timeout: gloo sees the killed process's connections reset, and
+        # torchrun gives its worker up to 30 s to end after SIGTERM (hence the bound of the wait above). (A machine
+        # that vanishes without closing them, a power cut, keeps the others waiting: under use_cpu transformers
+        # 5.24 does not pass training.ddp_timeout to the process group, so that is torch's default of 30 minutes.)
+        assert launchers[0].returncode == 1 and waited < 60, output(machines[0])[-3000:]
         print(f"machine 0 failed {waited:.1f} s after machine 1 was killed at step {SAVE_STEPS} or later")
         newest = [last_checkpoint(machine / "out") for machine in machines]
         assert None not in newest

@@ -13,6 +13,7 @@ from ia3_trainer import RecipeError, apply_overrides, load_recipe
 from ia3_trainer.errors import first_line, one_line, redact
 from ia3_trainer.jsonfiles import read_json
 from ia3_trainer.recipe import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
+from ia3_trainer.sections import ia3_field_types, training_field_types
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
 
@@ -301,6 +302,7 @@ def test_problems_are_blamed_on_where_they_came_from(tmp_path):
     assert info.value.errors == [f"{path}: data.max_source_length: must be in [1, 1,000,000], got 0",
                                  "--set: training.seed: must be in [0, 2**32 - 1], got -1"]
 
+
 def test_a_training_arguments_problem_is_blamed_on_the_override_it_names(tmp_path):
     best = "training.load_best_model_at_end: --load_best_model_at_end requires the save and eval strategy to match"
     with pytest.raises(RecipeError) as info:
@@ -316,7 +318,6 @@ def test_a_training_arguments_problem_is_blamed_on_the_override_it_names(tmp_pat
             load_recipe(path, overrides)
         assert len(info.value.errors) == 1
         assert info.value.errors[0].startswith(f"{path}: training: --load_best_model_at_end requires")
-
 
 
 def test_keys_that_are_not_strings_are_one_problem(tmp_path):
@@ -379,6 +380,7 @@ def test_200000_unknown_keys_give_ten_lines_and_a_count_fast(tmp_path):
     raw["training"].update({f"unknown_key_{i}": i for i in range(200_000)})
     path = tmp_path / "r.json"
     path.write_text(json.dumps(raw))
+    training_field_types(), ia3_field_types()  # their first call imports transformers and peft: not what is timed
     start = time.perf_counter()
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
