@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-from .recipe import RecipeError
+from .errors import RecipeError
 
 
 logger = logging.getLogger(__name__)

@@ -8,10 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .scoring import IGNORE_INDEX
 from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reports
-
-
-IGNORE_INDEX = -100
 
 
 def perplexity(nll_sum: float, token_count: float = 1.0) -> float:
