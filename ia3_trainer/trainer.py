@@ -370,10 +370,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
             encode = "default"
         else:
             encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
-        bound = self.max_new_tokens
-        if bound is None and self.recipe is not None:  # free text: as long as a target could be in training
-            bound = self.recipe.data.max_target_length
-        return {"label_names": self.candidate_labels, "max_new_tokens": bound, "encode": encode}
+        return {"label_names": self.candidate_labels, "max_new_tokens": self.generation_bound(), "encode": encode}
 
 
 def _pad_multiple(args) -> int | None:

@@ -152,6 +152,38 @@ def test_a_user_compute_metrics_gets_generated_ids_and_labels(tmp_path):
     assert metrics["eval_rows"] == 24 and "eval_label_accuracy" in metrics
 
 
+def test_a_user_compute_metrics_is_called_when_no_built_in_metric_generates(tmp_path):
+    # Perplexity alone needs no generation; the user's compute_metrics does, so evaluation generates for it.
+    seen = []
+
+    def compute_metrics(eval_prediction):
+        seen.append(eval_prediction)
+        return {"rows": float(len(eval_prediction.predictions))}
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["perplexity"]}),
+                                            compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert metrics["eval_rows"] == 24 and "eval_perplexity" in metrics and "eval_label_accuracy" not in metrics
+    (prediction,) = seen
+    assert prediction.predictions.dtype.kind == "i" and prediction.label_ids.shape[0] == 24
+    # Without one, nothing is generated.
+    plain = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["perplexity"]}))
+    assert "eval_generate_runtime" not in plain.evaluate() and plain.last_evaluation.outputs.generated is None
+
+
+def test_rank_classification_follows_a_reassigned_label_set(tmp_path):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["rank_accuracy"]}))
+
+    def ranked():
+        trainer.evaluate()
+        return [trainer.candidate_labels[i] for i in trainer.last_evaluation.outputs.rank_choice]
+
+    before = ranked()
+    labels = trainer.candidate_labels
+    trainer.candidate_labels = labels[1:] + labels[:1]  # every label at another index
+    assert ranked() == before
+
+
 def test_final_evaluation_reloads_the_best_model_and_evaluates_it(tmp_path):
     # "Best" is the highest eval loss (the first evaluation): the model at the end is another one, so the final
     # evaluation cannot reuse the last step's numbers; it must equal the evaluation logged at the best step.
