@@ -13,7 +13,7 @@ from transformers import T5ForConditionalGeneration
 
 from ia3_trainer import IA3Predictor, IA3Seq2SeqTrainer, IA3TrainingArguments
 from ia3_trainer.cli import main
-from ia3_trainer.data import encode_batch
+from ia3_trainer.data import encode_batch, longest_labels
 from ia3_trainer.metrics import decode
 from ia3_trainer.report import REPORT_FILE
 
@@ -135,6 +135,10 @@ def test_free_text_evaluation_is_bounded_by_each_dataset_and_inference_by_the_ta
     assert trainer._eval_bound == max(len(labels) for labels in trainer.eval_dataset["labels"])
     unlabeled = trainer.predict(trainer.eval_dataset.remove_columns("labels"))  # no targets: the training bound
     assert trainer._eval_bound == 32 and unlabeled.predictions.shape[0] == len(trainer.eval_dataset)
+    # A stream is not read through for its longest target, whether its columns are known or not.
+    assert longest_labels(trainer.eval_dataset.to_iterable_dataset()) is None
+    streamed = trainer.evaluate(trainer.eval_dataset.to_iterable_dataset().map(lambda row: row))
+    assert trainer._eval_bound == 32 and "eval_label_accuracy" in streamed
 
 
 def test_a_user_compute_metrics_gets_generated_ids_and_labels(tmp_path):
