@@ -43,6 +43,11 @@ class NonFiniteGuard:
         self.mode, self._step, self._last_checkpoint = mode, step, last_checkpoint
         self.attached = self.on_device = self._set_found_inf = False
         self._optimizer, self._handles = None, []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every record, at the start of each `train()`: a run stopped by a non-finite step (whose error may
+        have been raised inside the optimizer's hook, before the step closed) leaves nothing to the next one."""
         self._pending = None  # this optimizer step's "a loss was not finite", on the device
         self._loss = None  # this optimizer step's last loss (the value the error message shows)
         # On the device since the last check: skipped steps, the first of them, and its loss.
@@ -190,10 +195,14 @@ class NonFiniteGuard:
 
 
 class GuardSteps(TrainerCallback):
-    """Tells the guard where each optimizer step ends (`NonFiniteGuard.step_end`)."""
+    """Tells the guard where each run begins (`NonFiniteGuard.reset`) and where each optimizer step ends
+    (`NonFiniteGuard.step_end`)."""
 
     def __init__(self, guard: NonFiniteGuard):
         self.guard = guard
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.guard.reset()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.guard.step_end(state.global_step)

@@ -221,6 +221,24 @@ def test_nan_loss_skip_drops_the_batch_and_goes_on(tmp_path, caplog):
     assert math.isfinite(result.training_loss)
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_train_again_after_a_non_finite_stop_starts_with_a_clean_guard(tmp_path, optim):
+    # A notebook: the nan stops the run, the user fixes the cause and calls train() again on the same trainer. Not
+    # fused, the guard reads the host before each step and raised inside the optimizer's pre-hook, leaving that
+    # step's flag pending; fused, the stopped run's skipped step stayed in the counts that correct the logged means.
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.optim": optim,
+                                   "training.overwrite_output_dir": True, "training.bf16": False})
+    trainer = NanLossAt.from_recipe(raw)
+    trainer.nan_step = 2
+    with pytest.raises(RecipeError, match="loss is nan at step 2"):
+        trainer.train()
+    trainer.nan_step = None
+    result = trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(math.isfinite(loss) for loss in logged)
+    assert result.training_loss == pytest.approx(sum(logged) / 3, rel=1e-4)
+
+
 def test_the_guard_works_with_a_grad_scaler_and_a_new_optimizer():
     # fp16 on a GPU: accelerate's GradScaler sets the optimizer's found_inf itself, skips overflow steps by design,
     # and deletes found_inf after the step. The guard adds only a non-finite loss to it, and deletes nothing.
