@@ -298,7 +298,9 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                 if self.is_world_process_zero():
                     print(f"Resuming from {resume_from_checkpoint}")
             run.begin(self.args)
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # Trainer returns its own train_loss, before log() left the steps the non-finite guard skipped out of it.
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def _init_training_state(self, max_steps, *args, **kwargs):
         # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
