@@ -359,7 +359,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         if self.compiled_blocks is None:
             return self.non_finite_guard.observe(step(model, inputs, num_items_in_batch))
         kernels.mark_step_begin()
-        loss = self.compiled_blocks.first_step(lambda: step(model, inputs, num_items_in_batch), model)
+        loss = self.compiled_blocks.run_step(lambda: step(model, inputs, num_items_in_batch))
         return self.non_finite_guard.observe(loss)
 
     def inference_settings(self) -> dict:
