@@ -361,7 +361,10 @@ def _text_features(dataset, column: str):
 
 
 def longest_labels(dataset) -> int | None:
-    """The token count of the longest label in a tokenized dataset (its generation bound), or None."""
-    if dataset is None or not hasattr(dataset, "column_names") or "labels" not in dataset.column_names:
+    """The token count of the longest label in a tokenized dataset (its generation bound), or None: also for a
+    dataset without known columns, and for an `IterableDataset` (a stream is not read through for a bound)."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset) or "labels" not in (getattr(dataset, "column_names", None) or ()):
         return None
     return max(map(len, dataset["labels"]), default=None)  # no map: no progress bar at every evaluation

@@ -16,7 +16,7 @@ from .scoring import EvalOutputs, candidate_label_ids, score_batch
 
 class EvaluationMixin:
     """The evaluation methods of [`IA3Seq2SeqTrainer`] (a `Seq2SeqTrainer`); they read `metrics`,
-    `candidate_labels`, `max_new_tokens`, `inference_settings()` and `non_finite_guard` from the trainer."""
+    `candidate_labels`, `max_new_tokens`, `recipe` and `non_finite_guard` from the trainer."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         """Evaluate (see the class docstring for the metrics); the per-example outputs of this pass are kept in
@@ -59,18 +59,16 @@ class EvaluationMixin:
         # the last batch under DDP; metrics must count each example once, so gather for metrics instead.
         self.gather_function = self.accelerator.gather_for_metrics
         self._eval_runtimes = {"generate": 0.0, "rank": 0.0}
-        # The label set's bound, else (free text) the dataset's longest target, else (no labels) the longest a target
-        # could be in training.
-        self._eval_bound = (self.max_new_tokens or longest_labels(dataloader.dataset)
-                            or self.inference_settings()["max_new_tokens"])
+        self._eval_bound = self.generation_bound(dataloader.dataset)
         # The built-in metrics come from per-example outputs that Trainer's compute_metrics call never sees; the
-        # user's compute_metrics is called below, with generated ids.
+        # user's compute_metrics is called below, with generated ids (prediction_step generates for it).
         user_metrics, self.compute_metrics = self.compute_metrics, None
+        self._user_metrics = user_metrics if user_metrics is not no_extra_metrics else None
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
         finally:
-            self.compute_metrics = user_metrics
+            self.compute_metrics, self._user_metrics = user_metrics, None
         parts = output.predictions if isinstance(output.predictions, dict) else {}
         outputs = EvalOutputs(labels=output.label_ids, **parts)
         self._eval_outputs = outputs
@@ -103,7 +101,8 @@ class EvaluationMixin:
             model, inputs,
             candidate_ids=self._candidate_ids if rank and not prediction_loss_only else None,
             generate=not prediction_loss_only and (
-                labels is None or getattr(self, "_predicting", False) or needs_generation(self.metrics)),
+                labels is None or getattr(self, "_predicting", False) or needs_generation(self.metrics)
+                or getattr(self, "_user_metrics", None) is not None),
             generate_fn=self._generate, **self._generation_kwargs(gen_kwargs),
         )
         for name, seconds in scores.seconds.items():
@@ -136,19 +135,25 @@ class EvaluationMixin:
         with gathered:
             return self.model.generate(**kwargs)
 
-    @property
-    def eval_metrics(self) -> list[str]:
-        """The built-in metric names evaluation computes (see the `metrics` argument)."""
-        return list(self.metrics)
+    def generation_bound(self, dataset=None) -> int | None:
+        """The most tokens evaluation generates: the label set's bound (`max_new_tokens`), else (free text) the
+        longest target of `dataset`, else the longest a target could be in training (the recipe's
+        `data.max_target_length`; what `inference.json` keeps for free text), else None."""
+        bound = self.max_new_tokens or longest_labels(dataset)
+        if bound is None and self.recipe is not None:
+            bound = self.recipe.data.max_target_length
+        return bound
 
     @property
     def _candidate_ids(self):
         """Candidate label ids for rank classification, or None when the label set is unknown or ranking is off."""
         if not self.candidate_labels or not getattr(self.args, "rank_classification", True):
             return None
-        if getattr(self, "_candidate_ids_cache", None) is None:
-            self._candidate_ids_cache = candidate_label_ids(self.processing_class, self.candidate_labels)
-        return self._candidate_ids_cache
+        key = tuple(self.candidate_labels)  # a label set assigned later gets its own ids
+        cached = getattr(self, "_candidate_ids_cache", None)
+        if cached is None or cached[0] != key:
+            self._candidate_ids_cache = (key, candidate_label_ids(self.processing_class, self.candidate_labels))
+        return self._candidate_ids_cache[1]
 
 
 

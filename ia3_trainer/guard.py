@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-from .recipe import RecipeError
+from .errors import RecipeError
 
 
 logger = logging.getLogger(__name__)
@@ -43,12 +43,21 @@ class NonFiniteGuard:
         self.mode, self._step, self._last_checkpoint = mode, step, last_checkpoint
         self.attached = self.on_device = self._set_found_inf = False
         self._optimizer, self._handles = None, []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every record, at the start of each `train()`: a run stopped by a non-finite step (whose error may
+        have been raised inside the optimizer's hook, before the step closed) leaves nothing to the next one."""
         self._pending = None  # this optimizer step's "a loss was not finite", on the device
         self._loss = None  # this optimizer step's last loss (the value the error message shows)
-        # On the device since the last check: skipped steps, the first of them, and its loss.
-        self._skipped = self._first_step = self._first_loss = None
+        self._logged = None  # skip: the sum of what this optimizer step's micro-batches gave Trainer to log
+        # On the device since the last check: skipped steps, the first of them, its loss, and what skipped steps
+        # added to Trainer's logged loss sum (a finite loss whose gradients were not, the finite micro-batches of an
+        # accumulated step, the other processes' losses).
+        self._skipped = self._first_step = self._first_loss = self._skipped_loss = None
         self.unlogged = 0  # skipped steps found by checks since the logged loss was last corrected
         self.total = 0  # skipped steps in this run
+        self.unlogged_loss = self.total_loss = 0.0  # what those skipped steps added to the logged loss sums
         self.steps_unlogged = self.steps_total = 0  # optimizer steps, counted on the host
 
     def attach(self, optimizer) -> None:
@@ -70,8 +79,8 @@ class NonFiniteGuard:
         self._optimizer, self.attached = inner, True
 
     def observe(self, loss: torch.Tensor) -> torch.Tensor:
-        """Record one micro-batch's loss; returns the loss to log (0 in place of a skipped non-finite one, which
-        `mean_without_skipped` then leaves out of the mean)."""
+        """Record one micro-batch's loss; returns the loss to log (0 in place of a non-finite one under `skip`;
+        what a skipped step logged is then taken out of the mean by `correct`)."""
         loss = loss.detach()
         bad = ~torch.isfinite(loss)
         self._pending = bad if self._pending is None else self._pending | bad
@@ -79,7 +88,11 @@ class NonFiniteGuard:
         if not self.attached and self.mode == "stop" and bool(bad):  # no optimizer hook: decide now, on the host
             self._record(bad.float())
             self.check()
-        return torch.where(bad, torch.zeros_like(loss), loss) if self.mode == "skip" else loss
+        if self.mode == "stop":
+            return loss
+        logged = torch.where(bad, torch.zeros_like(loss), loss)
+        self._logged = logged if self._logged is None else self._logged + logged
+        return logged
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if self._set_found_inf:  # ours, left by a step that raised before the post-hook ran
@@ -102,9 +115,14 @@ class NonFiniteGuard:
             torch._amp_foreach_non_finite_check_and_unscale_(local, found, torch.ones(1, device=device))
         if self._pending is not None:
             found = torch.maximum(found, self._pending.to(device=device, dtype=found.dtype).reshape(1))
+        logged = self._logged_sum(device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)  # every process skips together
-        self._record(found)
+            # One all-reduce: every process skips together (a flag summed over processes is nonzero when any is),
+            # and Trainer logs the mean over processes of their loss sums.
+            both = torch.cat([found, logged.reshape(1)])
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.SUM)
+            found, logged = (both[:1] > 0).to(found.dtype), both[1] / torch.distributed.get_world_size()
+        self._record(found, logged=logged)
         if scaled:  # the scaler's own flag (a gradient overflow) and ours (a non-finite loss) both skip the step
             existing = getattr(optimizer, "found_inf", None)
             optimizer.found_inf = found.reshape(()) if existing is None else torch.maximum(
@@ -135,42 +153,56 @@ class NonFiniteGuard:
         self._close_step()
 
     def _close_step(self) -> None:
-        self._pending = self._loss = None
+        self._pending = self._loss = self._logged = None
         self.steps_unlogged += 1
         self.steps_total += 1
 
     def correct(self, logs: dict) -> None:
-        """Leave skipped steps (logged as 0) out of the mean `loss` and `train_loss` in `logs`, in place."""
+        """Leave skipped steps out of the mean `loss` and `train_loss` in `logs`, in place."""
         if "loss" in logs:
             if self.unlogged:
-                logs["loss"] = self.mean_without_skipped(logs["loss"], self.steps_unlogged, self.unlogged)
+                logs["loss"] = self.mean_without_skipped(logs["loss"], self.steps_unlogged, self.unlogged,
+                                                         self.unlogged_loss)
             self.unlogged = self.steps_unlogged = 0
+            self.unlogged_loss = 0.0
         if "train_loss" in logs and self.total:
-            logs["train_loss"] = self.mean_without_skipped(logs["train_loss"], self.steps_total, self.total)
+            logs["train_loss"] = self.mean_without_skipped(logs["train_loss"], self.steps_total, self.total,
+                                                           self.total_loss)
 
-    def _record(self, found: torch.Tensor, step: int | None = None) -> None:
+    def _logged_sum(self, device) -> torch.Tensor:
+        return (self._logged if self._logged is not None else torch.zeros(())).to(device, torch.float32)
+
+    def _record(self, found: torch.Tensor, step: int | None = None, logged: torch.Tensor | None = None) -> None:
+        """Add one optimizer step's flag (`found`, 0 or 1) to the device records; `logged` is what the step added
+        to the logged loss sum (this process's, unless given)."""
         found = found.reshape(())
         step = torch.full((), self._step() if step is None else step, device=found.device, dtype=torch.long)
         loss = (self._loss if self._loss is not None else torch.zeros(())).to(found.device, torch.float32)
+        logged = self._logged_sum(found.device) if logged is None else logged.reshape(())
         if self._skipped is None:
             self._skipped = torch.zeros((), device=found.device)
             self._first_step = torch.full((), -1, device=found.device, dtype=torch.long)
             self._first_loss = torch.zeros((), device=found.device)
+            self._skipped_loss = torch.zeros((), device=found.device)
         first = (found > 0) & (self._first_step < 0)
         self._first_step = torch.where(first, step, self._first_step)
         self._first_loss = torch.where(first, loss, self._first_loss)
         self._skipped = self._skipped + found
+        self._skipped_loss = self._skipped_loss + found * logged
 
     def check(self) -> None:
         """Read the flags (one host sync): raise the one-line error for `stop`, log one warning for `skip`."""
         if self._skipped is None:
             return
         skipped, first, loss = int(self._skipped.item()), int(self._first_step.item()), float(self._first_loss.item())
-        self._skipped = self._first_step = self._first_loss = None
+        skipped_loss = float(self._skipped_loss.item())
+        self._skipped = self._first_step = self._first_loss = self._skipped_loss = None
         if not skipped:
             return
         self.unlogged += skipped
         self.total += skipped
+        self.unlogged_loss += skipped_loss
+        self.total_loss += skipped_loss
         what = (f"loss is {loss} at step {first}" if not math.isfinite(loss)
                 else f"gradients are not finite at step {first}")
         if self.mode == "stop":
@@ -184,16 +216,21 @@ class NonFiniteGuard:
         logger.warning("training.non_finite_loss: %s; skipped that optimizer step%s", what, more)
 
     @staticmethod
-    def mean_without_skipped(mean: float, steps: int, skipped: int) -> float:
-        """A logged mean loss over `steps` optimizer steps, `skipped` of which counted 0: the mean of the others."""
-        return mean * steps / (steps - skipped) if steps > skipped else float("nan")
+    def mean_without_skipped(mean: float, steps: int, skipped: int, skipped_sum: float = 0.0) -> float:
+        """A logged mean loss over `steps` optimizer steps, `skipped` of which added `skipped_sum` to its sum: the
+        mean of the others."""
+        return (mean * steps - skipped_sum) / (steps - skipped) if steps > skipped else float("nan")
 
 
 class GuardSteps(TrainerCallback):
-    """Tells the guard where each optimizer step ends (`NonFiniteGuard.step_end`)."""
+    """Tells the guard where each run begins (`NonFiniteGuard.reset`) and where each optimizer step ends
+    (`NonFiniteGuard.step_end`)."""
 
     def __init__(self, guard: NonFiniteGuard):
         self.guard = guard
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.guard.reset()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.guard.step_end(state.global_step)

@@ -9,12 +9,14 @@ CPU dispatch against 21 ms of GPU work a step), so every op removed from a step 
   names and saved files do not change; results agree to rounding.
 - `compile_blocks` compiles each repeated block (`T5Block` and the like) once with `torch.compile`, reused by every
   layer (regional compilation), in training mode only; on CUDA with `mode="reduce-overhead"` each block replays a
-  CUDA graph. A compile that fails falls back to eager with one warning.
+  CUDA graph. A compile that fails, at the first step or at a later recompile, falls back to eager with one warning.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import traceback
 import warnings
 
 import torch
@@ -97,11 +99,12 @@ def repeated_blocks(model) -> list[torch.nn.Module]:
 
 
 class CompiledBlocks:
-    """The compiled repeated blocks of one model (what [`compile_blocks`] returns). After a failed compile every block
-    runs eager; `first_step` guards the first training step, whose backward compiles too."""
+    """The compiled repeated blocks of one model (what [`compile_blocks`] returns). After a compiler failure every
+    block runs eager; `run_step` guards each training step, whose backward compiles too."""
 
-    def __init__(self, count: int):
-        self.count, self.enabled, self.compiled_once, self.proven = count, True, False, False
+    def __init__(self, count: int, model=None):
+        self.count, self.model, self.enabled = count, model, True
+        self._grads = None  # the trainable gradients as this step began, kept when a block compiled in the step
 
     def fail(self, error: BaseException, stacklevel: int = 3) -> None:
         """Turn compilation off for every block, with one warning naming the compiler's own error."""
@@ -111,22 +114,65 @@ class CompiledBlocks:
         warnings.warn(f"torch.compile of the repeated blocks failed ({type(cause).__name__}: {text}); training "
                       "continues eager (set training.compile_blocks false to skip compiling)", stacklevel=stacklevel)
 
-    def first_step(self, step, model):
-        """Run `step()` (a training step: forward and backward); if the compiler fails in it (AOTAutograd compiles the
-        backward only at the first `backward()`), turn compilation off, drop what the failed step left in the
-        gradients, and run it again eager. Later steps run as they are."""
-        if self.proven:
+    def compiled(self) -> None:
+        """A block compiled a graph in this step (its backward compiles at this step's `backward()`): keep the
+        gradients the step began with (those of the optimizer step's earlier micro-batches), once."""
+        if self._grads is None and self.model is not None:
+            self._grads = {param: None if param.grad is None else param.grad.detach().clone()
+                           for param in self.model.parameters() if param.requires_grad}
+
+    def run_step(self, step):
+        """Run `step()` (a training step: forward and backward). A compiler failure in a block's forward already
+        made that block run eager (see `compile_blocks`); one in the backward (AOTAutograd compiles each graph's
+        backward at its first `backward()`: the first step, and a later one that recompiled for a new shape) turns
+        compilation off, puts back the gradients the step began with, and runs the step again eager. Any other
+        error, out of memory included, goes through."""
+        if not self.enabled:
             return step()
+        self._grads = None
         try:
-            result = step()
+            return step()
         except Exception as error:
-            if not self.enabled:  # the step failed eager: not the compiler's doing
+            if not is_compiler_error(error):
+                raise
+            if self._grads is None:  # no block compiled in this step: its gradients cannot be put back
                 raise
             self.fail(error, stacklevel=4)
-            model.zero_grad(set_to_none=True)  # the first step: nothing accumulated before it
-            result = step()
-        self.proven = True
-        return result
+            for param, grad in self._grads.items():
+                param.grad = grad
+            return step()
+        finally:
+            self._grads = None
+
+
+# torch's compiler stack: a failure raised from one of its functions that compiles (not one that runs compiled code).
+_COMPILER_PACKAGES = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/")
+_COMPILING = re.compile(r"compile(?!d)")  # get_or_compile, _wrapped_bw_compiler, compile_fx; not call_compiled_*
+
+
+def is_compiler_error(error: BaseException) -> bool:
+    """Whether `error` is torch.compile's own failure (a backend that cannot compile: no C++ compiler, an
+    unsupported op, a dynamo or inductor bug), which eager execution does not have; never out of memory."""
+    from torch._dynamo import exc as dynamo_errors
+
+    chain, seen = [error], set()
+    while chain:  # out of memory anywhere in the chain (a compiler that ran out of memory) is not the compiler's fault
+        item = chain.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.OutOfMemoryError):
+            return False
+        chain += [getattr(item, "inner_exception", None), item.__cause__, item.__context__]
+    if isinstance(error, dynamo_errors.TorchDynamoException) and not isinstance(
+            error, (dynamo_errors.TorchRuntimeError, dynamo_errors.UserError)):  # those: an error of the program
+        return True
+    if type(error).__module__.startswith("torch._inductor"):
+        return True
+    # AOTAutograd compiles a backward inside backward() and lets the backend's exception through unwrapped.
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(_COMPILING.search(frame.name) and any(package in frame.filename.replace("\\", "/")
+                                                      for package in _COMPILER_PACKAGES) for frame in frames)
 
 
 def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None,
@@ -145,7 +191,7 @@ def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None,
         return None
     device = next(model.parameters()).device
     mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
-    state = CompiledBlocks(len(blocks))
+    state = CompiledBlocks(len(blocks), model)
     options = {"mode": mode} if backend == "inductor" else {}
     for block in blocks:
         _wrap(block, dict(options, dynamic=dynamic, backend=backend), state)
@@ -154,20 +200,24 @@ def compile_blocks(model, mode: str | None = None, dynamic: bool | None = None,
 
 
 def _wrap(block: torch.nn.Module, options: dict, state: CompiledBlocks) -> None:
+    from torch._dynamo.utils import counters
+
     eager = block.forward
     compiled = torch.compile(eager, **options)
 
     def forward(*args, **kwargs):
         if not (block.training and state.enabled):
             return eager(*args, **kwargs)
-        if state.compiled_once:
-            return compiled(*args, **kwargs)
+        graphs = counters["stats"]["unique_graphs"]
         try:
             result = compiled(*args, **kwargs)
-        except Exception as error:  # the compiler's own failure types vary by backend and version
+        except Exception as error:  # a failed compile, at the first step or a recompile for a new shape later
+            if not is_compiler_error(error):
+                raise
             state.fail(error)
             return eager(*args, **kwargs)
-        state.compiled_once = True
+        if counters["stats"]["unique_graphs"] != graphs:
+            state.compiled()
         return result
 
     block.forward = forward

@@ -8,10 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .scoring import IGNORE_INDEX
 from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reports
-
-
-IGNORE_INDEX = -100
 
 
 def perplexity(nll_sum: float, token_count: float = 1.0) -> float:
@@ -49,6 +47,7 @@ def decode(token_ids: np.ndarray, tokenizer) -> list[str]:
 DEFAULT_METRICS = ("perplexity", "label_accuracy", "rank_accuracy")
 _WITHOUT_GENERATION = {"perplexity", "rank_accuracy"}
 _EXACT = {"label_accuracy", *_WITHOUT_GENERATION}  # computed here; every other name is a text metric
+# The module each text metric imports and the pip package that provides it.
 _PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "sacrebleu": ("sacrebleu", "sacrebleu"),
              "chrf": ("sacrebleu", "sacrebleu")}
 
@@ -77,7 +76,7 @@ def eval_metrics(
     """
     result = {}
     if "perplexity" in metrics and outputs.nll_sum is not None:
-        result["perplexity"] = perplexity(float(np.sum(outputs.nll_sum)), float(np.sum(outputs.token_count)))
+        result["perplexity"] = perplexity(outputs.loss)
     if outputs.labels is None:
         return result
     references = decode(outputs.labels, tokenizer)
@@ -118,8 +117,7 @@ def text_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[str,
     functions = {"rouge": rouge, "sacrebleu": sacrebleu, "chrf": chrf}
     if name not in functions:
         raise ValueError(f"eval.metrics: unknown metric {name!r}; use one of {', '.join(METRICS)}")
-    module, package = _PACKAGES[name]
-    _require(module, package, name)
+    _require(name)
     return functions[name]
 
 
@@ -131,7 +129,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     written without spaces (Han, kana, Thai, Lao, Khmer, Myanmar, Tibetan) count one character per token. On ASCII
     text this is rouge_score's default tokenization.
     """
-    _require("rouge_score", "rouge-score", "rouge")
+    _require("rouge")
     from rouge_score import rouge_scorer
 
     keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
@@ -154,7 +152,7 @@ class _EveryScript:
 
 def sacrebleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus BLEU of `sacrebleu` (default 13a tokenization, one reference per example), in [0, 100]."""
-    _require("sacrebleu", "sacrebleu", "sacrebleu")
+    _require("sacrebleu")
     import sacrebleu as package
 
     return {"sacrebleu": float(package.corpus_bleu(list(predictions), [list(references)]).score)}
@@ -162,7 +160,7 @@ def sacrebleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus chrF of `sacrebleu` (character n-gram F-score, robust for morphologically rich targets), in [0, 100]."""
-    _require("sacrebleu", "sacrebleu", "chrf")
+    _require("chrf")
     import sacrebleu as package
 
     return {"chrf": float(package.corpus_chrf(list(predictions), [list(references)]).score)}
@@ -193,9 +191,11 @@ def evaluate_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[
     return compute
 
 
-def _require(module: str, package: str, metric: str) -> None:
+def _require(metric: str) -> None:
+    """Raise `ImportError` naming the pip command when the package of text metric `metric` is missing."""
     import importlib.util
 
+    module, package = _PACKAGES[metric]
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"the {metric} metric needs the {module} package; pip install {package}")
 

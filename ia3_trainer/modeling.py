@@ -11,8 +11,8 @@ import logging
 import os
 
 from . import network
-from .errors import first_line
-from .recipe import ModelSection, RecipeError
+from .errors import RecipeError, first_line
+from .recipe import ModelSection
 
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .runs import claim_output_dir, no_checkpoint_error
 from .saving import FinalSave, SavingMixin
-from .scoring import teacher_forced_inputs
+from .scoring import teacher_forced_inputs, token_nll
 from .training_args import IA3TrainingArguments
 
 
@@ -298,7 +298,9 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                 if self.is_world_process_zero():
                     print(f"Resuming from {resume_from_checkpoint}")
             run.begin(self.args)
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # Trainer returns its own train_loss, before log() left the steps the non-finite guard skipped out of it.
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def _init_training_state(self, max_steps, *args, **kwargs):
         # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
@@ -312,10 +314,12 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         # non_finite_loss "stop") and leave skipped steps out of the logged means.
         self.non_finite_guard.check()
         self.non_finite_guard.correct(logs)
-        # Perplexity next to every training loss; the eval loop adds eval_perplexity from exact token counts.
-        # The dict is updated in place because train() returns the same dict it logs.
+        # Perplexity next to every training loss that is the token NLL (not a smoothed or a user's loss); the eval
+        # loop adds eval_perplexity from exact token counts. The dict is updated in place because train() returns the
+        # same dict it logs.
+        nll = not self.args.label_smoothing_factor and self.compute_loss_func is None
         for loss_key, key in (("loss", "perplexity"), ("train_loss", "train_perplexity")):
-            if loss_key in logs and key not in logs:
+            if nll and loss_key in logs and key not in logs:
                 logs[key] = perplexity(logs[loss_key])
         super().log(logs, start_time)
 
@@ -328,19 +332,24 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         here, one process with batch 16, two with batch 8 and one with batch 8 and two accumulation steps give the
         same loss and the same update. DDP averages gradients over processes, hence the factor below. Evaluation
         loss is not computed here (see `prediction_step`).
+
+        With `label_smoothing_factor` ε each token counts `(1 - ε) * nll + ε * mean over the vocabulary of -log p`
+        (transformers' `LabelSmoother`), with the same normalisation. A `compute_loss_func` given to the constructor
+        replaces the cross-entropy: it gets `(outputs, labels, num_items_in_batch=...)`, as Trainer calls it, and must
+        normalise by `num_items_in_batch` when that is given.
         """
         labels = inputs["labels"]
         # The whole (possibly DDP/FSDP-wrapped) model is called, on inputs built from the unwrapped one.
         outputs = model(**teacher_forced_inputs(self.accelerator.unwrap_model(model), inputs))
-        nll = torch.nn.functional.cross_entropy(
-            outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
-        if num_items_in_batch is None:  # called outside the training loop (e.g. by a subclass): this batch's mean
-            loss = nll / (labels != -100).sum()
+        if self.compute_loss_func is not None:  # Trainer's contract: normalised by num_items_in_batch, if given
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
-            loss = nll / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                loss = loss * self.accelerator.num_processes  # the count is global (Trainer gathers it)
+            nll, tokens = token_nll(outputs.logits, labels, label_smoothing=self.args.label_smoothing_factor)
+            # Called outside the training loop (e.g. by a subclass): this batch's mean.
+            loss = nll.sum() / (tokens.sum() if num_items_in_batch is None else num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # the count is global (Trainer gathers it)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -350,7 +359,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         if self.compiled_blocks is None:
             return self.non_finite_guard.observe(step(model, inputs, num_items_in_batch))
         kernels.mark_step_begin()
-        loss = self.compiled_blocks.first_step(lambda: step(model, inputs, num_items_in_batch), model)
+        loss = self.compiled_blocks.run_step(lambda: step(model, inputs, num_items_in_batch))
         return self.non_finite_guard.observe(loss)
 
     def inference_settings(self) -> dict:
@@ -363,10 +372,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
             encode = "default"
         else:
             encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
-        bound = self.max_new_tokens
-        if bound is None and self.recipe is not None:  # free text: as long as a target could be in training
-            bound = self.recipe.data.max_target_length
-        return {"label_names": self.candidate_labels, "max_new_tokens": bound, "encode": encode}
+        return {"label_names": self.candidate_labels, "max_new_tokens": self.generation_bound(), "encode": encode}
 
 
 def _pad_multiple(args) -> int | None:

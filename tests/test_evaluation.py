@@ -13,7 +13,7 @@ from transformers import T5ForConditionalGeneration
 
 from ia3_trainer import IA3Predictor, IA3Seq2SeqTrainer, IA3TrainingArguments
 from ia3_trainer.cli import main
-from ia3_trainer.data import encode_batch
+from ia3_trainer.data import encode_batch, longest_labels
 from ia3_trainer.metrics import decode
 from ia3_trainer.report import REPORT_FILE
 
@@ -135,6 +135,10 @@ def test_free_text_evaluation_is_bounded_by_each_dataset_and_inference_by_the_ta
     assert trainer._eval_bound == max(len(labels) for labels in trainer.eval_dataset["labels"])
     unlabeled = trainer.predict(trainer.eval_dataset.remove_columns("labels"))  # no targets: the training bound
     assert trainer._eval_bound == 32 and unlabeled.predictions.shape[0] == len(trainer.eval_dataset)
+    # A stream is not read through for its longest target, whether its columns are known or not.
+    assert longest_labels(trainer.eval_dataset.to_iterable_dataset()) is None
+    streamed = trainer.evaluate(trainer.eval_dataset.to_iterable_dataset().map(lambda row: row))
+    assert trainer._eval_bound == 32 and "eval_label_accuracy" in streamed
 
 
 def test_a_user_compute_metrics_gets_generated_ids_and_labels(tmp_path):
@@ -150,6 +154,38 @@ def test_a_user_compute_metrics_gets_generated_ids_and_labels(tmp_path):
     assert prediction.predictions.shape[0] == prediction.label_ids.shape[0] == 24
     assert prediction.predictions.dtype.kind == prediction.label_ids.dtype.kind == "i"
     assert metrics["eval_rows"] == 24 and "eval_label_accuracy" in metrics
+
+
+def test_a_user_compute_metrics_is_called_when_no_built_in_metric_generates(tmp_path):
+    # Perplexity alone needs no generation; the user's compute_metrics does, so evaluation generates for it.
+    seen = []
+
+    def compute_metrics(eval_prediction):
+        seen.append(eval_prediction)
+        return {"rows": float(len(eval_prediction.predictions))}
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["perplexity"]}),
+                                            compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert metrics["eval_rows"] == 24 and "eval_perplexity" in metrics and "eval_label_accuracy" not in metrics
+    (prediction,) = seen
+    assert prediction.predictions.dtype.kind == "i" and prediction.label_ids.shape[0] == 24
+    # Without one, nothing is generated.
+    plain = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["perplexity"]}))
+    assert "eval_generate_runtime" not in plain.evaluate() and plain.last_evaluation.outputs.generated is None
+
+
+def test_rank_classification_follows_a_reassigned_label_set(tmp_path):
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"eval.metrics": ["rank_accuracy"]}))
+
+    def ranked():
+        trainer.evaluate()
+        return [trainer.candidate_labels[i] for i in trainer.last_evaluation.outputs.rank_choice]
+
+    before = ranked()
+    labels = trainer.candidate_labels
+    trainer.candidate_labels = labels[1:] + labels[:1]  # every label at another index
+    assert ranked() == before
 
 
 def test_final_evaluation_reloads_the_best_model_and_evaluates_it(tmp_path):

@@ -221,6 +221,117 @@ def test_nan_loss_skip_drops_the_batch_and_goes_on(tmp_path, caplog):
     assert math.isfinite(result.training_loss)
 
 
+class NanGradient(torch.autograd.Function):
+    """The identity forward; a nan gradient backward (a finite loss whose gradients are not)."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class BadMicroBatch(IA3Seq2SeqTrainer):
+    """Micro-batch number `bad_call` (1-based) gets a nan loss or, with `bad_gradient`, a finite loss and nan
+    gradients; `returned` keeps what each training step gave Trainer to log."""
+
+    bad_call, bad_gradient = 8, False
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls != self.bad_call:
+            return loss
+        return NanGradient.apply(loss) if self.bad_gradient else loss * float("nan")
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.returned = [*getattr(self, "returned", []), float(loss)]
+        return loss
+
+
+@pytest.mark.parametrize(("accumulation", "bad_gradient", "message"), [
+    (2, False, "loss is nan at step 4"), (1, True, "gradients are not finite at step 4"),
+    (2, True, "gradients are not finite at step 4")], ids=["accumulated-nan-loss", "nan-gradient", "both"])
+def test_skip_leaves_what_a_skipped_step_logged_out_of_the_means(tmp_path, caplog, accumulation, bad_gradient,
+                                                                   message):
+    # The skipped step 4 logged a finite loss: its first micro-batch's, or its own when only the gradients were not
+    # finite. The logged means are those of the four applied steps.
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 5, "training.logging_steps": 5, "training.bf16": False,
+                                   "training.non_finite_loss": "skip", "training.per_device_train_batch_size": 4,
+                                   "training.gradient_accumulation_steps": accumulation})
+    trainer = BadMicroBatch.from_recipe(raw)
+    trainer.bad_call, trainer.bad_gradient = 4 * accumulation, bad_gradient
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer"):
+        result = trainer.train()
+    assert f"training.non_finite_loss: {message}; skipped that optimizer step" in caplog.text
+    per_step = [sum(trainer.returned[i:i + accumulation]) for i in range(0, 5 * accumulation, accumulation)]
+    assert per_step[3] > 0  # the skipped step added to Trainer's loss sum
+    applied = (per_step[:3] + per_step[4:])
+    (logged,) = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(sum(applied) / 4, rel=1e-5)
+    assert result.training_loss == pytest.approx(sum(applied) / 4, rel=1e-5)
+
+
+def _two_process_guard(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from ia3_trainer.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard("skip", step=lambda: 1, last_checkpoint=lambda: None)
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    guard.attach(optimizer)
+    before = param.detach().clone()
+    # Step 1, two micro-batches: process 0 logs 1 + (nan -> 0), process 1 logs 0.5 + 2. Step 2: 3 on each.
+    for loss in ((1.0, float("nan")), (0.5, 2.0))[rank]:
+        guard.observe(torch.tensor(loss))
+    param.grad = torch.ones(4)
+    optimizer.step()
+    unchanged = torch.equal(param.detach(), before)
+    guard.observe(torch.tensor(3.0))
+    param.grad = torch.ones(4)
+    optimizer.step()
+    guard.check()
+    logs = {"loss": (4.0 + 5.5) / 2 / 2, "train_loss": (4.0 + 5.5) / 2 / 2}  # Trainer: the process mean, per step
+    guard.correct(logs)
+    results.put((rank, unchanged, guard.total, logs))
+    torch.distributed.destroy_process_group()
+
+
+def test_skip_under_ddp_leaves_every_process_loss_of_a_skipped_step_out_of_the_means():
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_two_process_guard, args=(free_port(), results), nprocs=2, start_method="spawn")
+    got = sorted(results.get() for _ in range(2))
+    # Both processes skipped step 1 together; the mean is step 2's, 3.0, on both.
+    assert got == [(rank, True, 1, {"loss": 3.0, "train_loss": 3.0}) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_train_again_after_a_non_finite_stop_starts_with_a_clean_guard(tmp_path, optim):
+    # A notebook: the nan stops the run, the user fixes the cause and calls train() again on the same trainer. Not
+    # fused, the guard reads the host before each step and raised inside the optimizer's pre-hook, leaving that
+    # step's flag pending; fused, the stopped run's skipped step stayed in the counts that correct the logged means.
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.optim": optim,
+                                   "training.overwrite_output_dir": True, "training.bf16": False})
+    trainer = NanLossAt.from_recipe(raw)
+    trainer.nan_step = 2
+    with pytest.raises(RecipeError, match="loss is nan at step 2"):
+        trainer.train()
+    trainer.nan_step = None
+    result = trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(math.isfinite(loss) for loss in logged)
+    assert result.training_loss == pytest.approx(sum(logged) / 3, rel=1e-4)
+
+
 def test_the_guard_works_with_a_grad_scaler_and_a_new_optimizer():
     # fp16 on a GPU: accelerate's GradScaler sets the optimizer's found_inf itself, skips overflow steps by design,
     # and deletes found_inf after the step. The guard adds only a non-finite loss to it, and deletes nothing.

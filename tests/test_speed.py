@@ -168,3 +168,84 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path, backe
     messages = [str(w.message) for w in caught if "torch.compile of the repeated blocks failed" in str(w.message)]
     assert len(messages) == 1 and reason in messages[0], messages
     assert losses(trainer) == pytest.approx(losses(eager), rel=1e-6)
+
+
+def _breakable_compiler(where):
+    """A backend that compiles (forward and backward, as inductor does, without generating code) until
+    `broken["now"]` is set, then fails to compile the forward or the backward."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    broken = {"now": False}
+
+    def compiler(part):
+        def compile_graph(graph, example_inputs):
+            if broken["now"] and part == where:
+                raise RuntimeError(f"{where} recompile broke")
+            return graph
+
+        return compile_graph
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward")), broken
+
+
+class RecompileAt(IA3Seq2SeqTrainer):
+    """Before micro-batch `at` every compiled graph is dropped (the blocks compile again, as for a new padded length)
+    and `broken["now"]` is set; `fail_once` raises a ValueError at that micro-batch instead, once."""
+
+    at, broken, fail_once = None, None, False
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        import torch._dynamo
+
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.at and self.fail_once:
+            raise ValueError("a bad batch")
+        if self.calls == self.at and self.broken is not None:
+            torch._dynamo.reset()
+            self.broken["now"] = True
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_compiler_failing_at_a_later_recompile_falls_back_to_eager(tmp_path, where):
+    # Micro-batch 4 is the second of optimizer step 2 (accumulation 2): a backward that fails to compile there must
+    # not lose micro-batch 3's gradients when the step runs again eager.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 3, "training.bf16": False,
+                                   "training.gradient_accumulation_steps": 2})
+    eager = IA3Seq2SeqTrainer.from_recipe(raw)
+    eager.train()
+    trainer = RecompileAt.from_recipe(raw, {"training.output_dir": str(tmp_path / "fallback")})
+    backend, trainer.broken = _breakable_compiler(where)
+    trainer.at, trainer.compiled_blocks = 4, compile_blocks(trainer.model, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "torch.compile of the repeated blocks failed" in str(w.message)]
+    assert len(messages) == 1 and f"{where} recompile broke" in messages[0], messages
+    assert not trainer.compiled_blocks.enabled
+    assert losses(trainer) == pytest.approx(losses(eager), rel=1e-6)
+
+
+def _out_of_memory_compiler(graph, example_inputs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("case", ["out of memory", "an error of the step"])
+def test_errors_that_are_not_the_compilers_go_through(tmp_path, case):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 2, "training.bf16": False})
+    trainer = RecompileAt.from_recipe(raw)
+    trainer.at, trainer.fail_once = 1, case == "an error of the step"
+    backend = _out_of_memory_compiler if case == "out of memory" else "aot_eager"
+    trainer.compiled_blocks = compile_blocks(trainer.model, backend=backend)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(
+            (torch.OutOfMemoryError, RuntimeError, ValueError), match="out of memory|a bad batch"):
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "torch.compile of the repeated blocks failed" in str(w.message)]
+    assert trainer.compiled_blocks.enabled

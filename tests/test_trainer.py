@@ -300,3 +300,54 @@ def test_inferred_label_set_is_saved_for_predict_and_evaluate(tmp_path):
 
     settings = IA3Predictor.from_pretrained(tmp_path / "out").settings
     assert (settings.label_names, settings.max_new_tokens) == (trainer.candidate_labels, trainer.max_new_tokens)
+
+
+def loss_batch(tokenizer, model):
+    texts = ["Sales rose by 12 % .", "Juniper Retail is based in Tampere .", "Profit fell ."]
+    rows = [{"input_ids": tokenizer(text)["input_ids"], "labels": tokenizer(text_target=label)["input_ids"]}
+            for text, label in zip(texts, ["positive", "neutral", "negative sentiment"], strict=True)]
+    return build_collator(tokenizer, model)(rows)
+
+
+def test_label_smoothing_is_transformers_definition_with_the_token_normalisation(tmp_path, tiny_t5, tokenizer):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    args = IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False,
+                                label_smoothing_factor=0.2)
+    trainer = IA3Seq2SeqTrainer(tiny_t5, args, processing_class=tokenizer)
+    batch = loss_batch(tokenizer, trainer.model)
+    tokens = int((batch["labels"] != -100).sum())
+    smoothed, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    expected = LabelSmoother(epsilon=0.2)(outputs, batch["labels"])  # transformers' own smoothed loss
+    torch.testing.assert_close(smoothed, expected, rtol=1e-5, atol=1e-6)
+    # Within an optimizer step the token sum is divided by the step's label tokens, smoothed or not.
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch, num_items_in_batch=2 * tokens),
+                               smoothed / 2, rtol=1e-5, atol=1e-6)
+    trainer.args.label_smoothing_factor = 0.0
+    plain = trainer.compute_loss(trainer.model, batch)
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1),
+                                                                        batch["labels"].flatten()))
+    assert abs(float((smoothed - plain).detach())) > 1e-3, "label_smoothing_factor changed nothing"
+    # A smoothed loss is no token NLL: no perplexity is logged next to it.
+    trainer.log({"loss": 1.0})
+    trainer.args.label_smoothing_factor = 0.2
+    trainer.log({"loss": 1.0})
+    first, second = trainer.state.log_history[-2:]
+    assert first["perplexity"] == pytest.approx(math.e) and "perplexity" not in second
+
+
+def test_a_compute_loss_func_replaces_the_cross_entropy(tmp_path, tiny_t5, tokenizer):
+    calls = []
+
+    def squared_logits(outputs, labels, num_items_in_batch=None):
+        calls.append((labels.shape, num_items_in_batch))
+        return outputs.logits.float().pow(2).sum() / (num_items_in_batch or (labels != -100).sum())
+
+    args = IA3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False)
+    trainer = IA3Seq2SeqTrainer(tiny_t5, args, processing_class=tokenizer, compute_loss_func=squared_logits)
+    batch = loss_batch(tokenizer, trainer.model)
+    loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True, num_items_in_batch=7)
+    assert calls == [(batch["labels"].shape, 7)]
+    torch.testing.assert_close(loss, outputs.logits.float().pow(2).sum() / 7)
+    trainer.log({"loss": 1.0})
+    assert "perplexity" not in trainer.state.log_history[-1]
