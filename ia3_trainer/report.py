@@ -8,13 +8,12 @@ matplotlib (`pip install "ia3-trainer[plots]"`); without it only the JSON is wri
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import checkpoint_folders
-from .jsonfiles import read_json, write_bytes, write_json
+from .jsonfiles import finite, read_json, write_bytes, write_json
 from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 
@@ -127,7 +126,7 @@ def write_report(report: dict, output_dir: str | Path, log_history: list[dict] |
         if log_history and any("loss" in entry or "eval_loss" in entry for entry in log_history):
             written.append(plot_training_curves(log_history, output_dir / CURVES_PNG))
     report = {**report, "plots": [path.name for path in written]}
-    path = write_json(output_dir / REPORT_FILE, _finite(report))
+    path = write_json(output_dir / REPORT_FILE, finite(report))
     return [path, *written]
 
 
@@ -245,13 +244,3 @@ def _agg_figure(**kwargs):
     FigureCanvasAgg(figure)
     return figure
 
-
-def _finite(value):
-    """JSON has no NaN or Infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
