@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", action="append", required=True, metavar="KEY=V1,V2",
         help="values of one recipe field, e.g. --grid training.learning_rate=3e-3,8e-3; repeat for a product",
     )
+    sweep.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the runs in the points' folders (as train --overwrite does) and a sweep.json of another sweep",
+    )
     init = commands.add_parser(
         "init", help="Write a starter recipe for a local data file.",
         description="Write a starter recipe for a csv, tsv, json, jsonl, parquet or txt (text<SEP>label lines) file, "
@@ -318,7 +322,7 @@ def _sweep(args) -> int:
     from .sweep import format_table, parse_grid, run_sweep
 
     grid = parse_grid(args.grid)
-    rows = run_sweep(args.recipe, grid, args.overrides)
+    rows = run_sweep(args.recipe, grid, args.overrides, overwrite=args.overwrite)
     print(format_table(rows, list(grid)))
     return 0
 
