@@ -249,10 +249,10 @@ def _train(recipe, resume: bool = False) -> int:
     # The evaluation made at the last step when there was one: the report is built from it, not from a second pass.
     evaluation = trainer.final_evaluation() if trainer.eval_dataset is not None else None
     if evaluation is not None:
-        metrics.update({key: value for key, value in evaluation.metrics.items() if key.startswith("eval_")})
-    trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
+        metrics.update(evaluation.eval_results())
     if trainer.is_world_process_zero():
-        trainer.save_metrics("all", metrics)
+        trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
+        trainer.save_metrics("all", metrics)  # all_results.json, which `ia3-trainer push` reads; both written whole
         print(_summary(metrics, trainer.args.output_dir))
         paths = write_training_report(trainer, evaluation)
         if paths:
