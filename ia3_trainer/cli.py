@@ -264,6 +264,9 @@ def _train(recipe, resume: bool = False) -> int:
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .network import request_timeout
     from .recipe import check_repo_id
     from .upload import describe_push_error, push_adapter_folder, retry_advice
 
@@ -271,6 +274,7 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
     problem = check_repo_id(repo_id)  # a malformed id, told apart from the Hub's own refusals (HTTP 400) below
     if problem:
         raise ValueError(f"REPO_ID: {problem}")
+    timeout = request_timeout()  # a bad IA3_TRAINER_HUB_TIMEOUT is said as such, not as a network problem
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
     load_saved_recipe(folder)  # the card reads recipe.json: a bad one fails here, in one line
@@ -280,12 +284,14 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
     # the folder is only read.
     try:
         commit = push_adapter_folder(folder, repo_id, private=private, metrics=metrics,
-                                     commit_message="Upload adapter")
+                                     commit_message="Upload adapter", timeout=timeout)
     except KeyboardInterrupt:
         print(redact(f"ia3-trainer: interrupted: the push to {repo_id} did not finish; {folder} is unchanged; run the "
                      "same command again to push it"), file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:  # HTTP refusals, timeouts and the network's own errors (httpx, OSError) alike
+        if isinstance(error, (ValueError, FileNotFoundError)) and not isinstance(error, HfHubHTTPError):
+            raise  # bad input found while staging the copy (a card's metadata, a file gone): said as it is
         raise ValueError(
             f"could not push {folder} to {repo_id}: {describe_push_error(error)}; {retry_advice(error)} (nothing in "
             f"{folder} was changed)"
