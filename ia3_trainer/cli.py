@@ -345,14 +345,16 @@ def _summary(metrics: dict, output_dir: str) -> str:
 
 
 def _add_adapter_commands(commands) -> None:
-    def with_adapter(name: str, help_: str) -> argparse.ArgumentParser:
+    def with_adapter(name: str, help_: str, overwrite: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_, description=help_)
         sub.add_argument("adapter", metavar="OUTPUT_DIR_OR_REPO",
                          help="a training output_dir (or one of its checkpoint-N folders) or a Hub repo id")
         sub.add_argument("--revision", help="branch, tag or commit of a Hub adapter repo")
+        sub.add_argument("--overwrite", action="store_true", help=overwrite)
         return sub
 
-    predict = with_adapter("predict", "Generate the label of each text with a trained adapter.")
+    predict = with_adapter("predict", "Generate the label of each text with a trained adapter.",
+                           "replace the --output file if it exists")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     predict.add_argument("--file", help="more texts: a .jsonl file (one object a line) or a text file (one a line)")
     predict.add_argument("--text-column", help="field of a .jsonl --file that holds the text (default: the recipe's "
@@ -361,17 +363,18 @@ def _add_adapter_commands(commands) -> None:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--max-new-tokens", type=int, help="generation bound (default: the longest label)")
 
-    evaluate = with_adapter("evaluate", "Evaluate a trained adapter and write eval_report.json plus PNG plots.")
+    evaluate = with_adapter("evaluate", "Evaluate a trained adapter and write eval_report.json plus PNG plots.",
+                            "replace the report files (eval_report.json, its PNGs) already in the output folder")
     evaluate.add_argument("--data", metavar="FILE", help="a .csv, .json, .jsonl, .parquet or .txt file with the "
                           "recipe's text and label columns (default: the recipe's validation split)")
     evaluate.add_argument("--output-dir", help="where to write the report (default: the adapter folder; the current "
                           "folder for a Hub repo)")
     evaluate.add_argument("--batch-size", type=int, default=32)
 
-    merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.")
+    merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.",
+                         "replace the model in MERGED_DIR (an earlier merge)")
     merge.add_argument("merged_dir", metavar="MERGED_DIR", help="a new or empty folder for the merged model and its "
                        "tokenizer")
-    merge.add_argument("--overwrite", action="store_true", help="replace the model in MERGED_DIR (an earlier merge)")
 
 
 def _merge(args) -> int:

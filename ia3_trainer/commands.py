@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import first_line
 from .jsonfiles import write_text
-from .recipe import load_recipe, load_saved_recipe
+from .recipe import Recipe, load_saved_recipe
 
 
 def init(args) -> int:
@@ -23,9 +23,12 @@ def init(args) -> int:
         raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
     recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model,
                                    label_separator=args.label_separator, encoding=args.encoding)
+    text = json.dumps(recipe, indent=2) + "\n"
+    # What init writes must validate, as the file it will be (relative paths resolve against it), before it replaces
+    # anything with --force.
+    Recipe.from_dict(json.loads(text), source=output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(output, json.dumps(recipe, indent=2) + "\n")
-    load_recipe(output)  # what init writes must validate (relative paths resolve against the file)
+    write_text(output, text)
     print(f"Wrote {output}")
     print("\n".join(f"  - {note}" for note in notes))
     print("  - training: the PEFT IA3 guide's settings (lr 8e-3, 3 epochs, batch 8); see README 'Recipes'")
@@ -51,7 +54,7 @@ def predict(args) -> int:
     check_texts(args.texts)  # before the model loads, which can take minutes
     _check_counts(args)
     if args.output:  # so is an --output that cannot be written: checked before predicting, written whole at the end
-        _check_output_file(args.output)
+        _check_output_file(args.output, args.overwrite)
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
     data = predictor.settings.data
     column = args.text_column or (data.text_column if data is not None else "text")
@@ -77,11 +80,14 @@ def predict(args) -> int:
     return 0
 
 
-def _check_output_file(path: str) -> None:
-    """`path` can be written: its folder exists and takes files, and it is not itself a folder."""
+def _check_output_file(path: str, overwrite: bool = False) -> None:
+    """`path` can be written: its folder exists and takes files, it is not itself a folder, and it is new unless
+    `overwrite`."""
     file = Path(path)
     if file.is_dir():
         raise IsADirectoryError(f"--output: {path} is a folder; name a file, e.g. {file / 'predictions.jsonl'}")
+    if file.exists() and not overwrite:
+        raise FileExistsError(f"--output: {path} exists; choose another file or pass --overwrite to replace it")
     if not file.parent.is_dir():
         raise FileNotFoundError(f"--output: no folder {file.parent} to write {file.name} in; create it first")
     if not os.access(file.parent, os.W_OK):
@@ -121,6 +127,10 @@ def evaluate(args) -> int:
     builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
     _check_counts(args)
     local = Path(args.adapter).is_dir()
+    output_dir = args.output_dir or (args.adapter if local else ".")
+    # The adapter folder's own report (of its validation split, as train writes it) is replaced by the same one.
+    own = local and not args.data and Path(output_dir).resolve() == Path(args.adapter).resolve()
+    _check_report_folder(output_dir, args.output_dir is None, args.overwrite or own)
     saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
     if not local:  # a Hub repo's recipe.json, downloaded with the adapter
@@ -142,10 +152,24 @@ def evaluate(args) -> int:
     outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
     names = predictor.settings.label_names or names
     report = build_report(outputs, predictor.tokenizer, names, adapter=str(args.adapter), data=described)
-    output_dir = args.output_dir or (args.adapter if local else ".")
     paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
     print(summary_text(report, paths))
     return 0
+
+
+def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
+    """The report can go to the folder `path`: it is no file, and holds no report file (an earlier report, or a file
+    of that name) unless `overwrite`. Other files in it are left as they are."""
+    from .report import REPORT_FILES
+
+    folder = Path(path)
+    where = f"{path} (where the report goes without --output-dir)" if default else path
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--output-dir: {where} is a file; name a folder for the report")
+    present = [name for name in REPORT_FILES if (folder / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"--output-dir: {where} holds {', '.join(present)} already; pass --overwrite to replace "
+                              "them, or choose another --output-dir")
 
 
 def _data_builder(path: str) -> str:

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "eval_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+REPORT_FILES = (REPORT_FILE, CONFUSION_PNG, CURVES_PNG)  # what `write_report` may write
 # The plot shows the most frequent reference classes; the others are summed into one row and one column (a plot of
 # every class grew quadratically: 150 labels took 2 minutes and 5 GB to draw, 2000 did not finish in 15).
 PLOT_CLASSES = 30
