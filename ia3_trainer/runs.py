@@ -130,7 +130,9 @@ class RunFolder:
         self._acquire()
         record = _read_record(folder)
         if continuing:
-            saved = record["recipe"] if record else _checkpoint_recipe(checkpoint_folders(folder))
+            saved = record.get("recipe") if record else None  # a run.json may lack it (_read_record)
+            if saved is None:
+                saved = _checkpoint_recipe(checkpoint_folders(folder))
             # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
             check_same_precision(run_precision(record, saved), precision, saved, recipe, folder)
             check_same_recipe(saved, recipe, folder)
@@ -273,12 +275,25 @@ def _some(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
+# The fields of run.json that the rules read, each with whether a value of it is usable.
+_RECORD_FIELDS = {
+    "recipe": lambda value: isinstance(value, dict),
+    "precision": lambda value: value in ("bf16", "fp16", "fp32"),
+    "resumed": lambda value: isinstance(value, list),
+    "started": lambda value: isinstance(value, str),
+}
+
+
 def _read_record(folder: Path) -> dict | None:
+    """The folder's run.json, a field missing or of another kind (a file edited by hand or damaged) left out: every
+    process must fail here with the same OSError or ValueError (`_agree`), never a KeyError or TypeError."""
     try:
         record = read_json(folder / RUN_FILE)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    return {key: value for key, value in record.items() if key not in _RECORD_FIELDS or _RECORD_FIELDS[key](value)}
 
 
 def _new_record(recipe: dict | None, precision: str | None) -> dict:

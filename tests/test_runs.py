@@ -457,3 +457,29 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(tmp_path, capsys, ca
     assert err == (f"ia3-trainer: error: training.resume_from_checkpoint: no such folder {missing}; give a "
                    "checkpoint-N folder, or pass --resume to continue from the newest checkpoint in "
                    "training.output_dir")
+
+
+@pytest.mark.parametrize("record", [{"run_id": "x"}, {"run_id": "x", "recipe": "junk", "precision": {"a": 1},
+                                                       "resumed": 3}])
+def test_resume_reads_a_run_json_without_its_recipe_from_the_checkpoint(tmp_path, record):
+    # record["recipe"] raised KeyError, which _agree does not gather: the other processes of a launch would wait.
+    from ia3_trainer.runs import RunFolder
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    recipe = tiny_recipe(tmp_path)
+    (out / "checkpoint-2" / "recipe.json").write_text(json.dumps(recipe))
+    (out / RUN_FILE).write_text(json.dumps(record))
+    changed = tiny_recipe(tmp_path, **{"training.learning_rate": 0.1})
+    run = RunFolder(out)
+    try:
+        with pytest.raises(RecipeError, match=r"whose recipe differs in training.learning_rate \(0.3 -> 0.1\)"):
+            run.open(changed, resume=True, precision="fp32")  # compared with the checkpoint's recipe
+        run.release()
+        run.open(recipe, resume=True, precision="fp32")
+        run.begin(SimpleNamespace(world_size=1))
+    finally:
+        run.release()
+    written = json.loads((out / RUN_FILE).read_text())
+    assert written["recipe"] == recipe and written["run_id"] == "x" and written["precision"] == "fp32"
+    assert len(written["resumed"]) == 1
