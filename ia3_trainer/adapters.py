@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import network
-from .checkpoints import INFERENCE_FILE, checkpoint_folders
+from .checkpoints import INFERENCE_FILE, checkpoint_folders, safetensors_header
 from .errors import first_line
 from .jsonfiles import read_json
 from .recipe import Recipe, load_saved_recipe
@@ -108,17 +108,13 @@ def check_weights(folder: Path) -> Path:
             "finish or the file was removed: use a whole checkpoint-N folder or train again"
         )
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as weights:
-                names = list(weights.keys())
-        except Exception as error:  # safetensors' own SafetensorError is no OSError
+        tensors = safetensors_header(path)  # the check that resuming makes of a checkpoint's files
+        if tensors is None:
             raise ValueError(
-                f"{path}: not a whole safetensors file ({first_line(error)}); it is truncated or damaged: use a "
-                "whole checkpoint-N folder or train again"
-            ) from error
-        if not names:
+                f"{path}: not a whole safetensors file (its header does not read, or does not cover the file); it is "
+                "truncated or damaged: use a whole checkpoint-N folder or train again"
+            )
+        if not tensors:
             raise ValueError(f"{path}: holds no tensors; it is not the weights of an adapter")
     return path
 

@@ -60,6 +60,12 @@ def damaged(adapter, tmp_path, damage):
     return str(folder)
 
 
+def no_tensors() -> bytes:
+    """A whole safetensors file that holds metadata only."""
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    return len(header).to_bytes(8, "little") + header
+
+
 def half(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -107,6 +113,9 @@ CASES = {
     "weights-random": (lambda t, a: ["evaluate", damaged(a, t, lambda f: (f / "adapter_model.safetensors")
                                                          .write_bytes(os.urandom(4096)))],
                        "not a whole safetensors file"),
+    "weights-no-tensors": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_model.safetensors")
+                                                           .write_bytes(no_tensors())), "text"],
+                           "adapter_model.safetensors: holds no tensors"),
     "weights-missing": (lambda t, a: ["merge", damaged(a, t, lambda f: (f / "adapter_model.safetensors").unlink()),
                                       str(t / "merged")], "holds adapter_config.json but no adapter weights"),
     "config-list": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_config.json").write_text("[]")),
