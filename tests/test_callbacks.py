@@ -364,6 +364,13 @@ def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
 
     assert card.data.base_model is None and card.data.datasets is None
     assert f"`{tmp_path}`" in card.text and "`json` files: `train.jsonl`" in card.text
+    # Any of datasets' builders of files is no Hub dataset: the card and data loading ask the same function.
+    recipe = {"data": {"path": "imagefolder", "data_files": "pictures/*.png"}}
+    assert huggingface_hub.ModelCard.load(write_model_card(tmp_path, recipe=recipe)).data.datasets is None
+    from ia3_trainer.sources import is_hub_dataset
+
+    paths = ["takala/financial_phrasebank", "csv", "webdataset", "imagefolder", str(tmp_path), None, ""]
+    assert [is_hub_dataset(path) for path in paths] == [True, False, False, False, False, False, False]
 
 
 # --- a Hub that misbehaves: echoed secrets, no answer, offline mode --------------------------------------------------
