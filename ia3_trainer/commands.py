@@ -120,11 +120,11 @@ def _read_text_file(path: str) -> list:
 
 def evaluate(args) -> int:
     """`ia3-trainer evaluate`: score the adapter on its recipe's validation split or --data; write the report."""
-    from .data import label_texts, load_splits, target_length_bound, tokenize
+    from .data import data_file_format, label_texts, load_splits, target_length_bound, tokenize
     from .predictor import IA3Predictor
     from .report import build_report, read_log_history, summary_text, write_report
 
-    builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
+    file_format = data_file_format(args.data) if args.data else None  # a bad --data fails before the model loads
     _check_counts(args)
     local = Path(args.adapter).is_dir()
     output_dir = args.output_dir or (args.adapter if local else ".")
@@ -138,7 +138,7 @@ def evaluate(args) -> int:
     # The saved recipe, validated, says which data to read: never its unchecked load_dataset keywords.
     data = saved.data if saved is not None else None
     if args.data:
-        data, described = _file_data(args.data, builder, data), args.data
+        data, described = _file_data(args.data, file_format, data), args.data
     elif data is None:
         raise ValueError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
     elif data.validation_split is None and not data.validation_size:
@@ -172,31 +172,15 @@ def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
                               "them, or choose another --output-dir")
 
 
-def _data_builder(path: str) -> str:
-    """The `datasets` builder that reads the --data file."""
-    from .data import FILE_FORMATS
-
-    builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
-    file = Path(path)
-    if file.is_dir():
-        raise IsADirectoryError(f"--data: {path} is a folder; name one data file in it")
-    if not file.is_file():
-        raise FileNotFoundError(f"--data: no such file {path}")
-    if file.suffix not in builders:
-        kind = file.suffix or "extension-less"
-        raise ValueError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
-    return builders[file.suffix]
-
-
-def _file_data(path: str, builder: str, data):
-    """The recipe's data section, reading `path` as the evaluation set (defaults when there is no recipe)."""
+def _file_data(path: str, file_format: tuple[str, dict], data):
+    """The recipe's data section, reading `path` (`data_file_format`'s `(builder, load_kwargs)`) as the evaluation set
+    (defaults when there is no recipe)."""
     import dataclasses
 
-    from .data import FILE_FORMATS
     from .recipe import DataSection
 
+    builder, own = file_format
     data = data or DataSection(path=builder)
-    own = FILE_FORMATS.get(Path(path).suffix, (builder, {}))[1]
     load_kwargs = own or (data.load_kwargs if builder == data.path else {})
     # A `text<sep>label` separator describes .txt lines; a csv or json file has its own text and label columns.
     separator = data.label_separator if builder == "text" else None

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from .data import FILE_FORMATS
+from .data import data_file_format
 from .errors import RecipeError, first_line
 from .recipe import DataSection
 from .schema import did_you_mean
@@ -146,15 +146,7 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
 
     from .data import check_columns, split_lines
 
-    suffix = data_file.suffix.lower()
-    formats = [*FILE_FORMATS, ".txt"]
-    if suffix not in formats:
-        raise ValueError(f"--data: {data_file.name}: use a {', '.join(formats)} file")
-    if data_file.is_dir():
-        raise IsADirectoryError(f"--data: {data_file} is a folder; name one data file in it")
-    if not data_file.is_file():
-        raise FileNotFoundError(f"--data: no such file {str(data_file)!r}")
-    builder, load_kwargs = FILE_FORMATS.get(suffix, ("text", {}))
+    builder, load_kwargs = data_file_format(data_file)
     if encoding:
         _check_encoding(encoding)
     load_kwargs = {**load_kwargs, **({"encoding": encoding} if encoding else {})}

@@ -102,6 +102,11 @@ CASES = {
                       "-o", str(t / "r.json")],
         "--label-column: column 'label' of d.jsonl holds values of mixed types"),
     "train-folder-as-data-file": (lambda t, a: ["train", recipe_for(t, t)], "data.data_files: ", "is a folder"),
+    "evaluate-data-unknown-suffix": (lambda t, a: ["evaluate", str(a), "--data", str(touch(t / "d.xlsx"))],
+                                     "--data: d.xlsx: cannot read .xlsx files; use a .csv, .tsv, .json, .jsonl, "
+                                     ".parquet, .txt file"),
+    "init-data-unknown-suffix": (lambda t, a: ["init", "--data", str(touch(t / "d.xlsx")), "-o", str(t / "r.json")],
+                                 "--data: d.xlsx: cannot read .xlsx files; use a .csv"),
     "evaluate-folder-as-data": (lambda t, a: ["evaluate", str(a), "--data", str(t)], "is a folder"),
     "predict-file-folder": (lambda t, a: ["predict", str(a), "--file", str(t)], "--file: ", "is a folder"),
     "init-folder-as-data": (lambda t, a: ["init", "--data", str(t / "x.csv"), "-o", str(t / "r.json")],
@@ -213,6 +218,15 @@ def test_evaluate_of_a_hub_repo_refuses_a_report_in_the_current_folder(tmp_path,
         "ia3-trainer: error: --output-dir: . (where the report goes without --output-dir) holds eval_report.json "
         "already; pass --overwrite to replace them, or choose another --output-dir\n")
     assert (tmp_path / "eval_report.json").read_text() == "a user's own file\n"
+
+
+def test_evaluate_and_init_read_a_data_file_whose_suffix_is_upper_case(adapter, tmp_path, capsys):
+    # init read D.CSV and evaluate refused it: both now ask data.data_file_format.
+    data = write_rows(tmp_path / "eval.csv", ROWS[:6]).rename(tmp_path / "EVAL.CSV")
+    assert main(["evaluate", str(adapter), "--data", str(data), "--output-dir", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "eval_report.json").read_text())["examples"] == 6
+    assert main(["init", "--data", str(data), "-o", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["path"] == "csv"
 
 
 def test_predictor_refuses_a_bad_generation_bound(adapter):
