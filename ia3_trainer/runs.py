@@ -30,9 +30,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checkpoints import STAGING_PREFIX, checkpoint_damage, checkpoint_folders
+from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .errors import RecipeError
 from .jsonfiles import read_json, write_json
+from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
 
 
@@ -43,12 +44,11 @@ LOCK_FILE = "run.lock"
 # What a run writes at the top of its output_dir (the adapter, tokenizer, metadata, model card, results, report):
 # `--overwrite` removes these and the folders below, and nothing else.
 RUN_FILES = frozenset({
-    RUN_FILE, "recipe.json", "inference.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-    "README.md", "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json",
-    "eval_results.json", "test_results.json", "predict_results.json", "metrics.json", "eval_report.json",
-    "confusion_matrix.png", "training_curves.png", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
-    "vocab.txt", "merges.txt", "source.spm", "target.spm", "chat_template.jinja", "chat_template.json",
+    RUN_FILE, *METADATA_FILES, "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+    "test_results.json", "predict_results.json", "metrics.json", *REPORT_FILES, "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "vocab.txt", "merges.txt", "source.spm", "target.spm", "chat_template.jinja", "chat_template.json",
 })
 RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
 # Entries that mean "this folder holds a run".
