@@ -40,9 +40,9 @@ def read_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Adapte
     """Find the adapter folder (downloading a Hub repo) and read it; every problem is one `ValueError` (a
     [`RecipeError`] for its `recipe.json`) that names the file, raised before any model loads."""
     folder = resolve_adapter(dir_or_repo, revision)
+    recipe = load_saved_recipe(folder)  # first, as push does: a bad recipe.json is the one line whatever else is bad
     config = read_adapter_config(folder)
     check_weights(folder)
-    recipe = load_saved_recipe(folder)
     inference = read_json(folder / INFERENCE_FILE) if (folder / INFERENCE_FILE).is_file() else None
     return AdapterFolder(folder, config, recipe, inference, base_model_path(config, folder, recipe))
 

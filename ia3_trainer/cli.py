@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .starter import DEFAULT_MODEL
 
     parser = _Parser(
         prog="ia3-trainer", description="Fine-tune seq2seq models with IA3 from JSON recipes."
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--data", required=True, metavar="FILE", help="the training data file")
     init.add_argument("--text-column", default="sentence", help="source text column (default: sentence)")
     init.add_argument("--label-column", default="label", help="target column (default: label)")
-    init.add_argument("--model", default="bigscience/mt0-large", help="Hub id or folder of a seq2seq model")
+    init.add_argument("--model", default=DEFAULT_MODEL, help="seq2seq model: Hub id or folder (default: %(default)s)")
     init.add_argument("--label-separator", metavar="SEP",
                       help="for a .txt file of text<SEP>label lines, e.g. @ (default: the one of @, tab, | that every "
                            "line has)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import first_line
 from .jsonfiles import write_text
-from .recipe import Recipe, load_saved_recipe
+from .recipe import Recipe
 
 
 def init(args) -> int:
@@ -131,12 +131,10 @@ def evaluate(args) -> int:
     # The adapter folder's own report (of its validation split, as train writes it) is replaced by the same one.
     own = local and not args.data and Path(output_dir).resolve() == Path(args.adapter).resolve()
     _check_report_folder(output_dir, args.output_dir is None, args.overwrite or own)
-    saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
+    # Reads the adapter folder (a Hub repo's download) and its recipe.json, validated, before the model loads: so
+    # does a bad recipe.json fail. Its data section says which data to read, never unchecked load_dataset keywords.
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
-    if not local:  # a Hub repo's recipe.json, downloaded with the adapter
-        saved = load_saved_recipe(predictor.settings.folder)
-    # The saved recipe, validated, says which data to read: never its unchecked load_dataset keywords.
-    data = saved.data if saved is not None else None
+    data = predictor.settings.data
     if args.data:
         data, described = _file_data(args.data, file_format, data), args.data
     elif data is None:
