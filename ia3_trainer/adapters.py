@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import network
-from .checkpoints import INFERENCE_FILE, checkpoint_folders
+from .checkpoints import INFERENCE_FILE, checkpoint_folders, safetensors_header
 from .errors import first_line
 from .jsonfiles import read_json
 from .recipe import Recipe, load_saved_recipe
@@ -40,9 +40,9 @@ def read_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Adapte
     """Find the adapter folder (downloading a Hub repo) and read it; every problem is one `ValueError` (a
     [`RecipeError`] for its `recipe.json`) that names the file, raised before any model loads."""
     folder = resolve_adapter(dir_or_repo, revision)
+    recipe = load_saved_recipe(folder)  # first, as push does: a bad recipe.json is the one line whatever else is bad
     config = read_adapter_config(folder)
     check_weights(folder)
-    recipe = load_saved_recipe(folder)
     inference = read_json(folder / INFERENCE_FILE) if (folder / INFERENCE_FILE).is_file() else None
     return AdapterFolder(folder, config, recipe, inference, base_model_path(config, folder, recipe))
 
@@ -108,17 +108,13 @@ def check_weights(folder: Path) -> Path:
             "finish or the file was removed: use a whole checkpoint-N folder or train again"
         )
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as weights:
-                names = list(weights.keys())
-        except Exception as error:  # safetensors' own SafetensorError is no OSError
+        tensors = safetensors_header(path)  # the check that resuming makes of a checkpoint's files
+        if tensors is None:
             raise ValueError(
-                f"{path}: not a whole safetensors file ({first_line(error)}); it is truncated or damaged: use a "
-                "whole checkpoint-N folder or train again"
-            ) from error
-        if not names:
+                f"{path}: not a whole safetensors file (its header does not read, or does not cover the file); it is "
+                "truncated or damaged: use a whole checkpoint-N folder or train again"
+            )
+        if not tensors:
             raise ValueError(f"{path}: holds no tensors; it is not the weights of an adapter")
     return path
 

@@ -204,9 +204,9 @@ class AtomicCheckpoints:
         if args.should_save:
             if moved_best:
                 state.save_to_json(os.path.join(staged, "trainer_state.json"))
-            if os.path.isdir(final):  # resumed from an older checkpoint and reached this step again
-                shutil.rmtree(final)
-            os.replace(staged, final)
+            # Resumed from an older checkpoint and reached this step again: the old checkpoint-N is swapped for the
+            # new one, never removed first (a crash in between would leave neither).
+            publish(staged, final)
             os.rmdir(staging_root)
         trainer.accelerator.wait_for_everyone()
         if args.should_save:
@@ -268,7 +268,8 @@ def publish(staged: str | Path, final: str | Path) -> None:
     """Move the file or folder `staged` to `final` on the same filesystem, replacing what is there.
 
     A file replaces the old one atomically (`os.replace`). A folder cannot replace a non-empty one in one rename: the
-    old one is renamed aside first and removed after, so `final` is the old folder or the new one, never a mix.
+    old one is renamed aside first (and back when the second rename fails) and removed after, so `final` is the old
+    folder or the new one, never a mix, and never gone for longer than between two renames.
     """
     staged, final = Path(staged), Path(final)
     if not (staged.is_dir() and final.is_dir()):
@@ -276,5 +277,10 @@ def publish(staged: str | Path, final: str | Path) -> None:
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
     os.replace(final, aside / final.name)
-    os.replace(staged, final)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        os.replace(aside / final.name, final)  # the old one back
+        aside.rmdir()
+        raise
     shutil.rmtree(aside, ignore_errors=True)

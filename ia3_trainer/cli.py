@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .starter import DEFAULT_MODEL
 
     parser = _Parser(
         prog="ia3-trainer", description="Fine-tune seq2seq models with IA3 from JSON recipes."
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", action="append", required=True, metavar="KEY=V1,V2",
         help="values of one recipe field, e.g. --grid training.learning_rate=3e-3,8e-3; repeat for a product",
     )
+    sweep.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the runs in the points' folders (as train --overwrite does) and a sweep.json of another sweep",
+    )
     init = commands.add_parser(
         "init", help="Write a starter recipe for a local data file.",
         description="Write a starter recipe for a csv, tsv, json, jsonl, parquet or txt (text<SEP>label lines) file, "
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--data", required=True, metavar="FILE", help="the training data file")
     init.add_argument("--text-column", default="sentence", help="source text column (default: sentence)")
     init.add_argument("--label-column", default="label", help="target column (default: label)")
-    init.add_argument("--model", default="bigscience/mt0-large", help="Hub id or folder of a seq2seq model")
+    init.add_argument("--model", default=DEFAULT_MODEL, help="seq2seq model: Hub id or folder (default: %(default)s)")
     init.add_argument("--label-separator", metavar="SEP",
                       help="for a .txt file of text<SEP>label lines, e.g. @ (default: the one of @, tab, | that every "
                            "line has)")
@@ -245,10 +250,10 @@ def _train(recipe, resume: bool = False) -> int:
     # The evaluation made at the last step when there was one: the report is built from it, not from a second pass.
     evaluation = trainer.final_evaluation() if trainer.eval_dataset is not None else None
     if evaluation is not None:
-        metrics.update({key: value for key, value in evaluation.metrics.items() if key.startswith("eval_")})
-    trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
+        metrics.update(evaluation.eval_results())
     if trainer.is_world_process_zero():
-        trainer.save_metrics("all", metrics)
+        trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
+        trainer.save_metrics("all", metrics)  # all_results.json, which `ia3-trainer push` reads; both written whole
         print(_summary(metrics, trainer.args.output_dir))
         paths = write_training_report(trainer, evaluation)
         if paths:
@@ -260,6 +265,9 @@ def _train(recipe, resume: bool = False) -> int:
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .network import request_timeout
     from .recipe import check_repo_id
     from .upload import describe_push_error, push_adapter_folder, retry_advice
 
@@ -267,6 +275,7 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
     problem = check_repo_id(repo_id)  # a malformed id, told apart from the Hub's own refusals (HTTP 400) below
     if problem:
         raise ValueError(f"REPO_ID: {problem}")
+    timeout = request_timeout()  # a bad IA3_TRAINER_HUB_TIMEOUT is said as such, not as a network problem
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
     load_saved_recipe(folder)  # the card reads recipe.json: a bad one fails here, in one line
@@ -276,12 +285,14 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
     # the folder is only read.
     try:
         commit = push_adapter_folder(folder, repo_id, private=private, metrics=metrics,
-                                     commit_message="Upload adapter")
+                                     commit_message="Upload adapter", timeout=timeout)
     except KeyboardInterrupt:
         print(redact(f"ia3-trainer: interrupted: the push to {repo_id} did not finish; {folder} is unchanged; run the "
                      "same command again to push it"), file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:  # HTTP refusals, timeouts and the network's own errors (httpx, OSError) alike
+        if isinstance(error, (ValueError, FileNotFoundError)) and not isinstance(error, HfHubHTTPError):
+            raise  # bad input found while staging the copy (a card's metadata, a file gone): said as it is
         raise ValueError(
             f"could not push {folder} to {repo_id}: {describe_push_error(error)}; {retry_advice(error)} (nothing in "
             f"{folder} was changed)"
@@ -318,7 +329,7 @@ def _sweep(args) -> int:
     from .sweep import format_table, parse_grid, run_sweep
 
     grid = parse_grid(args.grid)
-    rows = run_sweep(args.recipe, grid, args.overrides)
+    rows = run_sweep(args.recipe, grid, args.overrides, overwrite=args.overwrite)
     print(format_table(rows, list(grid)))
     return 0
 
@@ -335,14 +346,16 @@ def _summary(metrics: dict, output_dir: str) -> str:
 
 
 def _add_adapter_commands(commands) -> None:
-    def with_adapter(name: str, help_: str) -> argparse.ArgumentParser:
+    def with_adapter(name: str, help_: str, overwrite: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_, description=help_)
         sub.add_argument("adapter", metavar="OUTPUT_DIR_OR_REPO",
                          help="a training output_dir (or one of its checkpoint-N folders) or a Hub repo id")
         sub.add_argument("--revision", help="branch, tag or commit of a Hub adapter repo")
+        sub.add_argument("--overwrite", action="store_true", help=overwrite)
         return sub
 
-    predict = with_adapter("predict", "Generate the label of each text with a trained adapter.")
+    predict = with_adapter("predict", "Generate the label of each text with a trained adapter.",
+                           "replace the --output file if it exists")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     predict.add_argument("--file", help="more texts: a .jsonl file (one object a line) or a text file (one a line)")
     predict.add_argument("--text-column", help="field of a .jsonl --file that holds the text (default: the recipe's "
@@ -351,17 +364,18 @@ def _add_adapter_commands(commands) -> None:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--max-new-tokens", type=int, help="generation bound (default: the longest label)")
 
-    evaluate = with_adapter("evaluate", "Evaluate a trained adapter and write eval_report.json plus PNG plots.")
+    evaluate = with_adapter("evaluate", "Evaluate a trained adapter and write eval_report.json plus PNG plots.",
+                            "replace the report files (eval_report.json, its PNGs) already in the output folder")
     evaluate.add_argument("--data", metavar="FILE", help="a .csv, .json, .jsonl, .parquet or .txt file with the "
                           "recipe's text and label columns (default: the recipe's validation split)")
     evaluate.add_argument("--output-dir", help="where to write the report (default: the adapter folder; the current "
                           "folder for a Hub repo)")
     evaluate.add_argument("--batch-size", type=int, default=32)
 
-    merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.")
+    merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.",
+                         "replace the model in MERGED_DIR (an earlier merge)")
     merge.add_argument("merged_dir", metavar="MERGED_DIR", help="a new or empty folder for the merged model and its "
                        "tokenizer")
-    merge.add_argument("--overwrite", action="store_true", help="replace the model in MERGED_DIR (an earlier merge)")
 
 
 def _merge(args) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import first_line
 from .jsonfiles import write_text
-from .recipe import load_recipe, load_saved_recipe
+from .recipe import Recipe
 
 
 def init(args) -> int:
@@ -23,9 +23,12 @@ def init(args) -> int:
         raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
     recipe, notes = starter_recipe(args.data, output, args.text_column, args.label_column, args.model,
                                    label_separator=args.label_separator, encoding=args.encoding)
+    text = json.dumps(recipe, indent=2) + "\n"
+    # What init writes must validate, as the file it will be (relative paths resolve against it), before it replaces
+    # anything with --force.
+    Recipe.from_dict(json.loads(text), source=output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(output, json.dumps(recipe, indent=2) + "\n")
-    load_recipe(output)  # what init writes must validate (relative paths resolve against the file)
+    write_text(output, text)
     print(f"Wrote {output}")
     print("\n".join(f"  - {note}" for note in notes))
     print("  - training: the PEFT IA3 guide's settings (lr 8e-3, 3 epochs, batch 8); see README 'Recipes'")
@@ -51,7 +54,7 @@ def predict(args) -> int:
     check_texts(args.texts)  # before the model loads, which can take minutes
     _check_counts(args)
     if args.output:  # so is an --output that cannot be written: checked before predicting, written whole at the end
-        _check_output_file(args.output)
+        _check_output_file(args.output, args.overwrite)
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
     data = predictor.settings.data
     column = args.text_column or (data.text_column if data is not None else "text")
@@ -77,11 +80,14 @@ def predict(args) -> int:
     return 0
 
 
-def _check_output_file(path: str) -> None:
-    """`path` can be written: its folder exists and takes files, and it is not itself a folder."""
+def _check_output_file(path: str, overwrite: bool = False) -> None:
+    """`path` can be written: its folder exists and takes files, it is not itself a folder, and it is new unless
+    `overwrite`."""
     file = Path(path)
     if file.is_dir():
         raise IsADirectoryError(f"--output: {path} is a folder; name a file, e.g. {file / 'predictions.jsonl'}")
+    if file.exists() and not overwrite:
+        raise FileExistsError(f"--output: {path} exists; choose another file or pass --overwrite to replace it")
     if not file.parent.is_dir():
         raise FileNotFoundError(f"--output: no folder {file.parent} to write {file.name} in; create it first")
     if not os.access(file.parent, os.W_OK):
@@ -114,21 +120,23 @@ def _read_text_file(path: str) -> list:
 
 def evaluate(args) -> int:
     """`ia3-trainer evaluate`: score the adapter on its recipe's validation split or --data; write the report."""
-    from .data import label_texts, load_splits, target_length_bound, tokenize
+    from .data import data_file_format, label_texts, load_splits, target_length_bound, tokenize
     from .predictor import IA3Predictor
     from .report import build_report, read_log_history, summary_text, write_report
 
-    builder = _data_builder(args.data) if args.data else None  # a bad --data fails before the model loads
+    file_format = data_file_format(args.data) if args.data else None  # a bad --data fails before the model loads
     _check_counts(args)
     local = Path(args.adapter).is_dir()
-    saved = load_saved_recipe(args.adapter) if local else None  # so does a bad recipe.json
+    output_dir = args.output_dir or (args.adapter if local else ".")
+    # The adapter folder's own report (of its validation split, as train writes it) is replaced by the same one.
+    own = local and not args.data and Path(output_dir).resolve() == Path(args.adapter).resolve()
+    _check_report_folder(output_dir, args.output_dir is None, args.overwrite or own)
+    # Reads the adapter folder (a Hub repo's download) and its recipe.json, validated, before the model loads: so
+    # does a bad recipe.json fail. Its data section says which data to read, never unchecked load_dataset keywords.
     predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
-    if not local:  # a Hub repo's recipe.json, downloaded with the adapter
-        saved = load_saved_recipe(predictor.settings.folder)
-    # The saved recipe, validated, says which data to read: never its unchecked load_dataset keywords.
-    data = saved.data if saved is not None else None
+    data = predictor.settings.data
     if args.data:
-        data, described = _file_data(args.data, builder, data), args.data
+        data, described = _file_data(args.data, file_format, data), args.data
     elif data is None:
         raise ValueError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
     elif data.validation_split is None and not data.validation_size:
@@ -142,37 +150,35 @@ def evaluate(args) -> int:
     outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
     names = predictor.settings.label_names or names
     report = build_report(outputs, predictor.tokenizer, names, adapter=str(args.adapter), data=described)
-    output_dir = args.output_dir or (args.adapter if local else ".")
     paths = write_report(report, output_dir, read_log_history(predictor.settings.folder))
     print(summary_text(report, paths))
     return 0
 
 
-def _data_builder(path: str) -> str:
-    """The `datasets` builder that reads the --data file."""
-    from .data import FILE_FORMATS
+def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
+    """The report can go to the folder `path`: it is no file, and holds no report file (an earlier report, or a file
+    of that name) unless `overwrite`. Other files in it are left as they are."""
+    from .report import REPORT_FILES
 
-    builders = {suffix: builder for suffix, (builder, _) in FILE_FORMATS.items()} | {".txt": "text"}
-    file = Path(path)
-    if file.is_dir():
-        raise IsADirectoryError(f"--data: {path} is a folder; name one data file in it")
-    if not file.is_file():
-        raise FileNotFoundError(f"--data: no such file {path}")
-    if file.suffix not in builders:
-        kind = file.suffix or "extension-less"
-        raise ValueError(f"--data: cannot read {kind} files; use one of {sorted(builders)}")
-    return builders[file.suffix]
+    folder = Path(path)
+    where = f"{path} (where the report goes without --output-dir)" if default else path
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--output-dir: {where} is a file; name a folder for the report")
+    present = [name for name in REPORT_FILES if (folder / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"--output-dir: {where} holds {', '.join(present)} already; pass --overwrite to replace "
+                              "them, or choose another --output-dir")
 
 
-def _file_data(path: str, builder: str, data):
-    """The recipe's data section, reading `path` as the evaluation set (defaults when there is no recipe)."""
+def _file_data(path: str, file_format: tuple[str, dict], data):
+    """The recipe's data section, reading `path` (`data_file_format`'s `(builder, load_kwargs)`) as the evaluation set
+    (defaults when there is no recipe)."""
     import dataclasses
 
-    from .data import FILE_FORMATS
     from .recipe import DataSection
 
+    builder, own = file_format
     data = data or DataSection(path=builder)
-    own = FILE_FORMATS.get(Path(path).suffix, (builder, {}))[1]
     load_kwargs = own or (data.load_kwargs if builder == data.path else {})
     # A `text<sep>label` separator describes .txt lines; a csv or json file has its own text and label columns.
     separator = data.label_separator if builder == "text" else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import RecipeError, shorten
 from .recipe import DataSection
@@ -17,14 +18,31 @@ from .sources import not_utf8, read_dataset
 logger = logging.getLogger(__name__)
 
 
-# The `datasets` builder and load_dataset keywords that read a local file, by suffix (init, evaluate --data).
+# The `datasets` builder and load_dataset keywords that read a local file, by suffix (init, evaluate --data); a .txt
+# file holds one `text<SEP>label` line per example (`data.label_separator`).
 FILE_FORMATS = {
     ".csv": ("csv", {}),
     ".tsv": ("csv", {"delimiter": "\t"}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),
 }
+
+
+def data_file_format(path: str | Path, option: str = "--data") -> tuple[str, dict]:
+    """`(builder, load_kwargs)` that read the local data file `path`, by its suffix in any case (`FILE_FORMATS`); a
+    folder, a missing file or another suffix is one `OSError` or `ValueError` naming `option`."""
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"{option}: {path} is a folder; name one data file in it")
+    if not file.is_file():
+        raise FileNotFoundError(f"{option}: no such file {str(path)!r}")
+    if file.suffix.lower() not in FILE_FORMATS:
+        raise ValueError(f"{option}: {file.name}: cannot read {file.suffix or 'extension-less'} files; use a "
+                         f"{', '.join(FILE_FORMATS)} file")
+    builder, load_kwargs = FILE_FORMATS[file.suffix.lower()]
+    return builder, dict(load_kwargs)
 
 
 @dataclass

@@ -51,7 +51,7 @@ class EvaluationMixin:
 
     def final_eval_metrics(self) -> dict[str, float]:
         """The `eval_*` metrics of [`final_evaluation`]."""
-        return {key: value for key, value in self.final_evaluation().metrics.items() if key.startswith("eval_")}
+        return self.final_evaluation().eval_results()
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -163,6 +163,10 @@ class Evaluation:
 
     def __init__(self, step: int, default_dataset: bool, metrics: dict, outputs: EvalOutputs):
         self.step, self.default_dataset, self.metrics, self.outputs = step, default_dataset, metrics, outputs
+
+    def eval_results(self) -> dict[str, float]:
+        """Its metrics named `eval_*` (not the `epoch` Trainer adds to them)."""
+        return {key: value for key, value in self.metrics.items() if key.startswith("eval_")}
 
 
 

@@ -19,18 +19,12 @@ from typing import Literal
 # torch included); `cli` and `trainer` import this module only where they need it.
 from transformers import TrainerCallback
 
-from .checkpoints import INFERENCE_FILE
+from .checkpoints import INFERENCE_FILE, checkpoint_folders
 from .errors import one_line, redact
 from .model_card import card_metrics, latest_metrics, write_model_card
 from .network import hub_offline, request_timeout
 from .recipe import check_repo_id
-from .upload import (
-    create_repo,
-    describe_push_error,
-    is_transient,
-    stage_adapter,
-    upload_staged,
-)
+from .upload import create_repo, describe_push_error, is_transient, stage_adapter, upload_staged
 
 
 logger = logging.getLogger(__name__)
@@ -138,8 +132,8 @@ class PushAdapterToHubCallback(TrainerCallback):
         self._output_dir: Path | None = None
         self._epoch_step: int | None = None  # the step whose checkpoint on_save pushes as an epoch's adapter
         self._offline_told = False
-        # One daemon thread runs the queued Hub calls in order, so pushes reach the Hub one at a time; being a
-        # daemon, it never keeps the interpreter alive (see _at_exit for the bounded wait there).
+        # One daemon thread runs the queued Hub calls in order (one push at a time); a daemon never keeps the
+        # interpreter alive (see _at_exit for the bounded wait there).
         self._lock = threading.Lock()
         self._queue: deque = deque()
         self._worker: threading.Thread | None = None
@@ -157,8 +151,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         with self._lock:
             return [what for future, what, _ in self._pending if not future.done()]
 
-    # Every Hub call and every file the callback writes happens on the main process only
-    # (trl's merge_model_callback lacks this guard).
+    # Every Hub call and every file the callback writes happens on the main process only (trl's lacks this guard).
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
@@ -173,9 +166,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         self._output_dir = Path(args.output_dir)
         self._stop.clear()
         if self.strategy == "checkpoint" and args.save_strategy == "no":
-            logger.warning(
-                "hub.strategy is 'checkpoint' but save_strategy is 'no', so only the final adapter will be pushed"
-            )
+            logger.warning("hub.strategy is 'checkpoint' but save_strategy is 'no': only the final adapter is pushed")
         self._offline_told = False
         if hub_offline():  # the one error that cannot be transient: say so once, attempt nothing, retry nothing
             self._tell_offline()
@@ -277,8 +268,17 @@ class PushAdapterToHubCallback(TrainerCallback):
         history = state.log_history
         metrics = {"global_step": state.global_step, "epoch": state.epoch, "metrics": latest_metrics(history),
                    "log_history": history}
-        staging = stage_adapter(folder, self.repo_id, metrics=metrics, results=card_metrics(state.log_history),
-                                save=save, recipe_folder=_run_files(Path(args.output_dir)))
+        # A snapshot shows the recipe.json and inference.json of the newest checkpoint-N that has them (the run's
+        # own: a run owns its output_dir), else of output_dir.
+        run_files = next((path for path in checkpoint_folders(args.output_dir) if (path / INFERENCE_FILE).is_file()),
+                         Path(args.output_dir))
+        try:
+            staging = stage_adapter(folder, self.repo_id, metrics=metrics, results=card_metrics(history), save=save,
+                                    recipe_folder=run_files)
+        except Exception as err:  # on the training thread: a full /tmp or a card error must not stop training
+            reason = f"could not stage a copy to upload: {describe_push_error(err, token=self._token)}"
+            self._report_failure(message, reason, where, final, attempts=0)
+            return
         with self._lock:
             self._staging.add(staging)
         self._submit(message, staging, self._upload, staging, message, where, final)
@@ -328,8 +328,7 @@ class PushAdapterToHubCallback(TrainerCallback):
                 future.set_exception(err)
 
     def _create_repo(self) -> None:
-        # Early, so that a wrong token or a missing permission shows up when training starts. Each push creates
-        # the repo again if needed, so a failure here is only a warning.
+        # Early, so that a wrong token shows up when training starts; each push creates it if needed: a warning.
         try:
             create_repo(self.repo_id, private=self.private, token=self._token, endpoint=self.endpoint,
                         timeout=self.timeout)
@@ -397,15 +396,3 @@ class PushAdapterToHubCallback(TrainerCallback):
         # Error messages come from the server and from httpx; make sure none of them can carry the token out.
         return redact(text, self._token)
 
-
-def _run_files(output_dir: Path) -> Path:
-    """Where a snapshot finds its run's recipe.json and inference.json: the newest checkpoint-N holding them (the
-    run's own: a run owns its output_dir), else output_dir."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    steps = []
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
-        if suffix.isdigit() and (path / INFERENCE_FILE).is_file():
-            steps.append((int(suffix), path))
-    return max(steps)[1] if steps else output_dir

@@ -65,6 +65,18 @@ def read_json(path: str | Path, allow_nan: bool = False) -> Any:
         raise ValueError(f"{path}: cannot read it: {first_line(error)}") from error
 
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN and infinity in it (in nested dicts, lists and tuples) replaced by None: JSON has
+    neither, and a file written from it then reads with `read_json`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 def write_json(path: str | Path, data) -> Path:
     """Write `data` as JSON to `path` whole or not at all (see [`write_text`]), creating its folder."""
     path = Path(path)

@@ -13,13 +13,12 @@ from typing import Any
 
 from .checkpoints import CARD_FILE, safetensors_header
 from .jsonfiles import read_json, write_text
+from .sources import is_hub_dataset
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 TAGS = ["peft", "ia3", "ia3-trainer"]  # every card has these; a trainer's `_tag_names` adds its own
 
-# `datasets.load_dataset` builder names: such a recipe read local or remote files, not a Hub dataset repo.
-_BUILDERS = {"arrow", "csv", "json", "pandas", "parquet", "sql", "text", "webdataset", "xml"}
 _TASKS = {"SEQ_2_SEQ_LM": "text2text-generation", "CAUSAL_LM": "text-generation"}
 _EXAMPLE = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007."
 # Logged numbers that describe the optimizer or the speed, not the model: metrics.json keeps them, the card not.
@@ -77,7 +76,7 @@ def write_model_card(
     repo_id = repo_id or (recipe.get("hub") or {}).get("repo_id")
     base_model = config.get("base_model_name_or_path") or "unknown"
     task = _TASKS.get(config.get("task_type"), "text2text-generation")
-    dataset_id = None if data.get("path") in _BUILDERS else _hub_id(data.get("path"))
+    dataset_id = _hub_id(data.get("path")) if is_hub_dataset(data.get("path")) else None  # not a builder of files
 
     # The Hub only accepts repo ids in `base_model` and `datasets`: a local base model or data files stay in the
     # card's text, not in its metadata.

@@ -8,13 +8,12 @@ matplotlib (`pip install "ia3-trainer[plots]"`); without it only the JSON is wri
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import checkpoint_folders
-from .jsonfiles import read_json, write_bytes, write_json
+from .jsonfiles import finite, read_json, write_bytes, write_json
 from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 
@@ -23,6 +22,7 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "eval_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+REPORT_FILES = (REPORT_FILE, CONFUSION_PNG, CURVES_PNG)  # what `write_report` may write
 # The plot shows the most frequent reference classes; the others are summed into one row and one column (a plot of
 # every class grew quadratically: 150 labels took 2 minutes and 5 GB to draw, 2000 did not finish in 15).
 PLOT_CLASSES = 30
@@ -127,7 +127,7 @@ def write_report(report: dict, output_dir: str | Path, log_history: list[dict] |
         if log_history and any("loss" in entry or "eval_loss" in entry for entry in log_history):
             written.append(plot_training_curves(log_history, output_dir / CURVES_PNG))
     report = {**report, "plots": [path.name for path in written]}
-    path = write_json(output_dir / REPORT_FILE, _finite(report))
+    path = write_json(output_dir / REPORT_FILE, finite(report))
     return [path, *written]
 
 
@@ -245,13 +245,3 @@ def _agg_figure(**kwargs):
     FigureCanvasAgg(figure)
     return figure
 
-
-def _finite(value):
-    """JSON has no NaN or Infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value

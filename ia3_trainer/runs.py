@@ -30,9 +30,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checkpoints import STAGING_PREFIX, checkpoint_damage, checkpoint_folders
+from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .errors import RecipeError
 from .jsonfiles import read_json, write_json
+from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
 
 
@@ -43,12 +44,11 @@ LOCK_FILE = "run.lock"
 # What a run writes at the top of its output_dir (the adapter, tokenizer, metadata, model card, results, report):
 # `--overwrite` removes these and the folders below, and nothing else.
 RUN_FILES = frozenset({
-    RUN_FILE, "recipe.json", "inference.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-    "README.md", "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json",
-    "eval_results.json", "test_results.json", "predict_results.json", "metrics.json", "eval_report.json",
-    "confusion_matrix.png", "training_curves.png", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
-    "vocab.txt", "merges.txt", "source.spm", "target.spm", "chat_template.jinja", "chat_template.json",
+    RUN_FILE, *METADATA_FILES, "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "training_args.bin", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+    "test_results.json", "predict_results.json", "metrics.json", *REPORT_FILES, "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "vocab.txt", "merges.txt", "source.spm", "target.spm", "chat_template.jinja", "chat_template.json",
 })
 RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
 # Entries that mean "this folder holds a run".
@@ -130,7 +130,9 @@ class RunFolder:
         self._acquire()
         record = _read_record(folder)
         if continuing:
-            saved = record["recipe"] if record else _checkpoint_recipe(checkpoint_folders(folder))
+            saved = record.get("recipe") if record else None  # a run.json may lack it (_read_record)
+            if saved is None:
+                saved = _checkpoint_recipe(checkpoint_folders(folder))
             # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
             check_same_precision(run_precision(record, saved), precision, saved, recipe, folder)
             check_same_recipe(saved, recipe, folder)
@@ -273,12 +275,25 @@ def _some(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
+# The fields of run.json that the rules read, each with whether a value of it is usable.
+_RECORD_FIELDS = {
+    "recipe": lambda value: isinstance(value, dict),
+    "precision": lambda value: value in ("bf16", "fp16", "fp32"),
+    "resumed": lambda value: isinstance(value, list),
+    "started": lambda value: isinstance(value, str),
+}
+
+
 def _read_record(folder: Path) -> dict | None:
+    """The folder's run.json, a field missing or of another kind (a file edited by hand or damaged) left out: every
+    process must fail here with the same OSError or ValueError (`_agree`), never a KeyError or TypeError."""
     try:
         record = read_json(folder / RUN_FILE)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    return {key: value for key, value in record.items() if key not in _RECORD_FIELDS or _RECORD_FIELDS[key](value)}
 
 
 def _new_record(recipe: dict | None, precision: str | None) -> dict:

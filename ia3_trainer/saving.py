@@ -3,12 +3,14 @@ published whole (`ia3_trainer.checkpoints`), checkpoints written whole, and the 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from .checkpoints import INFERENCE_FILE
-from .jsonfiles import write_json
+from .jsonfiles import read_json, write_json, write_text
 from .model_card import card_metrics, write_model_card
 
 
@@ -51,6 +53,29 @@ class SavingMixin:
             # push uploads (it writes this card again, for the repo pushed to).
             write_model_card(staging, recipe=self.recipe.to_dict() if self.recipe is not None else {},
                              metrics=card_metrics(self.state.log_history), tags=self._tag_names)
+
+    def save_state(self) -> None:
+        """Trainer's `save_state` (`trainer_state.json` in `output_dir`, on the main process), written whole or not
+        at all: `ia3-trainer evaluate` draws its curves from it."""
+        if self.is_world_process_zero():
+            text = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"  # as Trainer writes it
+            write_text(Path(self.args.output_dir) / "trainer_state.json", text)
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """Trainer's `save_metrics` (`{split}_results.json`, and `all_results.json` updated with `metrics`, on the
+        main process), each file written whole or not at all: `ia3-trainer push` reads `all_results.json`."""
+        if not self.is_world_process_zero():
+            return
+        folder = Path(self.args.output_dir)
+        write_text(folder / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True))
+        if combined:
+            path = folder / "all_results.json"
+            try:
+                earlier = read_json(path, allow_nan=True) if path.is_file() else {}
+            except (OSError, ValueError):  # the run's own file, unreadable: nothing in it to keep
+                earlier = {}
+            combined_metrics = {**(earlier if isinstance(earlier, dict) else {}), **metrics}
+            write_text(path, json.dumps(combined_metrics, indent=4, sort_keys=True))
 
     def _save_checkpoint(self, model, trial) -> None:
         self.non_finite_guard.check()  # a "stop" run never writes a checkpoint after a non-finite step

@@ -81,15 +81,23 @@ def _check_data_files(data: DataSection) -> None:
 def _hub_source(data: DataSection) -> tuple[str, str | None]:
     """`(key, what)`: the `data.data_files` entry (`hf://...`) or the `data.path` (a Hub dataset id) that loading
     downloads from the Hub; `what` is None when everything is local (or read from another server)."""
-    import datasets
-
     hub_files = [path for path in _data_file_paths(data) if "hf://" in path]
     if hub_files:
         return "data.data_files", hub_files[0]
-    builders = getattr(datasets.packaged_modules, "_PACKAGED_DATASETS_MODULES", FILE_BUILDERS)
-    if data.path not in builders and not Path(data.path).expanduser().exists():
+    if is_hub_dataset(data.path):
         return "data.path", data.path
     return "data.data_files", None
+
+
+def is_hub_dataset(path: object) -> bool:
+    """Whether a recipe's `data.path` names a dataset repo on the Hub: not one of datasets' builders of files
+    (`csv`, `json`, `text`, ...) and not a local path."""
+    import datasets
+
+    if not isinstance(path, str) or not path:
+        return False
+    builders = getattr(datasets.packaged_modules, "_PACKAGED_DATASETS_MODULES", FILE_BUILDERS)
+    return path not in builders and not Path(path).expanduser().exists()
 
 
 @contextlib.contextmanager

@@ -6,11 +6,12 @@ template would hold: what it inferred (label set, token lengths) and what to che
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 from pathlib import Path
 from typing import Any
 
-from .data import FILE_FORMATS
+from .data import data_file_format
 from .errors import RecipeError, first_line
 from .recipe import DataSection
 from .schema import did_you_mean
@@ -145,15 +146,9 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
 
     from .data import check_columns, split_lines
 
-    suffix = data_file.suffix.lower()
-    formats = [*FILE_FORMATS, ".txt"]
-    if suffix not in formats:
-        raise ValueError(f"--data: {data_file.name}: use a {', '.join(formats)} file")
-    if data_file.is_dir():
-        raise IsADirectoryError(f"--data: {data_file} is a folder; name one data file in it")
-    if not data_file.is_file():
-        raise FileNotFoundError(f"--data: no such file {str(data_file)!r}")
-    builder, load_kwargs = FILE_FORMATS.get(suffix, ("text", {}))
+    builder, load_kwargs = data_file_format(data_file)
+    if encoding:
+        _check_encoding(encoding)
     load_kwargs = {**load_kwargs, **({"encoding": encoding} if encoding else {})}
     if builder != "text" and separator is not None:
         raise ValueError(f"--label-separator: only for .txt files (text<SEP>label lines), not {data_file.name}")
@@ -187,6 +182,18 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
     except RecipeError as error:
         raise ValueError(_as_options(error, data_file)) from error
     return dataset, builder, load_kwargs, separator
+
+
+def _check_encoding(encoding: str) -> None:
+    """`encoding` names a text encoding Python has (rot13 and base64 are codecs, but not of text)."""
+    try:
+        codecs.lookup(encoding)
+        "a".encode(encoding)
+    except LookupError:
+        raise ValueError(f"--encoding: unknown text encoding {encoding!r}; name the file's encoding as Python does, "
+                         "e.g. --encoding latin-1 or --encoding cp1252") from None
+    except UnicodeError:  # a text encoding without "a" in it
+        pass
 
 
 def _find_separator(path: Path, encoding: str) -> str:

@@ -2,7 +2,8 @@
 
 Each point is the recipe with the point's overrides applied and `training.output_dir` set to its own subfolder
 (`<output_dir>/learning_rate=0.003`), so checkpoints and adapters never mix: two points never share a folder. Every
-point is validated before the first one trains. The results land in `<output_dir>/sweep.json` and print as a table.
+point is validated before the first one trains. The results land in `<output_dir>/sweep.json` and print as a table;
+a `sweep.json` of another sweep (other points) is its only record, and is replaced only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .jsonfiles import parse_value, write_json
+from .jsonfiles import finite, parse_value, read_json, write_json
 from .recipe import OVERRIDE, Recipe, load_recipe
 from .runs import check_fresh
 
+
+SWEEP_FILE = "sweep.json"
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`.
@@ -76,8 +79,11 @@ def plan_sweep(
     grid: dict[str, list[Any]],
     overrides: dict | list[str] | None = None,
     extra_sections: dict[str, type] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> list[tuple[dict[str, Any], Recipe]]:
-    """Validate every point; return `(point, recipe)` pairs, each recipe writing into its own subfolder."""
+    """Validate every point; return `(point, recipe)` pairs, each recipe writing into its own subfolder (and, with
+    `overwrite`, replacing the run there: `training.overwrite_output_dir`)."""
     if isinstance(recipe, Recipe):
         recipe = recipe.to_dict()
     base = load_recipe(recipe, overrides, extra_sections=extra_sections)
@@ -92,7 +98,8 @@ def plan_sweep(
                           "values differ in more than letter case")
             continue
         try:
-            point_overrides = {**point, "training.output_dir": str(root / name)}
+            point_overrides = {**point, "training.output_dir": str(root / name),
+                               **({"training.overwrite_output_dir": True} if overwrite else {})}
             plan.append((point, load_recipe(base.to_dict(), point_overrides, extra_sections=extra_sections)))
         except RecipeError as error:
             # The base recipe and its --set overrides were checked above: a problem an override has here is in
@@ -112,16 +119,20 @@ def run_sweep(
     grid: dict[str, list[Any]],
     overrides: dict | list[str] | None = None,
     trainer_cls=None,
+    *,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every point of `grid` in turn; return one row per point (its values, then its metrics).
 
-    `trainer_cls` defaults to [`IA3Seq2SeqTrainer`]; a subclass brings its own recipe sections.
+    `trainer_cls` defaults to [`IA3Seq2SeqTrainer`]; a subclass brings its own recipe sections. `overwrite`
+    (`--overwrite`, like `training.overwrite_output_dir`) replaces the runs in the points' folders and a `sweep.json`
+    of another sweep; without it either is refused before any point trains.
     """
     import gc
 
     if trainer_cls is None:
         from .trainer import IA3Seq2SeqTrainer as trainer_cls
-    plan = plan_sweep(recipe, grid, overrides, extra_sections=trainer_cls.recipe_sections)
+    plan = plan_sweep(recipe, grid, overrides, extra_sections=trainer_cls.recipe_sections, overwrite=overwrite)
     root = Path(plan[0][1].training["output_dir"]).parent
     # Every point's folder is checked before the first point trains: a sweep run again into the same folder stops
     # at once, not after training the points before the first taken folder.
@@ -132,6 +143,8 @@ def run_sweep(
                                                                                                False))
         except FileExistsError as error:
             taken.append(f"sweep point {point_name(point)}: {error}")
+    replace = all(point_recipe.training.get("overwrite_output_dir", False) for _, point_recipe in plan)
+    taken.extend(_other_sweep(root / SWEEP_FILE, {point_name(point) for point, _ in plan}, replace))
     if taken:
         raise RecipeError(taken)
     rows = []
@@ -142,10 +155,32 @@ def run_sweep(
             metrics.update(trainer.final_eval_metrics())
         rows.append({**point, "output_dir": point_recipe.training["output_dir"], **metrics})
         if trainer.is_world_process_zero():
-            write_json(root / "sweep.json", json.loads(json.dumps(rows, default=str)))
+            write_json(root / SWEEP_FILE, finite(json.loads(json.dumps(rows, default=str))))
         del trainer
         gc.collect()  # free the model before the next point loads its own
     return rows
+
+
+def _other_sweep(path: Path, names: set[str], overwrite: bool) -> list[str]:
+    """Why the sweep may not write `path`: it is a folder, or (unless `overwrite`) it holds anything but the results
+    of points named in `names` (this sweep's, from an earlier try)."""
+    if path.is_dir():
+        return [f"training.output_dir: {path} is a folder; the sweep writes its results there: choose another "
+                "training.output_dir"]
+    if overwrite or not path.exists():
+        return []
+    try:
+        rows = read_json(path, allow_nan=True)
+        points = [Path(row["output_dir"]).name for row in rows]
+    except (OSError, ValueError, TypeError, KeyError):
+        held = "a file that is not a sweep's results"
+    else:
+        if set(points) <= names:
+            return []
+        shown = ", ".join(points[:3]) + (f" and {len(points) - 3} more" if len(points) > 3 else "")
+        held = f"the results of another sweep (points {shown})"
+    return [f"training.output_dir: {path} holds {held}; pass --overwrite (or set training.overwrite_output_dir) to "
+            "replace it, or choose another training.output_dir"]
 
 
 def format_table(rows: list[dict[str, Any]], grid_keys: list[str]) -> str:

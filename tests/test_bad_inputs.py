@@ -60,6 +60,12 @@ def damaged(adapter, tmp_path, damage):
     return str(folder)
 
 
+def no_tensors() -> bytes:
+    """A whole safetensors file that holds metadata only."""
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    return len(header).to_bytes(8, "little") + header
+
+
 def half(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -73,6 +79,14 @@ CASES = {
                             "is not UTF-8 text"),
     "init-latin1-csv": (lambda t, a: ["init", "--data", str(latin1(t / "d.csv")), "-o", str(t / "r.json")],
                         "--data: d.csv is not UTF-8 text"),
+    "init-unknown-encoding-txt": (lambda t, a: ["init", "--data", str(latin1(t / "d.txt")), "--encoding", "latin-9x",
+                                                "-o", str(t / "r.json")],
+                                  "--encoding: unknown text encoding 'latin-9x'"),
+    "init-unknown-encoding-csv": (lambda t, a: ["init", "--data", str(latin1(t / "d.csv")), "--encoding", "latin-9x",
+                                                "-o", str(t / "r.json")],
+                                  "--encoding: unknown text encoding 'latin-9x'"),
+    "init-codec-not-of-text": (lambda t, a: ["init", "--data", str(latin1(t / "d.csv")), "--encoding", "rot13",
+                                             "-o", str(t / "r.json")], "--encoding: unknown text encoding 'rot13'"),
     "predict-file-latin1": (lambda t, a: ["predict", str(a), "--file", str(latin1(t / "d.txt"))],
                             "--file: ", "not UTF-8 text"),
     "train-mixed-labels": (
@@ -88,6 +102,11 @@ CASES = {
                       "-o", str(t / "r.json")],
         "--label-column: column 'label' of d.jsonl holds values of mixed types"),
     "train-folder-as-data-file": (lambda t, a: ["train", recipe_for(t, t)], "data.data_files: ", "is a folder"),
+    "evaluate-data-unknown-suffix": (lambda t, a: ["evaluate", str(a), "--data", str(touch(t / "d.xlsx"))],
+                                     "--data: d.xlsx: cannot read .xlsx files; use a .csv, .tsv, .json, .jsonl, "
+                                     ".parquet, .txt file"),
+    "init-data-unknown-suffix": (lambda t, a: ["init", "--data", str(touch(t / "d.xlsx")), "-o", str(t / "r.json")],
+                                 "--data: d.xlsx: cannot read .xlsx files; use a .csv"),
     "evaluate-folder-as-data": (lambda t, a: ["evaluate", str(a), "--data", str(t)], "is a folder"),
     "predict-file-folder": (lambda t, a: ["predict", str(a), "--file", str(t)], "--file: ", "is a folder"),
     "init-folder-as-data": (lambda t, a: ["init", "--data", str(t / "x.csv"), "-o", str(t / "r.json")],
@@ -99,6 +118,9 @@ CASES = {
     "weights-random": (lambda t, a: ["evaluate", damaged(a, t, lambda f: (f / "adapter_model.safetensors")
                                                          .write_bytes(os.urandom(4096)))],
                        "not a whole safetensors file"),
+    "weights-no-tensors": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_model.safetensors")
+                                                           .write_bytes(no_tensors())), "text"],
+                           "adapter_model.safetensors: holds no tensors"),
     "weights-missing": (lambda t, a: ["merge", damaged(a, t, lambda f: (f / "adapter_model.safetensors").unlink()),
                                       str(t / "merged")], "holds adapter_config.json but no adapter weights"),
     "config-list": (lambda t, a: ["predict", damaged(a, t, lambda f: (f / "adapter_config.json").write_text("[]")),
@@ -112,7 +134,25 @@ CASES = {
     "output-in-missing-folder": (lambda t, a: ["predict", str(a), "text", "--output", str(t / "no" / "p.jsonl")],
                                  "--output: no folder"),
     "output-is-a-folder": (lambda t, a: ["predict", str(a), "text", "--output", str(t)], "is a folder"),
+    "output-exists": (lambda t, a: ["predict", str(a), "text", "--output", str(touch(t / "mine.jsonl"))],
+                      "mine.jsonl exists; choose another file or pass --overwrite to replace it"),
+    "output-dir-holds-a-report": (lambda t, a: ["evaluate", str(a), "--output-dir", holding(t / "eval_report.json")],
+                                  "holds eval_report.json already; pass --overwrite to replace them"),
+    "output-dir-holds-a-plot": (lambda t, a: ["evaluate", str(a), "--output-dir", holding(t / "training_curves.png")],
+                                "holds training_curves.png already; pass --overwrite"),
+    "output-dir-is-a-file": (lambda t, a: ["evaluate", str(a), "--output-dir", str(touch(t / "r"))],
+                             "--output-dir: ", "is a file"),
 }
+
+
+def touch(path):
+    path.write_text("a user's own file\n")
+    return path
+
+
+def holding(path) -> str:
+    """The folder of `path`, which now holds a file of that name."""
+    return str(touch(path).parent)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -124,15 +164,15 @@ def test_bad_input_is_one_line_and_exit_2(name, adapter, tmp_path, capsys, monke
     if name.startswith(("max-new-tokens", "output", "predict-file")):
         # Argument problems are found before the model loads, which can take minutes.
         monkeypatch.setattr(IA3Predictor, "from_pretrained", lambda *args, **kwargs: pytest.fail("model loaded"))
-    before = sorted(path.name for path in tmp_path.iterdir())
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
     with pytest.raises(SystemExit) as info:
         main(argv)
     captured = capsys.readouterr()
     assert info.value.code == 2, captured
     assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
     assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
-    if name.startswith("output"):
-        assert sorted(path.name for path in tmp_path.iterdir()) == before  # nothing half-written
+    if name.startswith("output"):  # nothing half-written, nothing replaced
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
 
 
 def test_predict_output_is_written_whole(adapter, tmp_path, capsys):
@@ -140,6 +180,53 @@ def test_predict_output_is_written_whole(adapter, tmp_path, capsys):
     assert main(["predict", str(adapter), "Sales rose.", "Profit fell.", "--output", str(output)]) == 0
     assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == ["Sales rose.", "Profit fell."]
     assert [path.name for path in tmp_path.iterdir()] == ["predictions.jsonl"]  # no temporary file left
+
+
+def test_predict_and_evaluate_replace_files_only_with_overwrite(adapter, tmp_path, capsys):
+    output = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(adapter), "Sales rose.", "--output", str(output)]) == 0
+    first = output.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["predict", str(adapter), "Profit fell.", "--output", str(output)])
+    assert output.read_bytes() == first
+    assert main(["predict", str(adapter), "Profit fell.", "--output", str(output), "--overwrite"]) == 0
+    assert json.loads(output.read_text())["text"] == "Profit fell."
+
+    data = write_rows(tmp_path / "eval.jsonl", ROWS[:6])
+    report = tmp_path / "report"
+    assert main(["evaluate", str(adapter), "--data", str(data), "--output-dir", str(report)]) == 0
+    (report / "notes.txt").write_text("kept")
+    first = (report / "eval_report.json").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(adapter), "--data", str(data), "--output-dir", str(report)])
+    assert (report / "eval_report.json").read_bytes() == first
+    assert main(["evaluate", str(adapter), "--data", str(write_rows(tmp_path / "e2.jsonl", ROWS[6:9])),
+                 "--output-dir", str(report), "--overwrite"]) == 0
+    assert json.loads((report / "eval_report.json").read_text())["examples"] == 3
+    assert (report / "notes.txt").read_text() == "kept"  # other files are never touched
+
+
+def test_evaluate_of_a_hub_repo_refuses_a_report_in_the_current_folder(tmp_path, monkeypatch, capsys):
+    # Without --output-dir a Hub repo's report goes to ".": a report there is someone's; checked before the download.
+    monkeypatch.chdir(tmp_path)
+    touch(tmp_path / "eval_report.json")
+    monkeypatch.setattr(IA3Predictor, "from_pretrained", lambda *args, **kwargs: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "alice/tiny-ia3"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "ia3-trainer: error: --output-dir: . (where the report goes without --output-dir) holds eval_report.json "
+        "already; pass --overwrite to replace them, or choose another --output-dir\n")
+    assert (tmp_path / "eval_report.json").read_text() == "a user's own file\n"
+
+
+def test_evaluate_and_init_read_a_data_file_whose_suffix_is_upper_case(adapter, tmp_path, capsys):
+    # init read D.CSV and evaluate refused it: both now ask data.data_file_format.
+    data = write_rows(tmp_path / "eval.csv", ROWS[:6]).rename(tmp_path / "EVAL.CSV")
+    assert main(["evaluate", str(adapter), "--data", str(data), "--output-dir", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "eval_report.json").read_text())["examples"] == 6
+    assert main(["init", "--data", str(data), "-o", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["path"] == "csv"
 
 
 def test_predictor_refuses_a_bad_generation_bound(adapter):

@@ -186,6 +186,30 @@ def test_epoch_strategy_pushes_every_epoch_then_final(tiny, hub, tmp_path, stagi
     assert list(staging_root.iterdir()) == []
 
 
+def test_a_push_that_cannot_be_staged_is_reported_and_training_goes_on(tiny, hub, tmp_path, monkeypatch, caplog):
+    # Staging (copy, save_pretrained, card) runs on the training thread: a temporary folder that cannot be written
+    # is one failed push, never an exception in Trainer.
+    import tempfile
+
+    token = "hf_" + "s" * 30
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / f"gone-{token}"))  # mkdtemp fails, naming it
+    callback = PushAdapterToHubCallback(REPO_ID, strategy="epoch", token=token, endpoint=hub.endpoint)
+    output_dir = tmp_path / "out"
+    with caplog.at_level(logging.ERROR, logger="ia3_trainer.hub"):
+        trainer = train(tiny, output_dir, callback, max_steps=-1, num_train_epochs=2)
+
+    assert trainer.state.global_step == 8 and (output_dir / "adapter_model.safetensors").is_file()
+    assert hub.commits == [] and callback.pushed_commits == []
+    assert len(callback.failures) == 3  # epoch 1, epoch 2, final
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR] == callback.failures
+    for message in callback.failures:
+        assert "could not stage a copy to upload: FileNotFoundError" in message and "\n" not in message
+        assert f"ia3-trainer push {output_dir} {REPO_ID}" in message and token not in message
+    first = f"Could not push to Hub repo {REPO_ID} (Upload adapter at epoch 1 (step 4))"
+    assert callback.failures[0].startswith(first)
+    assert "Training goes on" in callback.failures[0] and "The adapter is saved in" in callback.failures[2]
+
+
 def test_checkpoint_strategy_pushes_every_checkpoint_then_final(tiny, hub, tmp_path):
     callback = PushAdapterToHubCallback(REPO_ID, strategy="checkpoint", endpoint=hub.endpoint)
     train(tiny, tmp_path / "out", callback, save_strategy="steps", save_steps=2, save_total_limit=1)
@@ -340,6 +364,13 @@ def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
 
     assert card.data.base_model is None and card.data.datasets is None
     assert f"`{tmp_path}`" in card.text and "`json` files: `train.jsonl`" in card.text
+    # Any of datasets' builders of files is no Hub dataset: the card and data loading ask the same function.
+    recipe = {"data": {"path": "imagefolder", "data_files": "pictures/*.png"}}
+    assert huggingface_hub.ModelCard.load(write_model_card(tmp_path, recipe=recipe)).data.datasets is None
+    from ia3_trainer.sources import is_hub_dataset
+
+    paths = ["takala/financial_phrasebank", "csv", "webdataset", "imagefolder", str(tmp_path), None, ""]
+    assert [is_hub_dataset(path) for path in paths] == [True, False, False, False, False, False, False]
 
 
 # --- a Hub that misbehaves: echoed secrets, no answer, offline mode --------------------------------------------------

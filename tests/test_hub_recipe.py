@@ -142,6 +142,21 @@ def test_cli_push_with_the_hub_down_exits_2_and_keeps_the_folder(run, monkeypatc
     assert list(staging_root.iterdir()) == []
 
 
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_cli_push_with_a_bad_timeout_variable_says_so_before_any_request(hub, run, monkeypatch, capsys, value):
+    # It was caught with the network's errors and printed as "check the network".
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", value)
+    before = snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(run), REPO_ID])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ia3-trainer: error: IA3_TRAINER_HUB_TIMEOUT: expected a number of seconds")
+    assert value in err and "network" not in err and err.count("\n") == 1
+    assert hub.requests == [] and snapshot(run) == before
+
+
 def test_cli_push_of_a_malformed_repo_id_is_refused_before_any_request(hub, run, capsys):
     before = snapshot(run)
     with pytest.raises(SystemExit) as info:

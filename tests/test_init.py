@@ -83,6 +83,22 @@ def test_does_not_overwrite_without_force(tmp_path, capsys):
     assert load_recipe(output).data.label_names == ["negative", "neutral", "positive"]
 
 
+def test_force_replaces_the_file_only_with_a_recipe_that_validates(tmp_path, capsys, monkeypatch):
+    # Run from tmp_path, the starter's training.output_dir (outputs/r) is the recipe file's own folder, which
+    # validation refuses: the file that --force would replace must be left as it was (it used to be replaced first).
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "outputs" / "r" / "r.json"
+    output.parent.mkdir(parents=True)
+    output.write_text('{"my": "recipe"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(TINY_MODEL_DIR),
+              "-o", "outputs/r/r.json", "--force"])
+    assert info.value.code == 2
+    assert "training.output_dir: " in capsys.readouterr().err
+    assert output.read_text() == '{"my": "recipe"}\n'
+    assert sorted(path.name for path in output.parent.iterdir()) == ["r.json"]
+
+
 def test_init_reads_text_lines_with_a_label_separator(tmp_path, capsys):
     """The format the phrasebank recipe reads: `sentence@label` lines, in latin-1."""
     lines = tmp_path / "lines.txt"

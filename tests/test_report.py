@@ -255,6 +255,39 @@ def test_train_command_writes_the_report_and_trainer_state(tmp_path, capsys):
     assert again["loss"] == pytest.approx(report["loss"], rel=1e-5)
 
 
+def test_results_and_trainer_state_are_written_whole(tmp_path, monkeypatch):
+    # `ia3-trainer push` reads all_results.json and `evaluate` trainer_state.json; Trainer writes both in place, so a
+    # full disk left them cut. Now each is the whole new file or the previous one.
+    import dataclasses
+    import errno
+    import os
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    trainer.save_state()
+    trainer.save_metrics("all", {"train_loss": 1.5, "eval_perplexity": float("inf")})
+    state, results = (out / "trainer_state.json").read_bytes(), (out / "all_results.json").read_bytes()
+    assert state == (json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n").encode()
+    assert json.loads(results) == {"train_loss": 1.5, "eval_perplexity": float("inf")}  # what Trainer writes
+    trainer.save_metrics("eval", {"eval_loss": 0.5})  # combined: all_results.json gains it
+    assert json.loads((out / "all_results.json").read_text())["eval_loss"] == 0.5
+    results = (out / "all_results.json").read_bytes()
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.state.global_step = 7
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_state()
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_metrics("all", {"train_loss": 0.25})
+    assert (out / "trainer_state.json").read_bytes() == state and (out / "all_results.json").read_bytes() == results
+    assert sorted(path.name for path in out.iterdir()) == ["all_results.json", "eval_results.json",
+                                                           "trainer_state.json"]  # no temporary file left
+
+
 def test_teacher_forced_accuracy_is_high_for_an_untrained_model(tmp_path):
     # Why the report labels it: the shipped tiny T5 (tied embeddings) scores well on it before any training.
     recipe = load_recipe(tiny_recipe(tmp_path))

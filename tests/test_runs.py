@@ -457,3 +457,73 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(tmp_path, capsys, ca
     assert err == (f"ia3-trainer: error: training.resume_from_checkpoint: no such folder {missing}; give a "
                    "checkpoint-N folder, or pass --resume to continue from the newest checkpoint in "
                    "training.output_dir")
+
+
+@pytest.mark.parametrize("record", [{"run_id": "x"}, {"run_id": "x", "recipe": "junk", "precision": {"a": 1},
+                                                       "resumed": 3}])
+def test_resume_reads_a_run_json_without_its_recipe_from_the_checkpoint(tmp_path, record):
+    # record["recipe"] raised KeyError, which _agree does not gather: the other processes of a launch would wait.
+    from ia3_trainer.runs import RunFolder
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    recipe = tiny_recipe(tmp_path)
+    (out / "checkpoint-2" / "recipe.json").write_text(json.dumps(recipe))
+    (out / RUN_FILE).write_text(json.dumps(record))
+    changed = tiny_recipe(tmp_path, **{"training.learning_rate": 0.1})
+    run = RunFolder(out)
+    try:
+        with pytest.raises(RecipeError, match=r"whose recipe differs in training.learning_rate \(0.3 -> 0.1\)"):
+            run.open(changed, resume=True, precision="fp32")  # compared with the checkpoint's recipe
+        run.release()
+        run.open(recipe, resume=True, precision="fp32")
+        run.begin(SimpleNamespace(world_size=1))
+    finally:
+        run.release()
+    written = json.loads((out / RUN_FILE).read_text())
+    assert written["recipe"] == recipe and written["run_id"] == "x" and written["precision"] == "fp32"
+    assert len(written["resumed"]) == 1
+
+
+def test_a_checkpoint_saved_again_replaces_the_old_one_without_removing_it_first(tmp_path, capsys, monkeypatch):
+    # Resumed from checkpoint-2, the run reaches step 4 again: checkpoint-4 used to be removed (rmtree) before the
+    # new one was renamed into place, and a crash in between left neither.
+    import shutil
+
+    out = tmp_path / "out"
+    path = write(tmp_path, tiny_recipe(tmp_path, **SAVES))
+    assert main(["train", path]) == 0
+    (out / "checkpoint-4" / "left-by-the-first-save").write_text("")
+    rmtree = shutil.rmtree
+
+    def checked_rmtree(target, *args, **kwargs):
+        rmtree(target, *args, **kwargs)
+        assert (out / "checkpoint-4" / "trainer_state.json").is_file(), f"checkpoint-4 gone after removing {target}"
+
+    monkeypatch.setattr(shutil, "rmtree", checked_rmtree)
+    assert main(["train", path, "--set", f"training.resume_from_checkpoint={out / 'checkpoint-2'}"]) == 0
+    assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out.splitlines()
+    assert checkpoint_damage(out / "checkpoint-4") is None
+    assert not (out / "checkpoint-4" / "left-by-the-first-save").exists()  # the new folder, not a mix
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_publish_puts_the_old_folder_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    from ia3_trainer.checkpoints import publish
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "a").write_text("old")
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged" / "a").write_text("new")
+    replace = os.replace
+
+    def second_rename_fails(source, target):
+        if str(source).endswith("staged"):
+            raise OSError("a disk that went read-only")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="read-only"):
+        publish(tmp_path / "staged", tmp_path / "final")
+    assert (tmp_path / "final" / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "staged"]  # no aside folder left

@@ -127,3 +127,51 @@ def test_points_that_differ_only_in_case_are_refused(tmp_path):
         "--grid: sweep points source_prefix=Review and source_prefix=review would share one output folder; make "
         "their values differ in more than letter case"
     ]
+
+
+def test_a_sweep_json_of_another_sweep_is_refused_unless_overwrite(tmp_path, capsys):
+    # sweep.json is a sweep's only record: a second sweep with other points into the same output_dir used to replace
+    # it without a word.
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    results = tmp_path / "out" / "sweep.json"
+    assert main(["sweep", str(path), "--grid", "training.learning_rate=0.01"]) == 0
+    first = results.read_bytes()
+    assert [row["training.learning_rate"] for row in json.loads(first)] == [0.01]
+    capsys.readouterr()
+
+    other = ["sweep", str(path), "--grid", "training.seed=1,2"]
+    with pytest.raises(SystemExit) as info:
+        main(other)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"ia3-trainer: error: training.output_dir: {results} holds the results of another sweep (points "
+                    "learning_rate=0.01); pass --overwrite (or set training.overwrite_output_dir) to replace it, or "
+                    "choose another training.output_dir")
+    assert results.read_bytes() == first and not (tmp_path / "out" / "seed=1").exists()  # refused before training
+
+    results.write_text("not json")  # whatever else the file holds is kept as well
+    with pytest.raises(SystemExit):
+        main(other)
+    assert "holds a file that is not a sweep's results; pass --overwrite" in capsys.readouterr().err
+
+    assert main([*other, "--overwrite"]) == 0
+    assert [row["training.seed"] for row in json.loads(results.read_text())] == [1, 2]
+    assert (tmp_path / "out" / "learning_rate=0.01" / "adapter_model.safetensors").is_file()  # other points kept
+
+
+def test_sweep_json_writes_non_finite_metrics_as_null(tmp_path):
+    from ia3_trainer import IA3Seq2SeqTrainer
+    from ia3_trainer.jsonfiles import read_json
+    from ia3_trainer.sweep import run_sweep
+
+    class Overflowing(IA3Seq2SeqTrainer):  # a perplexity of a loss over 709 is inf; a ROUGE of no text is NaN
+        def final_eval_metrics(self):
+            return {**super().final_eval_metrics(), "eval_perplexity": float("inf"), "eval_rouge1": float("nan")}
+
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
+    rows = run_sweep(raw, {"training.seed": [1]}, trainer_cls=Overflowing)
+    assert rows[0]["eval_perplexity"] == float("inf")  # the rows returned keep the numbers
+    [saved] = read_json(tmp_path / "out" / "sweep.json")  # strict JSON: no NaN, no Infinity
+    assert saved["eval_perplexity"] is None and saved["eval_rouge1"] is None and saved["training.seed"] == 1
