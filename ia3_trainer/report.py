@@ -62,8 +62,7 @@ def build_report(outputs, tokenizer, label_names: list[str] | None = None, **inf
         "label_accuracy": label_accuracy(predictions, references) if predictions is not None else None,
         "macro_f1": None,
         "loss": outputs.loss,
-        "perplexity": perplexity(float(np.sum(outputs.nll_sum)), float(np.sum(outputs.token_count)))
-        if outputs.nll_sum is not None else None,
+        "perplexity": perplexity(outputs.loss) if outputs.nll_sum is not None else None,
         "teacher_forced_accuracy": label_accuracy(decode(outputs.teacher_forced, tokenizer), references)
         if outputs.teacher_forced is not None else None,
         "teacher_forced_accuracy_note": TEACHER_FORCED_NOTE,
