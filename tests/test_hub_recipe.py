@@ -249,6 +249,14 @@ def _launch(command, hub, tmp_path, timeout_s: str):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _interrupt(process) -> tuple[float, str]:
+    """Ctrl-C `process`: the seconds it took to exit, and its stderr."""
+    process.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    return time.monotonic() - start, err
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_train_waits_for_the_push_exits_at_once_with_one_line(tmp_path):
     with HubServer() as hub:
@@ -261,12 +269,10 @@ def test_ctrl_c_while_train_waits_for_the_push_exits_at_once_with_one_line(tmp_p
             for line in process.stdout:  # the wait starts once the results are written
                 if line.startswith("ia3-trainer: waiting up to 300 s"):
                     break
-            process.send_signal(signal.SIGINT)
-            start = time.monotonic()
-            out, err = process.communicate(timeout=60)
+            seconds, err = _interrupt(process)
         finally:
             process.kill()
-    assert time.monotonic() - start < 10
+    assert seconds < 10
     assert process.returncode == 130
     lines = [line for line in err.splitlines() if line.startswith("ia3-trainer: ")]
     out = tmp_path / "out"
@@ -289,12 +295,10 @@ def test_ctrl_c_during_cli_push_exits_at_once_and_removes_its_staging_copy(run, 
             while not hub.requests and time.monotonic() < deadline:  # the push is under way: the Hub got a request
                 time.sleep(0.1)
             assert list((tmp_path / "tmp").iterdir()) != []  # its staging copy
-            process.send_signal(signal.SIGINT)
-            start = time.monotonic()
-            out, err = process.communicate(timeout=60)
+            seconds, err = _interrupt(process)
         finally:
             process.kill()
-    assert time.monotonic() - start < 10
+    assert seconds < 10
     assert process.returncode == 130
     assert err == (f"ia3-trainer: interrupted: the push to {REPO_ID} did not finish; {run} is unchanged; run the same "
                    "command again to push it\n")
