@@ -24,6 +24,7 @@ from .runs import check_fresh
 
 SWEEP_FILE = "sweep.json"
 
+
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`.
 
