@@ -29,5 +29,7 @@ class LazyExports(griffe.Extension):
             if name in pkg.members or name.startswith("__"):
                 continue
             obj = getattr(module, name)
+            if not hasattr(obj, "__qualname__"):  # a constant: nothing to document beyond its name
+                continue
             target = f"{obj.__module__}.{obj.__qualname__}"
             pkg.set_member(name, griffe.Alias(name, target, parent=pkg))
