@@ -33,8 +33,9 @@ def render() -> str:
 
     import ia3_trainer
 
-    # Not exported at top level: what a recipe may not set, and the metric names. Adjust these paths if they move.
-    from ia3_trainer.sections import IA3_RESERVED, METRICS, TRAINING_RESERVED
+    # Not exported at top level: what a recipe may not set, and the metric names, found where they are defined.
+    IA3_RESERVED, METRICS, TRAINING_RESERVED = (_internal(ia3_trainer, name)
+                                                for name in ("IA3_RESERVED", "METRICS", "TRAINING_RESERVED"))
 
     recipe_types = typing.get_type_hints(ia3_trainer.Recipe)
     out = []
@@ -78,6 +79,22 @@ _TOP_LEVEL_HELP = {
     "name": "Name of the run; the default `training.output_dir` is `outputs/<name>`.",
     "description": "One line: model, dataset, and the command that runs it.",
 }
+
+
+def _internal(ia3_trainer, name: str):
+    """A module-level name of the package that is not exported: looked up in the module that defines the section
+    classes, then in every module of the package, so that moving modules does not break the build."""
+    import importlib
+    import pkgutil
+
+    sections = importlib.import_module(ia3_trainer.ModelSection.__module__)
+    if hasattr(sections, name):
+        return getattr(sections, name)
+    for info in pkgutil.walk_packages(ia3_trainer.__path__, prefix="ia3_trainer."):
+        module = importlib.import_module(info.name)
+        if name in vars(module):
+            return vars(module)[name]
+    raise LookupError(f"no module of ia3_trainer defines {name}: update docs/hooks/recipe_reference.py")
 
 
 def _is_recipe_key(ia3_trainer, f) -> bool:
