@@ -7,7 +7,8 @@ for starting over and for resuming.
   run is always refused.
 - `run.json` records the run (an id, when and where it started, its resolved recipe), written whole before training.
 - Resuming continues the run recorded in the folder, and only when the recipe is the same but for the keys that do
-  not change what is trained (`ia3_trainer.resuming`); the changed keys are named either way.
+  not change what is trained (`ia3_trainer.resuming`); the changed keys are named either way. The data must be the
+  same too: `run.json` keeps a fingerprint of it (`ia3_trainer.fingerprint`), compared once the data is loaded.
 - The process that saves (one per machine with `save_on_each_node`) holds an exclusive `flock` on `run.lock` for
   the whole run; a second run on the folder is refused with the holder's pid, host and start. The kernel releases
   the lock when its process dies, so a run that crashed never blocks the next one.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .errors import RecipeError
+from .fingerprint import check_same_data
 from .jsonfiles import read_json, write_json
 from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
@@ -110,6 +112,7 @@ class RunFolder:
         self._lock: int | None = None
         self._record: dict | None = None  # what `begin` writes to run.json
         self._replace = False  # whether `begin` removes the previous run's files first
+        self._continuing = False  # whether this run continues the one recorded in the folder
 
     def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
              precision: str | None = None) -> None:
@@ -139,6 +142,7 @@ class RunFolder:
             record = {**(record or _new_record(None, precision)), "recipe": recipe}
             record.setdefault("precision", precision)  # a run.json from before precision was recorded
             record["resumed"] = [*record.get("resumed", []), _now()]
+            self._continuing = True
         else:
             check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
             if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
@@ -149,16 +153,23 @@ class RunFolder:
             record, self._replace = _new_record(recipe, precision), overwrite
         self._record = record
 
-    def begin(self, args) -> None:
-        """Right before training (once the data and the model loaded): with `overwrite`, remove the previous run's
-        files; then write `run.json`, whole or not at all. Every process calls it; the second call does nothing."""
+    def begin(self, args, data=None) -> None:
+        """Right before training (once the data and the model loaded): refuse continuing the run on other data than
+        it trained on; with `overwrite`, remove the previous run's files; then write `run.json` with the data's
+        fingerprint, whole or not at all. `data` returns the fingerprint (`fingerprint.data_fingerprint`), called by
+        the processes that save only. Every process calls `begin`; the second call does nothing."""
         error = None
         if self._record is not None:
             try:
+                fingerprint = data() if data is not None else None
+                if self._continuing:
+                    check_same_data(self._record.get("data"), fingerprint, self._record.get("recipe"), self.path)
+                if fingerprint is not None:
+                    self._record["data"] = fingerprint
                 if self._replace:
                     _remove_run_files(self.path)
                 write_json(self.path / RUN_FILE, self._record)
-            except OSError as caught:
+            except (OSError, ValueError) as caught:
                 error = caught
             self._record = None
         error = _agree(error, args.world_size)
@@ -281,6 +292,7 @@ _RECORD_FIELDS = {
     "precision": lambda value: value in ("bf16", "fp16", "fp32"),
     "resumed": lambda value: isinstance(value, list),
     "started": lambda value: isinstance(value, str),
+    "data": lambda value: isinstance(value, dict),
 }
 
 

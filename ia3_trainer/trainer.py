@@ -13,6 +13,7 @@ from .checkpoints import AtomicCheckpoints, last_checkpoint
 from .data import PreparedData, build_collator, encode_batch, prepare_data
 from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
+from .fingerprint import data_fingerprint
 from .guard import GuardSteps, NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
@@ -297,16 +298,28 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                 logger.info("Resuming from %s", resume_from_checkpoint)
                 if self.is_world_process_zero():
                     print(f"Resuming from {resume_from_checkpoint}")
-            run.begin(self.args)
+            run.begin(self.args, data=lambda: data_fingerprint(self.train_dataset, self.eval_dataset,
+                                                               self.candidate_labels, recipe))
             output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if getattr(self, "_trained_out", False):  # nothing trained in this call: Trainer's train_loss would read 0
+            for key in ("train_loss", "train_perplexity"):
+                output.metrics.pop(key, None)
         # Trainer returns its own train_loss, before log() left the steps the non-finite guard skipped out of it.
         return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
-    def _init_training_state(self, max_steps, *args, **kwargs):
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
         # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
         # the recipe may change them on resume (resuming.RESUMABLE), so they apply from the checkpoint on.
-        trained = super()._init_training_state(max_steps, *args, **kwargs)
+        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)
         self.state.compute_steps(self.args, max_steps)
+        self._trained_out = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self._trained_out:
+            finished_run(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero())
+            # transformers 5.24 would run the rest of the checkpoint's epoch and train one step past max_steps (a
+            # kill during the final save leaves the checkpoint of the last step): no epoch is left to run.
+            return num_train_epochs, 0
         return trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -373,6 +386,18 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         else:
             encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
         return {"label_names": self.candidate_labels, "max_new_tokens": self.generation_bound(), "encode": encode}
+
+
+def finished_run(checkpoint: str, step: int, max_steps: int, speak: bool) -> None:
+    """A resumed run whose checkpoint is at `max_steps` already is finished (its final save is written again); one
+    past it was trained to another length, and is refused."""
+    if step > max_steps:
+        raise RecipeError(
+            f"training.max_steps: the checkpoint {checkpoint} is at step {step}, past training.max_steps {max_steps}; "
+            f"set training.max_steps to {step} or more to continue the run, or pass --overwrite to start over"
+        )
+    if speak:
+        print(f"{checkpoint} is at step {step}, the run's last: finishing the run without training")
 
 
 def _pad_multiple(args) -> int | None:
