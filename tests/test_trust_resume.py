@@ -148,3 +148,36 @@ def test_a_checkpoint_with_a_damaged_file_is_skipped_for_the_one_before(tmp_path
     assert "Resuming from " + str(out / "checkpoint-2") in [r.getMessage() for r in caplog.records]
     assert global_step(out / "checkpoint-6") == 6
     assert os.path.isfile(out / "adapter_model.safetensors")
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_during_the_end_of_run_report_says_the_run_is_complete(tmp_path, capsys, monkeypatch):
+    import ia3_trainer.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
+    monkeypatch.setattr(ia3_trainer.report, "write_training_report", interrupted)
+    recipe, _ = write_recipe(tmp_path, "run")
+    assert main(["train", recipe]) == 130
+    out = tmp_path / "run"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ia3-trainer: interrupted after the run completed (the adapter is saved in {out}); there is nothing to "
+        f"resume; its results and report may be incomplete (ia3-trainer evaluate {out} writes the report)")
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line(capsys, monkeypatch):
+    import ia3_trainer.training_args
+
+    def interrupted():
+        raise KeyboardInterrupt  # where the start-up imports datasets, huggingface_hub and transformers
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
+    monkeypatch.setattr(ia3_trainer.training_args, "stderr_is_terminal", interrupted)
+    assert main(["train", "tiny"]) == 130
+    assert capsys.readouterr().err == "ia3-trainer: interrupted\n"
