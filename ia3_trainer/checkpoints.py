@@ -140,13 +140,12 @@ def _state_problem(state) -> str | None:
     """What makes `state` (a parsed `trainer_state.json`) no Trainer state, or None."""
     if not isinstance(state, dict):
         return f"holds a JSON {type(state).__name__}, not an object"
-    if not isinstance(state.get("global_step"), int) or isinstance(state["global_step"], bool) \
-            or state["global_step"] < 0:
-        return f"has global_step {json.dumps(state.get('global_step'))} (not a step count)"
-    for key, types in _STATE_TYPES.items():
+    for key, types in _STATE_TYPES.items():  # a missing field takes TrainerState's default
         value = state.get(key)
         if key in state and (not isinstance(value, types) or isinstance(value, bool)):
             return f"has {key} {json.dumps(value)[:40]} (of the wrong type)"
+    if state.get("global_step", 0) < 0:
+        return f"has global_step {state['global_step']} (not a step count)"
     if not all(isinstance(entry, dict) for entry in state.get("log_history") or []):
         return "has a log_history entry that is not an object"
     return None
