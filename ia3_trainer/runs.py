@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
-from .errors import RecipeError
+from .errors import RecipeError, first_line
 from .fingerprint import check_same_data
 from .jsonfiles import read_json, write_json
 from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
@@ -83,7 +83,7 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
             error = caught
     error = _agree(error, args.world_size)
     if error is not None:
-        run.release()
+        run.abandon()
         raise error
     _CLAIMS[key] = run
     try:
@@ -113,6 +113,7 @@ class RunFolder:
         self._record: dict | None = None  # what `begin` writes to run.json
         self._replace = False  # whether `begin` removes the previous run's files first
         self._continuing = False  # whether this run continues the one recorded in the folder
+        self._created: list[Path] = []  # the folder and lock file this run created, removed if it cannot start
 
     def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
              precision: str | None = None) -> None:
@@ -169,11 +170,14 @@ class RunFolder:
                 if self._replace:
                     _remove_run_files(self.path)
                 write_json(self.path / RUN_FILE, self._record)
-            except (OSError, ValueError) as caught:
+            except OSError as caught:
+                error = _not_written(caught, self.path / RUN_FILE)
+            except ValueError as caught:
                 error = caught
             self._record = None
         error = _agree(error, args.world_size)
         if error is not None:
+            self.abandon()
             raise error
 
     def _acquire(self) -> None:
@@ -181,8 +185,14 @@ class RunFolder:
             import fcntl
         except ImportError:  # Windows: no flock; the folder rules still apply
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock_file = self.path / LOCK_FILE
+        created = [path for path in (*reversed(self.path.parents), self.path, lock_file) if not path.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _not_written(error, lock_file) from error
+        self._created = created
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -196,13 +206,35 @@ class RunFolder:
             ) from None
         self._lock = descriptor
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as error:
+            raise _not_written(error, lock_file) from error
 
     def release(self) -> None:
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor releases the flock
             self._lock = None
+
+    def abandon(self) -> None:
+        """Release the folder of a run that could not start, removing the lock file and the folders it created (a
+        full disk must not leave a `run.lock` behind in a folder that held nothing)."""
+        if self._lock is not None:
+            for path in reversed(self._created):  # the lock file first, then the folders, innermost first
+                with contextlib.suppress(OSError):  # a folder that holds something now stays
+                    path.unlink() if path.name == LOCK_FILE and path.parent == self.path else path.rmdir()
+        self._created = []
+        self.release()
+
+
+def _not_written(error: OSError, path: Path) -> RecipeError:
+    """A failure to write the run's own files at its start (a full disk, a read-only folder), naming the file."""
+    where = error.filename or path
+    return RecipeError(
+        f"training.output_dir: cannot write {where} ({error.strerror or first_line(error)}); make room on that disk "
+        "or make the folder writable, or choose another training.output_dir, then train again"
+    )
 
 
 def _agree(error: BaseException | None, world_size: int) -> BaseException | None:
