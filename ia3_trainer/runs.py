@@ -255,8 +255,8 @@ def _check_checkpoint(checkpoint: Path) -> None:
         )
     problem = checkpoint_damage(checkpoint)
     if problem is not None:
-        raise ValueError(f"training.resume_from_checkpoint: cannot resume from {checkpoint}: {problem}; give a whole "
-                         "checkpoint-N folder, or pass --resume to take the newest whole one")
+        raise RecipeError(f"training.resume_from_checkpoint: cannot resume from {checkpoint}: {problem}; give a "
+                          "whole checkpoint-N folder, or pass --resume to take the newest whole one")
 
 
 def run_entries(folder: Path) -> tuple[list[str], list[str]]:
