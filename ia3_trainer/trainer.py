@@ -17,6 +17,7 @@ from .fingerprint import data_fingerprint
 from .guard import GuardSteps, NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
+from .resuming import check_finished
 from .runs import claim_output_dir, no_checkpoint_error
 from .saving import FinalSave, SavingMixin
 from .scoring import teacher_forced_inputs, token_nll
@@ -316,7 +317,7 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         self.state.compute_steps(self.args, max_steps)
         self._trained_out = resume_from_checkpoint is not None and self.state.global_step >= max_steps
         if self._trained_out:
-            finished_run(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero())
+            check_finished(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero())
             # transformers 5.24 would run the rest of the checkpoint's epoch and train one step past max_steps (a
             # kill during the final save leaves the checkpoint of the last step): no epoch is left to run.
             return num_train_epochs, 0
@@ -386,18 +387,6 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         else:
             encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
         return {"label_names": self.candidate_labels, "max_new_tokens": self.generation_bound(), "encode": encode}
-
-
-def finished_run(checkpoint: str, step: int, max_steps: int, speak: bool) -> None:
-    """A resumed run whose checkpoint is at `max_steps` already is finished (its final save is written again); one
-    past it was trained to another length, and is refused."""
-    if step > max_steps:
-        raise RecipeError(
-            f"training.max_steps: the checkpoint {checkpoint} is at step {step}, past training.max_steps {max_steps}; "
-            f"set training.max_steps to {step} or more to continue the run, or pass --overwrite to start over"
-        )
-    if speak:
-        print(f"{checkpoint} is at step {step}, the run's last: finishing the run without training")
 
 
 def _pad_multiple(args) -> int | None:
