@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ia3_trainer import RecipeError
 from ia3_trainer.cli import main
+from ia3_trainer.fingerprint import METHOD, check_same_data
 
 from conftest import TINY_ASSETS, assert_same_adapter, tiny_recipe
 
@@ -77,6 +79,21 @@ def test_resume_refuses_edited_texts_and_goes_on_once_the_data_is_restored(tmp_p
     data.write_text(original)
     assert main(["train", recipe, "--resume", "--set", "training.max_steps=6"]) == 0
     assert json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_the_validation_split_may_change_only_with_max_eval_samples(tmp_path):
+    saved = {"method": METHOD, "train": "t", "validation": "v", "labels": ["a"], "max_eval_samples": None}
+    recipe = {"data": {"path": "json", "data_files": {"train": "t.jsonl", "validation": "v.jsonl"},
+                       "validation_split": "validation"}}
+    with pytest.raises(RecipeError, match=r"^data.data_files validation \(v.jsonl\): the validation data changed"):
+        check_same_data(saved, {**saved, "validation": "w"}, recipe, tmp_path)
+    check_same_data(saved, {**saved, "validation": "w", "max_eval_samples": 8}, recipe, tmp_path)  # cut: may change
+    check_same_data(saved, {**saved, "method": "other", "train": "u"}, recipe, tmp_path)  # hashed another way
+    with pytest.raises(RecipeError, match=r"^data.data_files train \(t.jsonl\): the label set changed"):
+        check_same_data(saved, {**saved, "method": "other", "labels": ["b"]}, recipe, tmp_path)
+    hub = {"data": {"path": "takala/financial_phrasebank", "train_split": "train"}}
+    with pytest.raises(RecipeError, match=r"^data.path 'takala/financial_phrasebank' split 'train': the training"):
+        check_same_data(saved, {**saved, "train": "u"}, hub, tmp_path)
 
 
 # --- exact resume -------------------------------------------------------------------------------------------------
