@@ -84,13 +84,17 @@ def check_same_recipe(saved: dict | None, new: dict | None, where: Path) -> None
         print(f"Resuming {where} with {_listed(shown)}")
 
 
-def check_finished(checkpoint: str, step: int, max_steps: int, speak: bool) -> None:
+def check_finished(checkpoint: str, step: int, max_steps: int, speak: bool, by_epochs: bool = False) -> None:
     """A resumed run whose checkpoint is at `max_steps` already is finished (its final save is written again); one
-    past it was trained to another length, and is refused."""
+    past it was trained to another length, and is refused. `by_epochs`: `max_steps` comes from num_train_epochs."""
     if step > max_steps:
+        key = "training.num_train_epochs" if by_epochs else "training.max_steps"
+        length = (f"the {max_steps} steps of training.num_train_epochs" if by_epochs
+                  else f"training.max_steps {max_steps}")
+        fix = "raise training.num_train_epochs" if by_epochs else f"set training.max_steps to {step} or more"
         raise RecipeError(
-            f"training.max_steps: the checkpoint {checkpoint} is at step {step}, past training.max_steps {max_steps}; "
-            f"set training.max_steps to {step} or more to continue the run, or pass --overwrite to start over"
+            f"{key}: the checkpoint {checkpoint} is at step {step}, past {length}; {fix} to continue the run, or pass "
+            "--overwrite to start over"
         )
     if speak:
         print(f"{checkpoint} is at step {step}, the run's last: finishing the run without training")

@@ -317,7 +317,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         self.state.compute_steps(self.args, max_steps)
         self._trained_out = resume_from_checkpoint is not None and self.state.global_step >= max_steps
         if self._trained_out:
-            check_finished(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero())
+            check_finished(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero(),
+                           by_epochs=self.args.max_steps <= 0)
             # transformers 5.24 would run the rest of the checkpoint's epoch and train one step past max_steps (a
             # kill during the final save leaves the checkpoint of the last step): no epoch is left to run.
             return num_train_epochs, 0

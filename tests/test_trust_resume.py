@@ -133,6 +133,11 @@ def test_resume_with_max_steps_below_the_checkpoint_is_refused(tmp_path, capsys)
         f"ia3-trainer: error: training.max_steps: the checkpoint {tmp_path / 'run' / 'checkpoint-4'} is at step 4, "
         "past training.max_steps 3; set training.max_steps to 4 or more to continue the run, or pass --overwrite "
         "to start over")
+    line = refused(capsys, ["train", recipe, "--resume", "--set", "training.max_steps=-1", "--set",
+                            "training.num_train_epochs=0.25"])  # 8 steps an epoch: 2 steps
+    assert line.startswith(f"ia3-trainer: error: training.num_train_epochs: the checkpoint "
+                           f"{tmp_path / 'run' / 'checkpoint-4'} is at step 4, past the 2 steps of "
+                           "training.num_train_epochs; raise training.num_train_epochs to continue the run")
     after = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert all(torch.equal(before[name], after[name]) for name in before)
 
