@@ -10,6 +10,7 @@ from pathlib import Path
 from . import modeling
 from .adapters import read_adapter
 from .checkpoints import publish
+from .output_dir import resolved
 
 
 def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: str | None = None,
@@ -27,7 +28,7 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     from .predictor import load_adapter_model
 
     merged_dir = Path(merged_dir).expanduser()
-    target = merged_dir.resolve()
+    target = resolved(merged_dir, "MERGED_DIR")
     adapter = read_adapter(dir_or_repo, revision)
     folder, base = adapter.folder, adapter.base_model
     # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)
