@@ -1,0 +1,407 @@
+"""Hyperparameter search on Optuna: one study, many workers, trials pruned early, resumed after a crash.
+
+[`run_search`] trains one recipe at the trials of an Optuna study, each trial one whole run
+(`IA3Seq2SeqTrainer.from_recipe(...).train()`) in its own folder of the recipe's `training.output_dir` (the sweep
+folder): `trial-<number>`, or for an exact grid the point's name (`learning_rate=0.003,seed=1`).
+
+- The study lives in a storage: by default the SQLite file `<sweep folder>/study.db`; any SQLAlchemy URL
+  (`postgresql://...`, `mysql://...`) or `journal:PATH` (a journal file, e.g. on a shared file system) lets several
+  workers (the same command on several machines, or twice on one) share it. Optuna numbers trials atomically, so no
+  two trials share a number or a folder, and a worker stops once the study holds `n_trials` trials that ran (or
+  run now); a trial asked past that by a racing worker is closed unrun (marked `surplus`, left out of the results).
+- Pruning: each evaluation reports the objective (`trial.report`); when the pruner says so the run stops (its
+  adapter is saved as at any end) and the trial is marked pruned. Default `optuna.pruners.MedianPruner()`.
+- Crashes: a trial stopped by Ctrl-C is marked failed and queued again with the same parameters (a new trial, a
+  new folder; a grid point keeps its folder, whose unfinished run is replaced). A worker killed outright leaves its
+  trial running in the storage: the next worker started on the same machine sees that its process is gone and does
+  the same; on other machines the heartbeat does it (RDB storages: a running trial unheard of for
+  `HEARTBEAT_GRACE_S` seconds is failed and queued again). Finished trials are never run again.
+- Under `accelerate launch` one trial is one distributed run: the main process talks to the storage and sends each
+  trial's values (and each pruning decision) to the others.
+
+`IA3Seq2SeqTrainer.hyperparameter_search` is transformers' own and needs a `model_init`; call `run_search` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import socket
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from . import sweep
+from .errors import RecipeError
+from .jsonfiles import finite, read_json
+from .recipe import Recipe
+from .runs import check_fresh
+from .sweep import SearchParam, study_rows, trial_recipe, write_results
+
+
+HEARTBEAT_S = 60  # how often a running trial tells an RDB storage it is alive
+HEARTBEAT_GRACE_S = 180  # unheard of this long, it is failed and queued again
+
+
+def open_storage(url: str):
+    """An Optuna storage for `url`: `journal:PATH` (a journal file) or an SQLAlchemy URL (with a heartbeat)."""
+    import optuna
+
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            )
+    except Exception as error:  # SQLAlchemy's URL and driver errors, a missing driver, an unreadable file
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--storage {sweep.shown_url(url)}: {detail}; give an SQLAlchemy URL "
+                         "(sqlite:///path/study.db, postgresql://user@host/db) or journal:PATH") from error
+
+
+def run_search(
+    recipe: str | Path | dict | Recipe,
+    *,
+    grid: dict[str, list[Any]] | list[str] | None = None,
+    search: list[SearchParam] | list[str] | None = None,
+    overrides: dict | list[str] | None = None,
+    n_trials: int | None = None,
+    objective: str | None = None,
+    direction: str | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    prune: bool = True,
+    pruner=None,
+    sampler=None,
+    overwrite: bool = False,
+    trainer_cls=None,
+) -> list[dict[str, Any]]:
+    """Search `recipe`'s hyperparameters; return the study's results, one row per trial (see [`study_rows`]).
+
+    Give `grid` (`{"training.learning_rate": [3e-3, 8e-3]}` or `--grid` texts: every point once, Optuna's
+    `GridSampler`) or `search` (`--search` texts such as `"training.learning_rate=log:1e-4:3e-2"`, drawn by
+    `sampler`, default TPE, `n_trials` times, default 20). `objective` is a metric key (`eval_label_accuracy`),
+    default the recipe's main metric ([`default_objective`]). `storage` defaults to
+    `sqlite:///<training.output_dir>/study.db`, `study_name` to the recipe's name: running the same call again (or
+    in another process or machine on the same storage) continues the study. `overwrite` deletes the study first and
+    lets trials replace runs in their folders. `trainer_cls` defaults to [`IA3Seq2SeqTrainer`].
+    """
+    import optuna
+
+    if trainer_cls is None:
+        from .trainer import IA3Seq2SeqTrainer as trainer_cls
+    plan = sweep.plan_search(recipe, grid, search, overrides, n_trials, objective, direction,
+                             trainer_cls.recipe_sections)
+    base, root = plan.base, Path(plan.base.training["output_dir"])
+    rank = base.training_args().process_index  # sets up the process group under accelerate launch
+    if rank != 0:
+        return _follow(plan, trainer_cls)
+    root.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{root.resolve() / 'study.db'}"
+    study_name = study_name or base.name or "sweep"
+    backend = open_storage(storage)
+    if overwrite:
+        try:
+            optuna.delete_study(study_name=study_name, storage=backend)
+        except KeyError:
+            pass
+    if sampler is None:
+        sampler = _grid_sampler(plan.spec["grid"]) if plan.names else optuna.samplers.TPESampler()
+    if pruner is None:
+        pruner = optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=backend, study_name=study_name, direction=plan.direction, sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    recorded = study.user_attrs.get("spec")
+    if recorded is None:
+        study.set_user_attr("spec", plan.spec)
+    elif recorded != plan.spec:
+        raise ValueError(
+            f"--study {study_name}: {sweep.shown_url(storage)} holds study {study_name!r} of another search "
+            f"({sweep.describe_spec(recorded)}); pass --overwrite to replace it, --study NAME for a new study, or "
+            "choose another training.output_dir"
+        )
+    _check_folders(study, root, study_name, plan.names, overwrite or bool(base.training.get("overwrite_output_dir")))
+    _Search(study, backend, plan, trainer_cls, overwrite).run(plan.n_trials)
+    rows = study_rows(study, plan.params, list(plan.names))
+    if any(row["state"] == "COMPLETE" for row in rows):
+        best = study.best_trial.number
+        rows = [{**row, "best": row["trial"] == best} for row in rows]
+    write_results(rows, root, plan.params, plan.objective)
+    return rows
+
+
+def _grid_sampler(grid: dict[str, list[str]]):
+    """Optuna's `GridSampler` over the grid's values as JSON texts (it takes only numbers, strings and None, and
+    `["none"]` and `"none"` stay two values). The search loop decides when the study is done: ask-and-tell has no
+    `optimize` loop for `GridSampler.after_trial` to stop."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values):
+            pass
+
+    return GridSampler(grid, seed=0)
+
+
+def _check_folders(study, root: Path, study_name: str, names: dict[str, str], overwrite: bool) -> None:
+    """Before the first trial: refuse folders this search would train into that hold runs of no trial of the
+    study (unless `overwrite`), and a `sweep.json` of another study."""
+    ours = {Path(t.user_attrs["folder"]).resolve() for t in study.get_trials(deepcopy=False)
+            if "folder" in t.user_attrs}
+    folders = [root / name for name in names.values()] or sorted(root.glob("trial-*"))
+    problems = []
+    for folder in folders:
+        if folder.resolve() not in ours:
+            try:
+                check_fresh(folder, overwrite)
+            except FileExistsError as error:
+                problems.append(f"sweep trial folder {folder.name}: {error}")
+    results = root / sweep.SWEEP_FILE
+    if results.exists() and not overwrite:
+        try:
+            studies = {row["study"] for row in read_json(results, allow_nan=True)}
+        except (OSError, ValueError, TypeError, KeyError):
+            studies = None
+        if studies is None or not studies <= {study_name}:
+            held = "a file that is not a sweep's results" if studies is None else f"the results of study {studies}"
+            problems.append(f"training.output_dir: {results} holds {held}; pass --overwrite to replace it, or choose "
+                            "another training.output_dir")
+    if problems:
+        raise RecipeError(problems)
+
+
+class PruneTrial(TrainerCallback):
+    """Reports the objective at each evaluation to an Optuna trial and stops the run when its pruner says so (then
+    `pruned` is True). Under a launch only the main process holds the trial (`trial=None` elsewhere); its decision
+    is sent to every process, which all stop together."""
+
+    def __init__(self, trial, objective: str):
+        self.trial, self.objective, self.pruned = trial, objective, False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.objective)
+        prune = False
+        if self.trial is not None and isinstance(value, (int, float)) and math.isfinite(value):
+            self.trial.report(float(value), state.global_step)
+            prune = self.trial.should_prune()
+        if _broadcast(prune):
+            self.pruned = control.should_training_stop = True
+
+
+def _broadcast(value):
+    """`value` of the main process, on every process of a launch (as it is without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train(trainer_cls, recipe: Recipe, callback: PruneTrial) -> dict[str, float]:
+    """One trial's run, start to end; its train and final eval metrics."""
+    trainer = trainer_cls.from_recipe(recipe, callbacks=[callback])
+    metrics = dict(trainer.train().metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.final_eval_metrics())
+    del trainer
+    gc.collect()  # free the model before the next trial loads its own
+    return metrics
+
+
+def _follow(plan: sweep.SearchPlan, trainer_cls) -> list:
+    """A launch's other processes: train each trial the main process sends, until it sends None."""
+    while (job := _broadcast(None)) is not None:
+        values, folder, overwrite = job
+        recipe = trial_recipe(plan.base, values, folder, overwrite, trainer_cls.recipe_sections)
+        _train(trainer_cls, recipe, PruneTrial(None, plan.objective))
+    return []
+
+
+class _Search:
+    """The main process's loop: ask a trial, train it, tell its result, until the study holds enough trials."""
+
+    def __init__(self, study, storage, plan: sweep.SearchPlan, trainer_cls, overwrite: bool):
+        self.study, self.storage, self.trainer_cls, self.overwrite = study, storage, trainer_cls, overwrite
+        self.base, self.params, self.names, self.objective = plan.base, plan.params, plan.names, plan.objective
+        self.sections = trainer_cls.recipe_sections
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+        self.root = Path(plan.base.training["output_dir"])
+
+    def run(self, n_trials: int) -> None:
+        from optuna.trial import TrialState
+
+        try:
+            while True:
+                self.recover()
+                trials = self.study.get_trials(deepcopy=False)
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                if sum(map(_counted, trials)) >= n_trials and not waiting:
+                    break
+                with warnings.catch_warnings():  # the heartbeat is ours (_heartbeat), not Study.optimize's
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = self.study.ask()
+                retry = "failed_trial" in self.frozen(trial.number).system_attrs
+                before = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
+                if not retry and sum(map(_counted, before)) >= n_trials:
+                    trial.set_user_attr("surplus", True)  # another worker asked the last trial first
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    break
+                self.run_trial(trial, retry)
+        finally:
+            _broadcast(None)
+
+    def frozen(self, number: int):
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self.storage.get_trial(trial_id)
+
+    def run_trial(self, trial, retry: bool) -> None:
+        from optuna.trial import TrialState
+
+        values = {param.key: sample(trial, param) for param in self.params}
+        name = self.names.get(sweep.point_key(values)) if self.names else f"trial-{trial.number}"
+        folder = (self.root / name).resolve()
+        trial.set_user_attr("folder", str(folder))
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        overwrite = self.overwrite or (retry and bool(self.names))  # a grid point's retry replaces its lost run
+        try:
+            recipe = trial_recipe(self.base, values, folder, overwrite, self.sections)
+        except RecipeError as error:  # a value inside a range that the ends did not show to be invalid
+            return self.fail(trial, str(error))
+        callback = PruneTrial(trial, self.objective)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        with _heartbeat(self.storage, trial_id):
+            try:
+                _broadcast((values, str(folder), overwrite))
+                metrics = _train(self.trainer_cls, recipe, callback)
+            except KeyboardInterrupt:
+                # Lost, not failed: queued again with the same values, as a killed worker's trial is.
+                self.give_back(trial)
+                raise
+            except RecipeError as error:
+                if not str(error).startswith("training.non_finite_loss:"):
+                    self.fail(trial, str(error))
+                    raise
+                return self.fail(trial, str(error))  # diverged: the search goes on
+            except BaseException as error:
+                self.fail(trial, f"{type(error).__name__}: {error}")
+                raise
+        trial.set_user_attr("metrics", finite(metrics))
+        value = metrics.get(self.objective)
+        if callback.pruned:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        elif value is None:
+            known = ", ".join(sorted(key for key in metrics if key == "train_loss" or key.startswith("eval_")))
+            self.fail(trial, f"--objective {self.objective}: not among the trial's metrics")
+            raise ValueError(f"--objective {self.objective}: not among the metrics of a run ({known}); choose one "
+                             "of them")
+        elif not math.isfinite(value):
+            self.fail(trial, f"{self.objective} is {value}")
+        else:
+            self.study.tell(trial, value)
+        rows = study_rows(self.study, self.params, list(self.names))
+        write_results(rows, self.root, self.params, self.objective, plot=False)
+
+    def fail(self, trial, error: str) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("error", error.splitlines()[0])
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    def give_back(self, trial) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        frozen = self.study.tell(trial, state=TrialState.FAIL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(self.study, frozen)
+
+    def recover(self) -> None:
+        """Queue again the trials of workers gone without a word: on this machine, those whose process is gone; on
+        any, those whose heartbeat stopped (RDB storages). Only the worker that marks the trial failed queues it."""
+        import optuna
+        from optuna.trial import TrialState
+
+        host = socket.gethostname()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                worker = trial.user_attrs.get("worker") or {}
+                if worker.get("host") != host or _alive(worker.get("pid")):
+                    continue
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+                try:
+                    if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                        continue
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker did it first
+                optuna.storages.RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(trial_id))
+
+
+def sample(trial, param: SearchParam) -> Any:
+    """`trial`'s value of one searched key."""
+    if param.kind == "choice":
+        return json.loads(trial.suggest_categorical(param.key, [sweep.value_text(value) for value in param.choices]))
+    if param.kind == "int":
+        return trial.suggest_int(param.key, param.low, param.high)
+    return trial.suggest_float(param.key, param.low, param.high, log=param.kind == "log")
+
+
+def _counted(trial) -> bool:
+    """Whether a trial takes one of the study's `n_trials`: it ran, runs or waits to, or failed by itself; not a
+    lost one (queued again) nor a surplus one."""
+    from optuna.trial import TrialState
+
+    if trial.user_attrs.get("surplus"):
+        return False
+    return trial.state != TrialState.FAIL or "error" in trial.user_attrs
+
+
+def _alive(pid) -> bool:
+    """Whether process `pid` of this machine runs (an unknown pid counts as running: the heartbeat decides)."""
+    if not isinstance(pid, int) or pid == os.getpid():
+        return pid != os.getpid()  # this process runs no trial while it recovers: one left running is lost
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _heartbeat(storage, trial_id: int):
+    """While a trial trains, tell an RDB storage every `HEARTBEAT_S` seconds that its worker is alive."""
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    if interval:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if interval:
+            thread.join()
