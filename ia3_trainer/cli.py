@@ -334,12 +334,10 @@ def _wait_for_pushes(trainer) -> None:
 
 
 def _sweep(args) -> int:
-    import optuna
-
-    from .search import run_search
+    from .search import require_optuna, run_search
     from .sweep import summary_text
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the table and the lines below say what happened
+    require_optuna().logging.set_verbosity(30)  # WARNING: the table says what happened
     rows = run_search(args.recipe, grid=args.grid, search=args.search, overrides=args.overrides,
                       n_trials=args.trials, objective=args.objective, direction=args.direction, storage=args.storage,
                       study_name=args.study, prune=not args.no_prune, overwrite=args.overwrite)

@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from . import sweep
 from .errors import RecipeError
-from .jsonfiles import finite, read_json
+from .jsonfiles import read_json
 from .recipe import Recipe
 from .runs import check_fresh
 from .sweep import SearchParam, study_rows, trial_recipe, write_results
@@ -47,6 +47,15 @@ from .sweep import SearchParam, study_rows, trial_recipe, write_results
 
 HEARTBEAT_S = 60  # how often a running trial tells an RDB storage it is alive
 HEARTBEAT_GRACE_S = 180  # unheard of this long, it is failed and queued again
+
+
+def require_optuna():
+    """The `optuna` module, or an `ImportError` naming the extra that installs it."""
+    try:
+        import optuna
+    except ImportError as error:
+        raise ImportError('ia3-trainer sweep needs Optuna: pip install "ia3-trainer[search]"') from error
+    return optuna
 
 
 def open_storage(url: str):
@@ -61,7 +70,8 @@ def open_storage(url: str):
         with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_GRACE_S,
+                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
             )
     except Exception as error:  # SQLAlchemy's URL and driver errors, a missing driver, an unreadable file
@@ -97,8 +107,7 @@ def run_search(
     in another process or machine on the same storage) continues the study. `overwrite` deletes the study first and
     lets trials replace runs in their folders. `trainer_cls` defaults to [`IA3Seq2SeqTrainer`].
     """
-    import optuna
-
+    optuna = require_optuna()
     if trainer_cls is None:
         from .trainer import IA3Seq2SeqTrainer as trainer_cls
     plan = sweep.plan_search(recipe, grid, search, overrides, n_trials, objective, direction,
@@ -298,7 +307,7 @@ class _Search:
             except BaseException as error:
                 self.fail(trial, f"{type(error).__name__}: {error}")
                 raise
-        trial.set_user_attr("metrics", finite(metrics))
+        trial.set_user_attr("metrics", metrics)  # Optuna's JSON keeps inf and NaN; sweep.json writes them as null
         value = metrics.get(self.objective)
         if callback.pruned:
             self.study.tell(trial, state=TrialState.PRUNED)

@@ -398,7 +398,7 @@ def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
     text = format_table(rows, keys, extra=("state", "output_dir"))
     best = next((row for row in rows if row.get("best")), None)
     if best is not None:
-        text += f"\nbest: trial {best['trial']} ({best['objective']:.4g}), adapter in {best['output_dir']}"
+        text += f"\nbest: trial {best['trial']} (objective {best['objective']:.4g}), adapter in {best['output_dir']}"
     return text
 
 
