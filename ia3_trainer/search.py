@@ -31,6 +31,7 @@ import math
 import os
 import socket
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,26 +59,32 @@ def require_optuna():
     return optuna
 
 
-def open_storage(url: str):
-    """An Optuna storage for `url`: `journal:PATH` (a journal file) or an SQLAlchemy URL (with a heartbeat)."""
+def open_storage(url: str, attempts: int = 5):
+    """An Optuna storage for `url`: `journal:PATH` (a journal file) or an SQLAlchemy URL (with a heartbeat). Workers
+    started together race to create a new database's tables; the loser tries again (up to `attempts` times)."""
     import optuna
+    from sqlalchemy.exc import DBAPIError
 
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+    for attempt in range(attempts):
+        try:
+            if url.startswith("journal:"):
+                from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-                heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-            )
-    except Exception as error:  # SQLAlchemy's URL and driver errors, a missing driver, an unreadable file
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--storage {sweep.shown_url(url)}: {detail}; give an SQLAlchemy URL "
-                         "(sqlite:///path/study.db, postgresql://user@host/db) or journal:PATH") from error
+                return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                    heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                )
+        except Exception as error:  # SQLAlchemy's URL and driver errors, a missing driver, an unreadable file
+            if isinstance(error, DBAPIError) and attempt + 1 < attempts:
+                time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables
+                continue
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--storage {sweep.shown_url(url)}: {detail}; give an SQLAlchemy URL "
+                             "(sqlite:///path/study.db, postgresql://user@host/db) or journal:PATH") from error
 
 
 def run_search(

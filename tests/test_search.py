@@ -168,7 +168,7 @@ def test_two_workers_share_one_study(tmp_path):
     assert [trial.state.name for trial in trials] == ["COMPLETE"] * 4
     folders = [Path(trial.user_attrs["folder"]) for trial in trials]
     assert [folder.name for folder in folders] == [f"trial-{trial.number}" for trial in trials]
-    runs = [json.loads((folder / "run.json").read_text())["id"] for folder in folders]
+    runs = [json.loads((folder / "run.json").read_text())["run_id"] for folder in folders]
     assert len(set(runs)) == 4  # four runs, each trained once
     surplus = [trial for trial in _trials(tmp_path) if trial.user_attrs.get("surplus")]
     assert not any((tmp_path / "out" / f"trial-{trial.number}").exists() for trial in surplus)
