@@ -1,23 +1,20 @@
 """Hyperparameter search on Optuna: one study, many workers, trials pruned early, resumed after a crash.
 
-[`run_search`] trains one recipe at the trials of an Optuna study, each trial one whole run
-(`IA3Seq2SeqTrainer.from_recipe(...).train()`) in its own folder of the recipe's `training.output_dir` (the sweep
-folder): `trial-<number>`, or for an exact grid the point's name (`learning_rate=0.003,seed=1`).
+[`run_search`] trains a recipe at each trial of an Optuna study: one whole run (`from_recipe(...).train()`) in its
+own folder of `training.output_dir`, `trial-<number>` (a grid point's folder is the point's name).
 
-- The study lives in a storage: by default the SQLite file `<sweep folder>/study.db`; any SQLAlchemy URL
-  (`postgresql://...`, `mysql://...`) or `journal:PATH` (a journal file, e.g. on a shared file system) lets several
-  workers (the same command on several machines, or twice on one) share it. Optuna numbers trials atomically, so no
-  two trials share a number or a folder, and a worker stops once the study holds `n_trials` trials that ran (or
-  run now); a trial asked past that by a racing worker is closed unrun (marked `surplus`, left out of the results).
-- Pruning: each evaluation reports the objective (`trial.report`); when the pruner says so the run stops (its
-  adapter is saved as at any end) and the trial is marked pruned. Default `optuna.pruners.MedianPruner()`.
-- Crashes: a trial stopped by Ctrl-C is marked failed and queued again with the same parameters (a new trial, a
-  new folder; a grid point keeps its folder, whose unfinished run is replaced). A worker killed outright leaves its
-  trial running in the storage: the next worker started on the same machine sees that its process is gone and does
-  the same; on other machines the heartbeat does it (RDB storages: a running trial unheard of for
-  `HEARTBEAT_GRACE_S` seconds is failed and queued again). Finished trials are never run again.
-- Under `accelerate launch` one trial is one distributed run: the main process talks to the storage and sends each
-  trial's values (and each pruning decision) to the others.
+- Storage: the SQLite file `<output_dir>/study.db` by default; workers (the command on several machines, or twice
+  on one) given the same SQLAlchemy URL or `journal:PATH` share the study. Trial numbers are atomic, so no two
+  trials share a folder; a worker stops once `n_trials` trials ran or run, and a trial a racing worker asked past
+  that is closed unrun (marked `surplus`, left out of the results).
+- Pruning: each evaluation reports the objective; when the pruner (default `MedianPruner()`) says so the run stops,
+  its adapter saved as at any end, and the trial is marked pruned.
+- Crashes: Ctrl-C marks the running trial failed and queues its values again (a new trial and folder; a grid
+  point's retry replaces its unfinished run). A worker killed outright leaves its trial running: the next worker on
+  the same machine sees the process gone and does the same; elsewhere the heartbeat does (RDB storages: a trial
+  unheard of for `HEARTBEAT_GRACE_S` seconds). Finished trials never run again.
+- Under `accelerate launch` the main process talks to the storage and sends each trial's values (and each pruning
+  decision) to the others: one trial is one distributed run.
 
 `IA3Seq2SeqTrainer.hyperparameter_search` is transformers' own and needs a `model_init`; call `run_search` instead.
 """
@@ -39,15 +36,26 @@ from typing import Any
 from transformers import TrainerCallback
 
 from . import sweep
-from .errors import RecipeError
-from .jsonfiles import read_json
+from .errors import RecipeError, first_line
 from .recipe import Recipe
-from .runs import check_fresh
 from .sweep import SearchParam, study_rows, trial_recipe, write_results
 
 
 HEARTBEAT_S = 60  # how often a running trial tells an RDB storage it is alive
 HEARTBEAT_GRACE_S = 180  # unheard of this long, it is failed and queued again
+
+
+def _shown(url: str) -> str:
+    """A storage URL as printed: any password masked."""
+    scheme, sep, rest = url.partition("://")
+    user, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{user.split(':', 1)[0]}:***@{host}" if sep and at and ":" in user else url
+
+
+def _describe(spec: dict) -> str:
+    parts = [f"--grid {key}={','.join(values)}" for key, values in spec.get("grid", {}).items()]
+    parts += [f"--search {item}" for item in spec.get("search", [])]
+    return " ".join(parts) + f", objective {spec.get('objective')} ({spec.get('direction')})"
 
 
 def require_optuna():
@@ -63,13 +71,12 @@ def open_storage(url: str, attempts: int = 5):
     """An Optuna storage for `url`: `journal:PATH` (a journal file) or an SQLAlchemy URL (with a heartbeat). Workers
     started together race to create a new database's tables; the loser tries again (up to `attempts` times)."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
     from sqlalchemy.exc import DBAPIError
 
     for attempt in range(attempts):
         try:
             if url.startswith("journal:"):
-                from optuna.storages.journal import JournalFileBackend, JournalStorage
-
                 return JournalStorage(JournalFileBackend(url[len("journal:"):]))
             with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -82,8 +89,7 @@ def open_storage(url: str, attempts: int = 5):
             if isinstance(error, DBAPIError) and attempt + 1 < attempts:
                 time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables
                 continue
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"--storage {sweep.shown_url(url)}: {detail}; give an SQLAlchemy URL "
+            raise ValueError(f"--storage {_shown(url)}: {first_line(error)}; give an SQLAlchemy URL "
                              "(sqlite:///path/study.db, postgresql://user@host/db) or journal:PATH") from error
 
 
@@ -143,11 +149,12 @@ def run_search(
         study.set_user_attr("spec", plan.spec)
     elif recorded != plan.spec:
         raise ValueError(
-            f"--study {study_name}: {sweep.shown_url(storage)} holds study {study_name!r} of another search "
-            f"({sweep.describe_spec(recorded)}); pass --overwrite to replace it, --study NAME for a new study, or "
+            f"--study {study_name}: {_shown(storage)} holds study {study_name!r} of another search "
+            f"({_describe(recorded)}); pass --overwrite to replace it, --study NAME for a new study, or "
             "choose another training.output_dir"
         )
-    _check_folders(study, root, study_name, plan.names, overwrite or bool(base.training.get("overwrite_output_dir")))
+    ours = {Path(t.user_attrs["folder"]) for t in study.get_trials(deepcopy=False) if "folder" in t.user_attrs}
+    sweep.check_folders(root, study_name, plan.names, ours, overwrite or base.training.get("overwrite_output_dir"))
     _Search(study, backend, plan, trainer_cls, overwrite).run(plan.n_trials)
     rows = study_rows(study, plan.params, list(plan.names))
     if any(row["state"] == "COMPLETE" for row in rows):
@@ -158,9 +165,8 @@ def run_search(
 
 
 def _grid_sampler(grid: dict[str, list[str]]):
-    """Optuna's `GridSampler` over the grid's values as JSON texts (it takes only numbers, strings and None, and
-    `["none"]` and `"none"` stay two values). The search loop decides when the study is done: ask-and-tell has no
-    `optimize` loop for `GridSampler.after_trial` to stop."""
+    """Optuna's `GridSampler` over the values' JSON texts (it takes no lists, and `["none"]` and `"none"` stay two);
+    the search loop decides when the grid is done (`after_trial` may stop only an `optimize` loop)."""
     import optuna
 
     class GridSampler(optuna.samplers.GridSampler):
@@ -168,33 +174,6 @@ def _grid_sampler(grid: dict[str, list[str]]):
             pass
 
     return GridSampler(grid, seed=0)
-
-
-def _check_folders(study, root: Path, study_name: str, names: dict[str, str], overwrite: bool) -> None:
-    """Before the first trial: refuse folders this search would train into that hold runs of no trial of the
-    study (unless `overwrite`), and a `sweep.json` of another study."""
-    ours = {Path(t.user_attrs["folder"]).resolve() for t in study.get_trials(deepcopy=False)
-            if "folder" in t.user_attrs}
-    folders = [root / name for name in names.values()] or sorted(root.glob("trial-*"))
-    problems = []
-    for folder in folders:
-        if folder.resolve() not in ours:
-            try:
-                check_fresh(folder, overwrite)
-            except FileExistsError as error:
-                problems.append(f"sweep trial folder {folder.name}: {error}")
-    results = root / sweep.SWEEP_FILE
-    if results.exists() and not overwrite:
-        try:
-            studies = {row["study"] for row in read_json(results, allow_nan=True)}
-        except (OSError, ValueError, TypeError, KeyError):
-            studies = None
-        if studies is None or not studies <= {study_name}:
-            held = "a file that is not a sweep's results" if studies is None else f"the results of study {studies}"
-            problems.append(f"training.output_dir: {results} holds {held}; pass --overwrite to replace it, or choose "
-                            "another training.output_dir")
-    if problems:
-        raise RecipeError(problems)
 
 
 class PruneTrial(TrainerCallback):
@@ -263,13 +242,13 @@ class _Search:
             while True:
                 self.recover()
                 trials = self.study.get_trials(deepcopy=False)
-                waiting = any(t.state == TrialState.WAITING for t in trials)
-                if sum(map(_counted, trials)) >= n_trials and not waiting:
+                if sum(map(_counted, trials)) >= n_trials and all(t.state != TrialState.WAITING for t in trials):
                     break
                 with warnings.catch_warnings():  # the heartbeat is ours (_heartbeat), not Study.optimize's
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                     trial = self.study.ask()
-                retry = "failed_trial" in self.frozen(trial.number).system_attrs
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+                retry = "failed_trial" in self.storage.get_trial(trial_id).system_attrs
                 before = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
                 if not retry and sum(map(_counted, before)) >= n_trials:
                     trial.set_user_attr("surplus", True)  # another worker asked the last trial first
@@ -279,15 +258,11 @@ class _Search:
         finally:
             _broadcast(None)
 
-    def frozen(self, number: int):
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        return self.storage.get_trial(trial_id)
-
     def run_trial(self, trial, retry: bool) -> None:
         from optuna.trial import TrialState
 
         values = {param.key: sample(trial, param) for param in self.params}
-        name = self.names.get(sweep.point_key(values)) if self.names else f"trial-{trial.number}"
+        name = self.names.get(sweep.value_text(values)) if self.names else f"trial-{trial.number}"
         folder = (self.root / name).resolve()
         trial.set_user_attr("folder", str(folder))
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -306,23 +281,20 @@ class _Search:
                 # Lost, not failed: queued again with the same values, as a killed worker's trial is.
                 self.give_back(trial)
                 raise
-            except RecipeError as error:
+            except Exception as error:
+                self.fail(trial, str(error) if isinstance(error, RecipeError) else f"{type(error).__name__}: {error}")
                 if not str(error).startswith("training.non_finite_loss:"):
-                    self.fail(trial, str(error))
                     raise
-                return self.fail(trial, str(error))  # diverged: the search goes on
-            except BaseException as error:
-                self.fail(trial, f"{type(error).__name__}: {error}")
-                raise
+                return  # diverged: the search goes on
         trial.set_user_attr("metrics", metrics)  # Optuna's JSON keeps inf and NaN; sweep.json writes them as null
         value = metrics.get(self.objective)
         if callback.pruned:
             self.study.tell(trial, state=TrialState.PRUNED)
         elif value is None:
             known = ", ".join(sorted(key for key in metrics if key == "train_loss" or key.startswith("eval_")))
-            self.fail(trial, f"--objective {self.objective}: not among the trial's metrics")
-            raise ValueError(f"--objective {self.objective}: not among the metrics of a run ({known}); choose one "
-                             "of them")
+            problem = f"--objective {self.objective}: not among a run's metrics; choose one of {known}"
+            self.fail(trial, problem)
+            raise ValueError(problem)
         elif not math.isfinite(value):
             self.fail(trial, f"{self.objective} is {value}")
         else:
@@ -337,13 +309,9 @@ class _Search:
         self.study.tell(trial, state=TrialState.FAIL)
 
     def give_back(self, trial) -> None:
-        import optuna
         from optuna.trial import TrialState
 
-        frozen = self.study.tell(trial, state=TrialState.FAIL)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.RetryHeartbeatStaleTrialCallback()(self.study, frozen)
+        _queue_again(self.study, self.study.tell(trial, state=TrialState.FAIL))
 
     def recover(self) -> None:
         """Queue again the trials of workers gone without a word: on this machine, those whose process is gone; on
@@ -365,7 +333,16 @@ class _Search:
                         continue
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another worker did it first
-                optuna.storages.RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(trial_id))
+                _queue_again(self.study, self.storage.get_trial(trial_id))
+
+
+def _queue_again(study, failed) -> None:
+    """A new waiting trial with the values (and a grid point's id) of the `failed` one (Optuna's own retry)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback()(study, failed)
 
 
 def sample(trial, param: SearchParam) -> Any:
@@ -395,8 +372,8 @@ def _alive(pid) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        pass
+    except PermissionError:
+        pass  # another user's process
     return True
 
 

@@ -1,9 +1,6 @@
-"""`ia3-trainer sweep`, the planner: what to search, checked before anything trains, and how results are shown.
-
-It parses `--grid key=v1,v2` (an exact grid) and `--search` items (`SEARCH_HELP`: ranges and choices a sampler
-draws from), checks every recipe a search can produce before the first trial (each grid point, both ends of each
-range, each choice), names grid points' folders, and writes the results (`sweep.json`, `results.csv`, a plot). The
-study itself (Optuna: trials, pruning, several workers, crash recovery) is `ia3_trainer.search`.
+"""`ia3-trainer sweep`, the planner: it parses `--grid` and `--search`, checks every recipe a search can produce
+before the first trial (each grid point, both ends of each range, each choice), names grid points' folders, and
+writes the results (`sweep.json`, `results.csv`, a plot). The Optuna study itself is `ia3_trainer.search`.
 """
 
 from __future__ import annotations
@@ -21,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .jsonfiles import finite, parse_value, write_bytes, write_json, write_text
+from .jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
 from .recipe import OVERRIDE, Recipe, load_recipe
+from .runs import check_fresh
 
 
 SWEEP_FILE = "sweep.json"
@@ -44,12 +42,13 @@ class SearchParam:
     choices: tuple = ()
     text: str = ""  # the --search item as typed, to name it in messages
 
-    def ends(self) -> list[Any]:
-        """The values checked before the first trial: both ends of a range, every choice."""
-        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
+
+def value_text(value: Any) -> str:
+    """A value's exact text (a dict's keys sorted): a grid point's key, Optuna's form of a choice."""
+    return json.dumps(value, sort_keys=True)
 
 
-def _split_values(key: str, text: str) -> list[Any]:
+def _split_values(text: str) -> list[Any]:
     parsed = parse_value(text)
     return parsed if isinstance(parsed, list) else [parse_value(part.strip()) for part in text.split(",")]
 
@@ -64,11 +63,8 @@ def _check_key(option: str, key: str, item: str, seen) -> None:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`.
-
-    Values are split on commas and each parsed as JSON (else kept as a string), like `--set`; a JSON list
-    (`key=[[1,2],[3]]`) gives values that themselves hold commas. A malformed item is a `ValueError` naming it.
-    """
+    """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`: values parsed like
+    `--set`, split on commas, or a JSON list (`key=[[1,2],[3]]`). A malformed item is a `ValueError` naming it."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -76,10 +72,10 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if not sep or not key or not text.strip():
             raise ValueError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
         _check_key("--grid", key, item, grid)
-        values = _split_values(key, text)
+        values = _split_values(text)
         if not values:
             raise ValueError(f"--grid {key}: has no values; give at least one, e.g. {key}=v1,v2")
-        if len(values) != len({json.dumps(v, sort_keys=True) for v in values}):
+        if len(values) != len(set(map(value_text, values))):
             raise ValueError(f"--grid {key}: has duplicate values {values}")
         grid[key] = values
     return grid
@@ -98,8 +94,8 @@ def parse_search(items: list[str]) -> list[SearchParam]:
             raise ValueError(bad)
         _check_key("--search", key, item, params)
         if kind == "choice":
-            choices = _split_values(key, rest)
-            if not choices or len(choices) != len({json.dumps(v, sort_keys=True) for v in choices}):
+            choices = _split_values(rest)
+            if not choices or len(choices) != len(set(map(value_text, choices))):
                 raise ValueError(f"--search {item}: choices must be given, each once")
             params[key] = SearchParam(key, kind, choices=tuple(choices), text=item)
             continue
@@ -152,16 +148,9 @@ def point_names(points: list[dict[str, Any]]) -> list[str]:
             for name, point in zip(names, points, strict=True)]
 
 
-def _blame(option: str, line: str) -> str:
-    return option + line[len(OVERRIDE):] if line.startswith(OVERRIDE + ": ") else line
-
-
-def base_recipe(recipe: str | Path | dict | Recipe, overrides: dict | list[str] | None = None,
-                extra_sections: dict[str, type] | None = None) -> Recipe:
+def base_recipe(recipe, overrides=None, extra_sections: dict[str, type] | None = None) -> Recipe:
     """The recipe every trial starts from: `recipe` with its `--set` overrides, validated."""
-    if isinstance(recipe, Recipe):
-        recipe = recipe.to_dict()
-    return load_recipe(recipe, overrides, extra_sections=extra_sections)
+    return load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides, extra_sections)
 
 
 def trial_recipe(base: Recipe, values: dict[str, Any], output_dir: str | Path, overwrite: bool = False,
@@ -191,7 +180,8 @@ def plan_sweep(
             plan.append((point, trial_recipe(base, point, root / name, overwrite, extra_sections)))
         except RecipeError as error:
             # The base recipe and its --set overrides were checked above: a problem here is in a --grid value.
-            errors.extend(f"sweep point {name}: {_blame('--grid', line)}" for line in error.errors)
+            errors.extend(f"sweep point {name}: --grid{line[len(OVERRIDE):]}" if line.startswith(OVERRIDE + ": ")
+                          else f"sweep point {name}: {line}" for line in error.errors)
     if errors:
         raise RecipeError(errors)
     return plan
@@ -203,13 +193,38 @@ def check_search(base: Recipe, params: list[SearchParam], extra_sections: dict[s
     errors = []
     folder = Path(base.training["output_dir"]) / "trial-check"
     for param in params:
-        for value in param.ends():
+        for value in param.choices if param.kind == "choice" else (param.low, param.high):
             try:
                 trial_recipe(base, {param.key: value}, folder, extra_sections=extra_sections)
             except RecipeError as error:
                 errors.extend(f"--search {param.text}: {line.removeprefix(OVERRIDE + ': ')}" for line in error.errors)
     if errors:
         raise RecipeError(list(dict.fromkeys(errors)))
+
+
+def check_folders(root: Path, study_name: str, names: dict[str, str], ours: set[Path], overwrite: bool) -> None:
+    """Before the first trial: refuse the folders a search trains into (a grid's points, else `trial-*`) that hold
+    runs of no trial of the study (`ours`), and a `sweep.json` of another study, unless `overwrite`."""
+    ours = {folder.resolve() for folder in ours}
+    problems = []
+    for folder in [root / name for name in names.values()] or sorted(root.glob("trial-*")):
+        try:
+            if folder.resolve() not in ours:
+                check_fresh(folder, overwrite)
+        except FileExistsError as error:
+            problems.append(f"sweep trial folder {folder.name}: {error}")
+    try:
+        studies = {row["study"] for row in read_json(root / SWEEP_FILE, allow_nan=True)}
+    except FileNotFoundError:
+        studies = set()
+    except (OSError, ValueError, TypeError, KeyError):
+        studies = None
+    if not overwrite and (studies is None or not studies <= {study_name}):
+        held = "a file that is not a sweep's results" if studies is None else f"the results of study {studies}"
+        problems.append(f"training.output_dir: {root / SWEEP_FILE} holds {held}; pass --overwrite to replace it, or "
+                        "choose another training.output_dir")
+    if problems:
+        raise RecipeError(problems)
 
 
 def default_objective(recipe: Recipe) -> tuple[str, str]:
@@ -229,32 +244,10 @@ def default_objective(recipe: Recipe) -> tuple[str, str]:
     return "eval_loss", "minimize"
 
 
-def shown_url(url: str) -> str:
-    """A storage URL as printed: any password masked."""
-    scheme, sep, rest = url.partition("://")
-    user, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{user.split(':', 1)[0]}:***@{host}" if sep and at and ":" in user else url
-
-
-def value_text(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def point_key(point: dict[str, Any]) -> str:
-    return value_text(point)
-
-
-def describe_spec(spec: dict) -> str:
-    parts = [f"--grid {key}={','.join(values)}" for key, values in spec.get("grid", {}).items()]
-    parts += [f"--search {item}" for item in spec.get("search", [])]
-    return " ".join(parts) + f", objective {spec.get('objective')} ({spec.get('direction')})"
-
-
 @dataclass
 class SearchPlan:
-    """A checked search: the base recipe, the searched keys (a grid's as choices), the folder name of each grid
-    point (by [`point_key`]; empty for a sampled search), the trial count, the objective, and the `spec` a study
-    records to tell its own search from another."""
+    """A checked search: base recipe, searched keys (a grid's as choices), each grid point's folder name (by its
+    [`value_text`]), trial count, objective, and the `spec` a study records to tell its search from another's."""
 
     base: Recipe
     params: list[SearchParam]
@@ -289,7 +282,7 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
         if n_trials not in (None, len(points)):
             raise ValueError(f"--trials {n_trials}: a grid runs each of its {len(points)} points once; leave it out")
         n_trials = len(points)
-        names = dict(zip(map(point_key, points), point_names(points), strict=True))
+        names = dict(zip(map(value_text, points), point_names(points), strict=True))
         params = [SearchParam(key, "choice", choices=tuple(values)) for key, values in grid.items()]
     else:
         check_search(base, params, extra_sections)
@@ -305,16 +298,11 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
     return SearchPlan(base, params, names, n_trials, objective, direction, spec)
 
 
-def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The loss and every eval metric of `rows` (timings left out)."""
-    skip = ("_runtime", "_per_second", "_flos")
-    return [key for key in dict.fromkeys(k for row in rows for k in row)
-            if (key == "train_loss" or key.startswith("eval_")) and not key.endswith(skip)]
-
-
 def format_table(rows: list[dict[str, Any]], keys: list[str], extra: tuple[str, ...] = ()) -> str:
-    """A Markdown table: the searched keys, then the loss and every eval metric, then the `extra` columns."""
-    columns = [*keys, *metric_columns(rows), *extra]
+    """A Markdown table: the searched keys, then the loss and every eval metric (no timings), then `extra` columns."""
+    metrics = [key for key in dict.fromkeys(k for row in rows for k in row) if (key == "train_loss" or key.startswith(
+        "eval_")) and not key.endswith(("_runtime", "_per_second", "_flos"))]
+    columns = [*keys, *metrics, *extra]
     header = [key.rsplit(".", 1)[-1] if key in keys else key for key in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
@@ -377,11 +365,8 @@ def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.user_attrs.get("surplus"):
             continue
-        values = {}
-        for param in params:
-            if param.key in trial.params:
-                value = trial.params[param.key]
-                values[param.key] = json.loads(value) if param.kind == "choice" else value
+        values = {p.key: json.loads(trial.params[p.key]) if p.kind == "choice" else trial.params[p.key]
+                  for p in params if p.key in trial.params}
         objective = trial.value if trial.values else (
             trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
         row = {**values, "output_dir": trial.user_attrs.get("folder"), **trial.user_attrs.get("metrics", {}),
@@ -390,7 +375,7 @@ def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[
             row["error"] = trial.user_attrs["error"]
         rows.append(row)
     place = {key: index for index, key in enumerate(order)}
-    return sorted(rows, key=lambda row: place.get(point_key({p.key: row.get(p.key) for p in params}), len(place)))
+    return sorted(rows, key=lambda row: place.get(value_text({p.key: row.get(p.key) for p in params}), len(place)))
 
 
 def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -407,8 +392,5 @@ def write_results(rows: list[dict[str, Any]], root: Path, params: list[SearchPar
     """`sweep.json` (the rows, strict JSON), `results.csv` and, with `plot` and searched ranges, `search.png`."""
     paths = [write_json(root / SWEEP_FILE, finite(json.loads(json.dumps(rows, default=str)))),
              write_csv(rows, root / RESULTS_CSV)]
-    if plot and params and rows:
-        picture = plot_objective(rows, params, objective, root / PLOT_FILE)
-        if picture is not None:
-            paths.append(picture)
-    return paths
+    picture = plot_objective(rows, params, objective, root / PLOT_FILE) if plot and params and rows else None
+    return paths + [picture] * (picture is not None)
