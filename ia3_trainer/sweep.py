@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import re
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,7 +361,7 @@ def plot_objective(rows: list[dict[str, Any]], params: list[SearchParam], object
 def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[dict[str, Any]]:
     """One row per trial, by number (a grid's in the `order` of its point keys): its values (dotted keys),
     `output_dir`, its metrics, then `trial`, `state` (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), `objective` (a
-    pruned trial's last reported value), `study` and any `error`."""
+    pruned trial's last reported value), `study`, `host` (the machine that holds the folder) and any `error`."""
     rows = []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.user_attrs.get("surplus"):
@@ -370,7 +371,8 @@ def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[
         objective = trial.value if trial.values else (
             trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
         row = {**values, "output_dir": trial.user_attrs.get("folder"), **trial.user_attrs.get("metrics", {}),
-               "trial": trial.number, "state": trial.state.name, "objective": objective, "study": study.study_name}
+               "trial": trial.number, "state": trial.state.name, "objective": objective, "study": study.study_name,
+               "host": (trial.user_attrs.get("worker") or {}).get("host")}
         if "error" in trial.user_attrs:
             row["error"] = trial.user_attrs["error"]
         rows.append(row)
@@ -383,7 +385,9 @@ def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
     text = format_table(rows, keys, extra=("state", "output_dir"))
     best = next((row for row in rows if row.get("best")), None)
     if best is not None:
+        where = "" if best["host"] in (None, socket.gethostname()) else f" on {best['host']}"
         text += f"\nbest: trial {best['trial']} (objective {best['objective']:.4g}), adapter in {best['output_dir']}"
+        text += where
     return text
 
 

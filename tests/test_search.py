@@ -209,3 +209,27 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
 def test_run_search_refuses_recipe_errors_of_the_base(tmp_path):
     with pytest.raises(RecipeError, match="training.learning_rate"):
         run_search(tiny_recipe(tmp_path, **{"training.learning_rate": -1}), search=["training.seed=int:1:3"])
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_one_trial_is_one_distributed_run(tmp_path):
+    from conftest import free_port
+
+    # Pruning on (a report at each evaluation): every process must take the main one's decision, or the next
+    # collective hangs.
+    path = _recipe_file(tmp_path, **{"training.max_steps": 2, "training.eval_strategy": "steps",
+                                     "training.eval_steps": 1, "training.disable_tqdm": True,
+                                     "training.ddp_find_unused_parameters": False})
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "ia3_trainer", "sweep", str(path), "--search",
+               "training.learning_rate=log:1e-3:0.3", "--trials", "2", "--objective", "eval_loss"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| learning_rate |") == 1  # the main process alone prints the table
+    trials = _trials(tmp_path)
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(len(trial.intermediate_values) == 2 for trial in trials)
+    for trial in trials:
+        assert (Path(trial.user_attrs["folder"]) / "adapter_model.safetensors").is_file()
