@@ -337,10 +337,12 @@ def _sweep(args) -> int:
     from .search import require_optuna, run_search
     from .sweep import summary_text
 
-    require_optuna().logging.set_verbosity(30)  # WARNING: the table says what happened
+    optuna = require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the table says what happened
     rows = run_search(args.recipe, grid=args.grid, search=args.search, overrides=args.overrides,
                       n_trials=args.trials, objective=args.objective, direction=args.direction, storage=args.storage,
-                      study_name=args.study, prune=not args.no_prune, overwrite=args.overwrite)
+                      study_name=args.study, pruner=optuna.pruners.NopPruner() if args.no_prune else None,
+                      overwrite=args.overwrite)
     if rows:  # empty on a launch's other processes: the main one prints
         print(summary_text(rows, [item.split("=", 1)[0].strip() for item in [*args.grid, *args.search]]))
     return 0

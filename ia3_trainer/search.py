@@ -3,18 +3,17 @@
 [`run_search`] trains a recipe at each trial of an Optuna study: one whole run (`from_recipe(...).train()`) in its
 own folder of `training.output_dir`, `trial-<number>` (a grid point's folder is the point's name).
 
-- Storage: the SQLite file `<output_dir>/study.db` by default; workers (the command on several machines, or twice
-  on one) given the same SQLAlchemy URL or `journal:PATH` share the study. Trial numbers are atomic, so no two
-  trials share a folder; a worker stops once `n_trials` trials ran or run, and a trial a racing worker asked past
-  that is closed unrun (marked `surplus`, left out of the results).
-- Pruning: each evaluation reports the objective; when the pruner (default `MedianPruner()`) says so the run stops,
-  its adapter saved as at any end, and the trial is marked pruned.
-- Crashes: Ctrl-C marks the running trial failed and queues its values again (a new trial and folder; a grid
-  point's retry replaces its unfinished run). A worker killed outright leaves its trial running: the next worker on
-  the same machine sees the process gone and does the same; elsewhere the heartbeat does (RDB storages: a trial
-  unheard of for `HEARTBEAT_GRACE_S` seconds). Finished trials never run again.
-- Under `accelerate launch` the main process talks to the storage and sends each trial's values (and each pruning
-  decision) to the others: one trial is one distributed run.
+- Storage: `sqlite:///<output_dir>/study.db` by default; workers given the same SQLAlchemy URL or `journal:PATH` share
+  the study. Trial numbers are atomic: no two trials share a folder. A worker stops once `n_trials` trials ran or
+  run; one a racing worker asked past that is closed unrun (`surplus`, left out of the results).
+- Pruning: each evaluation reports the objective; when the pruner (default `MedianPruner()`) says so the run stops
+  (its adapter saved as at any end) and the trial is marked pruned.
+- Crashes: Ctrl-C marks the running trial failed and queues its values again (a new trial; a grid point's retry
+  replaces its unfinished run). A worker killed outright leaves its trial running: the next worker on the same
+  machine sees the process gone and does the same; elsewhere the heartbeat does (RDB storages, after
+  `HEARTBEAT_GRACE_S` seconds). Finished trials never run again.
+- Under `accelerate launch` the main process talks to the storage and sends each trial's values and each pruning
+  decision to the others: one trial is one distributed run.
 
 `IA3Seq2SeqTrainer.hyperparameter_search` is transformers' own and needs a `model_init`; call `run_search` instead.
 """
@@ -104,22 +103,19 @@ def run_search(
     direction: str | None = None,
     storage: str | None = None,
     study_name: str | None = None,
-    prune: bool = True,
     pruner=None,
     sampler=None,
     overwrite: bool = False,
     trainer_cls=None,
 ) -> list[dict[str, Any]]:
-    """Search `recipe`'s hyperparameters; return the study's results, one row per trial (see [`study_rows`]).
+    """Search `recipe`'s hyperparameters; return the study's results, one row per trial (`sweep.study_rows`).
 
-    Give `grid` (`{"training.learning_rate": [3e-3, 8e-3]}` or `--grid` texts: every point once, Optuna's
-    `GridSampler`) or `search` (`--search` texts such as `"training.learning_rate=log:1e-4:3e-2"`, drawn by
-    `sampler`, default TPE, `n_trials` times, default 20). `objective` is a metric key (`eval_label_accuracy`),
-    default the recipe's main metric ([`default_objective`]). `storage` defaults to
-    `sqlite:///<training.output_dir>/study.db`, `study_name` to the recipe's name: running the same call again (or
-    in another process or machine on the same storage) continues the study. `overwrite` deletes the study first and
-    lets trials replace runs in their folders. `trainer_cls` defaults to [`IA3Seq2SeqTrainer`].
-    """
+    Give `grid` (`{"training.learning_rate": [3e-3, 8e-3]}` or `--grid` texts: each point once) or `search`
+    (`--search` texts, e.g. `"training.learning_rate=log:1e-4:3e-2"`, drawn by `sampler`, default TPE, `n_trials`
+    times, default 20). `objective` defaults to the recipe's main metric (`sweep.default_objective`), `pruner` to a
+    `MedianPruner` (`optuna.pruners.NopPruner()`: none), `storage` to `sqlite:///<output_dir>/study.db`, `study_name`
+    to the recipe's name: the same call again, in any process on the same storage, continues the study. `overwrite`
+    deletes the study first; `trainer_cls` defaults to [`IA3Seq2SeqTrainer`]."""
     optuna = require_optuna()
     if trainer_cls is None:
         from .trainer import IA3Seq2SeqTrainer as trainer_cls
@@ -134,14 +130,15 @@ def run_search(
     study_name = study_name or base.name or "sweep"
     backend = open_storage(storage)
     if overwrite:
-        try:
+        with contextlib.suppress(KeyError):  # KeyError: no such study yet
+            running = [t.number for t in optuna.load_study(study_name=study_name, storage=backend).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if not _lost(t)]
+            if running:
+                raise ValueError(f"--overwrite: study {study_name!r} has trials {running} running; stop their workers")
             optuna.delete_study(study_name=study_name, storage=backend)
-        except KeyError:
-            pass
     if sampler is None:
         sampler = _grid_sampler(plan.spec["grid"]) if plan.names else optuna.samplers.TPESampler()
-    if pruner is None:
-        pruner = optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
+    pruner = pruner or optuna.pruners.MedianPruner()
     study = optuna.create_study(storage=backend, study_name=study_name, direction=plan.direction, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     recorded = study.user_attrs.get("spec")
@@ -254,11 +251,11 @@ class _Search:
                     trial.set_user_attr("surplus", True)  # another worker asked the last trial first
                     self.study.tell(trial, state=TrialState.FAIL)
                     break
-                self.run_trial(trial, retry)
+                self.run_trial(trial, trial_id, retry)
         finally:
             _broadcast(None)
 
-    def run_trial(self, trial, retry: bool) -> None:
+    def run_trial(self, trial, trial_id: int, retry: bool) -> None:
         from optuna.trial import TrialState
 
         values = {param.key: sample(trial, param) for param in self.params}
@@ -272,7 +269,6 @@ class _Search:
         except RecipeError as error:  # a value inside a range that the ends did not show to be invalid
             return self.fail(trial, str(error))
         callback = PruneTrial(trial, self.objective)
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
         with _heartbeat(self.storage, trial_id):
             try:
                 _broadcast((values, str(folder), overwrite))
@@ -319,13 +315,11 @@ class _Search:
         import optuna
         from optuna.trial import TrialState
 
-        host = socket.gethostname()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                worker = trial.user_attrs.get("worker") or {}
-                if worker.get("host") != host or _alive(worker.get("pid")):
+                if not _lost(trial):
                     continue
                 trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
                 try:
@@ -362,6 +356,12 @@ def _counted(trial) -> bool:
     if trial.user_attrs.get("surplus"):
         return False
     return trial.state != TrialState.FAIL or "error" in trial.user_attrs
+
+
+def _lost(trial) -> bool:
+    """Whether a running trial's worker ran on this machine and its process is gone."""
+    worker = trial.user_attrs.get("worker") or {}
+    return worker.get("host") == socket.gethostname() and not _alive(worker.get("pid"))
 
 
 def _alive(pid) -> bool:

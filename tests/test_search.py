@@ -233,3 +233,17 @@ def test_under_accelerate_launch_one_trial_is_one_distributed_run(tmp_path):
     assert all(len(trial.intermediate_values) == 2 for trial in trials)
     for trial in trials:
         assert (Path(trial.user_attrs["folder"]) / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_never_deletes_a_study_other_workers_are_running(tmp_path):
+    import socket
+
+    import optuna
+
+    (tmp_path / "out").mkdir()
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    trial = study.ask()  # a trial another worker (a live process on this machine) trains now
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getppid()})
+    with pytest.raises(ValueError, match=r"^--overwrite: study 'tiny' has trials \[0\] running; stop their workers"):
+        run_search(tiny_recipe(tmp_path), search=["training.seed=int:1:3"], overwrite=True)
+    assert [t.state.name for t in _trials(tmp_path)] == ["RUNNING"]
