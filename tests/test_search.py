@@ -156,6 +156,22 @@ def test_ctrl_c_loses_only_the_running_trial(tmp_path):
     assert _files(tmp_path / "out" / "trial-0") == first
 
 
+def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path):
+    from ia3_trainer import IA3Seq2SeqTrainer
+
+    class Diverging(IA3Seq2SeqTrainer):  # what the non-finite guard raises at a hopeless learning rate
+        def train(self, *args, **kwargs):
+            if Path(self.args.output_dir).name == "trial-0":
+                raise RecipeError("training.non_finite_loss: loss is nan at step 1; lower training.learning_rate")
+            return super().train(*args, **kwargs)
+
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
+    rows = run_search(raw, search=["training.learning_rate=log:1e-3:0.3"], n_trials=2, trainer_cls=Diverging)
+    assert [(row["trial"], row["state"]) for row in rows] == [(0, "FAIL"), (1, "COMPLETE")]  # it counts as a trial
+    assert rows[0]["error"].startswith("training.non_finite_loss: loss is nan")
+    assert rows[1].get("best") is True
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     path = _recipe_file(tmp_path, **{"training.max_steps": 1})
