@@ -96,7 +96,7 @@ def test_a_grid_trains_the_same_runs_in_the_same_folders_as_one_train_each(tmp_p
         tmp_path / "out" / point_name({"training.learning_rate": lr, "training.seed": seed})
         for lr, seed in [(0.01, 1), (0.01, 2), (0.3, 1), (0.3, 2)]]
     assert {row["state"] for row in rows} == {"COMPLETE"} and sum(row.get("best", False) for row in rows) == 1
-    for row in (rows[0], rows[3]):  # what one `train` of the point gives
+    for row in rows[3:]:  # what one `train` of the point gives
         overrides = {"training.learning_rate": row["training.learning_rate"], "training.seed": row["training.seed"],
                      "training.output_dir": str(tmp_path / "alone" / Path(row["output_dir"]).name)}
         trainer = IA3Seq2SeqTrainer.from_recipe(raw, overrides)
