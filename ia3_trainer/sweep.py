@@ -267,8 +267,8 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
     grid = parse_grid(grid) if isinstance(grid, list) else dict(grid or {})
     params = parse_search(search) if search and isinstance(search[0], str) else list(search or [])
     if bool(grid) == bool(params):
-        raise ValueError("sweep: give --grid key=v1,v2 (an exact grid) or --search key=KIND:... (a sampled search), "
-                         "not both; a searched choice is --search key=choice:v1,v2")
+        raise ValueError("sweep: give either --grid key=v1,v2 (an exact grid) or --search key=KIND:... (a sampled "
+                         "search), one of the two; a searched choice is --search key=choice:v1,v2")
     base = base_recipe(recipe, overrides, extra_sections)
     default_key, default_direction = default_objective(base)
     objective = objective or default_key

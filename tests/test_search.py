@@ -74,7 +74,7 @@ def test_a_range_that_can_produce_an_invalid_recipe_is_refused_before_any_trial(
         "--search training.seed=choice:1,-5: training.seed: must be in [0, 2**32 - 1], got -5",
     ]
     assert not (tmp_path / "out").exists()
-    for argv, message in [(["--grid", "training.seed=1", "--search", "training.learning_rate=log:1e-3:1"], "not both"),
+    for argv, message in [(["--grid", "training.seed=1", "--search", "training.learning_rate=log:1e-3:1"], "either"),
                           (["--search", "training.learning_rate=log:1e-3:1", "--storage", "nonsense://x"],
                            "--storage nonsense://x: "),
                           (["--grid", "training.seed=1,2", "--trials", "3"], "runs each of its 2 points once")]:
