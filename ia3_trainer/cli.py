@@ -61,15 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="List, for each model_type, the IA3 target_modules and feedforward_modules used when a recipe "
                     "leaves them null, and whether peft or ia3-trainer chose them.",
     )
-    sweep = with_recipe("sweep", "Train a recipe at every point of a grid, one after another, and print a table.")
-    sweep.add_argument(
-        "--grid", action="append", required=True, metavar="KEY=V1,V2",
-        help="values of one recipe field, e.g. --grid training.learning_rate=3e-3,8e-3; repeat for a product",
-    )
-    sweep.add_argument(
-        "--overwrite", action="store_true",
-        help="replace the runs in the points' folders (as train --overwrite does) and a sweep.json of another sweep",
-    )
+    sweep = with_recipe("sweep", "Search a recipe's hyperparameters in an Optuna study (an exact --grid or sampled "
+                                 "--search ranges), each trial in its own folder, and print a table.")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values of one field, e.g. training.learning_rate=3e-3,8e-3; repeat for a product")
+    sweep.add_argument("--search", action="append", default=[], metavar="KEY=KIND:...",
+                       help="a field to sample: KEY=log:LOW:HIGH (float, log scale), float:LOW:HIGH, int:LOW:HIGH or "
+                            "choice:V1,V2 (values as JSON), e.g. training.learning_rate=log:1e-4:3e-2; repeatable")
+    sweep.add_argument("--trials", type=int, metavar="N", help="--search trials, over all workers (default 20)")
+    sweep.add_argument("--objective", metavar="METRIC", help="e.g. eval_loss (default: metric_for_best_model, else "
+                       "eval_label_accuracy, else eval_loss)")
+    sweep.add_argument("--direction", choices=["maximize", "minimize"], help="default: minimize a loss, else maximize")
+    sweep.add_argument("--storage", metavar="URL", help="SQLAlchemy URL (postgresql://user@host/db) or journal:PATH; "
+                       "workers with the same storage and study share it (default: sqlite:///<output_dir>/study.db)")
+    sweep.add_argument("--study", metavar="NAME", help="the study's name (default: the recipe's name)")
+    sweep.add_argument("--no-prune", action="store_true", help="no median pruner: every trial trains to its end")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="start over: delete the study, and let trials replace the runs in their folders")
     init = commands.add_parser(
         "init", help="Write a starter recipe for a local data file.",
         description="Write a starter recipe for a csv, tsv, json, jsonl, parquet or txt (text<SEP>label lines) file, "
@@ -354,11 +362,17 @@ def _wait_for_pushes(trainer) -> None:
 
 
 def _sweep(args) -> int:
-    from .sweep import format_table, parse_grid, run_sweep
+    from .search import require_optuna, run_search
+    from .sweep import summary_text
 
-    grid = parse_grid(args.grid)
-    rows = run_sweep(args.recipe, grid, args.overrides, overwrite=args.overwrite)
-    print(format_table(rows, list(grid)))
+    optuna = require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the table says what happened
+    rows = run_search(args.recipe, grid=args.grid, search=args.search, overrides=args.overrides,
+                      n_trials=args.trials, objective=args.objective, direction=args.direction, storage=args.storage,
+                      study_name=args.study, pruner=optuna.pruners.NopPruner() if args.no_prune else None,
+                      overwrite=args.overwrite)
+    if rows:  # empty on a launch's other processes: the main one prints
+        print(summary_text(rows, [item.split("=", 1)[0].strip() for item in [*args.grid, *args.search]]))
     return 0
 
 
