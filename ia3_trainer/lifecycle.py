@@ -42,9 +42,9 @@ class RunOutput(TrainOutput):
     output_dir: Path | None = None
     evaluation = None
     report: dict | None = None
-    report_paths: list[Path] = []
-    final_commits: list[str] = []
-    push_failures: list[str] = []
+    report_paths: list[Path] = ()  # lists on each output `run` returns
+    final_commits: list[str] = ()
+    push_failures: list[str] = ()
 
 
 def run(trainer, train, resume_from_checkpoint: str | bool | None = None, on_results=None) -> RunOutput:
@@ -74,6 +74,7 @@ def run(trainer, train, resume_from_checkpoint: str | bool | None = None, on_res
         output = RunOutput(trained.global_step, trained.metrics.get("train_loss", trained.training_loss),
                            trained.metrics)
         output.output_dir = Path(args.output_dir)
+        output.report_paths, output.final_commits, output.push_failures = [], [], []
         trainer.non_finite_guard.check()  # a "stop" run saves no adapter after a non-finite step
         saved = bool(getattr(args, "save_final_adapter", False))
         if saved:
@@ -129,8 +130,8 @@ def wait_for_pushes(callbacks, output: RunOutput | None = None) -> None:
         except KeyboardInterrupt:
             raise KeyboardInterrupt(callback.cancel("Interrupted") or "interrupted") from None
         if output is not None:
-            output.push_failures = [*output.push_failures, *callback.failures]
-            output.final_commits = [*output.final_commits, *filter(None, [callback.final_commit])]
+            output.push_failures.extend(callback.failures)
+            output.final_commits.extend(filter(None, [callback.final_commit]))
         if line:
             print(f"ia3-trainer: {line}", file=sys.stderr)
         elif callback.final_commit:

@@ -28,9 +28,24 @@ def names(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.name != LOCK_FILE)
 
 
+class Record(TrainerCallback):
+    """Every event a callback receives, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            self_events = object.__getattribute__(self, "events")
+            return lambda args, state, control, **kwargs: self_events.append(name)
+        return object.__getattribute__(self, name)
+
+
 def test_the_python_api_and_the_command_line_leave_the_same_files(tmp_path, capsys):
     python_dir, cli_dir = tmp_path / "python", tmp_path / "cli"
-    output = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(python_dir, **RUN)).train()
+    record = Record()  # a sweep trial's call: from_recipe with callbacks of its own
+    output = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(python_dir, **RUN), callbacks=[record]).train()
+    assert record.events[0] == "on_init_end" and record.events[-1] == "on_train_end"
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(tiny_recipe(cli_dir, **RUN)))
     assert main(["train", str(recipe)]) == 0
@@ -66,19 +81,6 @@ def test_a_trainer_built_by_hand_writes_what_trainer_writes_and_its_adapter(tmp_
     written = set(names(tmp_path / "out"))
     assert {"adapter_model.safetensors", "adapter_config.json", "inference.json", "README.md", "run.json"} <= written
     assert not written & {"all_results.json", "trainer_state.json", "eval_report.json", "recipe.json"}
-
-
-class Record(TrainerCallback):
-    """Every event a callback receives, in order."""
-
-    def __init__(self):
-        self.events = []
-
-    def __getattribute__(self, name):
-        if name.startswith("on_"):
-            self_events = object.__getattribute__(self, "events")
-            return lambda args, state, control, **kwargs: self_events.append(name)
-        return object.__getattribute__(self, name)
 
 
 def test_a_callback_sees_the_events_of_a_plain_seq2seq_trainer(tmp_path, tiny_t5, tokenizer):
