@@ -144,14 +144,15 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             print(json.dumps(recipe.to_dict(), indent=2))
             print(f"Recipe OK: {recipe.name}")
             return 0
-        with _claim_output_dir(recipe, args):  # before the data and the model load; held until the report is written
-            return _train(recipe, resume=args.resume)
+        return _train(recipe, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, and how to go on
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
         if os.environ.get("RANK", "0") == "0":  # under a launcher, the first process speaks for all
             _close_progress_bars()
-            print(redact(_interrupted(args, recipe, interrupt)), file=sys.stderr)
+            # An interrupt that says what it stopped (the wait for the Hub: lifecycle.wait_for_pushes) says it.
+            line = f"ia3-trainer: {interrupt}" if str(interrupt) else _interrupted(args, recipe, interrupt)
+            print(redact(line), file=sys.stderr)
         return 130
     # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
     # named on the command line or in the recipe.
@@ -216,27 +217,12 @@ def _list_architectures() -> int:
     return 0
 
 
-def _claim_output_dir(recipe, args):
-    from .runs import claim_output_dir
-
-    training = recipe.training_args()
-    resume = True if args.resume else training.resume_from_checkpoint
-    return claim_output_dir(training, recipe.to_dict(), resume=resume,
-                            overwrite=args.overwrite or training.overwrite_output_dir)
-
-
-class _TrainingDone(KeyboardInterrupt):
-    """Ctrl-C after training ended (the final adapter saved, when the run saves one): the run needs no --resume."""
-
-    def __init__(self, output_dir: str, adapter_saved: bool):
-        super().__init__()
-        self.output_dir, self.adapter_saved = output_dir, adapter_saved
-
-
 def _interrupted(args, recipe, interrupt: BaseException | None = None) -> str:
     """The line Ctrl-C prints: for `train`, the newest whole checkpoint now (rotation may have removed the one saved
     before it) and the command that continues from it; once training ended, that the run is complete."""
-    if isinstance(interrupt, _TrainingDone):
+    from .lifecycle import RunCompleteInterrupt
+
+    if isinstance(interrupt, RunCompleteInterrupt):
         saved = f"the adapter is saved in {interrupt.output_dir}" if interrupt.adapter_saved else "training finished"
         return (f"ia3-trainer: interrupted after the run completed ({saved}); there is nothing to resume; its results "
                 f"and report may be incomplete (ia3-trainer evaluate {interrupt.output_dir} writes the report)")
@@ -264,37 +250,29 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _train(recipe, resume: bool = False) -> int:
+def _train(recipe, resume: bool = False, overwrite: bool = False) -> int:
+    """`train`: the run is `IA3Seq2SeqTrainer.from_recipe(recipe).train()` (`ia3_trainer.lifecycle`); this prints
+    what it returns."""
+    from .runs import check_output_dir
     from .trainer import IA3Seq2SeqTrainer
 
-    if recipe.model.trust_remote_code and recipe.training_args().process_index == 0:
+    training = recipe.training_args()
+    # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
+    resume_from = True if resume else training.resume_from_checkpoint
+    overwrite = overwrite or training.overwrite_output_dir
+    # The folder's rules, before the data and the model load (the run claims it when it starts).
+    check_output_dir(training, recipe.to_dict(), resume=resume_from, overwrite=overwrite)
+    if recipe.model.trust_remote_code and training.process_index == 0:
         print(f"ia3-trainer: model.trust_remote_code is on: code from {recipe.model.name_or_path} will run")
     trainer = IA3Seq2SeqTrainer.from_recipe(recipe)
-    # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
-    result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
-    try:
-        return _finish(trainer, result)
-    except KeyboardInterrupt:
-        raise _TrainingDone(trainer.args.output_dir, trainer.args.save_final_adapter) from None
+    trainer.args.overwrite_output_dir = overwrite  # --overwrite: for this run, not written into its recipe.json
 
+    def print_results(output) -> None:
+        print(_summary(output.metrics, trainer.args.output_dir))
+        if output.report_paths:
+            print(_report_summary(output.report, output.report_paths))
 
-def _finish(trainer, result) -> int:
-    """The end of `train`, once the adapter is saved: the last evaluation, results, report and pushes."""
-    from .report import write_training_report
-
-    metrics = dict(result.metrics)
-    # The evaluation made at the last step when there was one: the report is built from it, not from a second pass.
-    evaluation = trainer.final_evaluation() if trainer.eval_dataset is not None else None
-    if evaluation is not None:
-        metrics.update(evaluation.eval_results())
-    if trainer.is_world_process_zero():
-        trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
-        trainer.save_metrics("all", metrics)  # all_results.json, which `ia3-trainer push` reads; both written whole
-        print(_summary(metrics, trainer.args.output_dir))
-        paths = write_training_report(trainer, evaluation)
-        if paths:
-            print(_report_summary(read_json(paths[0], allow_nan=True), paths))
-        _wait_for_pushes(trainer)  # after the results: a Hub that never answers cannot keep them from being written
+    trainer.train(resume_from_checkpoint=resume_from, on_results=print_results)
     return 0
 
 
@@ -335,30 +313,6 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
         ) from error
     print(f"Pushed {folder} to {commit.commit_url}")
     return 0
-
-
-def _wait_for_pushes(trainer) -> None:
-    """The end of `train`, after results and report are written: wait, bounded and saying so, for the pushes the
-    hub callback still runs in the background; then name the commit of the final adapter."""
-    from .hub import PushAdapterToHubCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if not isinstance(callback, PushAdapterToHubCallback):
-            continue
-        line = None
-        try:
-            if callback.pending:
-                print(f"ia3-trainer: waiting up to {callback.wait_limit:g} s for Hub repo {callback.repo_id}: "
-                      f"{'; '.join(callback.pending)} (Ctrl-C stops waiting)", flush=True)
-                if not callback.wait(timeout=callback.wait_limit):
-                    line = callback.cancel(f"Stopped waiting after {callback.wait_limit:g} s")
-        except KeyboardInterrupt:
-            print(f"ia3-trainer: {callback.cancel('Interrupted') or 'interrupted'}", file=sys.stderr)
-            raise SystemExit(130) from None
-        if line:
-            print(f"ia3-trainer: {line}", file=sys.stderr)
-        elif callback.final_commit:
-            print(f"Pushed the adapter to {callback.final_commit}")
 
 
 def _sweep(args) -> int:
