@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 
-from .errors import first_line
+from .errors import InputError, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ def request_timeout(timeout: float | None = None) -> float:
         try:
             timeout = float(text)
         except ValueError:
-            raise ValueError(f"{TIMEOUT_VARIABLE}: expected a number of seconds such as 60, got {text!r}") from None
+            raise InputError(f"{TIMEOUT_VARIABLE}: expected a number of seconds such as 60, got {text!r}") from None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"{where}: expected a number of seconds above 0, such as 60, got {timeout!r}")
+        raise InputError(f"{where}: expected a number of seconds above 0, such as 60, got {timeout!r}")
     return float(timeout)
 
 

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import InputError, RecipeError
 from .jsonfiles import finite, parse_value, read_json, write_json
 from .recipe import OVERRIDE, Recipe, load_recipe
 from .runs import check_fresh
@@ -36,18 +36,18 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not text.strip():
-            raise ValueError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
+            raise InputError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
         if key in grid:
-            raise ValueError(f"--grid {key}: given twice; list all its values in one --grid")
+            raise InputError(f"--grid {key}: given twice; list all its values in one --grid")
         if key == "training.output_dir":
-            raise ValueError("--grid training.output_dir: the sweep sets it (one subfolder per point)")
+            raise InputError("--grid training.output_dir: the sweep sets it (one subfolder per point)")
         parsed = parse_value(text)
         values = parsed if isinstance(parsed, list) else [parse_value(part.strip()) for part in text.split(",")]
         if len(values) != len({json.dumps(v, sort_keys=True) for v in values}):
-            raise ValueError(f"--grid {key}: has duplicate values {values}")
+            raise InputError(f"--grid {key}: has duplicate values {values}")
         grid[key] = values
     if not grid:
-        raise ValueError("sweep: give at least one --grid key=v1,v2")
+        raise InputError("sweep: give at least one --grid key=v1,v2")
     return grid
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ia3_trainer import RecipeError, apply_overrides, load_recipe
+from ia3_trainer import PathError, RecipeError, apply_overrides, load_recipe
 from ia3_trainer.errors import first_line, one_line, redact
 from ia3_trainer.jsonfiles import read_json
 from ia3_trainer.recipe import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
@@ -258,7 +258,7 @@ def test_read_json_refuses_in_one_line(tmp_path, text, message):
 
 
 def test_read_json_missing_file_and_python_nan(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path / 'nope.json'))}: cannot read it: No "):
+    with pytest.raises(PathError, match=rf"^{re.escape(str(tmp_path / 'nope.json'))}: cannot read it: No "):
         read_json(tmp_path / "nope.json")
     path = tmp_path / "metrics.json"
     path.write_text('{"eval_perplexity": Infinity, "x": NaN}')  # what json.dumps writes for an overflowed metric
