@@ -201,7 +201,7 @@ class PushAdapterToHubCallback(TrainerCallback):
 
         # Else save a snapshot of the adapter straight into the staging folder.
         def save(staging: Path) -> None:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, save_embedding_layers=False)  # IA3 adapts none; "auto" asks the Hub
             if processing_class is not None:
                 processing_class.save_pretrained(staging)
 
@@ -216,7 +216,7 @@ class PushAdapterToHubCallback(TrainerCallback):
             # A plain Seq2SeqTrainer: save the final adapter here (main process only), with our card, not peft's.
             # IA3Seq2SeqTrainer saved it just before this, every process taking part (FSDP and ZeRO-3 gather the
             # sharded IA3 vectors), and wrote the card itself.
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, save_embedding_layers=False)
             if processing_class is not None:
                 processing_class.save_pretrained(folder)
             write_model_card(folder, repo_id=self.repo_id, metrics=card_metrics(state.log_history))

@@ -183,6 +183,12 @@ class IA3Predictor:
         """[`AdapterSettings`] of the active adapter."""
         return self._settings[self.active_adapter]
 
+    def adapter_settings(self, adapter_name: str) -> AdapterSettings:
+        """[`AdapterSettings`] of the loaded adapter `adapter_name` (how its texts are encoded, its label set)."""
+        if adapter_name not in self._settings:
+            raise InputError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapters}")
+        return self._settings[adapter_name]
+
     # --- inference ------------------------------------------------------------------------------------------------
 
     def predict(self, texts: str | list[str], *, adapter: str | list[str] | None = None, batch_size: int = 32,

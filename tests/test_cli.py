@@ -329,15 +329,6 @@ def test_unreadable_predict_file_is_one_line_before_any_model_loads(tmp_path, ca
         assert err.startswith(f"ia3-trainer: error: {message}") and err.count("\n") == 1
 
 
-def test_version(capsys):
-    from ia3_trainer import __version__
-
-    with pytest.raises(SystemExit) as info:
-        main(["--version"])
-    assert info.value.code == 0
-    assert capsys.readouterr().out == f"ia3-trainer {__version__}\n"
-
-
 def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
     """With stderr redirected to a file, no progress bar writes its carriage-return redraws there (training,
     evaluation, datasets' map, loading); the trainer's logs still come as lines on stdout."""

@@ -485,3 +485,17 @@ def test_save_is_whole_or_absent(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "recipe.json").read_text() == before
     assert [path.name for path in tmp_path.iterdir()] == ["recipe.json"]
+
+
+def test_validate_checks_a_recipe_changed_after_loading(tmp_path):
+    recipe = Recipe.from_dict(tiny_recipe(tmp_path, **{"training.eval_strategy": "steps", "training.eval_steps": 2}))
+    assert recipe.validate() is None  # whole as loaded
+    recipe.data.validation_size = 0  # changed in code after loading: no validation data for the evaluations left
+    with pytest.raises(RecipeError) as info:
+        recipe.validate()
+    assert info.value.errors == [
+        "<recipe>: training.eval_strategy: is 'steps' but there is no validation data; set data.validation_split or "
+        "data.validation_size > 0, or eval_strategy 'no'"]
+    recipe.training["eval_strategy"] = "sometimes"  # what IA3TrainingArguments itself refuses is said under training
+    with pytest.raises(RecipeError, match=r"^<recipe>: training: sometimes is not a valid"):
+        recipe.validate()
