@@ -156,8 +156,8 @@ def evaluate(args) -> int:
 
 
 def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
-    """The report can go to the folder `path`: it is no file, and holds no report file (an earlier report, or a file
-    of that name) unless `overwrite`. Other files in it are left as they are."""
+    """The report can go to the folder `path`: it is no file, holds no report file (an earlier report, or a file of
+    that name) unless `overwrite`, and can be written. Other files in it are left as they are."""
     from .report import REPORT_FILES
 
     folder = Path(path)
@@ -167,7 +167,10 @@ def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
     present = [name for name in REPORT_FILES if (folder / name).exists()]
     if present and not overwrite:
         raise PathError(f"--output-dir: {where} holds {', '.join(present)} already; pass --overwrite to replace "
-                              "them, or choose another --output-dir")
+                        "them, or choose another --output-dir")
+    existing = next(parent for parent in (folder.absolute(), *folder.absolute().parents) if parent.exists())
+    if not os.access(existing, os.W_OK):  # checked before the model loads, not found when the report is written
+        raise PathError(f"--output-dir: cannot write in {existing}; choose another --output-dir")
 
 
 def _file_data(path: str, file_format: tuple[str, dict], data):

@@ -81,7 +81,10 @@ def finite(value: Any) -> Any:
 def write_json(path: str | Path, data) -> Path:
     """Write `data` as JSON to `path` whole or not at all (see [`write_text`]), creating its folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathError(f"{path}: cannot create its folder: {error.strerror or first_line(error)}") from error
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 

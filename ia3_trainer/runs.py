@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
-from .errors import RunFolderError
+from .errors import IA3TrainerError, RunFolderError
 from .jsonfiles import read_json, write_json
 from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
@@ -79,6 +79,11 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
             run.open(recipe, resume=resume, overwrite=overwrite, precision=precision(args))
         except (OSError, ValueError) as caught:
             error = caught
+            if not isinstance(caught, IA3TrainerError):  # the filesystem's own refusal (a read-only disk, ...)
+                error = RunFolderError(key="training.output_dir",
+                                       problem=f"cannot use {key}: {getattr(caught, 'strerror', None) or caught}",
+                                       fix="choose a folder this user can write in")
+                error.__cause__ = caught
     error = _agree(error, args.world_size)
     if error is not None:
         run.release()
