@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ia3_trainer import RecipeError
+from ia3_trainer import InputError, RecipeError
 from ia3_trainer.cli import main
 from ia3_trainer.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name
 
@@ -20,15 +20,15 @@ def test_parse_grid():
     assert parse_grid(['ia3.target_modules=[["k","v"],["q"]]']) == {"ia3.target_modules": [["k", "v"], ["q"]]}
     assert parse_grid(["training.lr_scheduler_type=linear,cosine"])["training.lr_scheduler_type"] == ["linear",
                                                                                                      "cosine"]
-    # A malformed --grid is bad command-line input: a ValueError, not a problem of the recipe.
+    # A malformed --grid is bad command-line input (an InputError, a ValueError), not a problem of the recipe.
     for bad, message in [("training.learning_rate", "expected key=v1,v2"), ("training.seed=1,1", "duplicate"),
                          ("training.output_dir=a,b", "the sweep sets it")]:
         with pytest.raises(ValueError, match=message) as info:
             parse_grid([bad])
-        assert type(info.value) is ValueError
+        assert type(info.value) is InputError
     with pytest.raises(ValueError, match="given twice") as info:
         parse_grid(["training.seed=1", "training.seed=2"])
-    assert type(info.value) is ValueError
+    assert type(info.value) is InputError
 
 
 def test_grid_points_and_names():
@@ -88,7 +88,8 @@ def test_sweep_command_trains_each_point_and_prints_a_table(tmp_path, capsys):
         main(argv)
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all("holds another run" in line and "--overwrite" in line for line in lines)
+    assert len(lines) == 2 and all("holds another run" in line and "training.overwrite_output_dir" in line
+                                   for line in lines)
     assert lines[0].startswith("ia3-trainer: error: sweep point learning_rate=0.01: training.output_dir:")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     assert main([*argv, "--set", "training.overwrite_output_dir=true"]) == 0  # replaces both runs
