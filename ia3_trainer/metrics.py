@@ -192,7 +192,7 @@ def evaluate_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[
 
 
 def _require(metric: str) -> None:
-    """Raise `ImportError` naming the pip command when the package of text metric `metric` is missing."""
+    """Raise [`MissingPackageError`] naming the pip command when the package `METRICS[metric]` needs is missing."""
     import importlib.util
 
     if METRICS[metric].package is None:

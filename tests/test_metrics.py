@@ -77,3 +77,23 @@ def test_on_decoded_gives_a_function_the_texts_of_both_sides(tokenizer):
     assert seen == [(["positive", "neutral"], ["positive", "negative"])]
     assert compute_metrics(EvalPrediction(predictions=np.array(generated), label_ids=None)) == {}
     assert len(seen) == 1  # nothing to compare with: the function is not called
+
+
+def test_a_metric_added_to_the_registry_is_validated_and_computed(tokenizer, monkeypatch):
+    from ia3_trainer import RecipeError, metrics, sections
+
+    with pytest.raises(RecipeError, match="unknown metric 'first_word'"):
+        sections.EvalSection(metrics=["first_word"])
+    # One entry in sections.METRICS, and its function in ia3_trainer.metrics under the same name.
+    monkeypatch.setitem(sections.METRICS, "first_word", sections.Metric("share of texts whose first word is right"))
+    monkeypatch.setattr(metrics, "first_word", lambda predictions, references: {"first_word": sum(
+        p.split()[:1] == r.split()[:1] for p, r in zip(predictions, references, strict=True)) / len(references)},
+        raising=False)
+    assert sections.EvalSection(metrics=["first_word"]).metrics == ["first_word"]
+    assert metrics.needs_generation(["first_word"]) and not metrics.needs_generation(["perplexity"])
+    gold = tokenizer(text_target=["positive", "neutral"])["input_ids"]
+    generated = np.array([[0] + gold[0], [0] + gold[0]])
+    outputs = EvalOutputs(labels=np.array(gold), generated=generated)
+    assert eval_metrics(outputs, ["first_word"], tokenizer) == {"first_word": 0.5}
+    with pytest.raises(RecipeError, match="unknown text metric 'perplexity'"):  # not scored from text
+        metrics.text_metric("perplexity")
