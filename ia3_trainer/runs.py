@@ -77,8 +77,8 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
         except (OSError, ValueError) as caught:
             error = caught
             if not isinstance(caught, IA3TrainerError):  # the filesystem's own refusal (a read-only disk, ...)
-                error = RunFolderError(key="training.output_dir",
-                                       problem=f"cannot use {args.output_dir}: {getattr(caught, 'strerror', None) or caught}",
+                reason = getattr(caught, "strerror", None) or caught
+                error = RunFolderError(key="training.output_dir", problem=f"cannot use {args.output_dir}: {reason}",
                                        fix="choose a folder this user can write in")
                 error.__cause__ = caught
     error = _agree(error, args.world_size)
