@@ -13,42 +13,20 @@ every process renamed; here only the process that saves does, after a barrier.) 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import shutil
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import first_line
-from .jsonfiles import read_json
+from .layout import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders, checkpoint_step, publish
 
 
 logger = logging.getLogger(__name__)
 
-# Written by IA3Seq2SeqTrainer beside every adapter it saves: what training derived from the data (label set,
-# generation bound) and how it encoded sources; IA3Predictor reads it.
-INFERENCE_FILE = "inference.json"
-CARD_FILE = "README.md"  # the model card (`ia3_trainer.model_card` writes it)
-# Files that describe the adapter beside them: published after it, in this order (the card, which a Hub push reads,
-# last), so that they never describe what is not there.
-METADATA_FILES = ("recipe.json", INFERENCE_FILE, CARD_FILE)
-STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TORCH_WRITER = ("inline_container", "PytorchStreamWriter")  # what torch.save's write failures name
-
-
-def checkpoint_folders(output_dir: str | Path) -> list[Path]:
-    """The `checkpoint-N` entries in `output_dir`, newest (highest N) first (a crash may leave one that is no
-    folder, or not a whole one: `last_checkpoint` checks)."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    steps = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT.match(path.name))]
-    return [path for _, path in sorted(steps, reverse=True)]
 
 
 def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
@@ -69,7 +47,7 @@ def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
         return next((str(path) for path in _whole_checkpoints(output_dir)), None)
     from accelerate.utils import gather_object
 
-    mine = {_step(path): path for path in _whole_checkpoints(output_dir)}
+    mine = {checkpoint_step(path): path for path in _whole_checkpoints(output_dir)}
     found = gather_object([sorted(mine, reverse=True)])  # one list of steps per process, in process order
     common = set.intersection(*map(set, found))
     if common:
@@ -94,52 +72,6 @@ def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
     )
 
 
-def checkpoint_damage(path: str | Path) -> str | None:
-    """Why `path` is no checkpoint to resume from, or None when it is whole.
-
-    Whole means: a folder whose `trainer_state.json` (the last file Trainer writes) reads as JSON, and whose weights
-    and states read too: every `.safetensors` file is as long as its header says, and every `.pt`, `.pth` and `.bin`
-    file (`torch.save`'s zip format) ends with its zip directory. A file that a disk cut or lost after the save would
-    otherwise pass, and resuming would fail inside torch or safetensors.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return "it is not a folder"
-    try:
-        read_json(path / "trainer_state.json", allow_nan=True)
-    except (OSError, ValueError):
-        return "it has no readable trainer_state.json (a save that did not finish)"
-    for file in sorted(path.iterdir()):
-        if not file.is_file():
-            continue
-        if file.suffix == ".safetensors" and safetensors_header(file) is None:
-            return f"its {file.name} is truncated or unreadable"
-        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
-            return f"its {file.name} is truncated or unreadable"
-    return None
-
-
-def safetensors_header(path: str | Path) -> dict | None:
-    """The tensors of a `.safetensors` file, `{name: {"dtype", "shape", "data_offsets"}}`, read from its header (8
-    bytes giving the header's length, then JSON) when the file holds exactly the bytes the header covers; None for a
-    missing, truncated or damaged file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as file:
-            size = int.from_bytes(file.read(8), "little")
-            if not 2 <= size <= 100_000_000:  # safetensors refuses headers over 100 MB
-                return None
-            header = json.loads(file.read(size))
-        tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
-        end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
-        if not all(isinstance(entry["shape"], list) and all(type(n) is int and n >= 0 for n in entry["shape"])
-                   for entry in tensors.values()):
-            return None
-        return tensors if path.stat().st_size == 8 + size + end else None
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return None
-
-
 def _whole_checkpoints(output_dir: str | Path):
     for path in checkpoint_folders(output_dir):
         problem = checkpoint_damage(path)
@@ -147,10 +79,6 @@ def _whole_checkpoints(output_dir: str | Path):
             yield path
         else:
             logger.warning("Skipping %s: %s; it cannot be resumed from", path, problem)
-
-
-def _step(path: Path) -> int:
-    return int(_CHECKPOINT.match(path.name).group(1))
 
 
 def _processes(ranks: list[int]) -> str:
@@ -262,25 +190,3 @@ def saving(folder: str | Path) -> Iterator[None]:
             raise
         raise OSError(f"could not save to {folder}: {first_line(error)}; what was there before is unchanged: free "
                       "some disk space, then resume the run (--resume)") from error
-
-
-def publish(staged: str | Path, final: str | Path) -> None:
-    """Move the file or folder `staged` to `final` on the same filesystem, replacing what is there.
-
-    A file replaces the old one atomically (`os.replace`). A folder cannot replace a non-empty one in one rename: the
-    old one is renamed aside first (and back when the second rename fails) and removed after, so `final` is the old
-    folder or the new one, never a mix, and never gone for longer than between two renames.
-    """
-    staged, final = Path(staged), Path(final)
-    if not (staged.is_dir() and final.is_dir()):
-        os.replace(staged, final)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-    os.replace(final, aside / final.name)
-    try:
-        os.replace(staged, final)
-    except BaseException:
-        os.replace(aside / final.name, final)  # the old one back
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

@@ -379,7 +379,7 @@ def _add_adapter_commands(commands) -> None:
 
 
 def _merge(args) -> int:
-    from .predictor import merge_adapter
+    from .merging import merge_adapter
 
     path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite)
     print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")

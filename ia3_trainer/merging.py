@@ -9,7 +9,8 @@ from pathlib import Path
 
 from . import modeling
 from .adapters import read_adapter
-from .checkpoints import publish
+from .layout import publish
+from .predictor import load_adapter_model
 
 
 def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: str | None = None,
@@ -22,8 +23,6 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     It is never the adapter's folder or its base model's, nor a folder that holds either. The model is written to a
     temporary folder beside `merged_dir` and renamed into place once complete: a failure leaves `merged_dir` as it was.
     """
-    from .predictor import load_adapter_model
-
     merged_dir = Path(merged_dir).expanduser()
     target = merged_dir.resolve()
     adapter = read_adapter(dir_or_repo, revision)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .scoring import IGNORE_INDEX
+from .data import IGNORE_INDEX
 from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reports
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .checkpoints import INFERENCE_FILE
 from .jsonfiles import read_json, write_json, write_text
+from .layout import INFERENCE_FILE
 from .model_card import card_metrics, write_model_card
 
 
