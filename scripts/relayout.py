@@ -148,9 +148,10 @@ SPLITS = {
 }
 # A private name used by another new module is made public: by this table, else by dropping the underscore.
 RENAMES = {
-    "_train": "train_command", "_sweep": "sweep_command", "_push": "push_command", "_merge": "merge_command",
-    "_list": "list_command", "_list_architectures": "list_architectures_command", "init": "init_command",
-    "predict": "predict_command", "evaluate": "evaluate_command",
+    "_train": "train_command", "_claim_output_dir": "claim_train_folder", "_sweep": "sweep_command",
+    "_push": "push_command", "_merge": "merge_command", "_list": "list_command",
+    "_list_architectures": "list_architectures_command",
+    "init": "init_command", "predict": "predict_command", "evaluate": "evaluate_command",
 }
 DOCSTRINGS = {
     "cli.train": "`ia3-trainer train`: run a recipe's training through the run lifecycle and print what it wrote.",
