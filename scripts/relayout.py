@@ -492,6 +492,8 @@ def rewrite_from_imports_outside(text: str, owner: dict[str, str], renames: dict
         lines[start - 1:end] = [new]
     text = "".join(lines)
     for old, new in renames.items():  # monkeypatch.setattr(cli, "_train", ...) and the like
+        if not old.startswith("_"):
+            continue
         for number, line in enumerate(text.splitlines(), 1):
             if re.search(rf"[\"']{re.escape(old)}[\"']", line):
                 notes.append(f"{where}:{number}: mentions {old!r}, now {new!r} in "
@@ -513,10 +515,10 @@ def deeper_file_paths(text: str, where: str) -> str:
 def package_init(name: str) -> str:
     owns, may_import = PACKAGES[name]
     lines = [f'"""{owns}', "", f"{may_import}", '"""', ""]
-    return "\n".join(wrap(line) for line in lines)
+    return "\n".join(wrap(line, 116) for line in lines)
 
 
-def wrap(text: str, width: int = 119) -> str:
+def wrap(text: str, width: int = 116) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width)) if text else ""
@@ -632,6 +634,8 @@ def main() -> int:
             if new != text:
                 path.write_text(new)
     for path in [*SRC.rglob("*.py"), *(p for pattern in OUTSIDE for p in ROOT.glob(pattern) if p.is_file())]:
+        if path.resolve() == this:
+            continue
         text = path.read_text()
         if NEW in text:
             path.write_text(text.replace(NEW, PACKAGE))
@@ -644,7 +648,12 @@ def main() -> int:
                         "examples", "scripts"], cwd=ROOT, check=False)
     except FileNotFoundError:
         notes.append("ruff is not installed: run `ruff check --fix` yourself (imports to sort, unused ones to drop)")
-    long_lines = [f"{path.relative_to(ROOT)}:{n}" for path in SRC.rglob("*.py")
+    for path in [*SRC.rglob("*.py"), *ROOT.glob("tests/**/*.py")]:
+        text = path.read_text()
+        new = reflow(text)
+        if new != text:
+            path.write_text(new)
+    long_lines = [f"{path.relative_to(ROOT)}:{n}" for path in [*SRC.rglob("*.py"), *ROOT.glob("tests/**/*.py")]
                   for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 119]
     if long_lines:
         notes.append("lines over 119 characters (a longer module path): " + ", ".join(long_lines))
@@ -655,10 +664,47 @@ def main() -> int:
     return 0
 
 
+def reflow(text: str, width: int = 119) -> str:
+    """Lines of docstrings and comments that a longer module path made too long: the words past `width` go to the
+    start of the next line of the same paragraph (or a new line with the same indent)."""
+    import io
+    import tokenize
+
+    lines = text.splitlines(keepends=True)
+    for _ in range(200):
+        prose = set()  # 0-based numbers of lines inside triple-quoted strings, or whole-line comments
+        for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+            if token.type == tokenize.STRING and token.string.lstrip("rbuRBU")[:3] in ('"""', "'''"):
+                prose.update(range(token.start[0] - 1, token.end[0]))
+            elif token.type == tokenize.COMMENT and not lines[token.start[0] - 1][:token.start[1]].strip():
+                prose.add(token.start[0] - 1)
+        long = [i for i, line in enumerate(lines) if len(line.rstrip("\n")) > width and i in prose]
+        if not long:
+            break
+        i = long[0]
+        line = lines[i].rstrip("\n")
+        indent = line[:len(line) - len(line.lstrip())]
+        comment = line.lstrip().startswith("#")
+        lead = indent + ("# " if comment else "")
+        cut = line.rfind(" ", len(lead) + 1, width + 1)
+        if cut == -1:
+            break
+        head, tail = line[:cut], line[cut + 1:]
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        same = (i + 1 in prose and following.startswith(lead) and following[len(lead):len(lead) + 1].strip()
+                and not following.lstrip().startswith(("-", "*", ">>>", "```", '"""')) and not tail.endswith('"""'))
+        if same and comment == following.lstrip().startswith("#"):
+            lines[i + 1] = lead + tail + " " + following[len(lead):]
+        else:
+            lines.insert(i + 1, lead + tail + "\n")
+        lines[i] = head + "\n"
+    return "".join(lines)
+
+
 def wrap_doc(doc: str) -> str:
     if "\n" in doc:
         return doc
-    lines = wrap(doc).splitlines()
+    lines = wrap(doc, 113).splitlines()
     return "\n".join(lines) + ("\n" if len(lines) > 1 else "")
 
 
