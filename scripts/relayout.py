@@ -175,7 +175,7 @@ BEFORE_SPLIT = {
 # Known lines outside the package that name a split module's private names (applied where found, else skipped).
 TEXT_FIXES = {
     "tests/test_cli.py": [
-        ("    from ia3_trainer import cli\n", "    from ia3_trainer.cli import main as cli\n"),
+        ("    from ia3_trainer import cli\n", f"    import {NEW}.cli.main as cli\n"),
         ('monkeypatch.setattr(cli, "_train", ', 'monkeypatch.setattr(cli, "train_command", '),
     ],
 }
