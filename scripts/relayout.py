@@ -522,7 +522,7 @@ def deeper_file_paths(text: str, where: str) -> str:
 
 
 def package_init(name: str) -> str:
-    owns, may_import = PACKAGES[name]
+    owns, may_import = (text.replace(f"{PACKAGE}.", f"{NEW}.") for text in PACKAGES[name])  # already new paths
     lines = [f'"""{owns}', "", f"{may_import}", '"""', ""]
     return "\n".join(wrap(line, 116) for line in lines)
 
