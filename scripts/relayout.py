@@ -97,7 +97,6 @@ MOVES = {
     "shipped": "recipe.shipped",
     "training_args": "recipe.training_args",
     "sources": "data.sources",
-    "data": "data.preparation",
     "starter": "data.starter",
     "fingerprint": "data.fingerprint",
     "modeling": "modeling.loading",
@@ -145,7 +144,19 @@ SPLITS = {
         "cli.predict": ["predict", "_check_counts", "_check_output_file", "_read_text_file"],
         "cli.evaluate": ["evaluate", "_check_report_folder", "_file_data"],
     },
+    "data": {
+        "data.splits": ["FILE_FORMATS", "data_file_format", "load_splits", "_load_splits", "split_lines",
+                        "check_columns"],
+        "data.labels": ["label_texts", "is_classification", "check_label_lengths", "truncated_target_lengths",
+                        "target_length_bound", "longest_labels"],
+        "data.encoding": ["IGNORE_INDEX", "encode_batch", "tokenize", "cut_sources", "warn_truncated_sources",
+                          "build_collator"],
+        "data.preparation": ["PreparedData", "prepare_data", "warn_shared_texts"],
+    },
 }
+# Modules split together: a name of one may be used by the others (the CLI's `main` dispatches to `commands`).
+FAMILIES = [("cli", "commands"), ("data",)]
+DUPLICATE = {"logger"}  # copied into each new module that uses it
 # A private name used by another new module is made public: by this table, else by dropping the underscore.
 RENAMES = {
     "_train": "train_command", "_claim_output_dir": "claim_train_folder", "_sweep": "sweep_command",
@@ -164,6 +175,14 @@ DOCSTRINGS = {
                    "any model loads.",
     "cli.evaluate": "`ia3-trainer evaluate`: score an adapter on its recipe's validation split or a file, and write "
                     "the report.",
+    "data.splits": "The recipe's splits: reading its data (a local file of any supported format, or a Hub dataset), "
+                   "holding out the validation split, and checking the columns.",
+    "data.labels": "Labels: the label texts and the label set, and the generation bound taken from the longest "
+                   "label; every problem names the `data.*` field to change.",
+    "data.encoding": "Encoding examples: the one `encode_batch` used by training and inference, tokenizing a split, "
+                     "counting truncated sources, and the padding collator.",
+    "data.preparation": "`prepare_data`: the recipe's data made ready to train on (splits, labels, tokens), with "
+                        "warnings about texts shared by both splits.",
 }
 # Text replaced in a flat module before it is split (a dispatch by module attribute becomes explicit names).
 BEFORE_SPLIT = {
@@ -254,81 +273,109 @@ def bound_names(tree: ast.AST) -> set[str]:
 
 
 def split_sources() -> tuple[dict[str, str], dict[str, dict[str, list]], dict[str, str]]:
-    """Read the modules of SPLITS: (name -> new module, new module -> {"header": [...], "body": [...]}, renames)."""
+    """Plan the modules of SPLITS: (top-level name -> new module, new module -> its header, body and names, renames).
+
+    Names are resolved within a family (modules split together, which may use each other's names); a name in
+    DUPLICATE (`logger`) is copied into each new module that uses it, under the flat module's logger name, so log
+    filters and tests that name `ia3_trainer.data` keep working."""
     owner: dict[str, str] = {}
     parts: dict[str, dict[str, list]] = {}
-    segments: dict[str, tuple[str, ast.stmt, str]] = {}  # name -> (flat module, node, source text)
-    for flat, targets in SPLITS.items():
-        path = SRC / f"{flat}.py"
-        if not path.is_file():
-            continue
-        text = path.read_text()
-        for pattern, replacement in BEFORE_SPLIT.get(flat, []):
-            text = pattern.sub(replacement, text)
-        lines = text.splitlines(keepends=True)
-        tree = ast.parse(text)
-        header = [node for node in tree.body
-                  if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0]
-        header_text = "".join("".join(lines[n.lineno - 1:n.end_lineno]) for n in header)
-        for target in targets:
-            parts.setdefault(target, {"header": [], "body": [], "names": []})["header"].append(header_text)
-        for name, target in ((n, t) for t, names in targets.items() for n in names):
-            owner[name] = target
-        for node in tree.body:
-            if node in header or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
-                continue
-            names = top_level_names(node)
-            if not names:
-                problems.append(f"{path.name}:{node.lineno}: a top-level statement that is no def, class or "
-                                "assignment; move it by hand")
-                continue
-            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            while first > 1 and lines[first - 2].lstrip().startswith("#") and not lines[first - 2].startswith("# ---"):
-                first -= 1  # comment lines right above belong to the definition
-            for name in names:
-                segments[name] = (flat, node, "".join(lines[first - 1:node.end_lineno]))
-    # Names not listed follow the one new module that uses them.
-    pending = [name for name in segments if name not in owner]
-    while pending:
-        progress = False
-        for name in list(pending):
-            users = {owner[other] for other, (_, node, _) in segments.items()
-                     if other in owner and other != name and name in used_names(node)}
-            if len(users) == 1:
-                owner[name] = users.pop()
-                pending.remove(name)
-                progress = True
-        if not progress:
-            break
-    for name in pending:
-        flat = segments[name][0]
-        users = sorted({owner[o] for o, (_, n, _) in segments.items() if o in owner and name in used_names(n)})
-        problems.append(f"{flat}.py: top-level name {name!r} is not in SPLITS and is used by "
-                        f"{', '.join(users) or 'no other definition'}: add it to SPLITS[{flat!r}]")
-    for name in [n for t in SPLITS.values() for names in t.values() for n in names]:
-        if name not in segments and any((SRC / f"{flat}.py").is_file() for flat in SPLITS):
-            notes.append(f"SPLITS names {name!r}, which is no longer defined; nothing to move")
-    # Which names cross modules: they are imported, and made public when private.
     renames: dict[str, str] = {}
-    imports: dict[str, set[str]] = {}
-    for name, (_, node, _) in segments.items():
-        if name not in owner:
-            continue
-        for used in used_names(node) & set(segments):
-            if used in owner and owner[used] != owner[name]:
-                imports.setdefault(owner[name], set()).add(used)
-                if used.startswith("_") or used in RENAMES:
-                    renames[used] = RENAMES.get(used, used.lstrip("_"))
-    for name, (_, _node, text) in sorted(segments.items(), key=lambda item: item[1][1].lineno):
-        if name in owner and text not in parts[owner[name]]["body"]:
-            parts[owner[name]]["body"].append(text)
-            parts[owner[name]]["names"].append(name)
-    for target, used in imports.items():
-        for name in sorted(used):
-            if owner[name] == "cli.main" and target != "cli.main":
-                problems.append(f"{target} would import {name!r} from cli.main (a cycle): move {name!r} to the "
-                                "command module that needs it, or to a new one, in SPLITS")
-            parts[target]["header"].append(f"from {NEW}.{owner[name]} import {renames.get(name, name)}\n")
+    defined: dict[str, str] = {}  # name -> flat module, across families (names must be unique)
+    for family in FAMILIES:
+        segments: dict[str, tuple[str, ast.stmt, str]] = {}  # name -> (flat module, node, source text)
+        for flat in family:
+            targets = SPLITS[flat]
+            path = SRC / f"{flat}.py"
+            if not path.is_file():
+                continue
+            text = path.read_text()
+            for pattern, replacement in BEFORE_SPLIT.get(flat, []):
+                text = pattern.sub(replacement, text)
+            lines = text.splitlines(keepends=True)
+            tree = ast.parse(text)
+            header = [node for node in tree.body
+                      if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0]
+            header_text = "".join("".join(lines[n.lineno - 1:n.end_lineno]) for n in header)
+            for target in targets:
+                parts.setdefault(target, {"header": [], "body": [], "names": []})["header"].append(header_text)
+            for name, target in ((n, t) for t, names in targets.items() for n in names):
+                owner[name] = target
+            for node in tree.body:
+                if node in header or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+                    continue
+                names = top_level_names(node)
+                if not names:
+                    problems.append(f"{path.name}:{node.lineno}: a top-level statement that is no def, class or "
+                                    "assignment; move it by hand")
+                    continue
+                first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+                while (first > 1 and lines[first - 2].lstrip().startswith("#")
+                       and not lines[first - 2].startswith("# ---")):
+                    first -= 1  # comment lines right above belong to the definition
+                for name in names:
+                    if name in defined and defined[name] != flat and name not in DUPLICATE:
+                        problems.append(f"{flat}.py and {defined[name]}.py both define {name!r}; rename one")
+                    defined[name] = flat
+                    segments[name] = (flat, node, "".join(lines[first - 1:node.end_lineno]))
+        copies = {name: segments.pop(name) for name in DUPLICATE if name in segments}
+        # Names not listed follow the one new module that uses them.
+        pending = [name for name in segments if name not in owner]
+        while pending:
+            progress = False
+            for name in list(pending):
+                users = {owner[other] for other, (_, node, _) in segments.items()
+                         if other in owner and other != name and name in used_names(node)}
+                if len(users) == 1:
+                    owner[name] = users.pop()
+                    pending.remove(name)
+                    progress = True
+            if not progress:
+                break
+        for name in pending:
+            flat = segments[name][0]
+            users = sorted({owner[o] for o, (_, n, _) in segments.items() if o in owner and name in used_names(n)})
+            problems.append(f"{flat}.py: top-level name {name!r} is not in SPLITS and is used by "
+                            f"{', '.join(users) or 'no other definition'}: add it to SPLITS[{flat!r}]")
+        for flat in family:
+            for name in [n for names in SPLITS[flat].values() for n in names]:
+                if name not in segments and (SRC / f"{flat}.py").is_file():
+                    notes.append(f"SPLITS[{flat!r}] names {name!r}, which is no longer defined; nothing to move")
+        # Which names cross modules: they are imported, and made public when private.
+        imports: dict[str, set[str]] = {}
+        for name, (_, node, _) in segments.items():
+            if name not in owner:
+                continue
+            for used in used_names(node) & set(segments):
+                if used in owner and owner[used] != owner[name]:
+                    imports.setdefault(owner[name], set()).add(used)
+                    if used.startswith("_") or used in RENAMES:
+                        renames[used] = RENAMES.get(used, used.lstrip("_"))
+        for name, (_, _node, text) in sorted(segments.items(), key=lambda item: item[1][1].lineno):
+            if name in owner and text not in parts[owner[name]]["body"]:
+                parts[owner[name]]["body"].append(text)
+                parts[owner[name]]["names"].append(name)
+        for name, (flat, _node, text) in copies.items():  # `logger = logging.getLogger(__name__)` where it is used
+            text = text.replace("__name__", f'"{PACKAGE}.{flat}"')
+            for target in {owner[o] for o, (_, n, _) in segments.items() if o in owner and name in used_names(n)}:
+                parts[target]["body"].insert(0, text)
+        for target, used in imports.items():
+            for name in sorted(used):
+                if owner[name] == "cli.main" and target != "cli.main":
+                    problems.append(f"{target} would import {name!r} from cli.main (a cycle): move {name!r} to the "
+                                    "command module that needs it, or to a new one, in SPLITS")
+                parts[target]["header"].append(f"from {NEW}.{owner[name]} import {renames.get(name, name)}\n")
+        graph = {target: {owner[name] for name in used} for target, used in imports.items()}
+        for target in graph:
+            seen, stack = set(), list(graph[target])
+            while stack:
+                other = stack.pop()
+                if other == target:
+                    problems.append(f"{target} would import itself through {sorted(graph[target])}: change SPLITS")
+                    break
+                if other not in seen:
+                    seen.add(other)
+                    stack.extend(graph.get(other, ()))
     for old, new in renames.items():
         for target, part in parts.items():
             text = "".join(part["body"])
@@ -463,8 +510,8 @@ def rewrite_references(text: str, owner: dict[str, str], moves: dict[str, str], 
         if flat in SPLITS:
             if attr and attr in owner:
                 return f"{PACKAGE}.{owner[attr]}.{renames.get(attr, attr)}"
-            if flat == "cli" and not attr:
-                return match.group(0)  # the package `ia3_trainer.cli` (python -m ia3_trainer.cli, `from ... import`)
+            if flat in PACKAGES and not attr:
+                return match.group(0)  # now the package: `python -m ia3_trainer.cli`, a logger name, prose
             line = text.count("\n", 0, match.start()) + 1
             notes.append(f"{where}:{line}: `{match.group(0)}` names a split module; point it at the new one by hand")
             return match.group(0)
@@ -623,7 +670,7 @@ def main() -> int:
     for target, part in parts.items():
         if not part["body"]:
             continue
-        doc = DOCSTRINGS.get(target) or original_docs.get("cli", "")
+        doc = DOCSTRINGS.get(target) or original_docs.get(next(f for f in SPLITS if target in SPLITS[f]), "")
         header = "".join(dict.fromkeys("".join(part["header"]).splitlines(keepends=True)))
         body = "\n\n".join(segment.rstrip("\n") + "\n" for segment in part["body"])
         text = f'"""{wrap_doc(doc)}"""\n\n{header}\n\n{rename_text(body, renames)}'
