@@ -496,6 +496,7 @@ def rewrite_imports(text: str, module: str, owner: dict[str, str], moves: dict[s
     return "".join(lines)
 
 
+PATH_REFERENCE = re.compile(rf"\b{PACKAGE}/([a-z_][a-z0-9_]*)\.py\b")
 REFERENCE = re.compile(rf"\b{PACKAGE}\.([a-z_][a-z0-9_]*)(?:\.([A-Za-z_]\w*))?")
 
 
@@ -517,7 +518,15 @@ def rewrite_references(text: str, owner: dict[str, str], moves: dict[str, str], 
             return match.group(0)
         return f"{PACKAGE}.{moves[flat]}" + (f".{attr}" if attr else "")
 
-    return REFERENCE.sub(replace, text)
+    def replace_path(match: re.Match) -> str:  # `ia3_trainer/architectures.py` in prose
+        flat = match.group(1)
+        if flat in moves:
+            return f"{PACKAGE}/{moves[flat].replace('.', '/')}.py"
+        if flat in SPLITS:
+            return f"{PACKAGE}/{next(iter(SPLITS[flat])).split('.')[0]}/"
+        return match.group(0)
+
+    return PATH_REFERENCE.sub(replace_path, REFERENCE.sub(replace, text))
 
 
 def rewrite_from_imports_outside(text: str, owner: dict[str, str], renames: dict[str, str], where: str) -> str:
