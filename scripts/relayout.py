@@ -1,18 +1,24 @@
 """One-off: move the flat `ia3_trainer/*.py` modules into subpackages that show the layers (issue #17).
 
-Run from the repository root on a clean work tree, then check and commit:
+Run from the repository root on a clean, committed tree (every branch merged), then check and commit:
 
-    python scripts/relayout.py && ruff check --fix ia3_trainer tests benchmarks examples scripts \
-        && lint-imports && python -m pytest tests/test_layers.py tests/test_cli.py -x -q
+    python scripts/relayout.py
+    ruff check ia3_trainer tests benchmarks examples scripts && lint-imports --no-cache
+    python -m pytest tests/test_layers.py tests/test_recipe.py tests/test_cli.py tests/test_data.py -x -q
+    pip install -e . --no-deps   # the console script is now ia3_trainer.cli.main:main
+    git rm -q scripts/relayout.py && git add -A && git commit -m "Subpackages by layer"
 
-What it does, in order (it stops before changing anything when a module is not in `MOVES`/`SPLITS`):
-1. `git mv` each module to its subpackage (history follows); `cli.py` and `commands.py` are split by top-level name
-   into one module per command (`SPLITS`; a helper not named there goes with the one module that uses it).
+What it does, in order (it stops before changing anything, with a list, when a module is in neither `MOVES` nor
+`SPLITS`, or a top-level name of a split module has no home):
+1. `git mv` each module to its subpackage (history follows); `cli.py` + `commands.py` (one module per command) and
+   `data.py` (splits, labels, encoding, preparation) are split by top-level name (`SPLITS`; a helper not named there
+   goes with the one new module that uses it; a private name used across new modules is made public).
 2. Rewrites every intra-package import to an absolute `from ia3_trainer.<package>.<module> import ...`, and every
-   `ia3_trainer.<module>` reference (imports, `monkeypatch` targets, logger names, docstrings, `python -m`) in the
-   package, tests/, benchmarks/, examples/, scripts/, docs/, README.md, CONTRIBUTING.md and mkdocs.yml.
-3. Writes each subpackage's `__init__.py` (what it owns, what it may import), `.importlinter`, and the package list
-   and console script in pyproject.toml; runs `ruff check --fix --select I,F401` when ruff is installed.
+   `ia3_trainer.<module>` reference (imports, `monkeypatch` targets, logger names, docstrings, file paths) in the
+   package, tests/, benchmarks/, examples/, scripts/, docs/, README.md, CONTRIBUTING.md and mkdocs.yml; rewraps
+   docstring and comment lines that a longer path made too long.
+3. Writes each subpackage's `__init__.py` (what it owns, what it may import), `.importlinter` (the layer contract),
+   and the package list and console script in pyproject.toml; sorts imports (`ruff check --fix --select I`).
 It prints what it cannot do itself (e.g. a test that monkeypatches a private name that moved): fix those by hand.
 Delete this script after use.
 """
