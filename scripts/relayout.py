@@ -535,7 +535,8 @@ def rewrite_references(text: str, owner: dict[str, str], moves: dict[str, str], 
     return PATH_REFERENCE.sub(replace_path, REFERENCE.sub(replace, text))
 
 
-def rewrite_from_imports_outside(text: str, owner: dict[str, str], renames: dict[str, str], where: str) -> str:
+def rewrite_from_imports_outside(text: str, owner: dict[str, str], renames: dict[str, str], moves: dict[str, str],
+                                 where: str) -> str:
     """`from ia3_trainer.cli import main` -> `from ia3_trainer.cli.main import main`, per name, outside the package;
     `from ia3_trainer import cli` (a module of a split one) is left with a note."""
     try:
@@ -560,9 +561,24 @@ def rewrite_from_imports_outside(text: str, owner: dict[str, str], renames: dict
                 new = "".join(f"{indent}from {NEW}.{module} import {', '.join(names)}\n"
                               for module, names in groups.items())
                 edits.append((node.lineno, node.end_lineno, new))
-            elif node.module == PACKAGE and any(alias.name in SPLITS for alias in node.names):
-                notes.append(f"{where}:{node.lineno}: imports a split module ({ast.unparse(node)}); its attributes "
-                             "moved to " + ", ".join(sorted({t for f in SPLITS for t in SPLITS[f]})))
+            elif node.module == PACKAGE and any(alias.name in SPLITS or alias.name in moves for alias in node.names):
+                # from ia3_trainer import predictor as predictor_module, RecipeError
+                kept, statements = [], []
+                for alias in node.names:
+                    if alias.name in moves:
+                        package, leaf = moves[alias.name].rsplit(".", 1)
+                        bound = alias.asname or alias.name
+                        statements.append(f"from {NEW}.{package} import {leaf}" + (f" as {bound}" if bound != leaf
+                                                                                   else ""))
+                    else:
+                        if alias.name in SPLITS:
+                            notes.append(f"{where}:{node.lineno}: imports the split module {alias.name}; its "
+                                         "attributes moved to " + ", ".join(sorted(SPLITS[alias.name])))
+                        kept.append(alias.name + (f" as {alias.asname}" if alias.asname else ""))
+                if kept:
+                    statements.insert(0, f"from {NEW} import {', '.join(kept)}")
+                indent = " " * node.col_offset
+                edits.append((node.lineno, node.end_lineno, "".join(f"{indent}{s}\n" for s in statements)))
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.removeprefix(PACKAGE + ".") in SPLITS and alias.name != PACKAGE + ".cli":
@@ -715,7 +731,7 @@ def main() -> int:
             text = path.read_text()
             for pattern, fixed in TEXT_FIXES.get(where, []):
                 text = re.sub(pattern, fixed, text, flags=re.M)
-            new = rewrite_from_imports_outside(text, owner, renames, where) if path.suffix == ".py" else text
+            new = rewrite_from_imports_outside(text, owner, renames, moves, where) if path.suffix == ".py" else text
             new = rewrite_references(new, owner, moves, renames, where)
             if new != text:
                 path.write_text(new)
