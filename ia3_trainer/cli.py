@@ -352,6 +352,9 @@ def _add_adapter_commands(commands) -> None:
                          help="a training output_dir (or one of its checkpoint-N folders) or a Hub repo id")
         sub.add_argument("--revision", help="branch, tag or commit of a Hub adapter repo")
         sub.add_argument("--overwrite", action="store_true", help=overwrite)
+        sub.add_argument("--trust-remote-code", action="store_true",
+                         help="run Python code shipped with the base model or tokenizer (read it first); what the "
+                         "adapter's own recipe.json says never turns this on")
         return sub
 
     predict = with_adapter("predict", "Generate the label of each text with a trained adapter.",
@@ -379,9 +382,12 @@ def _add_adapter_commands(commands) -> None:
 
 
 def _merge(args) -> int:
+    from .commands import announce_remote_code
     from .merging import merge_adapter
 
-    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite)
+    announce_remote_code(args)
+    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite,
+                         trust_remote_code=args.trust_remote_code)
     print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")
     return 0
 

@@ -14,7 +14,7 @@ from .predictor import load_adapter_model
 
 
 def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: str | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Fold the adapter's IA3 vectors into the base weights and save a plain transformers model plus tokenizer.
 
     The merged model loads with `AutoModelForSeq2SeqLM.from_pretrained(merged_dir)` and has exactly the base
@@ -22,6 +22,8 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     `merged_dir` must be new or empty; `overwrite=True` replaces a folder that holds a saved model (an earlier merge).
     It is never the adapter's folder or its base model's, nor a folder that holds either. The model is written to a
     temporary folder beside `merged_dir` and renamed into place once complete: a failure leaves `merged_dir` as it was.
+    Code shipped with the base model or tokenizer runs only with `trust_remote_code=True`, never because the
+    adapter's own `recipe.json` asks for it.
     """
     merged_dir = Path(merged_dir).expanduser()
     target = merged_dir.resolve()
@@ -48,7 +50,7 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
             raise FileExistsError(f"MERGED_DIR: {merged_dir} holds files that are not a saved model (no config.json); "
                                   "--overwrite replaces only an earlier merge: give a new folder")
     # Merging encodes no text: an adapter trained with a custom preprocess merges like any other.
-    model, tokenizer = load_adapter_model(adapter, dir_or_repo)
+    model, tokenizer = load_adapter_model(adapter, dir_or_repo, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload(safe_merge=True)
     modeling.untie_separate_lm_head(merged)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,8 @@ SPLITS = {
     },
     "commands": {
         "cli.init": ["init"],
-        "cli.predict": ["predict", "_check_counts", "_check_output_file", "_read_text_file"],
+        "cli.adapters": ["_check_counts", "announce_remote_code", "load_predictor"],
+        "cli.predict": ["predict", "_check_output_file", "_read_text_file"],
         "cli.evaluate": ["evaluate", "_check_report_folder", "_file_data"],
     },
     "data": {
@@ -176,6 +177,8 @@ DOCSTRINGS = {
     "cli.sweep": "`ia3-trainer sweep`: train a recipe at every point of a grid or a search, and print the table.",
     "cli.push": "`ia3-trainer push`: push a finished run's adapter to the Hugging Face Hub; the folder is only read.",
     "cli.merge": "`ia3-trainer merge`: fold an adapter into its base model and save a plain transformers model.",
+    "cli.adapters": "What `predict`, `evaluate` and `merge` share: checking their counts, and loading the adapter "
+                    "named on the command line, saying first whose code `--trust-remote-code` lets run.",
     "cli.init": "`ia3-trainer init`: write a starter recipe for a local data file and say what to check.",
     "cli.predict": "`ia3-trainer predict`: label texts with a trained adapter; arguments and files are checked before "
                    "any model loads.",
@@ -215,7 +218,7 @@ TEXT_FIXES = {
 CONSOLE_SCRIPT = "ia3_trainer.cli.main:main"
 # Files outside the package whose `ia3_trainer.<module>` references are rewritten.
 OUTSIDE = ["tests/**/*.py", "benchmarks/**/*.py", "examples/**/*.py", "examples/**/*.md", "scripts/**/*.py",
-           "docs/**/*.md", "docs/**/*.yml", "README.md", "CONTRIBUTING.md", "mkdocs.yml", ".ci/*"]
+           "docs/**/*.md", "docs/**/*.yml", "docs/**/*.py", "README.md", "CONTRIBUTING.md", "mkdocs.yml", ".ci/*"]
 
 OUTSIDE_CODE = ("tests", "benchmarks", "examples")
 problems: list[str] = []  # what stops the script
