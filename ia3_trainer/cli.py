@@ -101,10 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
-        return _run(parser, args)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
+            return _run(parser, args)
+    except KeyboardInterrupt:  # Ctrl-C while the libraries import, before a command runs (`_run` handles the rest)
+        if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print("ia3-trainer: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(parser: argparse.ArgumentParser, args) -> int:
@@ -131,12 +138,12 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             return 0
         with _claim_output_dir(recipe, args):  # before the data and the model load; held until the report is written
             return _train(recipe, resume=args.resume)
-    except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, and how to go on
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
         if os.environ.get("RANK", "0") == "0":  # under a launcher, the first process speaks for all
             _close_progress_bars()
-            print(redact(_interrupted(args, recipe)), file=sys.stderr)
+            print(redact(_interrupted(args, recipe, interrupt)), file=sys.stderr)
         return 130
     # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
     # named on the command line or in the recipe.
@@ -210,9 +217,21 @@ def _claim_output_dir(recipe, args):
                             overwrite=args.overwrite or training.overwrite_output_dir)
 
 
-def _interrupted(args, recipe) -> str:
+class _TrainingDone(KeyboardInterrupt):
+    """Ctrl-C after training ended (the final adapter saved, when the run saves one): the run needs no --resume."""
+
+    def __init__(self, output_dir: str, adapter_saved: bool):
+        super().__init__()
+        self.output_dir, self.adapter_saved = output_dir, adapter_saved
+
+
+def _interrupted(args, recipe, interrupt: BaseException | None = None) -> str:
     """The line Ctrl-C prints: for `train`, the newest whole checkpoint now (rotation may have removed the one saved
-    before it) and the command that continues from it."""
+    before it) and the command that continues from it; once training ended, that the run is complete."""
+    if isinstance(interrupt, _TrainingDone):
+        saved = f"the adapter is saved in {interrupt.output_dir}" if interrupt.adapter_saved else "training finished"
+        return (f"ia3-trainer: interrupted after the run completed ({saved}); there is nothing to resume; its results "
+                f"and report may be incomplete (ia3-trainer evaluate {interrupt.output_dir} writes the report)")
     if args.command != "train" or recipe is None:
         return "ia3-trainer: interrupted"
     import shlex
@@ -238,7 +257,6 @@ def _close_progress_bars() -> None:
 
 
 def _train(recipe, resume: bool = False) -> int:
-    from .report import write_training_report
     from .trainer import IA3Seq2SeqTrainer
 
     if recipe.model.trust_remote_code and recipe.training_args().process_index == 0:
@@ -246,6 +264,16 @@ def _train(recipe, resume: bool = False) -> int:
     trainer = IA3Seq2SeqTrainer.from_recipe(recipe)
     # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
     result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
+    try:
+        return _finish(trainer, result)
+    except KeyboardInterrupt:
+        raise _TrainingDone(trainer.args.output_dir, trainer.args.save_final_adapter) from None
+
+
+def _finish(trainer, result) -> int:
+    """The end of `train`, once the adapter is saved: the last evaluation, results, report and pushes."""
+    from .report import write_training_report
+
     metrics = dict(result.metrics)
     # The evaluation made at the last step when there was one: the report is built from it, not from a second pass.
     evaluation = trainer.final_evaluation() if trainer.eval_dataset is not None else None

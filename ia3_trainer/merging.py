@@ -10,6 +10,7 @@ from pathlib import Path
 from . import modeling
 from .adapters import read_adapter
 from .layout import publish
+from .output_dir import resolved
 from .predictor import load_adapter_model
 
 
@@ -26,7 +27,7 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     adapter's own `recipe.json` asks for it.
     """
     merged_dir = Path(merged_dir).expanduser()
-    target = merged_dir.resolve()
+    target = resolved(merged_dir, "MERGED_DIR")
     adapter = read_adapter(dir_or_repo, revision)
     folder, base = adapter.folder, adapter.base_model
     # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)

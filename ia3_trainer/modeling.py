@@ -11,7 +11,7 @@ import logging
 import os
 
 from . import network
-from .errors import RecipeError, first_line
+from .errors import RecipeError, first_line, one_line
 from .recipe import ModelSection
 
 
@@ -82,6 +82,14 @@ def _from_hub_or_cache(load, name: str, key: str, what: str, trust: str = RECIPE
         raise RecipeError(
             f"{key}: cannot load {what} from {name!r}{network.offline_note()}: {first_line(error)}; check the id "
             "and the network, or point it at a local folder"
+        ) from error
+    except Exception as error:
+        # Damaged or foreign files fail inside the libraries with their own errors, which name no file: a cut
+        # model.safetensors (SafetensorError), a tokenizer.json without its fields (KeyError), a config.json value of
+        # the wrong type (huggingface_hub's StrictDataclassFieldValidationError).
+        raise RecipeError(
+            f"{key}: cannot load {what} from {name!r}: its files are damaged or of another kind "
+            f"({one_line(error, 200)}); download or save it again, or point it at another model"
         ) from error
 
 

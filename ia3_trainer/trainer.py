@@ -13,9 +13,11 @@ from .checkpoints import AtomicCheckpoints, last_checkpoint
 from .data import PreparedData, build_collator, encode_batch, prepare_data
 from .errors import RecipeError
 from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
+from .fingerprint import data_fingerprint
 from .guard import GuardSteps, NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
+from .resuming import check_finished
 from .runs import claim_output_dir, no_checkpoint_error
 from .saving import FinalSave, SavingMixin
 from .scoring import teacher_forced_inputs, token_nll
@@ -297,16 +299,29 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                 logger.info("Resuming from %s", resume_from_checkpoint)
                 if self.is_world_process_zero():
                     print(f"Resuming from {resume_from_checkpoint}")
-            run.begin(self.args)
+            run.begin(self.args, data=lambda: data_fingerprint(self.train_dataset, self.eval_dataset,
+                                                               self.candidate_labels, recipe))
             output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if getattr(self, "_trained_out", False):  # nothing trained in this call: Trainer's train_loss would read 0
+            for key in ("train_loss", "train_perplexity"):
+                output.metrics.pop(key, None)
         # Trainer returns its own train_loss, before log() left the steps the non-finite guard skipped out of it.
         return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
-    def _init_training_state(self, max_steps, *args, **kwargs):
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
         # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
         # the recipe may change them on resume (resuming.RESUMABLE), so they apply from the checkpoint on.
-        trained = super()._init_training_state(max_steps, *args, **kwargs)
+        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)
         self.state.compute_steps(self.args, max_steps)
+        self._trained_out = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self._trained_out:
+            check_finished(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero(),
+                           by_epochs=self.args.max_steps <= 0)
+            # transformers 5.24 would run the rest of the checkpoint's epoch and train one step past max_steps (a
+            # kill during the final save leaves the checkpoint of the last step): no epoch is left to run.
+            return num_train_epochs, 0
         return trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
