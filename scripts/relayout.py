@@ -221,7 +221,7 @@ CONSOLE_SCRIPT = "ia3_trainer.cli.main:main"
 OUTSIDE = ["tests/**/*.py", "benchmarks/**/*.py", "examples/**/*.py", "examples/**/*.md", "scripts/**/*.py",
            "docs/**/*.md", "docs/**/*.yml", "docs/**/*.py", "README.md", "CONTRIBUTING.md", "mkdocs.yml", ".ci/*"]
 
-OUTSIDE_CODE = ("tests", "benchmarks", "examples")
+OUTSIDE_CODE = ("tests", "benchmarks", "examples", "scripts")
 problems: list[str] = []  # what stops the script
 notes: list[str] = []  # what the lead fixes by hand afterwards
 
@@ -242,6 +242,14 @@ def plan() -> dict[str, str]:
     if any((SRC / name).is_dir() for name in PACKAGES):
         sys.exit(f"relayout: {SRC} has subpackages already; run this on the flat layout only")
     present = flat_modules()
+    this = Path(__file__).resolve()
+    for path in [*SRC.glob("*.py"), *(p for d in OUTSIDE_CODE for p in ROOT.glob(f"{d}/**/*.py"))]:
+        if path.resolve() == this:
+            continue
+        try:
+            ast.parse(path.read_text())
+        except SyntaxError as error:
+            problems.append(f"{path.relative_to(ROOT)}:{error.lineno}: does not parse ({error.msg}); fix it first")
     unknown = [name for name in present if name not in TOP and name not in MOVES and name not in SPLITS]
     if unknown:
         problems.append("modules not in MOVES or SPLITS (add each to scripts/relayout.py): "
@@ -672,6 +680,15 @@ def update_pyproject(subpackages: list[str]) -> None:
 
 
 def main() -> int:
+    try:
+        return relayout()
+    except Exception:
+        print("relayout: failed half way; put the tree back with `git reset -q --hard && git clean -qfd ia3_trainer`, "
+              "then fix the cause (below) and run it again", file=sys.stderr)
+        raise
+
+
+def relayout() -> int:
     moves = plan()
     owner, parts, renames = split_sources()
     if problems:
