@@ -775,7 +775,8 @@ def relayout() -> int:
                         "scripts"], cwd=ROOT, check=False)
     except FileNotFoundError:
         notes.append("ruff is not installed: run `ruff check --fix` yourself (imports to sort, unused ones to drop)")
-    rewritten = [*SRC.rglob("*.py"), *(p for d in OUTSIDE_CODE for p in ROOT.glob(f"{d}/**/*.py"))]
+    rewritten = [p for p in [*SRC.rglob("*.py"), *(p for d in OUTSIDE_CODE for p in ROOT.glob(f"{d}/**/*.py"))]
+                 if p.resolve() != this]
     for path in rewritten:
         text = path.read_text()
         new = reflow(text)
