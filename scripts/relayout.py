@@ -2,6 +2,7 @@
 
 Run from the repository root on a clean, committed tree (every branch merged), then check and commit:
 
+    python scripts/relayout.py --check   # plans only: lists what stops it (an unmapped module or name)
     python scripts/relayout.py
     ruff check ia3_trainer tests benchmarks examples scripts && lint-imports --no-cache
     python -m pytest tests/test_layers.py tests/test_recipe.py tests/test_cli.py tests/test_data.py -x -q
@@ -254,7 +255,39 @@ def plan() -> dict[str, str]:
     if unknown:
         problems.append("modules not in MOVES or SPLITS (add each to scripts/relayout.py): "
                         + ", ".join(f"ia3_trainer/{name}.py" for name in unknown))
+    check_imported_names()
     return {name: new for name, new in MOVES.items() if name in present}
+
+
+def check_imported_names() -> None:
+    """Every `from .x import y` in the package names something `x` binds at its top level: a merge that kept an import
+    of a name that moved (the run folder's file names are in `layout`) is found here, before anything moves."""
+    bound: dict[str, set[str]] = {}
+    trees = {}
+    for path in SRC.glob("*.py"):
+        try:
+            trees[path.stem] = tree = ast.parse(path.read_text())
+        except SyntaxError:
+            continue  # reported above
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node in tree.body:
+                names.add(node.name)
+        for node in tree.body:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store) and not isinstance(
+                        node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(sub.id)
+                elif isinstance(sub, ast.alias) and isinstance(node, (ast.Import, ast.ImportFrom, ast.If, ast.Try)):
+                    names.add((sub.asname or sub.name).split(".")[0])
+        bound[path.stem] = names | {"__version__"} if path.stem == "__init__" else names
+    for stem, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in bound:
+                missing = [a.name for a in node.names if a.name not in bound[node.module] and a.name != "*"]
+                if missing:
+                    problems.append(f"ia3_trainer/{stem}.py:{node.lineno}: imports {', '.join(missing)} from "
+                                    f".{node.module}, which does not define it (moved elsewhere?)")
 
 
 # --- splitting a module by top-level name ----------------------------------------------------------------------------
@@ -694,6 +727,9 @@ def relayout() -> int:
     if problems:
         print("relayout: nothing changed; fix these first:", *problems, sep="\n  ", file=sys.stderr)
         return 1
+    if "--check" in sys.argv[1:]:
+        print(f"relayout --check: ready to move {len(moves)} modules and split {', '.join(SPLITS)}; nothing changed")
+        return 0
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout
     if status.strip():
