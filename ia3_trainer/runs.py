@@ -54,7 +54,6 @@ RUN_FILES = frozenset({
 RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
 # Entries that mean "this folder holds a run".
 _RUN_MARKS = re.compile(r"^(run\.json|recipe\.json|adapter_config\.json|adapter_model\..+|(tmp-)?checkpoint-\d+)$")
-_CLAIMS: dict[str, RunFolder] = {}  # output folders this process has claimed, by absolute path
 
 
 @contextlib.contextmanager
@@ -66,14 +65,10 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     Every process of a launch must call both; the processes that save (`args.should_save`) check, lock and write,
     and all raise the same error when one of them is refused. `resume` is `True` (the newest checkpoint of the
     folder), a checkpoint path, or None for a fresh run; `recipe` is the resolved recipe (`Recipe.to_dict()`), or
-    None for a trainer built without one (nothing to compare then). A claim this process holds already (the command
-    line claims before the data and the model load, `IA3Seq2SeqTrainer.train` claims again) is reused as it is.
+    None for a trainer built without one (nothing to compare then). A run claims its folder once
+    (`ia3_trainer.lifecycle`); a second claim of a held folder, from this process too, is refused.
     """
-    key = os.path.abspath(args.output_dir)
-    if key in _CLAIMS:
-        yield _CLAIMS[key]
-        return
-    run = RunFolder(key)
+    run = RunFolder(args.output_dir)
     error = None
     if args.should_save:
         try:
@@ -84,12 +79,25 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     if error is not None:
         run.abandon()
         raise error
-    _CLAIMS[key] = run
     try:
         yield run
     finally:
-        del _CLAIMS[key]
         run.release()
+
+
+def check_output_dir(args, recipe: dict | None = None, *, resume: bool | str | None = None,
+                     overwrite: bool = False) -> None:
+    """The checks of [`claim_output_dir`], read-only (nothing is locked or written): the command line makes them
+    before the data and the model load, so a folder that will be refused fails at once. Every process calls it."""
+    error = None
+    if args.should_save:
+        try:
+            RunFolder(args.output_dir).check(recipe, resume=resume, overwrite=overwrite, precision=precision(args))
+        except (OSError, ValueError) as caught:
+            error = caught
+    error = _agree(error, args.world_size)
+    if error is not None:
+        raise error
 
 
 def no_checkpoint_error(output_dir: str | Path) -> RecipeError:
@@ -117,6 +125,16 @@ class RunFolder:
     def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
              precision: str | None = None) -> None:
         """Check the folder for this run and lock it; nothing is written into it before the checks pass."""
+        self.check(recipe, resume=resume, overwrite=overwrite, precision=precision)
+        self._acquire()
+        # Again under the lock: another run may have started in between.
+        self._record, continuing = self.check(recipe, resume=resume, overwrite=overwrite, precision=precision)
+        self._replace, self._continuing = overwrite and not continuing, continuing
+
+    def check(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
+              precision: str | None = None) -> tuple[dict, bool]:
+        """Every rule of this module, read-only: raise when this run may not use the folder; else return the
+        `run.json` to write and whether the run continues the folder's own."""
         folder = self.path
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"training.output_dir: {folder} is a file; choose a folder")
@@ -130,7 +148,6 @@ class RunFolder:
             raise no_checkpoint_error(folder)
         if not continuing:
             check_fresh(folder, overwrite)
-        self._acquire()
         record = _read_record(folder)
         if continuing:
             saved = record.get("recipe") if record else None  # a run.json may lack it (_read_record)
@@ -142,16 +159,13 @@ class RunFolder:
             record = {**(record or _new_record(None, precision)), "recipe": recipe}
             record.setdefault("precision", precision)  # a run.json from before precision was recorded
             record["resumed"] = [*record.get("resumed", []), _now()]
-            self._continuing = True
-        else:
-            check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
-            if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
-                saved = _checkpoint_recipe([Path(checkpoint)])
-                earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
-                check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
-                check_same_recipe(saved, recipe, Path(checkpoint))
-            record, self._replace = _new_record(recipe, precision), overwrite
-        self._record = record
+            return record, True
+        if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
+            saved = _checkpoint_recipe([Path(checkpoint)])
+            earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
+            check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
+            check_same_recipe(saved, recipe, Path(checkpoint))
+        return _new_record(recipe, precision), False
 
     def begin(self, args, data=None) -> None:
         """Right before training (once the data and the model loaded): refuse continuing the run on other data than

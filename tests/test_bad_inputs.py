@@ -76,8 +76,8 @@ CASES = {
     # name: (argv builder (tmp_path, adapter) -> argv, part of the one line, fails before any model loads)
     "train-latin1-csv": (lambda t, a: ["train", recipe_for(t, latin1(t / "d.csv"))], "is not UTF-8 text"),
     "train-latin1-jsonl": (lambda t, a: ["train", recipe_for(t, latin1(t / "d.jsonl"))], "is not UTF-8 text"),
-    "evaluate-latin1-csv": (lambda t, a: ["evaluate", str(a), "--data", str(latin1(t / "d.csv"))],
-                            "is not UTF-8 text"),
+    "evaluate-latin1-csv": (lambda t, a: ["evaluate", str(a), "--data", str(latin1(t / "d.csv")), "--output-dir",
+                                          str(t / "report")], "is not UTF-8 text"),
     "init-latin1-csv": (lambda t, a: ["init", "--data", str(latin1(t / "d.csv")), "-o", str(t / "r.json")],
                         "--data: d.csv is not UTF-8 text"),
     "init-unknown-encoding-txt": (lambda t, a: ["init", "--data", str(latin1(t / "d.txt")), "--encoding", "latin-9x",

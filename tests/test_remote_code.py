@@ -77,7 +77,8 @@ def test_no_command_runs_a_model_folders_code(hostile, tmp_path, capsys, command
     argv = {
         "train": ["train", str(recipe)],
         "predict": ["predict", str(adapter), "Sales rose."],
-        "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl")],
+        "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--output-dir",
+                     str(tmp_path / "report")],
         "merge": ["merge", str(adapter), str(tmp_path / "merged")],
         "init": ["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(model),
                  "-o", str(tmp_path / "init.json")],

@@ -175,14 +175,14 @@ def test_a_checkpoint_with_a_damaged_file_is_skipped_for_the_one_before(tmp_path
 # --- Ctrl-C ---------------------------------------------------------------------------------------------------------
 
 def test_ctrl_c_during_the_end_of_run_report_says_the_run_is_complete(tmp_path, capsys, monkeypatch):
-    import ia3_trainer.report
+    import ia3_trainer.lifecycle
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
-    monkeypatch.setattr(ia3_trainer.report, "write_training_report", interrupted)
+    monkeypatch.setattr(ia3_trainer.lifecycle, "write_report", interrupted)
     recipe, _ = write_recipe(tmp_path, "run")
     assert main(["train", recipe]) == 130
     out = tmp_path / "run"
