@@ -25,10 +25,14 @@ def __getattr__(name):
         from .trainer import IA3Seq2SeqTrainer
 
         return IA3Seq2SeqTrainer
-    if name in ("IA3Predictor", "merge_adapter"):
-        from . import predictor
+    if name == "IA3Predictor":
+        from .predictor import IA3Predictor
 
-        return getattr(predictor, name)
+        return IA3Predictor
+    if name == "merge_adapter":
+        from .merging import merge_adapter
+
+        return merge_adapter
     if name == "IA3TrainingArguments":
         from .training_args import IA3TrainingArguments
 

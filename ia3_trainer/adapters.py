@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import network
-from .checkpoints import INFERENCE_FILE, checkpoint_folders, safetensors_header
 from .errors import HubError, InputError, RecipeError, first_line
 from .jsonfiles import read_json
+from .layout import INFERENCE_FILE, checkpoint_folders, safetensors_header
 from .recipe import Recipe, load_saved_recipe
 
 

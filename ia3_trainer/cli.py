@@ -391,7 +391,7 @@ def _add_adapter_commands(commands) -> None:
 
 def _merge(args) -> int:
     from .commands import announce_remote_code
-    from .predictor import merge_adapter
+    from .merging import merge_adapter
 
     announce_remote_code(args)
     path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite,

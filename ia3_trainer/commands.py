@@ -173,7 +173,7 @@ def evaluate(args) -> int:
 def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
     """The report can go to the folder `path`: it is no file, holds no report file (an earlier report, or a file of
     that name) unless `overwrite`, and can be written. Other files in it are left as they are."""
-    from .report import REPORT_FILES
+    from .layout import REPORT_FILES
 
     folder = Path(path)
     where = f"{path} (where the report goes without --output-dir)" if default else path

@@ -18,6 +18,8 @@ from .sources import not_utf8, read_dataset
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100  # the label id the collator pads with, and that token losses and metrics skip
+
 
 # The `datasets` builder and load_dataset keywords that read a local file, by suffix (init, evaluate --data); a .txt
 # file holds one `text<SEP>label` line per example (`data.label_separator`).
@@ -364,11 +366,12 @@ def cut_sources(examples, ids: list[list[int]], tokenizer, data: DataSection, en
 
 
 def build_collator(tokenizer, model=None, pad_to_multiple_of: int | None = 8):
-    """Dynamic padding to the longest sequence of each batch (rounded up for tensor cores); labels padded with -100."""
+    """Dynamic padding to the longest sequence of each batch (rounded up for tensor cores); labels padded with
+    `IGNORE_INDEX`."""
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(
-        tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of
+        tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of
     )
 
 

@@ -19,8 +19,8 @@ from typing import Literal
 # torch included); `cli` and `trainer` import this module only where they need it.
 from transformers import TrainerCallback
 
-from .checkpoints import INFERENCE_FILE, checkpoint_folders
 from .errors import one_line, redact
+from .layout import INFERENCE_FILE, checkpoint_folders
 from .model_card import card_metrics, latest_metrics, write_model_card
 from .network import hub_offline, request_timeout
 from .recipe import check_repo_id

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from . import modeling
 from .adapters import read_adapter
-from .checkpoints import publish
 from .errors import PathError
+from .layout import publish
 from .output_dir import resolved
+from .predictor import load_adapter_model
 
 
 def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: str | None = None,
@@ -26,8 +27,6 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     Code shipped with the base model or tokenizer runs only with `trust_remote_code=True`, never because the
     adapter's own `recipe.json` asks for it.
     """
-    from .predictor import load_adapter_model
-
     merged_dir = Path(merged_dir).expanduser()
     target = resolved(merged_dir, "MERGED_DIR")
     adapter = read_adapter(dir_or_repo, revision)

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .data import IGNORE_INDEX
 from .errors import MissingPackageError, RecipeError
-from .scoring import IGNORE_INDEX
 from .sections import DEFAULT_METRICS as DEFAULT_METRICS  # public here: the trainer's default
 from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reads and needs
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CARD_FILE, safetensors_header
 from .jsonfiles import read_json, write_text
+from .layout import CARD_FILE, safetensors_header
 from .sources import is_hub_dataset
 
 

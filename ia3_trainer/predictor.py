@@ -24,7 +24,6 @@ from .adapters import AdapterFolder, read_adapter, same_base
 from .data import build_collator, cut_sources, encode_batch
 from .errors import InputError, first_line
 from .layers import check_adapter_names, install, score_rows
-from .merging import merge_adapter as merge_adapter  # public here too: `ia3_trainer.merge_adapter`, the CLI
 from .metrics import decode
 from .recipe import DataSection, ModelSection, Recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch

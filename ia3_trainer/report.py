@@ -12,17 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import checkpoint_folders
 from .jsonfiles import finite, read_json, write_bytes, write_json
+from .layout import CONFUSION_PNG, CURVES_PNG, REPORT_FILE, checkpoint_folders
 from .metrics import confusion_matrix, decode, decode_texts, label_accuracy, macro_f1, per_class_scores, perplexity
 
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "eval_report.json"
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "training_curves.png"
-REPORT_FILES = (REPORT_FILE, CONFUSION_PNG, CURVES_PNG)  # what `write_report` may write
 # The plot shows the most frequent reference classes; the others are summed into one row and one column (a plot of
 # every class grew quadratically: 150 labels took 2 minutes and 5 GB to draw, 2000 did not finish in 15).
 PLOT_CLASSES = 30

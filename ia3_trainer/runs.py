@@ -31,11 +31,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .errors import IA3TrainerError, RunFolderError, first_line
 from .fingerprint import check_same_data
 from .jsonfiles import read_json, write_json
-from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
+from .layout import METADATA_FILES, REPORT_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
 
 

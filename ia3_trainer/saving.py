@@ -8,8 +8,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .checkpoints import INFERENCE_FILE
 from .jsonfiles import read_json, write_json, write_text
+from .layout import INFERENCE_FILE
 from .model_card import card_metrics, write_model_card
 from .modeling import saving_adapter_only
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+
 # Candidate rows scored in one decoder pass: 2000 labels x batch 32 would otherwise be 64,000 rows at once.
 RANK_CHUNK_ROWS = 4096
 # ... and logits made by one pass: mt0's 250k-token vocabulary x 3-token labels x 4096 rows would be 12 GB in fp32.

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoints import CARD_FILE, INFERENCE_FILE
 from .errors import HubError, IA3TrainerError, InputError, PathError, redact, shorten
 from .jsonfiles import write_json
+from .layout import CARD_FILE, INFERENCE_FILE
 from .model_card import card_metrics, card_tags, write_model_card
 from .network import TIMEOUT_VARIABLE, bound_hub_requests, hub_offline, request_timeout
 from .recipe import check_repo_id

@@ -13,8 +13,8 @@ from transformers import T5ForConditionalGeneration
 from ia3_trainer import IA3Predictor, IA3Seq2SeqTrainer, IA3TrainingArguments
 from ia3_trainer.cli import main
 from ia3_trainer.data import encode_batch, longest_labels
+from ia3_trainer.layout import REPORT_FILE
 from ia3_trainer.metrics import decode
-from ia3_trainer.report import REPORT_FILE
 
 from conftest import tiny_recipe
 

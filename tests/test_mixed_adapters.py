@@ -15,11 +15,11 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from ia3_trainer import IA3Seq2SeqTrainer
 from ia3_trainer import predictor as predictor_module
-from ia3_trainer.data import build_collator, encode_batch
+from ia3_trainer.data import IGNORE_INDEX, build_collator, encode_batch
 from ia3_trainer.layers import IA3Linear, adapter_rows, install, score_rows
 from ia3_trainer.modeling import cast_frozen_weights
 from ia3_trainer.predictor import IA3Predictor
-from ia3_trainer.scoring import IGNORE_INDEX, candidate_label_ids, score_candidates
+from ia3_trainer.scoring import candidate_label_ids, score_candidates
 
 from conftest import TINY_ASSETS, TINY_MODEL_DIR, free_port, tiny_config, tiny_recipe
 

@@ -14,8 +14,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MT5ForConditional
 from ia3_trainer import HubError, IA3Seq2SeqTrainer, PathError, RecipeError, load_recipe
 from ia3_trainer.cli import main
 from ia3_trainer.data import encode_batch, label_texts, load_splits
+from ia3_trainer.merging import merge_adapter
 from ia3_trainer.metrics import decode
-from ia3_trainer.predictor import IA3Predictor, merge_adapter
+from ia3_trainer.predictor import IA3Predictor
 from ia3_trainer.sections import MAX_TOKENS
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_config, tiny_recipe

@@ -15,9 +15,10 @@ import torch
 from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
 from ia3_trainer.cli import main
 from ia3_trainer.data import build_collator, prepare_data
+from ia3_trainer.layout import REPORT_FILE
 from ia3_trainer.metrics import OTHER_LABEL, confusion_matrix, decode, macro_f1, per_class_scores
 from ia3_trainer.predictor import IA3Predictor
-from ia3_trainer.report import REPORT_FILE, build_report, read_log_history, write_report
+from ia3_trainer.report import build_report, read_log_history, write_report
 from ia3_trainer.scoring import EvalOutputs
 
 from conftest import TINY_MODEL_DIR, tiny_recipe

@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer.checkpoints import checkpoint_damage, last_checkpoint
+from ia3_trainer.checkpoints import last_checkpoint
 from ia3_trainer.cli import main
 from ia3_trainer.errors import RecipeError, RunFolderError
+from ia3_trainer.layout import checkpoint_damage
 from ia3_trainer.resuming import recipe_changes, resumable
 from ia3_trainer.runs import LOCK_FILE, RUN_FILE, claim_output_dir
 
@@ -515,7 +516,7 @@ def test_a_checkpoint_saved_again_replaces_the_old_one_without_removing_it_first
 
 
 def test_publish_puts_the_old_folder_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
-    from ia3_trainer.checkpoints import publish
+    from ia3_trainer.layout import publish
 
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "a").write_text("old")
