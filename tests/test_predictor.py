@@ -18,7 +18,7 @@ from ia3_trainer.metrics import decode
 from ia3_trainer.predictor import IA3Predictor, merge_adapter
 from ia3_trainer.sections import MAX_TOKENS
 
-from conftest import REPO, TINY_MODEL_DIR, tiny_config, tiny_recipe
+from conftest import TINY_MODEL_DIR, tiny_config, tiny_recipe
 
 
 def train_adapter(folder, base_dir, **overrides):
@@ -182,10 +182,10 @@ def test_cli_bad_input_exits_2(sentiment, tmp_path, capsys, argv, message):
     assert err.startswith("ia3-trainer: error: ") and message in err and err.count("\n") == 1
 
 
-def test_cli_unreachable_hub_id_exits_2_without_traceback():
+def test_cli_unreachable_hub_id_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ia3_trainer", "predict", "someone/no-such-adapter", "some text"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2
     assert "ia3-trainer: error: someone/no-such-adapter: no such local folder" in result.stderr
