@@ -371,7 +371,8 @@ def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name:
     base = modeling.load_model(model_section, key=f"{folder / 'adapter_config.json'}: base_model_name_or_path",
                                trust=trust)
     try:
-        model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+        with modeling.peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise InputError(
             f"{source}: cannot load the adapter onto {base_name!r}: {first_line(error)}; was it trained "
