@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
+        # train switches the bars once its recipe is read: a bad recipe or --set answers before any library loads.
+        with _progress_bars_on_terminals_only(args.command not in (*_QUICK_COMMANDS, "train")):
             return _run(parser, args)
     except KeyboardInterrupt:  # Ctrl-C while the libraries import, before a command runs (`_run` handles the rest)
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
@@ -146,7 +147,8 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             print(json.dumps(recipe.to_dict(), indent=2))
             print(f"Recipe OK: {recipe.name}")
             return 0
-        return _train(recipe, resume=args.resume, overwrite=args.overwrite)
+        with _progress_bars_on_terminals_only():  # from here on, libraries load
+            return _train(recipe, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, and how to go on
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
