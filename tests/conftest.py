@@ -82,7 +82,8 @@ def _repo_untouched(request):
     yield before
     changed = changed_files(before, repo_files())
     if changed:
-        pytest.fail(f"the test suite changed the repo's files: {changed[:20]}", pytrace=False)
+        pytest.fail(f"the test suite changed the repo's files: {changed[:20]} (a test wrote into the checkout, or "
+                    "a file was edited while the suite ran)", pytrace=False)
 
 
 def signal_at_first_checkpoint(recipe: str, out: Path, sig: int, cwd, env: dict) -> tuple[int, str]:

@@ -3,10 +3,12 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -29,13 +31,20 @@ def hub(monkeypatch):
         yield server
 
 
-@pytest.fixture
-def run(tmp_path):
-    """A finished run of the tiny recipe (1 step), its output_dir."""
-    IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1})).train()
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished run of the tiny recipe (1 step), trained once for the module: its output_dir."""
+    folder = tmp_path_factory.mktemp("trained-run")
+    IA3Seq2SeqTrainer.from_recipe(tiny_recipe(folder, **{"training.max_steps": 1})).train()
+    out = folder / "out"
     (out / "all_results.json").write_text(json.dumps({"eval_label_accuracy": 0.5}))
     return out
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    """A copy of `trained_run` of this test's own, to push, damage or compare."""
+    return Path(shutil.copytree(trained_run, tmp_path / "out"))
 
 
 def snapshot(folder) -> dict:
