@@ -218,7 +218,7 @@ def summary_text(report: dict, paths) -> str:
                       if report.get(key) is not None)
     teacher = report.get("teacher_forced_accuracy")
     if teacher is not None:
-        shown += f"  (teacher-forced argmax, not a label accuracy: {teacher:.4f})"
+        shown += f"  teacher_forced_accuracy={teacher:.4f} (argmax given the true prefix; not a label accuracy)"
     return f"{shown}\nreport: {', '.join(str(path) for path in paths)}"
 
 
