@@ -155,6 +155,9 @@ def test_evaluate_command_agrees_with_a_direct_computation(trained, capsys):
     assert report["confusion_matrix"]["references"] == trainer.candidate_labels
     assert matrix.sum() == 24 and np.trace(matrix) == round(report["label_accuracy"] * 24)
     assert matrix[:, len(trainer.candidate_labels):].sum() == direct["other"]
+    other = report["other_predictions"]  # what the "(other)" column counts, most frequent first
+    assert sum(other.values()) == direct["other"] or len(other) == 20
+    assert not set(other) & set(trainer.candidate_labels) and list(other.values()) == sorted(other.values())[::-1]
     assert report["teacher_forced_accuracy_note"].startswith("Not a label accuracy")
     assert report["plots"] == ["confusion_matrix.png", "training_curves.png"]
     for name in report["plots"]:
