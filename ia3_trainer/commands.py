@@ -73,6 +73,11 @@ def predict(args) -> int:
     predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
              for record, prediction in zip(records, predictions, strict=True)]
+    labels = predictor.settings.label_names
+    unlabelled = sum(prediction.strip() not in labels for prediction in predictions) if labels else 0
+    if unlabelled:  # "" or a fragment: the adapter generates, it does not choose (an undertrained one, say)
+        print(f"ia3-trainer: {unlabelled} of {len(predictions)} predictions are none of the adapter's labels "
+              f"{labels}; train longer, or check that the texts look like its training data", file=sys.stderr)
     if args.output:
         write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"{len(lines)} predictions written to {args.output}")

@@ -147,8 +147,15 @@ def test_long_text_is_truncated_with_one_warning(sentiment, caplog):
 def test_cli_predict_texts_file_and_jsonl(sentiment, tmp_path, capsys):
     out, texts, expected, _ = sentiment
     assert main(["predict", str(out), texts[0], texts[1]]) == 0
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    printed = [json.loads(line) for line in captured.out.splitlines()]
     assert printed == [{"text": texts[0], "prediction": expected[0]}, {"text": texts[1], "prediction": expected[1]}]
+    # A generation that is no label ("" from an undertrained adapter, say) is said so on stderr, once.
+    unlabelled = sum(p.strip() not in ("negative", "neutral", "positive") for p in expected[:2])
+    hint = [line for line in captured.err.splitlines() if "none of the adapter's labels" in line]
+    assert hint == ([f"ia3-trainer: {unlabelled} of 2 predictions are none of the adapter's labels ['negative', "
+                     "'neutral', 'positive']; train longer, or check that the texts look like its training data"]
+                    if unlabelled else [])
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "sentence": text}) + "\n" for i, text in enumerate(texts)))
