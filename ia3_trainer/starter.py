@@ -168,8 +168,14 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
         # datasets 5 raises StopIteration for an empty json file
         if isinstance(error.__cause__, UnicodeDecodeError):
             raise InputError(_not_utf8(data_file, error.__cause__)) from error
-        reason = first_line(error) if str(error) else "the file has no rows"
-        raise InputError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
+        if not data_file.read_bytes().strip():
+            raise InputError(f"--data: {data_file.name} is empty; write one example a line"
+                             + (", after a header line naming the columns" if builder == "csv" else "")) from error
+        if not str(error) or "corresponds to no data" in str(error):  # datasets' words for a header and no rows
+            raise InputError(f"--data: {data_file.name} has no examples, only"
+                             + (" a header line" if builder == "csv" else " empty lines")
+                             + "; write one example a line") from error
+        raise InputError(f"--data: cannot read {data_file.name} as {builder}: {first_line(error)}") from error
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in dataset.column_names:
             hint = did_you_mean(column, dataset.column_names)
