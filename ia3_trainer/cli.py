@@ -384,6 +384,8 @@ def _add_adapter_commands(commands) -> None:
     evaluate.add_argument("--output-dir", help="where to write the report (default: the adapter folder; the current "
                           "folder for a Hub repo)")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--encoding", help="the --data file's text encoding when it is not UTF-8 (default: the "
+                          "recipe's data.load_kwargs encoding), e.g. latin-1")
 
     merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.",
                          "replace the model in MERGED_DIR (an earlier merge)")

@@ -227,6 +227,24 @@ def test_evaluate_on_a_file_and_to_another_folder(trained, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_evaluate_reads_a_latin_1_file_with_its_encoding_and_says_so_in_one_line_without(trained, tmp_path, capsys):
+    _, _, out = trained
+    rows = [("Café Nord said its net sales rose by 12 % .", "positive"), ("Müller AG is in Tampere .", "neutral")]
+    data = tmp_path / "latin.csv"
+    data.write_bytes(("sentence,label\n" + "".join(f"{text},{label}\n" for text, label in rows)).encode("latin-1"))
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(out), "--data", str(data), "--output-dir", str(tmp_path / "r")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err  # one line (not datasets' "Failed to read file" first), in the options' terms
+    assert err.startswith("ia3-trainer: error: --data: latin.csv is not UTF-8 text (invalid continuation byte at ")
+    assert err.endswith("); save it as UTF-8, or pass its --encoding, e.g. --encoding latin-1\n")
+    assert err.count("\n") == 1
+    assert main(["evaluate", str(out), "--data", str(data), "--output-dir", str(tmp_path / "r"),
+                 "--encoding", "latin-1"]) == 0
+    assert json.loads((tmp_path / "r" / REPORT_FILE).read_text())["examples"] == 2
+    capsys.readouterr()
+
+
 def test_without_matplotlib_only_the_json_is_written(trained, tmp_path, monkeypatch, caplog):
     trainer, _, _ = trained
     outputs = IA3Predictor.from_trainer(trainer).score(trainer.eval_dataset)
