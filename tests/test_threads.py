@@ -70,3 +70,19 @@ def test_training_and_evaluating_the_tiny_recipe_use_one_thread(torch_default, t
     assert record.seen == {1} and torch.get_num_threads() == torch_default
     trainer.evaluate()
     assert record.seen == {1} and torch.get_num_threads() == torch_default
+
+
+def test_predicting_with_a_small_adapter_uses_one_thread(torch_default, tmp_path):
+    from ia3_trainer import IA3Predictor
+
+    trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1}))
+    trainer.train()
+    predictor = IA3Predictor.from_trainer(trainer)
+    seen = set()
+    encoder = predictor.model.get_base_model().get_encoder()
+    hook = encoder.register_forward_pre_hook(lambda module, args: seen.add(torch.get_num_threads()))
+    try:
+        assert len(predictor.predict(["Sales rose.", "Profit fell."])) == 2
+    finally:
+        hook.remove()
+    assert seen == {1} and torch.get_num_threads() == torch_default
