@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
+        # train switches the bars once its recipe is read: a bad recipe or --set answers before any library loads.
+        with _progress_bars_on_terminals_only(args.command not in (*_QUICK_COMMANDS, "train")):
             return _run(parser, args)
     except KeyboardInterrupt:  # Ctrl-C while the libraries import, before a command runs (`_run` handles the rest)
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
@@ -146,7 +147,8 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             print(json.dumps(recipe.to_dict(), indent=2))
             print(f"Recipe OK: {recipe.name}")
             return 0
-        return _train(recipe, resume=args.resume, overwrite=args.overwrite)
+        with _progress_bars_on_terminals_only():  # from here on, libraries load
+            return _train(recipe, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, and how to go on
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
@@ -382,6 +384,8 @@ def _add_adapter_commands(commands) -> None:
     evaluate.add_argument("--output-dir", help="where to write the report (default: the adapter folder; the current "
                           "folder for a Hub repo)")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--encoding", help="the --data file's text encoding when it is not UTF-8 (default: the "
+                          "recipe's data.load_kwargs encoding), e.g. latin-1")
 
     merge = with_adapter("merge", "Fold the IA3 vectors into the base weights and save a plain transformers model.",
                          "replace the model in MERGED_DIR (an earlier merge)")

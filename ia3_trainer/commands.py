@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import InputError, PathError, first_line
+from .errors import InputError, PathError, RecipeError, first_line
 from .jsonfiles import write_text
 from .recipe import Recipe
 
@@ -73,6 +73,11 @@ def predict(args) -> int:
     predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
              for record, prediction in zip(records, predictions, strict=True)]
+    labels = predictor.settings.label_names
+    unlabelled = sum(prediction.strip() not in labels for prediction in predictions) if labels else 0
+    if unlabelled:  # "" or a fragment: the adapter generates, it does not choose (an undertrained one, say)
+        print(f"ia3-trainer: {unlabelled} of {len(predictions)} predictions are none of the adapter's labels "
+              f"{labels}; train longer, or check that the texts look like its training data", file=sys.stderr)
     if args.output:
         write_text(args.output, "".join(line + "\n" for line in lines))
         print(f"{len(lines)} predictions written to {args.output}")
@@ -138,8 +143,11 @@ def evaluate(args) -> int:
     """`ia3-trainer evaluate`: score the adapter on its recipe's validation split or --data; write the report."""
     from .data import data_file_format, label_texts, load_splits, target_length_bound, tokenize
     from .report import build_report, read_log_history, summary_text, write_report
+    from .starter import check_encoding, not_utf8_option
 
     file_format = data_file_format(args.data, "--data") if args.data else None  # a bad --data: before the model loads
+    if args.encoding:
+        check_encoding(args.encoding)
     _check_counts(args)
     local = Path(args.adapter).is_dir()
     output_dir = args.output_dir or (args.adapter if local else ".")
@@ -151,7 +159,7 @@ def evaluate(args) -> int:
     predictor = load_predictor(args)
     data = predictor.settings.data
     if args.data:
-        data, described = _file_data(args.data, file_format, data), args.data
+        data, described = _file_data(args.data, file_format, data, args.encoding), args.data
     elif data is None:
         raise InputError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
     elif data.validation_split is None and not data.validation_size:
@@ -159,7 +167,13 @@ def evaluate(args) -> int:
                          "--data FILE")
     else:
         described = f"validation split of the recipe in {args.adapter}"
-    train, validation = load_splits(data)
+    try:
+        train, validation = load_splits(data)
+    except RecipeError as error:  # in the options' terms: evaluate takes no data.load_kwargs
+        undecodable = error.__cause__ and error.__cause__.__cause__
+        if args.data and isinstance(undecodable, UnicodeDecodeError):
+            raise InputError(not_utf8_option(Path(args.data), undecodable)) from error
+        raise
     train, validation, names = label_texts(train, validation, data)
     target_length_bound(predictor.tokenizer, [validation], data, names)
     outputs = predictor.score(tokenize(validation, predictor.tokenizer, data), batch_size=args.batch_size)
@@ -188,9 +202,9 @@ def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
         raise PathError(f"--output-dir: cannot write in {existing}; choose another --output-dir")
 
 
-def _file_data(path: str, file_format: tuple[str, dict], data):
+def _file_data(path: str, file_format: tuple[str, dict], data, encoding: str | None = None):
     """The recipe's data section, reading `path` (`data_file_format`'s `(builder, load_kwargs)`) as the evaluation set
-    (defaults when there is no recipe)."""
+    (defaults when there is no recipe), in `encoding` or the recipe's own one."""
     import dataclasses
 
     from .recipe import DataSection
@@ -198,6 +212,9 @@ def _file_data(path: str, file_format: tuple[str, dict], data):
     builder, own = file_format
     data = data or DataSection(path=builder)
     load_kwargs = own or (data.load_kwargs if builder == data.path else {})
+    encoding = encoding or data.load_kwargs.get("encoding")
+    if encoding and builder in ("csv", "json", "text"):
+        load_kwargs = {**load_kwargs, "encoding": encoding}
     # A `text<sep>label` separator describes .txt lines; a csv or json file has its own text and label columns.
     separator = data.label_separator if builder == "text" else None
     # The whole file is the evaluation set: it is both splits, so nothing is held out or cut.

@@ -12,6 +12,7 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 from .data import longest_labels
 from .metrics import eval_metrics, needs_generation
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
+from .threads import cpu_threads
 
 
 class EvaluationMixin:
@@ -22,7 +23,8 @@ class EvaluationMixin:
         """Evaluate (see the class docstring for the metrics); the per-example outputs of this pass are kept in
         `self.last_evaluation` for reports."""
         self.non_finite_guard.check()
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+        with cpu_threads(self.model, self.args.device):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
         self.last_evaluation = Evaluation(
             step=self.state.global_step, default_dataset=eval_dataset is None, metrics=dict(metrics),
             outputs=self._eval_outputs, after_training=not self.is_in_train,
@@ -35,7 +37,8 @@ class EvaluationMixin:
         self.non_finite_guard.check()
         self._predicting = True
         try:
-            return super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+            with cpu_threads(self.model, self.args.device):
+                return super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
         finally:
             self._predicting = False
 

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import os
+import warnings
 
 from . import network
 from .errors import RecipeError, first_line, one_line
@@ -183,7 +184,8 @@ def wrap_with_ia3(model, peft_config=None):
         )
     if peft_config.task_type is None:
         peft_config.task_type = "SEQ_2_SEQ_LM"  # without it get_peft_model returns a PeftModel with no generate
-    wrapped = get_peft_model(model, peft_config)
+    with peft_wrapping():
+        wrapped = get_peft_model(model, peft_config)
     warn_partial_matches(wrapped)
     if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
         print(f"{describe(peft_config)} ({model.config.model_type})")
@@ -208,3 +210,12 @@ def saving_adapter_only(peft_model):
         yield
     finally:
         del peft_model.save_pretrained
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around a `peft.PeftModel` construction (`get_peft_model`, `PeftModel.from_pretrained`): peft reads
+    transformers' deprecated `is_gradient_checkpointing`, a FutureWarning about their code that no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

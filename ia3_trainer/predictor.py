@@ -28,6 +28,7 @@ from .metrics import decode
 from .recipe import DataSection, ModelSection, Recipe
 from .scoring import EvalOutputs, candidate_label_ids, score_batch
 from .sections import MAX_TOKENS
+from .threads import cpu_threads
 from .training_args import stderr_is_terminal
 
 
@@ -237,10 +238,12 @@ class IA3Predictor:
     def _score_batch(self, batch, rows: list[str], per_row: bool, max_new_tokens: int | None, candidates=None):
         """One `score_batch`; with `per_row`, each row through its own adapter ([`ia3_trainer.layers.score_rows`])."""
         bounds = [self._bound(name, max_new_tokens) for name in rows]
-        if per_row:
-            return score_rows(self.model, batch, rows, bounds=bounds, candidates=candidates,
-                              pad_token_id=self.tokenizer.pad_token_id)
-        return score_batch(self.model, batch, candidate_ids=(candidates or {}).get(rows[0]), max_new_tokens=bounds[0])
+        with cpu_threads(self.model, self.model.device):  # one thread for a small model on the CPU
+            if per_row:
+                return score_rows(self.model, batch, rows, bounds=bounds, candidates=candidates,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+            return score_batch(self.model, batch, candidate_ids=(candidates or {}).get(rows[0]),
+                               max_new_tokens=bounds[0])
 
     def _row_adapters(self, adapter: str | list[str] | None, count: int) -> list[str]:
         """The adapter of each of `count` rows: the active one, or `adapter` checked (loaded names, one per row, all
@@ -370,7 +373,8 @@ def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name:
     base = modeling.load_model(model_section, key=f"{folder / 'adapter_config.json'}: base_model_name_or_path",
                                trust=trust)
     try:
-        model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+        with modeling.peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise InputError(
             f"{source}: cannot load the adapter onto {base_name!r}: {first_line(error)}; was it trained "

@@ -31,6 +31,7 @@ from .schema import (
     path_fields,
     resolve_path,
     type_name,
+    well_typed_fields,
 )
 from .sections import (
     IA3_RESERVED,
@@ -121,10 +122,11 @@ class Recipe:
         ia3 = check_fields(raw, "ia3", ia3_field_types(), IA3_RESERVED, problems)
         # Trainer's push options are known fields, so they are type-checked here and refused just below.
         training = check_fields(raw, "training", training_field_types(), set(), problems)
-        if training is not None:
-            check_training_values(training, problems)
-        if ia3 is not None:
-            check_ia3_values(ia3, problems)
+        # Ranges too, of the values whose type is right, when others in the section are wrong: one round.
+        check_training_values(training if training is not None
+                              else well_typed_fields(raw, "training", training_field_types(), set()), problems)
+        check_ia3_values(ia3 if ia3 is not None else well_typed_fields(raw, "ia3", ia3_field_types(), IA3_RESERVED),
+                         problems)
         problems.raise_if_any()
 
         training = dict(training)

@@ -8,6 +8,7 @@ matplotlib (`pip install "ia3-trainer[plots]"`); without it only the JSON is wri
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ OTHER_CLASSES = "(other classes)"
 # [reference index, prediction index, count], at most one a distinct pair of the evaluation), so the file grows with
 # the examples, not with the square of the classes. Per-class scores are always there for every class.
 DENSE_MATRIX_CLASSES = 200
+OTHER_PREDICTIONS_SHOWN = 20  # "other_predictions": the most frequent generations that are no label, with counts
 TEACHER_FORCED_NOTE = (
     "Not a label accuracy: the share of examples whose teacher-forced argmax over the label positions decodes to "
     "the label. Each position sees the gold previous token, so a model can score high by copying its decoder "
@@ -69,6 +71,9 @@ def build_report(outputs, tokenizer, label_names: list[str] | None = None, **inf
         report["per_class"] = per_class_scores(matrix, labels)
         report["macro_f1"] = macro_f1(report["per_class"])
         report["confusion_matrix"] = {"references": labels, "predictions": columns}
+        known = {label.strip() for label in labels}
+        others = Counter(text.strip() for text in predictions if text.strip() not in known)
+        report["other_predictions"] = dict(others.most_common(OTHER_PREDICTIONS_SHOWN))  # what "(other)" counts
         if len(labels) <= DENSE_MATRIX_CLASSES:
             report["confusion_matrix"]["counts"] = matrix.tolist()
         else:
@@ -214,7 +219,7 @@ def summary_text(report: dict, paths) -> str:
                       if report.get(key) is not None)
     teacher = report.get("teacher_forced_accuracy")
     if teacher is not None:
-        shown += f"  (teacher-forced argmax, not a label accuracy: {teacher:.4f})"
+        shown += f"  teacher_forced_accuracy={teacher:.4f} (argmax given the true prefix; not a label accuracy)"
     return f"{shown}\nreport: {', '.join(str(path) for path in paths)}"
 
 

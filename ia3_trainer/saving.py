@@ -4,6 +4,7 @@ is a step of the run (`ia3_trainer.lifecycle`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -34,7 +35,8 @@ class SavingMixin:
                 state = {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items()
                          if ".ia3_l." not in key}
                 with self.atomic_checkpoints.staged(output_dir, "base-model") as staging:  # whole or not at all
-                    base.save_pretrained(staging / "base-model", state_dict=state)
+                    with no_progress_bars():  # a "Writing model shards" bar for one small file says nothing
+                        base.save_pretrained(staging / "base-model", state_dict=state)
                     self.processing_class.save_pretrained(staging / "base-model")
             self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(base_dir.resolve())
         super().save_model(output_dir, _internal_call)
@@ -93,3 +95,16 @@ class SavingMixin:
         # While a checkpoint is being written, Trainer's run folder is its staging folder (see _save_checkpoint).
         return self.atomic_checkpoints.staging_root or super()._get_output_dir(trial)
 
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' progress bars off for the block, as they were after it."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()

@@ -290,6 +290,16 @@ def check_fields(raw: dict, section: str, field_types: dict[str, Any], reserved:
     return value if ok else None
 
 
+def well_typed_fields(raw: dict, section: str, field_types: dict[str, Any], reserved: set[str]) -> dict:
+    """The entries of `raw[section]` that `check_fields` found nothing wrong with: their ranges are checked in the
+    same pass as the other entries' types, so that every problem is reported at once."""
+    value = raw.get(section)
+    if not isinstance(value, dict):
+        return {}
+    return {key: item for key, item in value.items()
+            if key in field_types and key not in reserved and not check_type(item, field_types[key])}
+
+
 # --- paths --------------------------------------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ def read_dataset(data: DataSection):
             f"point {key} at the local copy, or {network.OFFLINE_HINT}"
         )
     try:
-        with _local_archives_readable_offline(data):
+        with _local_archives_readable_offline(data), builder_errors_unlogged():
             loaded = datasets.load_dataset(data.path, data.name, data_files=data.data_files, **data.load_kwargs)
     except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 on an empty file: the json builder raises StopIteration, csv and text a generation error.
@@ -121,6 +121,21 @@ def _local_archives_readable_offline(data: DataSection):
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def builder_errors_unlogged():
+    """datasets' file builders log "Failed to read file ..." before raising the error: the error, reported as one
+    line naming the key or the option, says it all."""
+    import logging
+
+    builders = logging.getLogger("datasets.packaged_modules")
+    level = builders.level
+    builders.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        builders.setLevel(level)
 
 
 def not_utf8(data: DataSection, error: UnicodeDecodeError) -> str:

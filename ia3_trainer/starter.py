@@ -16,6 +16,7 @@ from .errors import InputError, RecipeError, first_line
 from .recipe import DataSection
 from .schema import did_you_mean
 from .sections import DEFAULT_METRICS
+from .sources import builder_errors_unlogged
 
 
 DEFAULT_MODEL = "bigscience/mt0-large"
@@ -149,7 +150,7 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
 
     builder, load_kwargs = data_file_format(data_file, "--data")
     if encoding:
-        _check_encoding(encoding)
+        check_encoding(encoding)
     load_kwargs = {**load_kwargs, **({"encoding": encoding} if encoding else {})}
     if builder != "text" and separator is not None:
         raise InputError(f"--label-separator: only for .txt files (text<SEP>label lines), not {data_file.name}")
@@ -157,19 +158,26 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
         separator = _find_separator(data_file, encoding or "utf-8")
     section = DataSection(path=builder, text_column=text_column, label_column=label_column, label_separator=separator)
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
+        with builder_errors_unlogged():
+            dataset = datasets.load_dataset(builder, data_files=str(data_file), split="train", **load_kwargs)
         if builder == "text":
             dataset = split_lines(dataset, section, "train")
     except UnicodeDecodeError as error:
-        raise InputError(_not_utf8(data_file, error)) from error
+        raise InputError(not_utf8_option(data_file, error)) from error
     except RecipeError as error:
         raise InputError(_as_options(error, data_file)) from error
     except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 raises StopIteration for an empty json file
         if isinstance(error.__cause__, UnicodeDecodeError):
-            raise InputError(_not_utf8(data_file, error.__cause__)) from error
-        reason = first_line(error) if str(error) else "the file has no rows"
-        raise InputError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
+            raise InputError(not_utf8_option(data_file, error.__cause__)) from error
+        if not data_file.read_bytes().strip():
+            raise InputError(f"--data: {data_file.name} is empty; write one example a line"
+                             + (", after a header line naming the columns" if builder == "csv" else "")) from error
+        if not str(error) or "corresponds to no data" in str(error):  # datasets' words for a header and no rows
+            raise InputError(f"--data: {data_file.name} has no examples, only"
+                             + (" a header line" if builder == "csv" else " empty lines")
+                             + "; write one example a line") from error
+        raise InputError(f"--data: cannot read {data_file.name} as {builder}: {first_line(error)}") from error
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in dataset.column_names:
             hint = did_you_mean(column, dataset.column_names)
@@ -179,13 +187,13 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
     try:
         check_columns(dataset, section, data_file.name)  # also decodes both columns: a bad byte shows here
     except UnicodeDecodeError as error:
-        raise InputError(_not_utf8(data_file, error)) from error
+        raise InputError(not_utf8_option(data_file, error)) from error
     except RecipeError as error:
         raise InputError(_as_options(error, data_file)) from error
     return dataset, builder, load_kwargs, separator
 
 
-def _check_encoding(encoding: str) -> None:
+def check_encoding(encoding: str) -> None:
     """`encoding` names a text encoding Python has (rot13 and base64 are codecs, but not of text)."""
     try:
         codecs.lookup(encoding)
@@ -202,7 +210,7 @@ def _find_separator(path: Path, encoding: str) -> str:
     try:
         lines = [line for line in path.read_text(encoding=encoding).splitlines() if line.strip()]
     except UnicodeDecodeError as error:
-        raise InputError(_not_utf8(path, error)) from error
+        raise InputError(not_utf8_option(path, error)) from error
     for candidate in ("@", "\t", "|"):
         if lines and all(candidate in line for line in lines):
             return candidate
@@ -210,7 +218,8 @@ def _find_separator(path: Path, encoding: str) -> str:
                      "the one between each text and its label, e.g. --label-separator @")
 
 
-def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+def not_utf8_option(path: Path, error: UnicodeDecodeError) -> str:
+    """The message for a `--data` file (of `init` or `evaluate`) that is not UTF-8 text."""
     return (f"--data: {path.name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8, or pass "
             "its --encoding, e.g. --encoding latin-1")
 

@@ -19,6 +19,7 @@ from .recipe import DataSection, ModelSection, Recipe, load_recipe
 from .resuming import check_finished
 from .saving import SavingMixin
 from .scoring import teacher_forced_inputs, token_nll
+from .threads import cpu_threads
 from .training_args import IA3TrainingArguments
 
 
@@ -306,7 +307,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                     output.metrics.pop(key, None)
             return output
 
-        return lifecycle.run(self, train_steps, resume_from_checkpoint, on_results=on_results)
+        with cpu_threads(self.model, self.args.device):  # one thread for a small model on the CPU, the whole run
+            return lifecycle.run(self, train_steps, resume_from_checkpoint, on_results=on_results)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):

@@ -132,6 +132,8 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
             self.bf16 = not self.fp16 and default_bf16(self.use_cpu, self.compile_blocks)
         if self.disable_tqdm is None and not stderr_is_terminal():
             self.disable_tqdm = True
+        if self.dataloader_pin_memory and not uses_accelerator(self.use_cpu):
+            self.dataloader_pin_memory = False  # else torch warns for every dataloader that nothing is pinned
         super().__post_init__()
 
 
@@ -156,6 +158,13 @@ def stderr_is_terminal() -> bool:
 
     isatty = getattr(sys.stderr, "isatty", None)
     return bool(isatty and isatty())
+
+
+def uses_accelerator(use_cpu: bool) -> bool:
+    """Whether training runs on an accelerator (CUDA, MPS, XPU, ...): pinned memory only helps copies to one."""
+    import torch
+
+    return not use_cpu and torch.accelerator.is_available()
 
 
 def default_bf16(use_cpu: bool, compile_blocks: bool = False) -> bool:

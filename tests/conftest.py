@@ -25,6 +25,15 @@ for _variable, _sub in (("HF_HUB_CACHE", "hub"), ("HUGGINGFACE_HUB_CACHE", "hub"
                         ("HF_ASSETS_CACHE", "assets"), ("HF_DATASETS_CACHE", "datasets"),
                         ("HF_MODULES_CACHE", "modules")):
     os.environ[_variable] = os.path.join(HF_CACHE_ROOT, _sub)
+# Known values for every variable the package or the libraries under it read, whatever the shell that runs the
+# suite set: online (tests talk to a fake Hub on 127.0.0.1 and load models from folders; tests of offline mode set
+# it themselves), no token, the default endpoint and timeouts, no debug tracebacks.
+for _variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN",
+                  "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_DISABLE_XET", "IA3_TRAINER_DEBUG",
+                  "IA3_TRAINER_HUB_TIMEOUT", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION"):
+    os.environ.pop(_variable, None)
+# Subprocesses run from a test's tmp_path, never from the repo: they find this checkout's package on PYTHONPATH.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def pytest_configure(config):
@@ -39,6 +48,42 @@ def pytest_unconfigure(config):
     import shutil
 
     shutil.rmtree(HF_CACHE_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own tmp_path: a relative path (`outputs/tiny`) never reaches the repo or the folder
+    the suite was started from."""
+    monkeypatch.chdir(tmp_path)
+
+
+def repo_files(root: Path = REPO) -> dict[str, int]:
+    """Every file under `root` (the checkout; caches and bytecode aside) with its modification time: what the
+    suite's hermeticity check compares before and after."""
+    skip = {"__pycache__", ".git", ".pytest_cache", ".ruff_cache"}
+    files = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in skip and not name.endswith(".egg-info")]
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, root)] = os.stat(path, follow_symlinks=False).st_mtime_ns
+    return files
+
+
+def changed_files(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """The files added, removed or modified between two `repo_files()`, sorted."""
+    return sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repo_untouched(request):
+    """The suite's hermeticity check: the repo's files are the same after the suite as before it."""
+    before = repo_files()
+    yield before
+    changed = changed_files(before, repo_files())
+    if changed:
+        pytest.fail(f"the test suite changed the repo's files: {changed[:20]} (a test wrote into the checkout, or "
+                    "a file was edited while the suite ran)", pytrace=False)
 
 
 def signal_at_first_checkpoint(recipe: str, out: Path, sig: int, cwd, env: dict) -> tuple[int, str]:

@@ -108,8 +108,9 @@ class HubServer:
             `files` the `{path: bytes}` the commit added.
         requests (`list[dict]`): every request: `{"method", "path", "headers", "body", "status"}`, header names
             in lower case.
-        hang (`bool`): when true, every request is read and never answered until the server stops (then its
-            connection is closed): a Hub that accepts connections and never answers.
+        hang (`bool` or `str`): when true, every request is read and never answered until the server stops (then
+            its connection is closed): a Hub that accepts connections and never answers. A string hangs only the
+            requests whose path contains it (`"/preupload/"`: the repo is created, no upload ever ends).
     """
 
     def __init__(self, tokens: set[str] | None = None):
@@ -122,7 +123,7 @@ class HubServer:
         self._fail_status = 500
         self._fail_path = ""
         self._fail_echo = False
-        self.hang = False
+        self.hang: bool | str = False
         self.released = threading.Event()  # set when the server stops: hanging requests end then
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -228,7 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
             fail = self.command in ("POST", "PUT") and hub._fail_count > 0 and hub._fail_path in path
             if fail:
                 hub._fail_count -= 1
-        if hub.hang:
+        if hub.hang is True or (isinstance(hub.hang, str) and hub.hang in path):
             hub.released.wait()
             self.close_connection = True
             return

@@ -35,7 +35,6 @@ from ia3_trainer.model_card import write_model_card
 from ia3_trainer.network import bound_hub_requests
 from ia3_trainer.upload import push_adapter_folder
 
-from conftest import REPO
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 
 
@@ -538,7 +537,7 @@ def test_the_interpreter_exit_waits_a_bounded_time_for_a_push(tmp_path):
                "OMP_NUM_THREADS": "1"}
         command = [sys.executable, "-c", SCRIPT, str(ASSETS), str(tmp_path / "out"), REPO_ID]
         start = time.monotonic()
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if REPO_ID in line]

@@ -9,7 +9,7 @@ import pytest
 
 from ia3_trainer.cli import main
 
-from conftest import REPO, tiny_recipe
+from conftest import tiny_recipe
 
 
 def write(tmp_path, raw, name="recipe.json"):
@@ -79,7 +79,7 @@ def test_train_then_data_error_exit_codes(tmp_path, capsys):
 def test_console_entry_point_runs_without_a_traceback(tmp_path):
     missing = tmp_path / "missing.json"
     result = subprocess.run([sys.executable, "-m", "ia3_trainer", "validate", str(missing)], capture_output=True,
-                            text=True, cwd=REPO)
+                            text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(f"ia3-trainer: error: {missing}: no such recipe file or shipped recipe")
     assert "Traceback" not in result.stderr
@@ -336,7 +336,7 @@ def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
                                                     "training.eval_steps": 2}))
     with open(tmp_path / "stdout.log", "wb") as out, open(tmp_path / "stderr.log", "wb") as err:
         result = subprocess.run([sys.executable, "-m", "ia3_trainer", "train", path], stdout=out, stderr=err,
-                                cwd=REPO, timeout=300)
+                                cwd=tmp_path, timeout=300)
     stdout, stderr = (tmp_path / "stdout.log").read_bytes(), (tmp_path / "stderr.log").read_bytes()
     assert result.returncode == 0, stderr[-2000:]
     assert b"\r" not in stderr and b"\r" not in stdout

@@ -17,7 +17,7 @@ from peft import AutoPeftModelForSeq2SeqLM
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.data import prepare_data
 
-from conftest import REPO, free_port, tiny_recipe
+from conftest import free_port, tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer
 
 
@@ -44,7 +44,7 @@ def test_two_processes_train_one_adapter_and_count_each_eval_example_once(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": FAKE_TOKEN,
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}  # the fake Hub is reachable whatever the caller set
     try:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     finally:
         hub.__exit__(None, None, None)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -71,6 +71,19 @@ def test_bad_columns_exit_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.csv", "", "--data: empty.csv is empty; write one example a line, after a header line naming the columns"),
+    ("blank.jsonl", "\n\n", "--data: blank.jsonl is empty; write one example a line"),
+    ("header.csv", "text,label\n", "--data: header.csv has no examples, only a header line; write one example a line"),
+])
+def test_a_file_without_examples_says_so(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit) as info:
+        main(["init", "--data", str(tmp_path / name), "-o", str(tmp_path / "r.json")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"ia3-trainer: error: {message}\n"
+
+
 def test_does_not_overwrite_without_force(tmp_path, capsys):
     output = tmp_path / "r.json"
     output.write_text("{}")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from ia3_trainer import IA3Seq2SeqTrainer
 from ia3_trainer.cli import main
 
-from conftest import REPO, assert_same_adapter, free_port, tiny_recipe
+from conftest import assert_same_adapter, free_port, tiny_recipe
 
 
 SAME_STEPS = {
@@ -61,7 +61,7 @@ def test_one_process_two_processes_and_accumulation_train_the_same(tmp_path):
                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "ia3_trainer", "train", str(two_x8)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    launched = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
     try:  # the one-process runs train here meanwhile
         assert main(["train", str(tmp_path / "one-x16" / "recipe.json")]) == 0

@@ -56,7 +56,7 @@ def many_label_recipe(folder, classes: int) -> str:
 def test_200_and_2000_labels_report_in_bounded_time_and_memory(tmp_path):
     counts = (200, 2000)
     recipes = [many_label_recipe(tmp_path / str(count), count) for count in counts]
-    result = subprocess.run([sys.executable, "-c", RUNNER, *recipes], capture_output=True, text=True, cwd=REPO,
+    result = subprocess.run([sys.executable, "-c", RUNNER, *recipes], capture_output=True, text=True, cwd=tmp_path,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads(result.stdout.strip().splitlines()[-1])

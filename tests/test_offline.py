@@ -48,7 +48,7 @@ def run_cases(cases, tmp_path, offline: bool):
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], capture_output=True, text=True,
-                            cwd=REPO, env=env, timeout=240)
+                            cwd=tmp_path, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -19,7 +19,7 @@ from ia3_trainer.metrics import decode
 from ia3_trainer.predictor import IA3Predictor
 from ia3_trainer.sections import MAX_TOKENS
 
-from conftest import REPO, TINY_MODEL_DIR, tiny_config, tiny_recipe
+from conftest import TINY_MODEL_DIR, tiny_config, tiny_recipe
 
 
 def train_adapter(folder, base_dir, **overrides):
@@ -148,8 +148,15 @@ def test_long_text_is_truncated_with_one_warning(sentiment, caplog):
 def test_cli_predict_texts_file_and_jsonl(sentiment, tmp_path, capsys):
     out, texts, expected, _ = sentiment
     assert main(["predict", str(out), texts[0], texts[1]]) == 0
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    printed = [json.loads(line) for line in captured.out.splitlines()]
     assert printed == [{"text": texts[0], "prediction": expected[0]}, {"text": texts[1], "prediction": expected[1]}]
+    # A generation that is no label ("" from an undertrained adapter, say) is said so on stderr, once.
+    unlabelled = sum(p.strip() not in ("negative", "neutral", "positive") for p in expected[:2])
+    hint = [line for line in captured.err.splitlines() if "none of the adapter's labels" in line]
+    assert hint == ([f"ia3-trainer: {unlabelled} of 2 predictions are none of the adapter's labels ['negative', "
+                     "'neutral', 'positive']; train longer, or check that the texts look like its training data"]
+                    if unlabelled else [])
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "sentence": text}) + "\n" for i, text in enumerate(texts)))
@@ -183,10 +190,10 @@ def test_cli_bad_input_exits_2(sentiment, tmp_path, capsys, argv, message):
     assert err.startswith("ia3-trainer: error: ") and message in err and err.count("\n") == 1
 
 
-def test_cli_unreachable_hub_id_exits_2_without_traceback():
+def test_cli_unreachable_hub_id_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ia3_trainer", "predict", "someone/no-such-adapter", "some text"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2
     assert "ia3-trainer: error: someone/no-such-adapter: no such local folder" in result.stderr

@@ -499,3 +499,14 @@ def test_validate_checks_a_recipe_changed_after_loading(tmp_path):
     recipe.training["eval_strategy"] = "sometimes"  # what IA3TrainingArguments itself refuses is said under training
     with pytest.raises(RecipeError, match=r"^<recipe>: training: sometimes is not a valid"):
         recipe.validate()
+
+
+def test_bad_overrides_are_reported_together_types_and_ranges():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("tiny", ["training.learning_rate=-1", 'training.num_train_epochs="x"', "data.max_source_length=0",
+                             "ia3.target_modules=[]", "ia3.fan_in_fan_out=3"])
+    lines = str(info.value).splitlines()
+    for expected in ("training.learning_rate: must be > 0, got -1", "training.num_train_epochs: expected a number",
+                     "data.max_source_length: must be in [1,", "ia3.target_modules: is empty",
+                     "ia3.fan_in_fan_out: expected"):
+        assert sum(expected in line for line in lines) == 1, (expected, lines)

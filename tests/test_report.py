@@ -135,7 +135,8 @@ def test_evaluate_command_agrees_with_a_direct_computation(trained, capsys):
     trainer, metrics, out = trained
     assert main(["evaluate", str(out), "--batch-size", "5"]) == 0
     printed = capsys.readouterr().out
-    assert "label_accuracy=" in printed and "teacher-forced argmax, not a label accuracy" in printed
+    assert "label_accuracy=" in printed
+    assert "  teacher_forced_accuracy=" in printed and printed.splitlines()[0].endswith("; not a label accuracy)")
     report = json.loads((out / REPORT_FILE).read_text())
 
     direct = direct_report(trainer)
@@ -155,6 +156,9 @@ def test_evaluate_command_agrees_with_a_direct_computation(trained, capsys):
     assert report["confusion_matrix"]["references"] == trainer.candidate_labels
     assert matrix.sum() == 24 and np.trace(matrix) == round(report["label_accuracy"] * 24)
     assert matrix[:, len(trainer.candidate_labels):].sum() == direct["other"]
+    other = report["other_predictions"]  # what the "(other)" column counts, most frequent first
+    assert sum(other.values()) == direct["other"] or len(other) == 20
+    assert not set(other) & set(trainer.candidate_labels) and list(other.values()) == sorted(other.values())[::-1]
     assert report["teacher_forced_accuracy_note"].startswith("Not a label accuracy")
     assert report["plots"] == ["confusion_matrix.png", "training_curves.png"]
     for name in report["plots"]:
@@ -221,6 +225,24 @@ def test_evaluate_on_a_file_and_to_another_folder(trained, tmp_path, capsys):
     expected = np.mean([p == label for p, (_, label) in zip(predictions, rows, strict=True)])
     assert report["label_accuracy"] == pytest.approx(expected)
     assert report["plots"] == ["confusion_matrix.png", "training_curves.png"]
+    capsys.readouterr()
+
+
+def test_evaluate_reads_a_latin_1_file_with_its_encoding_and_says_so_in_one_line_without(trained, tmp_path, capsys):
+    _, _, out = trained
+    rows = [("Café Nord said its net sales rose by 12 % .", "positive"), ("Müller AG is in Tampere .", "neutral")]
+    data = tmp_path / "latin.csv"
+    data.write_bytes(("sentence,label\n" + "".join(f"{text},{label}\n" for text, label in rows)).encode("latin-1"))
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(out), "--data", str(data), "--output-dir", str(tmp_path / "r")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err  # one line (not datasets' "Failed to read file" first), in the options' terms
+    assert err.startswith("ia3-trainer: error: --data: latin.csv is not UTF-8 text (invalid continuation byte at ")
+    assert err.endswith("); save it as UTF-8, or pass its --encoding, e.g. --encoding latin-1\n")
+    assert err.count("\n") == 1
+    assert main(["evaluate", str(out), "--data", str(data), "--output-dir", str(tmp_path / "r"),
+                 "--encoding", "latin-1"]) == 0
+    assert json.loads((tmp_path / "r" / REPORT_FILE).read_text())["examples"] == 2
     capsys.readouterr()
 
 

@@ -16,7 +16,7 @@ from ia3_trainer import IA3Seq2SeqTrainer, NonFiniteLossError, RecipeError
 from ia3_trainer.checkpoints import last_checkpoint
 from ia3_trainer.cli import main
 
-from conftest import REPO, signal_at_first_checkpoint, tiny_recipe
+from conftest import signal_at_first_checkpoint, tiny_recipe
 
 
 # 64 examples in batches of 2: 32 steps an epoch, so checkpoints every 5 steps fall mid-epoch.
@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path, caplog, capsy
     killed_recipe = write_recipe(tmp_path, "killed", **RUN)
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same single thread as this process (conftest)
-    returncode, stderr = signal_at_first_checkpoint(killed_recipe, killed_dir, signal.SIGKILL, cwd=REPO, env=env)
+    returncode, stderr = signal_at_first_checkpoint(killed_recipe, killed_dir, signal.SIGKILL, cwd=tmp_path, env=env)
     assert returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-2000:]}"
     assert not (killed_dir / "adapter_model.safetensors").exists()
     newest = last_checkpoint(killed_dir)

@@ -261,7 +261,7 @@ def test_every_process_of_a_launch_stops_with_the_same_line_when_the_folder_is_t
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", "ia3_trainer", "train", path]
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 1  # torchrun's code for failed processes; each exits 2
     line = f"ia3-trainer: error: training.output_dir: {out} holds another run (its files); pass --overwrite"
     assert sum(text.startswith(line) for text in result.stderr.splitlines()) == 2, result.stderr[-3000:]
