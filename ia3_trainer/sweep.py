@@ -215,9 +215,8 @@ def check_folders(root: Path, study_name: str, names: dict[str, str], ours: set[
         except FileExistsError as error:
             problems.append(f"sweep trial folder {folder.name}: {error}")
     try:
-        studies = {row["study"] for row in read_json(root / SWEEP_FILE, allow_nan=True)}
-    except FileNotFoundError:
-        studies = set()
+        studies = ({row["study"] for row in read_json(root / SWEEP_FILE, allow_nan=True)}
+                   if (root / SWEEP_FILE).exists() else set())
     except (OSError, ValueError, TypeError, KeyError):
         studies = None
     if not overwrite and (studies is None or not studies <= {study_name}):

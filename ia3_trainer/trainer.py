@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -121,6 +122,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         if getattr(args, "fused_kernels", False):
             kernels.fuse_modules(model)
         self.atomic_checkpoints = AtomicCheckpoints()  # Trainer asks _get_output_dir during __init__ already
+        output_dir = getattr(args, "output_dir", None)
+        made = output_dir is not None and not Path(output_dir).exists()
         super().__init__(
             model=model,
             args=args,
@@ -133,6 +136,9 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
             compute_metrics=compute_metrics or no_extra_metrics,
             **kwargs,
         )
+        if made:  # Trainer made output_dir; the run's claim makes it (and removes it when the run cannot start)
+            with contextlib.suppress(OSError):
+                Path(output_dir).rmdir()
         if getattr(args, "non_finite_loss", "stop") == "skip" and self.is_deepspeed_enabled:
             raise RecipeError(
                 key="training.non_finite_loss",

@@ -308,7 +308,7 @@ def test_input_that_ended_in_a_traceback_is_one_line(name, adapter, tiny_t5_dir,
     assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
     assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
     if name == "disk-full-at-start":  # a run that could not start leaves no run.lock (nor the folder it made)
-        assert not (tmp_path / "out").exists()
+        assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
 
 
 def test_predict_output_is_written_whole(adapter, tmp_path, capsys):

@@ -11,6 +11,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallba
 
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.cli import main
+from ia3_trainer.errors import RunFolderError
 from ia3_trainer.data import build_collator, prepare_data
 from ia3_trainer.runs import LOCK_FILE, claim_output_dir
 
@@ -110,7 +111,7 @@ def test_a_callback_sees_the_events_of_a_plain_seq2seq_trainer(tmp_path, tiny_t5
 
 def test_the_folder_is_claimed_once(tmp_path):
     args = IA3TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False)
-    with claim_output_dir(args), pytest.raises(BlockingIOError, match="is in use by another run"):
+    with claim_output_dir(args), pytest.raises(RunFolderError, match="is in use by another run"):
         with claim_output_dir(args):
             pass
     with claim_output_dir(args):  # released when the run ends

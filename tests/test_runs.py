@@ -242,7 +242,7 @@ def test_a_second_run_on_a_locked_folder_names_the_running_process(tmp_path, cap
                        "training.output_dir")
         # A run claims its folder once: a second claim is refused, from the same process too.
         args = SimpleNamespace(output_dir=str(tmp_path / "mine"), should_save=True, world_size=1)
-        with claim_output_dir(args), pytest.raises(BlockingIOError, match=f"pid {os.getpid()} on"):
+        with claim_output_dir(args), pytest.raises(RunFolderError, match=f"pid {os.getpid()} on"):
             with claim_output_dir(args):
                 pass
     finally:
