@@ -32,6 +32,11 @@ for _variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE
                   "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_DISABLE_XET", "IA3_TRAINER_DEBUG",
                   "IA3_TRAINER_HUB_TIMEOUT", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION"):
     os.environ.pop(_variable, None)
+# Hypothesis keeps its example database and constants under .hypothesis/ in the folder the suite starts from (the
+# repo): keep them with the caches instead.
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(os.path.join(HF_CACHE_ROOT, "hypothesis"))
 # Subprocesses run from a test's tmp_path, never from the repo: they find this checkout's package on PYTHONPATH.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
