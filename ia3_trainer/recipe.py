@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError, first_line
+from .errors import RecipeError, first_line, redact_urls
 from .jsonfiles import parse_value, read_json, write_json
 from .output_dir import check_output_dir
 from .schema import (
@@ -212,10 +212,16 @@ class Recipe:
             **{key: dataclasses.asdict(value) for key, value in self.extra.items()},
         }
 
+    def saved_dict(self) -> dict:
+        """What a run saves and a push uploads of the recipe (`recipe.json`, `run.json`, the model card): `to_dict()`
+        with the credentials taken out of every URL in it (`errors.redact_urls`), so that it says where the data came
+        from without the secret. The recipe file itself keeps working."""
+        return redact_urls(self.to_dict())
+
     def save(self, folder: str | Path) -> Path:
-        """Write the resolved recipe as `recipe.json` in `folder` (no token can be in it: recipes hold none), whole or
-        not at all: a full disk leaves the previous file, never half a recipe."""
-        return write_json(Path(folder) / "recipe.json", self.to_dict())
+        """Write the resolved recipe as `recipe.json` in `folder` (`saved_dict()`: no token and no credential of a
+        URL in it), whole or not at all: a full disk leaves the previous file, never half a recipe."""
+        return write_json(Path(folder) / "recipe.json", self.saved_dict())
 
 
 def load_recipe(

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
-from .errors import RecipeError
+from .errors import RecipeError, redact_urls
 from .jsonfiles import read_json, write_json
 from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
@@ -115,6 +115,7 @@ class RunFolder:
              precision: str | None = None) -> None:
         """Check the folder for this run and lock it; nothing is written into it before the checks pass."""
         folder = self.path
+        recipe = redact_urls(recipe)  # run.json keeps no credential of a data URL (compared redacted on resume)
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"training.output_dir: {folder} is a file; choose a folder")
         checkpoint = resume if isinstance(resume, (str, os.PathLike)) and str(resume) else None
@@ -130,7 +131,7 @@ class RunFolder:
         self._acquire()
         record = _read_record(folder)
         if continuing:
-            saved = record.get("recipe") if record else None  # a run.json may lack it (_read_record)
+            saved = redact_urls(record.get("recipe")) if record else None  # a run.json may lack it (_read_record)
             if saved is None:
                 saved = _checkpoint_recipe(checkpoint_folders(folder))
             # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
@@ -227,7 +228,14 @@ def run_entries(folder: Path) -> tuple[list[str], list[str]]:
 
 def check_fresh(folder: Path, overwrite: bool) -> None:
     """Raise `FileExistsError` unless a fresh run may train into `folder`: new or empty, or holding another run
-    and `overwrite`."""
+    and `overwrite`; never a checkpoint or a folder inside another run (`--overwrite` of that run would remove it)."""
+    owner = _owning_run(folder)
+    if owner is not None:
+        raise FileExistsError(
+            f"training.output_dir: {folder} is {owner}; a run trains into a folder of its own, never a checkpoint or "
+            "a folder inside another run (--overwrite applies to a run's own output folder only): choose another "
+            "training.output_dir"
+        )
     ours, others = run_entries(folder)
     holds_run = any(_RUN_MARKS.match(name) for name in ours)
     if not holds_run and (ours or others):
@@ -241,6 +249,20 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
             f"training.output_dir: {folder} holds another run ({_describe_run(folder)}); pass --overwrite to replace "
             f"it (training.overwrite_output_dir in Python){resumable}, or choose another training.output_dir"
         )
+
+
+def _owning_run(folder: Path) -> str | None:
+    """What makes `folder` part of another run rather than a run's own output folder (a `checkpoint-N` folder of a
+    run, or a folder inside a folder that holds `run.json`), or None."""
+    folder = folder.resolve()
+    if re.match(r"^(tmp-)?checkpoint-\d+$", folder.name) and (
+            (folder / "trainer_state.json").is_file() or any(_RUN_MARKS.match(name) for name in run_entries(
+                folder.parent)[0])):
+        return f"a checkpoint folder of the run in {folder.parent}"
+    for parent in folder.parents:
+        if (parent / RUN_FILE).is_file():
+            return f"inside the run in {parent}"
+    return None
 
 
 def _describe_run(folder: Path) -> str:
@@ -320,5 +342,5 @@ def _checkpoint_recipe(checkpoints: list[Path]) -> dict | None:
             recipe = read_json(checkpoint / "recipe.json")
         except (OSError, ValueError):
             continue
-        return recipe if isinstance(recipe, dict) else None
+        return redact_urls(recipe) if isinstance(recipe, dict) else None  # compared with a redacted recipe
     return None

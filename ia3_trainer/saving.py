@@ -47,11 +47,11 @@ class SavingMixin:
         with self.atomic_checkpoints.staged(output_dir or self.args.output_dir) as staging:
             super()._save(str(staging), state_dict)
             if self.recipe is not None:
-                write_json(staging / "recipe.json", self.recipe.to_dict())
+                write_json(staging / "recipe.json", self.recipe.saved_dict())
             write_json(staging / INFERENCE_FILE, self.inference_settings())
             # Our card replaces the generic README.md that peft's save_pretrained just wrote: one card, the one a
             # push uploads (it writes this card again, for the repo pushed to).
-            write_model_card(staging, recipe=self.recipe.to_dict() if self.recipe is not None else {},
+            write_model_card(staging, recipe=self.recipe.saved_dict() if self.recipe is not None else {},
                              metrics=card_metrics(self.state.log_history), tags=self._tag_names)
 
     def save_state(self) -> None:
