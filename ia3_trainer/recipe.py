@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,17 @@ from .sections import (
 from .sections import check_repo_id as check_repo_id  # public here: the hub callback checks with it
 from .shipped import list_shipped_recipes as list_shipped_recipes  # public here: the CLI lists them
 from .shipped import recipe_file
+
+
+# A recipe's `name` is one path component (the default output_dir is outputs/<name>): no separator, no `..`, no
+# whitespace or control characters, and short enough for every file system.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+
+
+def safe_name(text: str) -> str:
+    """`text` made a valid recipe `name`: each run of other characters becomes `-` (e.g. a recipe file's stem)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("._-")[:100].rstrip("._-")
+    return name or "ia3-run"
 
 
 SECTIONS = ("name", "description", "model", "data", "ia3", "training", "eval", "hub")
@@ -106,9 +118,12 @@ class Recipe:
             if key not in sections:
                 problems.add(key, lambda key=key: f"unknown section{did_you_mean(key, sections)}")
 
-        name = raw.get("name", Path(source).stem if source is not None else "ia3-run")
+        name = raw.get("name", safe_name(Path(source).stem) if source is not None else "ia3-run")
         if not isinstance(name, str) or not name:
             problems.add("name", "must be a non-empty string")
+        elif not NAME.match(name):
+            problems.add("name", f"{name!r} is not one folder name of letters, digits, '.', '_' and '-' starting with "
+                         f"a letter or digit (the run's folder is outputs/<name>); use e.g. {safe_name(name)!r}")
         description = raw.get("description")
         if description is not None and not isinstance(description, str):
             problems.add("description", f"must be a string, got {type_name(description)}")

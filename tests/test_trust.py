@@ -193,3 +193,35 @@ def test_overwrite_never_replaces_a_checkpoint_or_a_folder_inside_a_run(tmp_path
                 "only): choose another training.output_dir\n")
     shutil.rmtree(out / "sub")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a\nb", "a/b", "..", ".hidden", "-rf", "x y", "C:\\x", "x" * 101])
+def test_a_recipe_name_is_one_folder_name_of_safe_characters(tmp_path, capsys, name):
+    from ia3_trainer import RecipeError, load_recipe
+    from ia3_trainer.recipe import safe_name
+
+    raw = tiny_recipe(tmp_path)
+    raw["name"] = name
+    del raw["training"]["output_dir"]  # the default, outputs/<name>, is what a bad name would escape
+    with pytest.raises(RecipeError, match="^<recipe>: name: .* is not one folder name of letters, digits") as info:
+        load_recipe(raw)
+    assert info.value.errors == [f"<recipe>: name: {name!r} is not one folder name of letters, digits, '.', '_' and "
+                                 "'-' starting with a letter or digit (the run's folder is outputs/<name>); use e.g. "
+                                 f"{safe_name(name)!r}"]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"ia3-trainer: error: {path}: name: ") and err.count("\n") == 1
+    assert load_recipe({**raw, "name": safe_name(name)}).training["output_dir"] == f"outputs/{safe_name(name)}"
+
+
+def test_the_default_name_is_the_recipe_files_stem_made_safe(tmp_path):
+    from ia3_trainer import load_recipe
+
+    raw = tiny_recipe(tmp_path)
+    del raw["name"]
+    path = tmp_path / "my recipe (v2).json"
+    path.write_text(json.dumps(raw))
+    assert load_recipe(path).name == "my-recipe-v2"
