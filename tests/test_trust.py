@@ -225,3 +225,39 @@ def test_the_default_name_is_the_recipe_files_stem_made_safe(tmp_path):
     path = tmp_path / "my recipe (v2).json"
     path.write_text(json.dumps(raw))
     assert load_recipe(path).name == "my-recipe-v2"
+
+
+def write_labelled(tmp_path, labels) -> str:
+    rows = [{"sentence": f"Sales figure number {i} was reported .", "label": labels[i % len(labels)]}
+            for i in range(24)]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (["positive", "positive ", "negative"], "data.label_column: column 'label': labels that differ as text are one "
+     "label to the model (['positive', 'positive '] all read 'positive', once tokenized); merge or rename them"),
+    (["negative", "\U0001F600", "positive", "\u200b"], "data.label_column: column 'label': labels ['\\u200b', "
+     "'\U0001F600'] decode to an empty text with this tokenizer (no token it knows), so no prediction can match them"),
+])
+def test_labels_the_model_cannot_tell_apart_are_refused_before_training(tmp_path, tokenizer, capsys, labels,
+                                                                         message):
+    from ia3_trainer import RecipeError, load_recipe
+    from ia3_trainer.data import prepare_data
+
+    raw = tiny_recipe(tmp_path, **{"data.data_files": {"train": write_labelled(tmp_path, labels)}})
+    del raw["data"]["label_names"]  # the labels the data holds
+    with pytest.raises(RecipeError) as info:
+        prepare_data(load_recipe(raw).data, tokenizer)
+    assert info.value.errors[0].startswith(message)
+    raw["data"]["label_names"] = labels  # the same check when the recipe lists them
+    with pytest.raises(RecipeError, match="^data.label_names: labels ") as info:
+        prepare_data(load_recipe(raw).data, tokenizer)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path)])
+    err = capsys.readouterr().err.splitlines()[-1]  # after datasets' progress lines
+    assert exit_info.value.code == 2 and err.startswith("ia3-trainer: error: data.label_names: labels ")
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
