@@ -7,6 +7,7 @@ Every Hub call goes to `tests/hub_server.py`, every data download to a file serv
 import functools
 import json
 import logging
+import re
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -261,3 +262,53 @@ def test_labels_the_model_cannot_tell_apart_are_refused_before_training(tmp_path
     err = capsys.readouterr().err.splitlines()[-1]  # after datasets' progress lines
     assert exit_info.value.code == 2 and err.startswith("ia3-trainer: error: data.label_names: labels ")
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, tiny_t5_dir):
+    """An IA3 adapter of the tiny T5 (its vectors moved away from 1), saved as peft saves one."""
+    import peft
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = peft.get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+                                peft.IA3Config(task_type="SEQ_2_SEQ_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "ia3_l" in name:
+                parameter.fill_(1.5)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    return folder
+
+
+def _rewrite(folder, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    save_file(change(load_file(str(path))), str(path))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda weights: {"shared.weight": next(iter(weights.values()))}, "holds none of the IA3 vectors (keys ending "
+     "in .ia3_l; it holds shared.weight, ...): it is not the weights of an IA3 adapter"),
+    (lambda weights: {key: value * float("nan") for key, value in weights.items()}, "IA3 vector(s) hold NaN or "
+     "infinite values (e.g. base_model.model."),
+    (lambda weights: dict(sorted(weights.items())[1:]), "has no IA3 vector for 1 of the model's"),
+])
+def test_an_adapter_without_its_vectors_or_with_non_finite_ones_is_refused(adapter_dir, capsys, change, message):
+    from ia3_trainer import IA3Predictor
+
+    good = IA3Predictor.from_pretrained(adapter_dir, device="cpu")
+    _rewrite(adapter_dir, change)
+    path = adapter_dir / "adapter_model.safetensors"
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: ")) as info:
+        IA3Predictor.from_pretrained(adapter_dir, device="cpu")
+    assert message in str(info.value)
+    with pytest.raises(ValueError, match=re.escape(message)):  # nor onto a loaded predictor, which stays as it was
+        good.load_adapter(adapter_dir, "second")
+    assert good.adapters == ["default"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(adapter_dir), "Sales rose ."])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and err.startswith(f"ia3-trainer: error: {path}: ") and message in err
