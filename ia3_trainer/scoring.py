@@ -10,6 +10,7 @@ metrics and the report are computed from.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,14 +88,134 @@ def score_candidates(
     """Log-likelihood of each candidate for each example, shape (B, K), from a computed encoder output.
 
     With `length_normalize` (the default, as in T-Few) the score is the mean token log-probability, so a label of
-    more tokens is not penalised for its length. Candidates are scored shortest first, a chunk at a time, each chunk
-    cut to its own longest candidate (no pass pads short labels to the longest of thousands); a pass has at most
-    `chunk_rows` (example, candidate) rows and `chunk_logits` logits (rows x tokens x vocabulary), so memory stays
-    bounded with thousands of labels and a large vocabulary.
+    more tokens is not penalised for its length. The candidates form a prefix tree: the decoder runs once per example
+    for the start token (whose logits score every candidate's first token, and whose cache holds the cross-attention
+    keys and values, computed once), then one step per distinct prefix, from its parent's cache. The cost grows with
+    the distinct label prefixes, not with labels x tokens, and no encoder output is projected again per candidate. A
+    pass has at most `chunk_rows` (example, prefix) rows and `chunk_logits` logits, and the caches of a pass stay
+    within `RANK_CACHE_BYTES`, so memory stays bounded with thousands of labels and a large vocabulary. A model
+    whose decoder returns no such cache is scored a chunk of whole candidate sequences at a time.
     """
     hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
-    batch, num_candidates = attention_mask.shape[0], candidate_ids.shape[0]
     candidate_ids = candidate_ids.to(attention_mask.device)
+    sequences = [[token for token in row if token != IGNORE_INDEX] for row in candidate_ids.tolist()]
+    start = model.prepare_decoder_input_ids_from_labels(labels=candidate_ids[:1, :1])[:, :1]
+    batch = attention_mask.shape[0]
+    outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask,
+                    decoder_input_ids=start.expand(batch, 1), use_cache=True)
+    cache = _decoder_cache(outputs)
+    if cache is None:
+        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                                chunk_logits)
+    keyword = "cache" if getattr(outputs, "cache", None) is not None else "past_key_values"  # transformers 5 / 4
+    first = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)  # (B, V): every candidate's first token
+    per_example = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / max(batch, 1)
+    budget = max(1, min(chunk_rows, chunk_logits // vocab_size(model), int(RANK_CACHE_BYTES // max(per_example, 1))))
+    scores = torch.empty(batch, len(sequences), device=attention_mask.device)
+    order = sorted(range(len(sequences)), key=lambda k: sequences[k])  # shared prefixes side by side
+    for e0 in range(0, batch, budget):
+        rows = slice(e0, min(batch, e0 + budget))
+        count = rows.stop - rows.start
+        k0 = 0
+        while k0 < len(order):
+            chunk = _prefix_chunk(sequences, order, k0, max(1, budget // count))
+            example_cache = copy.deepcopy(cache)
+            example_cache.batch_select_indices(torch.arange(rows.start, rows.stop, device=attention_mask.device))
+            scores[rows, chunk] = _score_tree(model, hidden[rows], attention_mask[rows], first[rows], example_cache,
+                                              [sequences[k] for k in chunk], length_normalize, keyword)
+            k0 += len(chunk)
+    return scores
+
+
+# The decoder caches of one rank-classification pass (self- and cross-attention keys and values of every row).
+RANK_CACHE_BYTES = 2**30
+
+
+def _decoder_cache(outputs):
+    """The encoder-decoder cache a decoder step returned, if it is one whose rows can be selected (else None)."""
+    cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+    parts = (getattr(cache, "self_attention_cache", None), getattr(cache, "cross_attention_cache", None))
+    if not hasattr(cache, "batch_select_indices") or any(not hasattr(part, "layers") for part in parts):
+        return None
+    return cache
+
+
+def _cache_tensors(cache):
+    for part in (cache.self_attention_cache, cache.cross_attention_cache):
+        for layer in part.layers:
+            yield from (tensor for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                        if isinstance(tensor, torch.Tensor))
+
+
+def _prefix_chunk(sequences: list[list[int]], order: list[int], k0: int, limit: int) -> list[int]:
+    """The candidates `order[k0:k]` for the largest `k` whose prefix tree has at most `limit` prefixes at any depth
+    (at least one candidate)."""
+    levels: list[set] = []
+    k = k0
+    while k < len(order):
+        sequence = sequences[order[k]]
+        new = [tuple(sequence[:depth + 1]) for depth in range(len(sequence) - 1)]
+        grown = [len(levels[d]) + (prefix not in levels[d]) if d < len(levels) else 1 for d, prefix in enumerate(new)]
+        if k > k0 and max(grown, default=0) > limit:
+            break
+        for depth, prefix in enumerate(new):
+            if depth == len(levels):
+                levels.append(set())
+            levels[depth].add(prefix)
+        k += 1
+    return order[k0:k]
+
+
+def _score_tree(model, hidden, attention_mask, first, cache, sequences, length_normalize, keyword):
+    """Scores (B, K) of `sequences` by one decoder step per distinct prefix, level by level, each from its parent's
+    rows of `cache` (which holds the start token's step of these B examples)."""
+    device, batch = attention_mask.device, attention_mask.shape[0]
+    nodes: list[dict] = [{(): 0}]  # per depth: prefix -> its index among that depth's prefixes
+    log_probs = [first]  # per depth: (B * prefixes, V), example-major
+    for depth in range(max(len(sequence) for sequence in sequences) - 1):
+        level: dict = {}
+        for sequence in sequences:
+            if len(sequence) - 1 > depth:
+                level.setdefault(tuple(sequence[:depth + 1]), len(level))
+        parents = torch.tensor([nodes[depth][prefix[:-1]] for prefix in level], device=device)
+        rows = (torch.arange(batch, device=device)[:, None] * len(nodes[depth]) + parents).flatten()
+        cache.batch_select_indices(rows)
+        example = rows // len(nodes[depth])
+        tokens = torch.tensor([prefix[-1] for prefix in level], device=device).repeat(batch)[:, None]
+        outputs = model(encoder_outputs=(hidden.index_select(0, example),),
+                        attention_mask=attention_mask.index_select(0, example), decoder_input_ids=tokens,
+                        **{keyword: cache}, use_cache=True)
+        cache = _decoder_cache(outputs)
+        nodes.append(level)
+        log_probs.append(torch.log_softmax(outputs.logits[:, -1].float(), dim=-1))
+    # Each candidate's token t is read from the distribution after its first t tokens.
+    table = torch.cat([log_prob.view(batch, -1, log_prob.shape[-1]) for log_prob in log_probs], dim=1)
+    offsets = [0]
+    for level in nodes[:-1]:
+        offsets.append(offsets[-1] + len(level))
+    width = max(len(sequence) for sequence in sequences)
+    where = torch.zeros(len(sequences), width, dtype=torch.long)
+    token = torch.zeros(len(sequences), width, dtype=torch.long)
+    for k, sequence in enumerate(sequences):
+        for t, next_token in enumerate(sequence):
+            where[k, t] = offsets[t] + nodes[t][tuple(sequence[:t])]
+            token[k, t] = next_token
+    lengths = torch.tensor([len(sequence) for sequence in sequences], device=device)
+    valid = (torch.arange(width)[None, :] < lengths.cpu()[:, None]).to(device)
+    picked = table[:, where.to(device), token.to(device)]  # (B, K, width)
+    total = torch.where(valid, picked, 0.0).sum(dim=-1)
+    return total / lengths if length_normalize else total
+
+
+def score_sequences(
+    model, hidden: torch.Tensor, attention_mask: torch.Tensor, candidate_ids: torch.Tensor,
+    length_normalize: bool = True, chunk_rows: int = RANK_CHUNK_ROWS, chunk_logits: int = RANK_CHUNK_LOGITS,
+) -> torch.Tensor:
+    """What [`score_candidates`] returns, computed the straightforward way: every candidate's whole sequence decoded
+    for every example, shortest candidates first, a chunk at a time (each chunk cut to its own longest candidate).
+    Used for a model whose decoder returns no cache to reuse, and as the reference that
+    `benchmarks/rank_classification.py` and the tests compare with."""
+    batch, num_candidates = attention_mask.shape[0], candidate_ids.shape[0]
     lengths = (candidate_ids != IGNORE_INDEX).sum(dim=1)
     order = torch.argsort(lengths, stable=True).tolist()
     lengths = lengths.tolist()
