@@ -2,7 +2,8 @@
 
 `score_batch` runs the whole model once per batch (so FSDP's and autocast's hooks on it run) for the per-example
 token losses and the teacher-forced argmax, then reuses that pass's encoder output for rank classification (one
-decoder pass over every candidate label) and for the bounded greedy generation. [`IA3Seq2SeqTrainer`]'s
+decoder step per distinct prefix of the candidate labels, see [`score_candidates`]) and for the bounded greedy
+generation. [`IA3Seq2SeqTrainer`]'s
 `prediction_step`, [`IA3Predictor.score`] and `benchmarks/throughput.py` all call it, so every number the package
 reports about an adapter comes from this code. [`EvalOutputs`] holds the per-example results of a whole pass, which
 metrics and the report are computed from.
@@ -99,10 +100,13 @@ def score_candidates(
     hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
     candidate_ids = candidate_ids.to(attention_mask.device)
     sequences = [[token for token in row if token != IGNORE_INDEX] for row in candidate_ids.tolist()]
-    start = model.prepare_decoder_input_ids_from_labels(labels=candidate_ids[:1, :1])[:, :1]
+    start = _shared_start(model, candidate_ids, sequences)
+    if start is None:
+        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                               chunk_logits)
     batch = attention_mask.shape[0]
     outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask,
-                    decoder_input_ids=start.expand(batch, 1), use_cache=True)
+                    decoder_input_ids=torch.full((batch, 1), start, device=attention_mask.device), use_cache=True)
     cache = _decoder_cache(outputs)
     if cache is None:
         return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
@@ -124,11 +128,30 @@ def score_candidates(
             scores[rows, chunk] = _score_tree(model, hidden[rows], attention_mask[rows], first[rows], example_cache,
                                               [sequences[k] for k in chunk], length_normalize, keyword)
             k0 += len(chunk)
+    # A decoder whose steps from a cache do not give what a whole sequence gives (FSMT places positions by the
+    # tokens it is given) is scored the straightforward way; the longest candidate, decoded whole, tells.
+    longest = max(range(len(sequences)), key=lambda k: len(sequences[k]))
+    check = score_sequences(model, hidden, attention_mask, candidate_ids[longest:longest + 1], length_normalize)
+    if not torch.allclose(scores[:, longest:longest + 1], check, atol=1e-3, rtol=1e-3):
+        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                               chunk_logits)
     return scores
 
 
 # The decoder caches of one rank-classification pass (self- and cross-attention keys and values of every row).
 RANK_CACHE_BYTES = 2**30
+
+
+def _shared_start(model, candidate_ids: torch.Tensor, sequences: list[list[int]]) -> int | None:
+    """The decoder start token when every candidate's decoder input is that token followed by the candidate's own
+    tokens but the last (what the prefix tree assumes), else None: mBART, PLBART and FSMT start each label with its
+    own last token (`shift_tokens_right` wraps it around)."""
+    decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=candidate_ids).tolist()
+    start = decoder_inputs[0][0]
+    for sequence, inputs in zip(sequences, decoder_inputs, strict=True):
+        if inputs[0] != start or inputs[1:len(sequence)] != sequence[:-1]:
+            return None
+    return start
 
 
 def _decoder_cache(outputs):

@@ -139,3 +139,31 @@ def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny
                 loss = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1],
                              labels=target).loss
                 assert abs(-loss.item() - got[i, k].item()) < 2e-5, (labels[k], i)
+
+
+def test_every_decoder_gets_the_straightforward_scores(tokenizer):
+    """mBART starts each label with its own last token (the tree then starts from that shared token), and FSMT's
+    decoder steps from a cache do not match a whole sequence (it is scored the straightforward way): the scores are
+    those of `score_sequences` either way."""
+    import torch
+    import transformers
+
+    from ia3_trainer import scoring
+
+    tiny = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=32, decoder_ffn_dim=24, max_position_embeddings=64, dropout=0.0, pad_token_id=0,
+                eos_token_id=1, bos_token_id=2, decoder_start_token_id=0)
+    configs = [transformers.MBartConfig(vocab_size=512, **tiny),
+               transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=512, tgt_vocab_size=512, init_std=0.3,
+                                       **tiny)]
+    labels = ["positive", "negative", "neutral", "sales rose", "sales", "a b c", "c1", "c12", "c123", "x"]
+    candidates = scoring.candidate_label_ids(tokenizer, labels)
+    batch = tokenizer(["Sales rose by 12 % .", "Profit fell ."], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    for config in configs:
+        model = transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
+        with torch.no_grad():
+            hidden = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            expected = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates)
+            got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0, msg=config.model_type)
