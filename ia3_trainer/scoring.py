@@ -191,42 +191,35 @@ def _prefix_chunk(sequences: list[list[int]], order: list[int], k0: int, limit: 
 
 def _score_tree(model, hidden, attention_mask, first, cache, sequences, length_normalize, keyword):
     """Scores (B, K) of `sequences` by one decoder step per distinct prefix, level by level, each from its parent's
-    rows of `cache` (which holds the start token's step of these B examples)."""
+    rows of `cache` (which holds the start token's step of these B examples). Each level's distributions are read
+    for the tokens that follow its prefixes, then dropped: memory holds one level's logits at a time."""
     device, batch = attention_mask.device, attention_mask.shape[0]
-    nodes: list[dict] = [{(): 0}]  # per depth: prefix -> its index among that depth's prefixes
-    log_probs = [first]  # per depth: (B * prefixes, V), example-major
-    for depth in range(max(len(sequence) for sequence in sequences) - 1):
-        level: dict = {}
-        for sequence in sequences:
-            if len(sequence) - 1 > depth:
-                level.setdefault(tuple(sequence[:depth + 1]), len(level))
-        parents = torch.tensor([nodes[depth][prefix[:-1]] for prefix in level], device=device)
-        rows = (torch.arange(batch, device=device)[:, None] * len(nodes[depth]) + parents).flatten()
+    total = torch.zeros(batch, len(sequences), device=device)
+    level: dict = {(): 0}  # the prefixes of this depth -> their index among them
+    log_probs = first  # (B * prefixes, V), example-major: the distribution after each prefix
+    for depth in range(max(len(sequence) for sequence in sequences)):
+        reading = [k for k, sequence in enumerate(sequences) if len(sequence) > depth]
+        at = torch.tensor([level[tuple(sequences[k][:depth])] for k in reading], device=device)
+        token = torch.tensor([sequences[k][depth] for k in reading], device=device)
+        total[:, reading] += log_probs.view(batch, len(level), -1)[:, at, token]
+        following = {}
+        for k in reading:
+            if len(sequences[k]) > depth + 1:
+                following.setdefault(tuple(sequences[k][:depth + 1]), len(following))
+        if not following:
+            break
+        parents = torch.tensor([level[prefix[:-1]] for prefix in following], device=device)
+        rows = (torch.arange(batch, device=device)[:, None] * len(level) + parents).flatten()
         cache.batch_select_indices(rows)
-        example = rows // len(nodes[depth])
-        tokens = torch.tensor([prefix[-1] for prefix in level], device=device).repeat(batch)[:, None]
+        example = rows // len(level)
+        tokens = torch.tensor([prefix[-1] for prefix in following], device=device).repeat(batch)[:, None]
         outputs = model(encoder_outputs=(hidden.index_select(0, example),),
                         attention_mask=attention_mask.index_select(0, example), decoder_input_ids=tokens,
                         **{keyword: cache}, use_cache=True)
         cache = _decoder_cache(outputs)
-        nodes.append(level)
-        log_probs.append(torch.log_softmax(outputs.logits[:, -1].float(), dim=-1))
-    # Each candidate's token t is read from the distribution after its first t tokens.
-    table = torch.cat([log_prob.view(batch, -1, log_prob.shape[-1]) for log_prob in log_probs], dim=1)
-    offsets = [0]
-    for level in nodes[:-1]:
-        offsets.append(offsets[-1] + len(level))
-    width = max(len(sequence) for sequence in sequences)
-    where = torch.zeros(len(sequences), width, dtype=torch.long)
-    token = torch.zeros(len(sequences), width, dtype=torch.long)
-    for k, sequence in enumerate(sequences):
-        for t, next_token in enumerate(sequence):
-            where[k, t] = offsets[t] + nodes[t][tuple(sequence[:t])]
-            token[k, t] = next_token
+        log_probs = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
+        level = following
     lengths = torch.tensor([len(sequence) for sequence in sequences], device=device)
-    valid = (torch.arange(width)[None, :] < lengths.cpu()[:, None]).to(device)
-    picked = table[:, where.to(device), token.to(device)]  # (B, K, width)
-    total = torch.where(valid, picked, 0.0).sum(dim=-1)
     return total / lengths if length_normalize else total
 
 
