@@ -2,7 +2,11 @@
 
 import sys
 
-from .cli import main
 
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while the CLI itself imports: one line, as `main` says it once it runs
+    print("ia3-trainer: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -5,12 +5,13 @@ model loads; and the base model it was trained on.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import network
 from .checkpoints import INFERENCE_FILE, checkpoint_folders, safetensors_header
-from .errors import first_line
+from .errors import RecipeError, first_line
 from .jsonfiles import read_json
 from .recipe import Recipe, load_saved_recipe
 
@@ -43,7 +44,7 @@ def read_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Adapte
     recipe = load_saved_recipe(folder)  # first, as push does: a bad recipe.json is the one line whatever else is bad
     config = read_adapter_config(folder)
     check_weights(folder)
-    inference = read_json(folder / INFERENCE_FILE) if (folder / INFERENCE_FILE).is_file() else None
+    inference = read_inference(folder / INFERENCE_FILE)
     return AdapterFolder(folder, config, recipe, inference, base_model_path(config, folder, recipe))
 
 
@@ -95,7 +96,45 @@ def read_adapter_config(folder: Path) -> dict:
     if peft_type != "IA3":
         what = f"a {peft_type} adapter" if peft_type else "no peft_type: not a peft adapter config"
         raise ValueError(f"{path}: peft_type: {what}; ia3-trainer loads IA3 adapters (peft_type \"IA3\")")
+    for key in ("target_modules", "feedforward_modules"):
+        value = config.get(key)
+        if value is not None and not _module_names(value):
+            raise RecipeError(f"{path}: {key}: must be a module name or a list of module names, got "
+                              f"{_shown(value)}; the file is damaged or was edited: "
+                              "restore it from the run that saved the adapter")
     return config
+
+
+def _module_names(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(name, str) for name in value))
+
+
+def read_inference(path: Path) -> dict | None:
+    """The `inference.json` at `path` (None when there is none), checked before any model loads: a JSON object whose
+    `label_names` is a list of label texts, `max_new_tokens` a count >= 1 and `encode` a string, each or null."""
+    if not path.is_file():
+        return None
+    inference = read_json(path)
+    problem = None
+    if not isinstance(inference, dict):
+        problem = f"must be a JSON object (label_names, max_new_tokens, encode), got a {type(inference).__name__}"
+    elif inference.get("label_names") is not None and not (
+            isinstance(inference["label_names"], list) and inference["label_names"]
+            and all(isinstance(name, str) for name in inference["label_names"])):
+        problem = f"label_names: must be a list of label texts, got {_shown(inference['label_names'])}"
+    elif inference.get("max_new_tokens") is not None and (
+            type(inference["max_new_tokens"]) is not int or inference["max_new_tokens"] < 1):
+        problem = f"max_new_tokens: must be a whole number >= 1, got {_shown(inference['max_new_tokens'])}"
+    elif inference.get("encode") is not None and not isinstance(inference["encode"], str):
+        problem = f"encode: must be a string, got {_shown(inference['encode'])}"
+    if problem is not None:
+        raise RecipeError(f"{path}: {problem}; the file is damaged or was edited: restore it from the run that saved "
+                          "the adapter")
+    return inference
+
+
+def _shown(value) -> str:
+    return json.dumps(value)[:60]
 
 
 def check_weights(folder: Path) -> Path:

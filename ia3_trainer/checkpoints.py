@@ -97,26 +97,71 @@ def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
 def checkpoint_damage(path: str | Path) -> str | None:
     """Why `path` is no checkpoint to resume from, or None when it is whole.
 
-    Whole means: a folder whose `trainer_state.json` (the last file Trainer writes) reads as JSON, and whose weights
-    and states read too: every `.safetensors` file is as long as its header says, and every `.pt`, `.pth` and `.bin`
-    file (`torch.save`'s zip format) ends with its zip directory. A file that a disk cut or lost after the save would
-    otherwise pass, and resuming would fail inside torch or safetensors.
+    Whole means: a folder whose `trainer_state.json` (the last file Trainer writes) reads as a Trainer state (JSON,
+    each field of its type), and whose weights and states read too: every `.safetensors` file is as long as its header
+    says, and every `.pt`, `.pth` and `.bin` file (`torch.save`'s zip format) is a zip file whose every record matches
+    its checksum. A file that a disk cut, lost or damaged after the save would otherwise pass, and resuming would fail
+    inside torch or safetensors with a message that names no file.
     """
     path = Path(path)
     if not path.is_dir():
         return "it is not a folder"
     try:
-        read_json(path / "trainer_state.json", allow_nan=True)
+        state = read_json(path / "trainer_state.json", allow_nan=True)
     except (OSError, ValueError):
         return "it has no readable trainer_state.json (a save that did not finish)"
+    problem = _state_problem(state)
+    if problem is not None:
+        return f"its trainer_state.json {problem}"
     for file in sorted(path.iterdir()):
         if not file.is_file():
             continue
         if file.suffix == ".safetensors" and safetensors_header(file) is None:
             return f"its {file.name} is truncated or unreadable"
-        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
-            return f"its {file.name} is truncated or unreadable"
+        if file.suffix in (".pt", ".pth", ".bin"):
+            problem = _zip_problem(file)
+            if problem is not None:
+                return f"its {file.name} {problem}"
     return None
+
+
+# The fields of a Trainer state that resuming reads, and the JSON types each may hold (transformers' `TrainerState`).
+_NUMBER = (int, float)
+_STATE_TYPES = {
+    "epoch": _NUMBER, "global_step": int, "max_steps": int, "logging_steps": _NUMBER, "eval_steps": _NUMBER,
+    "save_steps": _NUMBER, "train_batch_size": (int, type(None)), "num_train_epochs": _NUMBER,
+    "num_input_tokens_seen": int, "total_flos": _NUMBER, "log_history": list, "best_metric": (*_NUMBER, type(None)),
+    "best_global_step": (int, type(None)), "best_model_checkpoint": (str, type(None)),
+    "trial_params": (dict, type(None)), "stateful_callbacks": (dict, list, type(None)),
+}
+
+
+def _state_problem(state) -> str | None:
+    """What makes `state` (a parsed `trainer_state.json`) no Trainer state, or None."""
+    if not isinstance(state, dict):
+        return f"holds a JSON {type(state).__name__}, not an object"
+    for key, types in _STATE_TYPES.items():  # a missing field takes TrainerState's default
+        value = state.get(key)
+        if key in state and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"has {key} {json.dumps(value)[:40]} (of the wrong type)"
+    if state.get("global_step", 0) < 0:
+        return f"has global_step {state['global_step']} (not a step count)"
+    if not all(isinstance(entry, dict) for entry in state.get("log_history") or []):
+        return "has a log_history entry that is not an object"
+    return None
+
+
+def _zip_problem(file: Path) -> str | None:
+    """Why the `torch.save` file `file` does not read back, or None: a cut file has no zip directory, and a damaged
+    record fails its CRC-32 (read in full: the states of an IA3 checkpoint are small)."""
+    if not zipfile.is_zipfile(file):
+        return "is truncated or unreadable"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except Exception as error:  # zipfile raises BadZipFile, OSError, zlib.error, EOFError, ValueError, ...
+        return f"is damaged ({first_line(error)})"
+    return None if bad is None else f"is damaged (its record {bad} fails its checksum)"
 
 
 def safetensors_header(path: str | Path) -> dict | None:

@@ -61,15 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="List, for each model_type, the IA3 target_modules and feedforward_modules used when a recipe "
                     "leaves them null, and whether peft or ia3-trainer chose them.",
     )
-    sweep = with_recipe("sweep", "Train a recipe at every point of a grid, one after another, and print a table.")
-    sweep.add_argument(
-        "--grid", action="append", required=True, metavar="KEY=V1,V2",
-        help="values of one recipe field, e.g. --grid training.learning_rate=3e-3,8e-3; repeat for a product",
-    )
-    sweep.add_argument(
-        "--overwrite", action="store_true",
-        help="replace the runs in the points' folders (as train --overwrite does) and a sweep.json of another sweep",
-    )
+    sweep = with_recipe("sweep", "Search a recipe's hyperparameters in an Optuna study (an exact --grid or sampled "
+                                 "--search ranges), each trial in its own folder, and print a table.")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values of one field, e.g. training.learning_rate=3e-3,8e-3; repeat for a product")
+    sweep.add_argument("--search", action="append", default=[], metavar="KEY=KIND:...",
+                       help="a field to sample: KEY=log:LOW:HIGH (float, log scale), float:LOW:HIGH, int:LOW:HIGH or "
+                            "choice:V1,V2 (values as JSON), e.g. training.learning_rate=log:1e-4:3e-2; repeatable")
+    sweep.add_argument("--trials", type=int, metavar="N", help="--search trials, over all workers (default 20)")
+    sweep.add_argument("--objective", metavar="METRIC", help="e.g. eval_loss (default: metric_for_best_model, else "
+                       "eval_label_accuracy, else eval_loss)")
+    sweep.add_argument("--direction", choices=["maximize", "minimize"], help="default: minimize a loss, else maximize")
+    sweep.add_argument("--storage", metavar="URL", help="SQLAlchemy URL (postgresql://user@host/db) or journal:PATH; "
+                       "workers with the same storage and study share it (default: sqlite:///<output_dir>/study.db)")
+    sweep.add_argument("--study", metavar="NAME", help="the study's name (default: the recipe's name)")
+    sweep.add_argument("--no-prune", action="store_true", help="no median pruner: every trial trains to its end")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="start over: delete the study, and let trials replace the runs in their folders")
     init = commands.add_parser(
         "init", help="Write a starter recipe for a local data file.",
         description="Write a starter recipe for a csv, tsv, json, jsonl, parquet or txt (text<SEP>label lines) file, "
@@ -101,10 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
-        return _run(parser, args)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        with _progress_bars_on_terminals_only(args.command not in _QUICK_COMMANDS):
+            return _run(parser, args)
+    except KeyboardInterrupt:  # Ctrl-C while the libraries import, before a command runs (`_run` handles the rest)
+        if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print("ia3-trainer: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(parser: argparse.ArgumentParser, args) -> int:
@@ -129,14 +144,15 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             print(json.dumps(recipe.to_dict(), indent=2))
             print(f"Recipe OK: {recipe.name}")
             return 0
-        with _claim_output_dir(recipe, args):  # before the data and the model load; held until the report is written
-            return _train(recipe, resume=args.resume)
-    except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on
+        return _train(recipe, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, and how to go on
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
         if os.environ.get("RANK", "0") == "0":  # under a launcher, the first process speaks for all
             _close_progress_bars()
-            print(redact(_interrupted(args, recipe)), file=sys.stderr)
+            # An interrupt that says what it stopped (the wait for the Hub: lifecycle.wait_for_pushes) says it.
+            line = f"ia3-trainer: {interrupt}" if str(interrupt) else _interrupted(args, recipe, interrupt)
+            print(redact(line), file=sys.stderr)
         return 130
     # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
     # named on the command line or in the recipe.
@@ -201,18 +217,15 @@ def _list_architectures() -> int:
     return 0
 
 
-def _claim_output_dir(recipe, args):
-    from .runs import claim_output_dir
-
-    training = recipe.training_args()
-    resume = True if args.resume else training.resume_from_checkpoint
-    return claim_output_dir(training, recipe.to_dict(), resume=resume,
-                            overwrite=args.overwrite or training.overwrite_output_dir)
-
-
-def _interrupted(args, recipe) -> str:
+def _interrupted(args, recipe, interrupt: BaseException | None = None) -> str:
     """The line Ctrl-C prints: for `train`, the newest whole checkpoint now (rotation may have removed the one saved
-    before it) and the command that continues from it."""
+    before it) and the command that continues from it; once training ended, that the run is complete."""
+    from .lifecycle import RunCompleteInterrupt
+
+    if isinstance(interrupt, RunCompleteInterrupt):
+        saved = f"the adapter is saved in {interrupt.output_dir}" if interrupt.adapter_saved else "training finished"
+        return (f"ia3-trainer: interrupted after the run completed ({saved}); there is nothing to resume; its results "
+                f"and report may be incomplete (ia3-trainer evaluate {interrupt.output_dir} writes the report)")
     if args.command != "train" or recipe is None:
         return "ia3-trainer: interrupted"
     import shlex
@@ -237,28 +250,29 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _train(recipe, resume: bool = False) -> int:
-    from .report import write_training_report
+def _train(recipe, resume: bool = False, overwrite: bool = False) -> int:
+    """`train`: the run is `IA3Seq2SeqTrainer.from_recipe(recipe).train()` (`ia3_trainer.lifecycle`); this prints
+    what it returns."""
+    from .runs import check_output_dir
     from .trainer import IA3Seq2SeqTrainer
 
-    if recipe.model.trust_remote_code and recipe.training_args().process_index == 0:
+    training = recipe.training_args()
+    # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
+    resume_from = True if resume else training.resume_from_checkpoint
+    overwrite = overwrite or training.overwrite_output_dir
+    # The folder's rules, before the data and the model load (the run claims it when it starts).
+    check_output_dir(training, recipe.to_dict(), resume=resume_from, overwrite=overwrite)
+    if recipe.model.trust_remote_code and training.process_index == 0:
         print(f"ia3-trainer: model.trust_remote_code is on: code from {recipe.model.name_or_path} will run")
     trainer = IA3Seq2SeqTrainer.from_recipe(recipe)
-    # One rule: --resume takes the newest whole checkpoint; else a recipe's training.resume_from_checkpoint path.
-    result = trainer.train(resume_from_checkpoint=True if resume else trainer.args.resume_from_checkpoint)
-    metrics = dict(result.metrics)
-    # The evaluation made at the last step when there was one: the report is built from it, not from a second pass.
-    evaluation = trainer.final_evaluation() if trainer.eval_dataset is not None else None
-    if evaluation is not None:
-        metrics.update(evaluation.eval_results())
-    if trainer.is_world_process_zero():
-        trainer.save_state()  # trainer_state.json beside the adapter: `ia3-trainer evaluate` draws its curves from it
-        trainer.save_metrics("all", metrics)  # all_results.json, which `ia3-trainer push` reads; both written whole
-        print(_summary(metrics, trainer.args.output_dir))
-        paths = write_training_report(trainer, evaluation)
-        if paths:
-            print(_report_summary(read_json(paths[0], allow_nan=True), paths))
-        _wait_for_pushes(trainer)  # after the results: a Hub that never answers cannot keep them from being written
+    trainer.args.overwrite_output_dir = overwrite  # --overwrite: for this run, not written into its recipe.json
+
+    def print_results(output) -> None:
+        print(_summary(output.metrics, trainer.args.output_dir))
+        if output.report_paths:
+            print(_report_summary(output.report, output.report_paths))
+
+    trainer.train(resume_from_checkpoint=resume_from, on_results=print_results)
     return 0
 
 
@@ -301,36 +315,18 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
     return 0
 
 
-def _wait_for_pushes(trainer) -> None:
-    """The end of `train`, after results and report are written: wait, bounded and saying so, for the pushes the
-    hub callback still runs in the background; then name the commit of the final adapter."""
-    from .hub import PushAdapterToHubCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if not isinstance(callback, PushAdapterToHubCallback):
-            continue
-        line = None
-        try:
-            if callback.pending:
-                print(f"ia3-trainer: waiting up to {callback.wait_limit:g} s for Hub repo {callback.repo_id}: "
-                      f"{'; '.join(callback.pending)} (Ctrl-C stops waiting)", flush=True)
-                if not callback.wait(timeout=callback.wait_limit):
-                    line = callback.cancel(f"Stopped waiting after {callback.wait_limit:g} s")
-        except KeyboardInterrupt:
-            print(f"ia3-trainer: {callback.cancel('Interrupted') or 'interrupted'}", file=sys.stderr)
-            raise SystemExit(130) from None
-        if line:
-            print(f"ia3-trainer: {line}", file=sys.stderr)
-        elif callback.final_commit:
-            print(f"Pushed the adapter to {callback.final_commit}")
-
-
 def _sweep(args) -> int:
-    from .sweep import format_table, parse_grid, run_sweep
+    from .search import require_optuna, run_search
+    from .sweep import summary_text
 
-    grid = parse_grid(args.grid)
-    rows = run_sweep(args.recipe, grid, args.overrides, overwrite=args.overwrite)
-    print(format_table(rows, list(grid)))
+    optuna = require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the table says what happened
+    rows = run_search(args.recipe, grid=args.grid, search=args.search, overrides=args.overrides,
+                      n_trials=args.trials, objective=args.objective, direction=args.direction, storage=args.storage,
+                      study_name=args.study, pruner=optuna.pruners.NopPruner() if args.no_prune else None,
+                      overwrite=args.overwrite)
+    if rows:  # empty on a launch's other processes: the main one prints
+        print(summary_text(rows, [item.split("=", 1)[0].strip() for item in [*args.grid, *args.search]]))
     return 0
 
 
@@ -352,6 +348,9 @@ def _add_adapter_commands(commands) -> None:
                          help="a training output_dir (or one of its checkpoint-N folders) or a Hub repo id")
         sub.add_argument("--revision", help="branch, tag or commit of a Hub adapter repo")
         sub.add_argument("--overwrite", action="store_true", help=overwrite)
+        sub.add_argument("--trust-remote-code", action="store_true",
+                         help="run Python code shipped with the base model or tokenizer (read it first); what the "
+                         "adapter's own recipe.json says never turns this on")
         return sub
 
     predict = with_adapter("predict", "Generate the label of each text with a trained adapter.",
@@ -379,9 +378,12 @@ def _add_adapter_commands(commands) -> None:
 
 
 def _merge(args) -> int:
+    from .commands import announce_remote_code
     from .predictor import merge_adapter
 
-    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite)
+    announce_remote_code(args)
+    path = merge_adapter(args.adapter, args.merged_dir, revision=args.revision, overwrite=args.overwrite,
+                         trust_remote_code=args.trust_remote_code)
     print(f"merged model and tokenizer saved to {path}; load it with AutoModelForSeq2SeqLM.from_pretrained")
     return 0
 

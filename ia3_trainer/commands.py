@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from .errors import first_line
@@ -78,7 +79,7 @@ def _check_counts(args) -> None:
 
 def predict(args) -> int:
     """`ia3-trainer predict`: one JSON line per text, printed or written whole to --output."""
-    from .predictor import IA3Predictor, check_texts
+    from .predictor import check_texts
 
     rows = _read_text_file(args.file) if args.file else []
     if not args.texts and not rows:
@@ -87,7 +88,7 @@ def predict(args) -> int:
     _check_counts(args)
     if args.output:  # so is an --output that cannot be written: checked before predicting, written whole at the end
         _check_output_file(args.output, args.overwrite)
-    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
+    predictor = load_predictor(args)
     data = predictor.settings.data
     column = args.text_column or (data.text_column if data is not None else "text")
     # Each output line is its input (a JSONL row keeps all its fields) plus "prediction".
@@ -110,6 +111,21 @@ def predict(args) -> int:
     else:
         print("\n".join(lines))
     return 0
+
+
+def announce_remote_code(args) -> None:
+    """The line `--trust-remote-code` prints before a model loads: whose code may run."""
+    if args.trust_remote_code:
+        print(f"ia3-trainer: --trust-remote-code is on: code shipped with {args.adapter}'s base model or tokenizer "
+              "may run", file=sys.stderr)
+
+
+def load_predictor(args):
+    """The predictor of `predict`/`evaluate`: the adapter, with a model's own code allowed only by the flag."""
+    from .predictor import IA3Predictor
+
+    announce_remote_code(args)
+    return IA3Predictor.from_pretrained(args.adapter, revision=args.revision, trust_remote_code=args.trust_remote_code)
 
 
 def _check_output_file(path: str, overwrite: bool = False) -> None:
@@ -153,7 +169,6 @@ def _read_text_file(path: str) -> list:
 def evaluate(args) -> int:
     """`ia3-trainer evaluate`: score the adapter on its recipe's validation split or --data; write the report."""
     from .data import data_file_format, label_texts, load_splits, target_length_bound, tokenize
-    from .predictor import IA3Predictor
     from .report import build_report, read_log_history, summary_text, write_report
 
     file_format = data_file_format(args.data) if args.data else None  # a bad --data fails before the model loads
@@ -165,7 +180,7 @@ def evaluate(args) -> int:
     _check_report_folder(output_dir, args.output_dir is None, args.overwrite or own)
     # Reads the adapter folder (a Hub repo's download) and its recipe.json, validated, before the model loads: so
     # does a bad recipe.json fail. Its data section says which data to read, never unchecked load_dataset keywords.
-    predictor = IA3Predictor.from_pretrained(args.adapter, revision=args.revision)
+    predictor = load_predictor(args)
     data = predictor.settings.data
     if args.data:
         data, described = _file_data(args.data, file_format, data), args.data

@@ -25,7 +25,7 @@ class EvaluationMixin:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
         self.last_evaluation = Evaluation(
             step=self.state.global_step, default_dataset=eval_dataset is None, metrics=dict(metrics),
-            outputs=self._eval_outputs,
+            outputs=self._eval_outputs, after_training=not self.is_in_train,
         )
         return metrics
 
@@ -44,8 +44,10 @@ class EvaluationMixin:
         was one and the model is still that one, else a new one. `ia3-trainer train` reports and writes it without
         evaluating twice."""
         last = self.last_evaluation
+        # With load_best_model_at_end the model changed after the evaluations made while training.
         best_loaded = self.args.load_best_model_at_end and self.state.best_global_step != self.state.global_step
-        if last is None or not last.default_dataset or last.step != self.state.global_step or best_loaded:
+        if (last is None or not last.default_dataset or last.step != self.state.global_step
+                or (best_loaded and not last.after_training)):
             self.evaluate()
         return self.last_evaluation
 
@@ -159,10 +161,12 @@ class EvaluationMixin:
 
 class Evaluation:
     """One evaluation of [`IA3Seq2SeqTrainer`]: its metrics, its per-example [`EvalOutputs`], the global step it ran
-    at, and whether it was of the trainer's own `eval_dataset`."""
+    at, whether it was of the trainer's own `eval_dataset`, and whether it was made after training ended."""
 
-    def __init__(self, step: int, default_dataset: bool, metrics: dict, outputs: EvalOutputs):
+    def __init__(self, step: int, default_dataset: bool, metrics: dict, outputs: EvalOutputs,
+                 after_training: bool = False):
         self.step, self.default_dataset, self.metrics, self.outputs = step, default_dataset, metrics, outputs
+        self.after_training = after_training
 
     def eval_results(self) -> dict[str, float]:
         """Its metrics named `eval_*` (not the `epoch` Trainer adds to them)."""

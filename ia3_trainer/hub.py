@@ -46,10 +46,10 @@ class PushAdapterToHubCallback(TrainerCallback):
     A push that fails for good does not stop training: it is logged as one line (no token in it) saying where the
     adapter is and how to push it later, and kept in `failures`.
 
-    `on_train_end` hands the final push to the background thread and returns. `ia3-trainer train` writes its
-    results and report, then waits for the push (at most `wait_limit` seconds, saying so). From Python, call
-    [`~PushAdapterToHubCallback.wait`]; a push still running when the interpreter exits is waited for at most
-    `wait_limit` seconds, with a warning, and Ctrl-C stops that wait.
+    Each push is handed to the background thread and the call returns. A recipe's run (`ia3-trainer train`,
+    `IA3Seq2SeqTrainer.from_recipe(...).train()`) waits for them after writing its results (at most `wait_limit`
+    seconds, saying so). Otherwise call [`~PushAdapterToHubCallback.wait`]; a push still running when the
+    interpreter exits is waited for at most `wait_limit` seconds, with a warning, and Ctrl-C stops that wait.
 
     Args:
         > Parameters that control where and when to push
@@ -78,11 +78,16 @@ class PushAdapterToHubCallback(TrainerCallback):
         backoff_seconds (`float`, *optional*, defaults to `2.0`):
             Wait before the first retry; each further retry waits twice as long.
 
+        save_final (`bool`, *optional*, defaults to `True`):
+            Whether `on_train_end` saves the trained adapter into `output_dir` (main process) and pushes it, as any
+            Trainer needs. `False`: the trainer saves it, then calls [`~PushAdapterToHubCallback.push_final_adapter`]
+            ([`IA3Seq2SeqTrainer`] built from a recipe does, every process taking part, as sharded models need).
+
     Attributes:
         pushed_commits (`list[str]`): URL of each commit made, in push order.
         final_commit (`str` or `None`): URL of the commit of the final adapter, once made.
         failures (`list[str]`): one message per push that failed for good or was not waited for.
-        wait_limit (`float`): `5 × timeout`, how long the end of `ia3-trainer train` waits for pushes.
+        wait_limit (`float`): `5 × timeout`, how long the end of a recipe's run waits for pushes.
 
     Example:
 
@@ -105,6 +110,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         timeout: float | None = None,
         max_retries: int = 3,
         backoff_seconds: float = 2.0,
+        save_final: bool = True,
     ):
         if not isinstance(repo_id, str):
             raise TypeError(f"hub.repo_id: expected a str such as 'user/name', got {type(repo_id).__name__}")
@@ -125,6 +131,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         self.wait_limit = WAIT_FACTOR * self.timeout
         self.max_retries = max_retries
         self.backoff_seconds = backoff_seconds
+        self.save_final = save_final
         self._token = token
         self.pushed_commits: list[str] = []
         self.final_commit: str | None = None
@@ -188,7 +195,7 @@ class PushAdapterToHubCallback(TrainerCallback):
         if not (folder / "adapter_config.json").is_file():
             logger.warning(f"{folder} holds no adapter_config.json; skipping the push of step {state.global_step}")
             return
-        self._push(message, args, state, folder=folder)
+        self._push(message, args.output_dir, state, folder=folder)
 
     def on_epoch_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not state.is_world_process_zero or self.strategy != "epoch":
@@ -206,21 +213,20 @@ class PushAdapterToHubCallback(TrainerCallback):
                 processing_class.save_pretrained(staging)
 
         message = f"Upload adapter at epoch {round(state.epoch)} (step {state.global_step})"
-        self._push(message, args, state, save=save)
+        self._push(message, args.output_dir, state, save=save)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir)
-        if not getattr(args, "save_final_adapter", False):
-            # A plain Seq2SeqTrainer: save the final adapter here (main process only), with our card, not peft's.
-            # IA3Seq2SeqTrainer saved it just before this, every process taking part (FSDP and ZeRO-3 gather the
-            # sharded IA3 vectors), and wrote the card itself.
-            model.save_pretrained(folder)
+        if state.is_world_process_zero and self.save_final:  # save it here (main process), with our card
+            model.save_pretrained(args.output_dir)
             if processing_class is not None:
-                processing_class.save_pretrained(folder)
-            write_model_card(folder, repo_id=self.repo_id, metrics=card_metrics(state.log_history))
-        self._push(f"Upload final adapter (step {state.global_step})", args, state, folder=folder, final=True)
+                processing_class.save_pretrained(args.output_dir)
+            write_model_card(args.output_dir, repo_id=self.repo_id, metrics=card_metrics(state.log_history))
+            self.push_final_adapter(args.output_dir, state)
+
+    def push_final_adapter(self, folder: str | Path, state) -> None:
+        """Push `folder`, the final adapter a trainer saved, at `state` (its step and metrics); main process only."""
+        if state.is_world_process_zero:
+            self._push(f"Upload final adapter (step {state.global_step})", folder, state, Path(folder), final=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every push made so far is done (it succeeded, or its failure is in `failures`), or until
@@ -259,9 +265,9 @@ class PushAdapterToHubCallback(TrainerCallback):
 
     # -- local side (the main process, during training) ------------------------------------------------------
 
-    def _push(self, message: str, args, state, folder: Path | None = None, save=None, final: bool = False) -> None:
+    def _push(self, message: str, output_dir, state, folder: Path | None = None, save=None, final=False) -> None:
         """Stage a copy of the adapter (never writing into `folder`) and hand its upload to the background thread."""
-        where = folder if final else Path(args.output_dir)
+        where = folder if final else Path(output_dir)
         if hub_offline():
             self._tell_offline()
             return
@@ -270,8 +276,8 @@ class PushAdapterToHubCallback(TrainerCallback):
                    "log_history": history}
         # A snapshot shows the recipe.json and inference.json of the newest checkpoint-N that has them (the run's
         # own: a run owns its output_dir), else of output_dir.
-        run_files = next((path for path in checkpoint_folders(args.output_dir) if (path / INFERENCE_FILE).is_file()),
-                         Path(args.output_dir))
+        run_files = next((path for path in checkpoint_folders(output_dir) if (path / INFERENCE_FILE).is_file()),
+                         Path(output_dir))
         try:
             staging = stage_adapter(folder, self.repo_id, metrics=metrics, results=card_metrics(history), save=save,
                                     recipe_folder=run_files)

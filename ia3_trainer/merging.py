@@ -10,10 +10,11 @@ from pathlib import Path
 from . import modeling
 from .adapters import read_adapter
 from .checkpoints import publish
+from .output_dir import resolved
 
 
 def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: str | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Fold the adapter's IA3 vectors into the base weights and save a plain transformers model plus tokenizer.
 
     The merged model loads with `AutoModelForSeq2SeqLM.from_pretrained(merged_dir)` and has exactly the base
@@ -21,11 +22,13 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     `merged_dir` must be new or empty; `overwrite=True` replaces a folder that holds a saved model (an earlier merge).
     It is never the adapter's folder or its base model's, nor a folder that holds either. The model is written to a
     temporary folder beside `merged_dir` and renamed into place once complete: a failure leaves `merged_dir` as it was.
+    Code shipped with the base model or tokenizer runs only with `trust_remote_code=True`, never because the
+    adapter's own `recipe.json` asks for it.
     """
     from .predictor import load_adapter_model
 
     merged_dir = Path(merged_dir).expanduser()
-    target = merged_dir.resolve()
+    target = resolved(merged_dir, "MERGED_DIR")
     adapter = read_adapter(dir_or_repo, revision)
     folder, base = adapter.folder, adapter.base_model
     # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)
@@ -49,7 +52,7 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
             raise FileExistsError(f"MERGED_DIR: {merged_dir} holds files that are not a saved model (no config.json); "
                                   "--overwrite replaces only an earlier merge: give a new folder")
     # Merging encodes no text: an adapter trained with a custom preprocess merges like any other.
-    model, tokenizer = load_adapter_model(adapter, dir_or_repo)
+    model, tokenizer = load_adapter_model(adapter, dir_or_repo, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload(safe_merge=True)
     modeling.untie_separate_lm_head(merged)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,16 +11,21 @@ import logging
 import os
 
 from . import network
-from .errors import RecipeError, first_line
+from .errors import RecipeError, first_line, one_line
 from .recipe import ModelSection
 
 
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(model: ModelSection, key: str | None = None):
+# How a model's own code is allowed, said when it is needed and not allowed; an adapter's loader says its own.
+RECIPE_TRUST = "the recipe sets model.trust_remote_code: true"
+
+
+def load_tokenizer(model: ModelSection, key: str | None = None, trust: str = RECIPE_TRUST):
     """The tokenizer of the `model` section (`tokenizer_name_or_path`, else `name_or_path`). `key` names the recipe
-    field a failure is blamed on; it defaults to the one that was read."""
+    field a failure is blamed on; it defaults to the one that was read. `trust` says how the caller allows a model's
+    own code, for the message when one ships code that was not allowed."""
     from transformers import AutoTokenizer
 
     name = model.tokenizer_name_or_path or model.name_or_path
@@ -28,13 +33,14 @@ def load_tokenizer(model: ModelSection, key: str | None = None):
     return _from_hub_or_cache(
         lambda **cache: AutoTokenizer.from_pretrained(
             name, revision=model.revision, trust_remote_code=model.trust_remote_code, **cache
-        ), name, key, "a tokenizer",
+        ), name, key, "a tokenizer", trust,
     )
 
 
-def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_path"):
+def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_path", trust: str = RECIPE_TRUST):
     """The base seq2seq model of the `model` section (built from its config with `init: random`), with the
-    untied-head guard applied. Code shipped with a model runs only when `model.trust_remote_code` is true."""
+    untied-head guard applied. Code shipped with a model runs only when `model.trust_remote_code` is true (`trust`
+    says how the caller sets that, for the message)."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, set_seed
 
@@ -52,12 +58,12 @@ def load_model(model: ModelSection, seed: int = 42, key: str = "model.name_or_pa
             cache = {**cache, "adapter_kwargs": {"local_files_only": True}}
         return AutoModelForSeq2SeqLM.from_pretrained(model.name_or_path, dtype=dtype, **common, **cache)
 
-    base = _from_hub_or_cache(load, model.name_or_path, key, "a seq2seq model")
+    base = _from_hub_or_cache(load, model.name_or_path, key, "a seq2seq model", trust)
     untie_separate_lm_head(base)
     return base
 
 
-def _from_hub_or_cache(load, name: str, key: str, what: str):
+def _from_hub_or_cache(load, name: str, key: str, what: str, trust: str = RECIPE_TRUST):
     """`load()` through [`network.load_or_cached`]; every failure is one [`RecipeError`] naming `key`."""
     try:
         return network.load_or_cached(load, name)
@@ -68,14 +74,42 @@ def _from_hub_or_cache(load, name: str, key: str, what: str):
         ) from None  # the cause is in the message; the chain (retries, cache misses) is a page of noise
     except (OSError, ValueError) as error:
         if "custom code" in str(error) or "trust_remote_code" in str(error):
+            shipped = remote_code(name)
             raise RecipeError(
-                f"{key}: {name!r} ships its own Python code, which runs only when the recipe sets "
-                "model.trust_remote_code: true (read that code first); or use a model that transformers knows"
+                f"{key}: {name!r} ships its own Python code{f' ({shipped})' if shipped else ''}, which runs only "
+                f"when {trust} (read that code first); or use a model that transformers knows"
             ) from error
         raise RecipeError(
             f"{key}: cannot load {what} from {name!r}{network.offline_note()}: {first_line(error)}; check the id "
             "and the network, or point it at a local folder"
         ) from error
+    except Exception as error:
+        # Damaged or foreign files fail inside the libraries with their own errors, which name no file: a cut
+        # model.safetensors (SafetensorError), a tokenizer.json without its fields (KeyError), a config.json value of
+        # the wrong type (huggingface_hub's StrictDataclassFieldValidationError).
+        raise RecipeError(
+            f"{key}: cannot load {what} from {name!r}: its files are damaged or of another kind "
+            f"({one_line(error, 200)}); download or save it again, or point it at another model"
+        ) from error
+
+
+def remote_code(name: str) -> str:
+    """The classes a local model folder's `auto_map` names (`config.json`, `tokenizer_config.json`): the code that
+    `trust_remote_code` would run, as `module.Class` names. Empty for a Hub id, whose files are not read here."""
+    import json
+    from pathlib import Path
+
+    entries: list[str] = []
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(name).expanduser() / file).read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for value in (auto_map.values() if isinstance(auto_map, dict) else ()):
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and item.split("--")[-1] not in entries:
+                    entries.append(item.split("--")[-1])
+    return ", ".join(entries)
 
 
 def untie_separate_lm_head(model) -> bool:

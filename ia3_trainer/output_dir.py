@@ -7,10 +7,12 @@ the local model or tokenizer, or the data files.
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Any
 
+from .errors import RecipeError
 from .schema import Problems
 from .sections import DataSection, ModelSection
 
@@ -22,14 +24,20 @@ def check_output_dir(output_dir: Any, name: str, source: str | None, model: Mode
     a folder that is or holds what the run reads: the recipe file, the local model or tokenizer, the data files."""
     if not isinstance(output_dir, str) or not output_dir:
         return
-    out = Path(output_dir).expanduser().resolve()
+    try:
+        out = resolved(output_dir, "training.output_dir")
+        folders = _read_folders(source, model, data, out)
+    except RecipeError as error:
+        key, _, problem = str(error).partition(": ")
+        problems.add(key, problem)
+        return
     what = None
     if out == Path(out.anchor):
         what = "is the filesystem root"
     elif out == Path.home().resolve():
         what = "is the home folder"
     else:
-        for path, described in _read_folders(source, model, data, out):
+        for path, described in folders:
             if out == path or out in path.parents:
                 what = f"is the {described}" if out == path else f"holds the {described}, {path}"
                 break
@@ -37,6 +45,18 @@ def check_output_dir(output_dir: Any, name: str, source: str | None, model: Mode
         problems.add("training.output_dir", f"{out} {what}; a run owns its output folder and writes its adapter, "
                      "README.md, recipe.json and checkpoints there: set training.output_dir to a new folder, e.g. "
                      f"outputs/{name}")
+
+
+def resolved(path: str | Path, key: str) -> Path:
+    """`path` made absolute, `~` expanded and links followed; a symlink loop (a link that leads back to itself) is a
+    `RecipeError` of `key` (Python 3.11 and 3.12 raise `RuntimeError` for it, 3.13 an `OSError` with `ELOOP`)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as error:
+        if isinstance(error, OSError) and error.errno != errno.ELOOP:
+            raise
+        raise RecipeError(f"{key}: {path} is a symlink loop (a link that leads back to itself); replace the link "
+                          "with the file or folder it should name") from error
 
 
 def _saved_by_run(recipe_file: Path, out: Path) -> bool:
@@ -59,9 +79,9 @@ def _read_folders(source: str | None, model: ModelSection, data: DataSection, ou
     for key in ("name_or_path", "tokenizer_name_or_path"):
         value = getattr(model, key)
         if isinstance(value, str) and value and Path(value).expanduser().is_dir():
-            folders.append((Path(value).expanduser().resolve(), f"model folder (model.{key})"))
+            folders.append((resolved(value, f"model.{key}"), f"model folder (model.{key})"))
     if isinstance(data.path, str) and Path(data.path).expanduser().exists():
-        local = Path(data.path).expanduser().resolve()
+        local = resolved(data.path, "data.path")
         folders.append((local if local.is_dir() else local.parent, "data folder (data.path)"))
     files = data.data_files
     files = list(files.values()) if isinstance(files, dict) else [files]
@@ -71,6 +91,6 @@ def _read_folders(source: str | None, model: ModelSection, data: DataSection, ou
                 continue
             file = file.rpartition("::")[2]  # zip://member::archive.zip: the archive
             if "://" not in file:  # URLs and hf:// paths are not local
-                folder = Path(file).expanduser().resolve().parent
+                folder = resolved(file, "data.data_files").parent
                 folders.append((folder, "folder of the data files (data.data_files)"))
     return folders

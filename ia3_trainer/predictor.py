@@ -122,18 +122,21 @@ class IA3Predictor:
 
     @classmethod
     def from_pretrained(cls, dir_or_repo: str | Path, *, revision: str | None = None, device=None,
-                        adapter_name: str = "default", encode=None) -> IA3Predictor:
+                        adapter_name: str = "default", encode=None,
+                        trust_remote_code: bool = False) -> IA3Predictor:
         """Load the base model named in the adapter's `adapter_config.json`, then the adapter and its tokenizer.
 
         `dir_or_repo` is a local adapter folder or a Hub repo id (`revision` picks a branch, tag or commit of that
         repo). Every failure is one line: a folder without an adapter or a Hub repo that cannot be reached
         (`ValueError`), a base model that cannot be loaded (naming the field). `device` defaults to
         CUDA when available, else CPU. `encode` is the trainer's `preprocess` for adapters trained with a custom one.
+        Code shipped with the base model or tokenizer runs only with `trust_remote_code=True`, whatever the adapter's
+        own `recipe.json` says (an adapter from the Hub is data, not permission).
         """
         import torch
 
         adapter = read_adapter(dir_or_repo, revision)
-        model, tokenizer = load_adapter_model(adapter, dir_or_repo, adapter_name)
+        model, tokenizer = load_adapter_model(adapter, dir_or_repo, adapter_name, trust_remote_code=trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         predictor = cls(model, tokenizer, recipe=adapter.recipe, inference=adapter.inference, encode=encode,
                         device=device, source=str(dir_or_repo))
@@ -331,6 +334,10 @@ class IA3Predictor:
             yield index, collate([rows[i] for i in index]).to(self.device)
 
 
+# How the person loading an adapter allows its base model's or tokenizer's own code.
+REMOTE_CODE_TRUST = "you pass trust_remote_code=True (ia3-trainer: --trust-remote-code)"
+
+
 def check_texts(texts: list) -> list[str]:
     """Return `texts` if each is a non-empty string, else raise `TypeError`/`ValueError` naming the first bad one."""
     for i, text in enumerate(texts):
@@ -341,20 +348,26 @@ def check_texts(texts: list) -> list[str]:
     return texts
 
 
-def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name: str = "default"):
+def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name: str = "default", *,
+                       trust_remote_code: bool = False):
     """The base model named in the adapter's `adapter_config.json` with the adapter on it (a `peft.PeftModel`, on the
-    CPU), and the adapter's tokenizer. Every failure is one line naming the field or the folder."""
+    CPU), and the adapter's tokenizer. Every failure is one line naming the field or the folder.
+
+    Code shipped with the base model or the tokenizer runs only when the caller passes `trust_remote_code=True`.
+    What the adapter says (its `recipe.json`'s `model.trust_remote_code`) is data from wherever the adapter came
+    from, never permission: it is not read here."""
     from peft import PeftModel
 
     folder, recipe, base_name = adapter.folder, adapter.recipe, adapter.base_model
-    # Code shipped with a model runs only when the adapter's own recipe allowed it.
     model_section = ModelSection(name_or_path=base_name, revision=adapter.config.get("revision"),
-                                 dtype=recipe.model.dtype if recipe else "auto",
-                                 trust_remote_code=recipe.model.trust_remote_code if recipe else False)
+                                 dtype=recipe.model.dtype if recipe else "auto", trust_remote_code=trust_remote_code)
+    trust = REMOTE_CODE_TRUST + (" (the adapter's recipe.json asks for it; an adapter cannot allow it)"
+                                 if recipe is not None and recipe.model.trust_remote_code else "")
     tokenizer_source = folder if (folder / "tokenizer_config.json").is_file() else base_name
     tokenizer = modeling.load_tokenizer(dataclasses.replace(model_section, name_or_path=str(tokenizer_source)),
-                                        key=f"{folder}: tokenizer")
-    base = modeling.load_model(model_section, key=f"{folder / 'adapter_config.json'}: base_model_name_or_path")
+                                        key=f"{folder}: tokenizer", trust=trust)
+    base = modeling.load_model(model_section, key=f"{folder / 'adapter_config.json'}: base_model_name_or_path",
+                               trust=trust)
     try:
         model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
     except (OSError, ValueError, RuntimeError, KeyError) as error:

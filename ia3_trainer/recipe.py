@@ -166,9 +166,12 @@ class Recipe:
 
     def _check(self, problems: Problems, portable: bool = False) -> None:
         args = None
-        if not portable:
+        unreadable = self._check_settings_files(problems) if not portable else False
+        if not portable and not unreadable:
             try:
                 args = self.training_args()
+            except RecipeError:  # not the recipe's problem (a launcher's environment variable): said as it is
+                raise
             except (ValueError, TypeError, OverflowError) as error:
                 problems.add_to_section("training", first_line(error))
             except ImportError as error:  # e.g. training.deepspeed without the deepspeed package
@@ -195,6 +198,21 @@ class Recipe:
         if not portable:  # a saved recipe.json names folders of the machine it was trained on
             check_output_dir(self.training.get("output_dir"), self.name, self.source, self.model, self.data, problems)
         problems.raise_if_any()
+
+    def _check_settings_files(self, problems: Problems) -> bool:
+        """Whether a JSON file of settings the training section names (accelerator_config, deepspeed, fsdp_config)
+        does not read; its problem is the key's, blamed where the key was given (the recipe file or --set)."""
+        unreadable = False
+        for key in SETTINGS_FILES:
+            value = self.training.get(key)
+            if isinstance(value, str) and Path(value).expanduser().is_file():
+                try:
+                    read_json(Path(value).expanduser())
+                except (OSError, ValueError) as error:
+                    problems.add(f"training.{key}", f"{first_line(error)}; give the path of a JSON file of settings, "
+                                 "or the settings as an object")
+                    unreadable = True
+        return unreadable
 
     def training_args(self):
         """The [`IA3TrainingArguments`] of the `training` section."""
@@ -391,6 +409,10 @@ def _resolve_path_fields(section: Any, base: Path) -> None:
     if section is not None:
         for name in path_fields(type(section)):
             setattr(section, name, resolve_path(getattr(section, name), base))
+
+
+# The training keys that may name a JSON file of settings, which TrainingArguments reads.
+SETTINGS_FILES = ("accelerator_config", "deepspeed", "fsdp_config")
 
 
 def _check_extra_sections(extra_sections: dict[str, type] | None) -> dict[str, type]:

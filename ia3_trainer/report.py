@@ -212,18 +212,6 @@ def plot_training_curves(log_history: list[dict], path: Path) -> Path:
     return path
 
 
-def write_training_report(trainer, evaluation) -> list[Path]:
-    """Write the report of `evaluation` (the trainer's `final_evaluation()`, already computed: nothing is evaluated
-    again) beside the adapter, on the main process. Returns the paths written."""
-    if evaluation is None or evaluation.outputs.labels is None or not trainer.is_world_process_zero():
-        return []
-    output_dir = trainer.args.output_dir
-    data = "validation split of the recipe" if trainer.recipe is not None else "eval_dataset"
-    report = build_report(evaluation.outputs, trainer.processing_class, trainer.candidate_labels,
-                          adapter=str(output_dir), data=data, step=evaluation.step)
-    return write_report(report, output_dir, trainer.state.log_history)
-
-
 def summary_text(report: dict, paths) -> str:
     """What `ia3-trainer train` and `evaluate` print about a report: its main numbers and the files written."""
     shown = "  ".join(f"{key}={report[key]:.4f}" for key in ("label_accuracy", "macro_f1", "perplexity")

@@ -1,5 +1,6 @@
 """What may change when a run is resumed: the keys of a recipe that do not change what is trained (`RESUMABLE`), the
-comparison of a run's recipe with the one that resumes it, and the precision it trains in as resolved."""
+comparison of a run's recipe with the one that resumes it, the precision it trains in as resolved, and a checkpoint
+at or past the run's last step (`check_finished`)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,22 @@ def check_same_recipe(saved: dict | None, new: dict | None, where: Path) -> None
              if key not in ("training.output_dir", "training.resume_from_checkpoint")}
     if shown:
         print(f"Resuming {where} with {_listed(shown)}")
+
+
+def check_finished(checkpoint: str, step: int, max_steps: int, speak: bool, by_epochs: bool = False) -> None:
+    """A resumed run whose checkpoint is at `max_steps` already is finished (its final save is written again); one
+    past it was trained to another length, and is refused. `by_epochs`: `max_steps` comes from num_train_epochs."""
+    if step > max_steps:
+        key = "training.num_train_epochs" if by_epochs else "training.max_steps"
+        length = (f"the {max_steps} steps of training.num_train_epochs" if by_epochs
+                  else f"training.max_steps {max_steps}")
+        fix = "raise training.num_train_epochs" if by_epochs else f"set training.max_steps to {step} or more"
+        raise RecipeError(
+            f"{key}: the checkpoint {checkpoint} is at step {step}, past {length}; {fix} to continue the run, or pass "
+            "--overwrite to start over"
+        )
+    if speak:
+        print(f"{checkpoint} is at step {step}, the run's last: finishing the run without training")
 
 
 def run_precision(record: dict | None, recipe: dict | None) -> str | None:

@@ -7,7 +7,8 @@ for starting over and for resuming.
   run is always refused.
 - `run.json` records the run (an id, when and where it started, its resolved recipe), written whole before training.
 - Resuming continues the run recorded in the folder, and only when the recipe is the same but for the keys that do
-  not change what is trained (`ia3_trainer.resuming`); the changed keys are named either way.
+  not change what is trained (`ia3_trainer.resuming`); the changed keys are named either way. The data must be the
+  same too: `run.json` keeps a fingerprint of it (`ia3_trainer.fingerprint`), compared once the data is loaded.
 - The process that saves (one per machine with `save_on_each_node`) holds an exclusive `flock` on `run.lock` for
   the whole run; a second run on the folder is refused with the holder's pid, host and start. The kernel releases
   the lock when its process dies, so a run that crashed never blocks the next one.
@@ -31,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
-from .errors import RecipeError, redact_urls
+from .errors import RecipeError, first_line, redact_urls
+from .fingerprint import check_same_data
 from .jsonfiles import read_json, write_json
 from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
@@ -53,7 +55,6 @@ RUN_FILES = frozenset({
 RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
 # Entries that mean "this folder holds a run".
 _RUN_MARKS = re.compile(r"^(run\.json|recipe\.json|adapter_config\.json|adapter_model\..+|(tmp-)?checkpoint-\d+)$")
-_CLAIMS: dict[str, RunFolder] = {}  # output folders this process has claimed, by absolute path
 
 
 @contextlib.contextmanager
@@ -65,14 +66,10 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     Every process of a launch must call both; the processes that save (`args.should_save`) check, lock and write,
     and all raise the same error when one of them is refused. `resume` is `True` (the newest checkpoint of the
     folder), a checkpoint path, or None for a fresh run; `recipe` is the resolved recipe (`Recipe.to_dict()`), or
-    None for a trainer built without one (nothing to compare then). A claim this process holds already (the command
-    line claims before the data and the model load, `IA3Seq2SeqTrainer.train` claims again) is reused as it is.
+    None for a trainer built without one (nothing to compare then). A run claims its folder once
+    (`ia3_trainer.lifecycle`); a second claim of a held folder, from this process too, is refused.
     """
-    key = os.path.abspath(args.output_dir)
-    if key in _CLAIMS:
-        yield _CLAIMS[key]
-        return
-    run = RunFolder(key)
+    run = RunFolder(args.output_dir)
     error = None
     if args.should_save:
         try:
@@ -81,14 +78,27 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
             error = caught
     error = _agree(error, args.world_size)
     if error is not None:
-        run.release()
+        run.abandon()
         raise error
-    _CLAIMS[key] = run
     try:
         yield run
     finally:
-        del _CLAIMS[key]
         run.release()
+
+
+def check_output_dir(args, recipe: dict | None = None, *, resume: bool | str | None = None,
+                     overwrite: bool = False) -> None:
+    """The checks of [`claim_output_dir`], read-only (nothing is locked or written): the command line makes them
+    before the data and the model load, so a folder that will be refused fails at once. Every process calls it."""
+    error = None
+    if args.should_save:
+        try:
+            RunFolder(args.output_dir).check(recipe, resume=resume, overwrite=overwrite, precision=precision(args))
+        except (OSError, ValueError) as caught:
+            error = caught
+    error = _agree(error, args.world_size)
+    if error is not None:
+        raise error
 
 
 def no_checkpoint_error(output_dir: str | Path) -> RecipeError:
@@ -110,10 +120,22 @@ class RunFolder:
         self._lock: int | None = None
         self._record: dict | None = None  # what `begin` writes to run.json
         self._replace = False  # whether `begin` removes the previous run's files first
+        self._continuing = False  # whether this run continues the one recorded in the folder
+        self._created: list[Path] = []  # the folder and lock file this run created, removed if it cannot start
 
     def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
              precision: str | None = None) -> None:
         """Check the folder for this run and lock it; nothing is written into it before the checks pass."""
+        self.check(recipe, resume=resume, overwrite=overwrite, precision=precision)
+        self._acquire()
+        # Again under the lock: another run may have started in between.
+        self._record, continuing = self.check(recipe, resume=resume, overwrite=overwrite, precision=precision)
+        self._replace, self._continuing = overwrite and not continuing, continuing
+
+    def check(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
+              precision: str | None = None) -> tuple[dict, bool]:
+        """Every rule of this module, read-only: raise when this run may not use the folder; else return the
+        `run.json` to write and whether the run continues the folder's own."""
         folder = self.path
         recipe = redact_urls(recipe)  # run.json keeps no credential of a data URL (compared redacted on resume)
         if folder.exists() and not folder.is_dir():
@@ -128,7 +150,6 @@ class RunFolder:
             raise no_checkpoint_error(folder)
         if not continuing:
             check_fresh(folder, overwrite)
-        self._acquire()
         record = _read_record(folder)
         if continuing:
             saved = redact_urls(record.get("recipe")) if record else None  # a run.json may lack it (_read_record)
@@ -140,30 +161,38 @@ class RunFolder:
             record = {**(record or _new_record(None, precision)), "recipe": recipe}
             record.setdefault("precision", precision)  # a run.json from before precision was recorded
             record["resumed"] = [*record.get("resumed", []), _now()]
-        else:
-            check_fresh(folder, overwrite)  # again, under the lock: another run may have started in between
-            if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
-                saved = _checkpoint_recipe([Path(checkpoint)])
-                earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
-                check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
-                check_same_recipe(saved, recipe, Path(checkpoint))
-            record, self._replace = _new_record(recipe, precision), overwrite
-        self._record = record
+            return record, True
+        if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
+            saved = _checkpoint_recipe([Path(checkpoint)])
+            earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
+            check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
+            check_same_recipe(saved, recipe, Path(checkpoint))
+        return _new_record(recipe, precision), False
 
-    def begin(self, args) -> None:
-        """Right before training (once the data and the model loaded): with `overwrite`, remove the previous run's
-        files; then write `run.json`, whole or not at all. Every process calls it; the second call does nothing."""
+    def begin(self, args, data=None) -> None:
+        """Right before training (once the data and the model loaded): refuse continuing the run on other data than
+        it trained on; with `overwrite`, remove the previous run's files; then write `run.json` with the data's
+        fingerprint, whole or not at all. `data` returns the fingerprint (`fingerprint.data_fingerprint`), called by
+        the processes that save only. Every process calls `begin`; the second call does nothing."""
         error = None
         if self._record is not None:
             try:
+                fingerprint = data() if data is not None else None
+                if self._continuing:
+                    check_same_data(self._record.get("data"), fingerprint, self._record.get("recipe"), self.path)
+                if fingerprint is not None:
+                    self._record["data"] = fingerprint
                 if self._replace:
                     _remove_run_files(self.path)
                 write_json(self.path / RUN_FILE, self._record)
             except OSError as caught:
+                error = _not_written(caught, self.path / RUN_FILE)
+            except ValueError as caught:
                 error = caught
             self._record = None
         error = _agree(error, args.world_size)
         if error is not None:
+            self.abandon()
             raise error
 
     def _acquire(self) -> None:
@@ -171,8 +200,14 @@ class RunFolder:
             import fcntl
         except ImportError:  # Windows: no flock; the folder rules still apply
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock_file = self.path / LOCK_FILE
+        created = [path for path in (*reversed(self.path.parents), self.path, lock_file) if not path.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _not_written(error, lock_file) from error
+        self._created = created
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -186,13 +221,35 @@ class RunFolder:
             ) from None
         self._lock = descriptor
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as error:
+            raise _not_written(error, lock_file) from error
 
     def release(self) -> None:
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor releases the flock
             self._lock = None
+
+    def abandon(self) -> None:
+        """Release the folder of a run that could not start, removing the lock file and the folders it created (a
+        full disk must not leave a `run.lock` behind in a folder that held nothing)."""
+        if self._lock is not None:
+            for path in reversed(self._created):  # the lock file first, then the folders, innermost first
+                with contextlib.suppress(OSError):  # a folder that holds something now stays
+                    path.unlink() if path.name == LOCK_FILE and path.parent == self.path else path.rmdir()
+        self._created = []
+        self.release()
+
+
+def _not_written(error: OSError, path: Path) -> RecipeError:
+    """A failure to write the run's own files at its start (a full disk, a read-only folder), naming the file."""
+    where = error.filename or path
+    return RecipeError(
+        f"training.output_dir: cannot write {where} ({error.strerror or first_line(error)}); make room on that disk "
+        "or make the folder writable, or choose another training.output_dir, then train again"
+    )
 
 
 def _agree(error: BaseException | None, world_size: int) -> BaseException | None:
@@ -213,8 +270,8 @@ def _check_checkpoint(checkpoint: Path) -> None:
         )
     problem = checkpoint_damage(checkpoint)
     if problem is not None:
-        raise ValueError(f"training.resume_from_checkpoint: cannot resume from {checkpoint}: {problem}; give a whole "
-                         "checkpoint-N folder, or pass --resume to take the newest whole one")
+        raise RecipeError(f"training.resume_from_checkpoint: cannot resume from {checkpoint}: {problem}; give a "
+                          "whole checkpoint-N folder, or pass --resume to take the newest whole one")
 
 
 def run_entries(folder: Path) -> tuple[list[str], list[str]]:
@@ -303,6 +360,7 @@ _RECORD_FIELDS = {
     "precision": lambda value: value in ("bf16", "fp16", "fp32"),
     "resumed": lambda value: isinstance(value, list),
     "started": lambda value: isinstance(value, str),
+    "data": lambda value: isinstance(value, dict),
 }
 
 

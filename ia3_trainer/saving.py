@@ -1,13 +1,12 @@
 """Saving for [`IA3Seq2SeqTrainer`]: the adapter (never the base weights) with its metadata and card, staged and
-published whole (`ia3_trainer.checkpoints`), checkpoints written whole, and the final save at the end of training."""
+published whole (`ia3_trainer.checkpoints`), and checkpoints written whole. The final save at the end of training
+is a step of the run (`ia3_trainer.lifecycle`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from .checkpoints import INFERENCE_FILE
 from .jsonfiles import read_json, write_json, write_text
@@ -51,8 +50,12 @@ class SavingMixin:
             write_json(staging / INFERENCE_FILE, self.inference_settings())
             # Our card replaces the generic README.md that peft's save_pretrained just wrote: one card, the one a
             # push uploads (it writes this card again, for the repo pushed to).
-            write_model_card(staging, recipe=self.recipe.saved_dict() if self.recipe is not None else {},
-                             metrics=card_metrics(self.state.log_history), tags=self._tag_names)
+            self.write_card(staging)
+
+    def write_card(self, folder: str | Path) -> Path:
+        """Write the model card (`README.md`) of the adapter in `folder`, with the metrics logged so far."""
+        return write_model_card(folder, recipe=self.recipe.saved_dict() if self.recipe is not None else {},
+                                metrics=card_metrics(self.state.log_history), tags=self._tag_names)
 
     def save_state(self) -> None:
         """Trainer's `save_state` (`trainer_state.json` in `output_dir`, on the main process), written whole or not
@@ -88,16 +91,3 @@ class SavingMixin:
         # While a checkpoint is being written, Trainer's run folder is its staging folder (see _save_checkpoint).
         return self.atomic_checkpoints.staging_root or super()._get_output_dir(trial)
 
-
-class FinalSave(TrainerCallback):
-    """Saves the final adapter in `on_train_end` (every process takes part, as sharded models need) when
-    `args.save_final_adapter`; IA3Seq2SeqTrainer puts it before every other callback, so a push callback's
-    `on_train_end` finds the adapter saved."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.non_finite_guard.check()
-        if getattr(args, "save_final_adapter", False):
-            self.trainer.save_model()

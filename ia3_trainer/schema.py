@@ -12,6 +12,7 @@ import difflib
 import enum
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -297,15 +298,23 @@ def path_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("path")]
 
 
+def _absolute(path: Path) -> Path:
+    """`path` with its links followed; a symlink loop as it is written (the checks of the recipe name it)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.normpath(path))
+
+
 def resolve_path(value: Any, base: Path) -> Any:
     """Make `./x` and `../x` (also in lists, dict values and `zip://member::./archive`) absolute against `base`;
     leave Hub ids, builder names, URLs and absolute paths alone. The paths need not exist."""
     if isinstance(value, str):
         if value.startswith(("./", "../")):
-            return str((base / value).resolve())
+            return str(_absolute(base / value))
         if "::./" in value or "::../" in value:  # zip://member::./archive.zip
             head, _, tail = value.rpartition("::")
-            return f"{head}::{(base / tail).resolve()}"
+            return f"{head}::{_absolute(base / tail)}"
         return value
     if isinstance(value, list):
         return [resolve_path(item, base) for item in value]

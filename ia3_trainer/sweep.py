@@ -1,54 +1,116 @@
-"""`ia3-trainer sweep`: train one recipe at every point of a hyperparameter grid, one point after another.
-
-Each point is the recipe with the point's overrides applied and `training.output_dir` set to its own subfolder
-(`<output_dir>/learning_rate=0.003`), so checkpoints and adapters never mix: two points never share a folder. Every
-point is validated before the first one trains. The results land in `<output_dir>/sweep.json` and print as a table;
-a `sweep.json` of another sweep (other points) is its only record, and is replaced only with `overwrite`.
+"""`ia3-trainer sweep`, the planner: it parses `--grid` and `--search`, checks every recipe a search can produce
+before the first trial (each grid point, both ends of each range, each choice), names grid points' folders, and
+writes the results (`sweep.json`, `results.csv`, a plot). The Optuna study itself is `ia3_trainer.search`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import itertools
 import json
 import math
 import re
+import socket
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .jsonfiles import finite, parse_value, read_json, write_json
+from .jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
 from .recipe import OVERRIDE, Recipe, load_recipe
 from .runs import check_fresh
 
 
 SWEEP_FILE = "sweep.json"
+RESULTS_CSV = "results.csv"
+PLOT_FILE = "search.png"
+SEARCH_KINDS = ("log", "float", "int", "choice")
+SEARCH_HELP = ("KEY=log:LOW:HIGH (a float on a log scale), KEY=float:LOW:HIGH, KEY=int:LOW:HIGH (ends included) or "
+               "KEY=choice:V1,V2 (values parsed as JSON, else text)")
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched recipe key: `kind` is one of `SEARCH_KINDS`; `low`/`high` bound a range, `choices` a choice."""
+
+    key: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    choices: tuple = ()
+    text: str = ""  # the --search item as typed, to name it in messages
+
+
+def value_text(value: Any) -> str:
+    """A value's exact text (a dict's keys sorted): a grid point's key, Optuna's form of a choice."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _split_values(text: str) -> list[Any]:
+    parsed = parse_value(text)
+    return parsed if isinstance(parsed, list) else [parse_value(part.strip()) for part in text.split(",")]
+
+
+def _check_key(option: str, key: str, item: str, seen) -> None:
+    if not key:
+        raise ValueError(f"{option} {item!r}: expected key=..., e.g. training.learning_rate=...")
+    if key in seen:
+        raise ValueError(f"{option} {key}: given twice; list all its values in one {option}")
+    if key in ("training.output_dir", "training.overwrite_output_dir"):
+        raise ValueError(f"{option} {key}: the sweep sets it (one subfolder per trial)")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`.
-
-    Values are split on commas and each parsed as JSON (else kept as a string), like `--set`; a JSON list
-    (`key=[[1,2],[3]]`) gives values that themselves hold commas. A malformed item is a `ValueError` naming it.
-    """
+    """`["training.learning_rate=3e-3,8e-3"]` -> `{"training.learning_rate": [0.003, 0.008]}`: values parsed like
+    `--set`, split on commas, or a JSON list (`key=[[1,2],[3]]`). A malformed item is a `ValueError` naming it."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not text.strip():
             raise ValueError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
-        if key in grid:
-            raise ValueError(f"--grid {key}: given twice; list all its values in one --grid")
-        if key == "training.output_dir":
-            raise ValueError("--grid training.output_dir: the sweep sets it (one subfolder per point)")
-        parsed = parse_value(text)
-        values = parsed if isinstance(parsed, list) else [parse_value(part.strip()) for part in text.split(",")]
-        if len(values) != len({json.dumps(v, sort_keys=True) for v in values}):
+        _check_key("--grid", key, item, grid)
+        values = _split_values(text)
+        if not values:
+            raise ValueError(f"--grid {key}: has no values; give at least one, e.g. {key}=v1,v2")
+        if len(values) != len(set(map(value_text, values))):
             raise ValueError(f"--grid {key}: has duplicate values {values}")
         grid[key] = values
-    if not grid:
-        raise ValueError("sweep: give at least one --grid key=v1,v2")
     return grid
+
+
+def parse_search(items: list[str]) -> list[SearchParam]:
+    """`["training.learning_rate=log:1e-4:3e-2"]` -> `[SearchParam("training.learning_rate", "log", 1e-4, 3e-2)]`;
+    see the module docstring for the syntax. A malformed item is a `ValueError` naming it and the syntax."""
+    params: dict[str, SearchParam] = {}
+    for item in items:
+        key, sep, spec = item.partition("=")
+        key = key.strip()
+        kind, _, rest = spec.partition(":")
+        bad = f"--search {item}: expected {SEARCH_HELP}"
+        if not sep or kind not in SEARCH_KINDS or not rest.strip():
+            raise ValueError(bad)
+        _check_key("--search", key, item, params)
+        if kind == "choice":
+            choices = _split_values(rest)
+            if not choices or len(choices) != len(set(map(value_text, choices))):
+                raise ValueError(f"--search {item}: choices must be given, each once")
+            params[key] = SearchParam(key, kind, choices=tuple(choices), text=item)
+            continue
+        ends = [parse_value(part.strip()) for part in rest.split(":")]
+        number = int if kind == "int" else (int, float)
+        if len(ends) != 2 or not all(isinstance(v, number) and not isinstance(v, bool) for v in ends):
+            raise ValueError(bad)
+        low, high = ends
+        if not low < high:
+            raise ValueError(f"--search {item}: LOW must be below HIGH")
+        if kind == "log" and low <= 0:
+            raise ValueError(f"--search {item}: a log range needs LOW > 0")
+        params[key] = SearchParam(key, kind, low, high, text=item)
+    return list(params.values())
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -56,11 +118,16 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
+def _digest(point: dict[str, Any]) -> str:
+    exact = json.dumps(point, sort_keys=True, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+    return hashlib.sha256(exact).hexdigest()[:8]
+
+
 def point_name(point: dict[str, Any]) -> str:
     """Folder name of a point: `learning_rate=0.003,seed=1`, `target_modules=k+v` (the last part of each key; a list
     joined with `+`). Characters unsafe in a file name become `_`, and then a short hash of the exact values is
     added (`name_or_path=org_model-1a2b3c4d`), so that points whose values differ only in those characters
-    (`a b` and `a_b`) never share a folder."""
+    (`a b` and `a_b`) never share a folder. See [`point_names`] for values that share a text form."""
 
     def text(value: Any) -> str:
         if isinstance(value, list):
@@ -69,10 +136,30 @@ def point_name(point: dict[str, Any]) -> str:
 
     name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items())
     safe = re.sub(r"[^\w.=,+-]", "_", name)
-    if safe == name:
-        return name
-    exact = json.dumps(point, sort_keys=True, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
-    return f"{safe}-{hashlib.sha256(exact).hexdigest()[:8]}"
+    return name if safe == name else f"{safe}-{_digest(point)}"
+
+
+def point_names(points: list[dict[str, Any]]) -> list[str]:
+    """The folder names of a grid's points: [`point_name`], plus the hash of the exact values where two points
+    would share a name, also on a file system that ignores letter case (`["none"]` and `"none"` both read `none`;
+    `Review` and `review` are one folder on macOS and Windows)."""
+    names = [point_name(point) for point in points]
+    counts = Counter(name.casefold() for name in names)
+    return [name if counts[name.casefold()] == 1 else f"{name}-{_digest(point)}"
+            for name, point in zip(names, points, strict=True)]
+
+
+def base_recipe(recipe, overrides=None, extra_sections: dict[str, type] | None = None) -> Recipe:
+    """The recipe every trial starts from: `recipe` with its `--set` overrides, validated."""
+    return load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides, extra_sections)
+
+
+def trial_recipe(base: Recipe, values: dict[str, Any], output_dir: str | Path, overwrite: bool = False,
+                 extra_sections: dict[str, type] | None = None) -> Recipe:
+    """`base` with one trial's values, writing into `output_dir` (and replacing a run there with `overwrite`)."""
+    overrides = {**values, "training.output_dir": str(output_dir),
+                 **({"training.overwrite_output_dir": True} if overwrite else {})}
+    return load_recipe(base.to_dict(), overrides, extra_sections=extra_sections)
 
 
 def plan_sweep(
@@ -83,121 +170,231 @@ def plan_sweep(
     *,
     overwrite: bool = False,
 ) -> list[tuple[dict[str, Any], Recipe]]:
-    """Validate every point; return `(point, recipe)` pairs, each recipe writing into its own subfolder (and, with
-    `overwrite`, replacing the run there: `training.overwrite_output_dir`)."""
-    if isinstance(recipe, Recipe):
-        recipe = recipe.to_dict()
-    base = load_recipe(recipe, overrides, extra_sections=extra_sections)
+    """Validate every grid point; return `(point, recipe)` pairs, each recipe writing into its own subfolder of the
+    recipe's `training.output_dir` (and, with `overwrite`, replacing the run there)."""
+    base = base_recipe(recipe, overrides, extra_sections)
     root = Path(base.training["output_dir"])
-    plan, errors, folders = [], [], {}
-    for point in grid_points(grid):
-        name = point_name(point)
-        # Names differ in case only on a case-insensitive file system (macOS, Windows): still one folder there.
-        other = folders.setdefault(name.casefold(), name)
-        if other != name:
-            errors.append(f"--grid: sweep points {other} and {name} would share one output folder; make their "
-                          "values differ in more than letter case")
-            continue
+    points = grid_points(grid)
+    plan, errors = [], []
+    for point, name in zip(points, point_names(points), strict=True):
         try:
-            point_overrides = {**point, "training.output_dir": str(root / name),
-                               **({"training.overwrite_output_dir": True} if overwrite else {})}
-            plan.append((point, load_recipe(base.to_dict(), point_overrides, extra_sections=extra_sections)))
+            plan.append((point, trial_recipe(base, point, root / name, overwrite, extra_sections)))
         except RecipeError as error:
-            # The base recipe and its --set overrides were checked above: a problem an override has here is in
-            # a --grid value.
-            errors.extend(f"sweep point {name}: {_blame_grid(line)}" for line in error.errors)
+            # The base recipe and its --set overrides were checked above: a problem here is in a --grid value.
+            errors.extend(f"sweep point {name}: --grid{line[len(OVERRIDE):]}" if line.startswith(OVERRIDE + ": ")
+                          else f"sweep point {name}: {line}" for line in error.errors)
     if errors:
         raise RecipeError(errors)
     return plan
 
 
-def _blame_grid(line: str) -> str:
-    return "--grid" + line[len(OVERRIDE):] if line.startswith(OVERRIDE + ": ") else line
+def check_search(base: Recipe, params: list[SearchParam], extra_sections: dict[str, type] | None = None) -> None:
+    """Refuse a range that can produce an invalid recipe: both ends of each range and each choice are validated (the
+    other keys at the base recipe's values); one line per problem, naming the --search item."""
+    errors = []
+    folder = Path(base.training["output_dir"]) / "trial-check"
+    for param in params:
+        for value in param.choices if param.kind == "choice" else (param.low, param.high):
+            try:
+                trial_recipe(base, {param.key: value}, folder, extra_sections=extra_sections)
+            except RecipeError as error:
+                errors.extend(f"--search {param.text}: {line.removeprefix(OVERRIDE + ': ')}" for line in error.errors)
+    if errors:
+        raise RecipeError(list(dict.fromkeys(errors)))
 
 
-def run_sweep(
-    recipe: str | Path | dict | Recipe,
-    grid: dict[str, list[Any]],
-    overrides: dict | list[str] | None = None,
-    trainer_cls=None,
-    *,
-    overwrite: bool = False,
-) -> list[dict[str, Any]]:
-    """Train and evaluate every point of `grid` in turn; return one row per point (its values, then its metrics).
-
-    `trainer_cls` defaults to [`IA3Seq2SeqTrainer`]; a subclass brings its own recipe sections. `overwrite`
-    (`--overwrite`, like `training.overwrite_output_dir`) replaces the runs in the points' folders and a `sweep.json`
-    of another sweep; without it either is refused before any point trains.
-    """
-    import gc
-
-    if trainer_cls is None:
-        from .trainer import IA3Seq2SeqTrainer as trainer_cls
-    plan = plan_sweep(recipe, grid, overrides, extra_sections=trainer_cls.recipe_sections, overwrite=overwrite)
-    root = Path(plan[0][1].training["output_dir"]).parent
-    # Every point's folder is checked before the first point trains: a sweep run again into the same folder stops
-    # at once, not after training the points before the first taken folder.
-    taken = []
-    for point, point_recipe in plan:
+def check_folders(root: Path, study_name: str, names: dict[str, str], ours: set[Path], overwrite: bool) -> None:
+    """Before the first trial: refuse the folders a search trains into (a grid's points, else `trial-*`) that hold
+    runs of no trial of the study (`ours`), and a `sweep.json` of another study, unless `overwrite`."""
+    ours = {folder.resolve() for folder in ours}
+    problems = []
+    for folder in [root / name for name in names.values()] or sorted(root.glob("trial-*")):
         try:
-            check_fresh(Path(point_recipe.training["output_dir"]), point_recipe.training.get("overwrite_output_dir",
-                                                                                               False))
+            if folder.resolve() not in ours:
+                check_fresh(folder, overwrite)
         except FileExistsError as error:
-            taken.append(f"sweep point {point_name(point)}: {error}")
-    replace = all(point_recipe.training.get("overwrite_output_dir", False) for _, point_recipe in plan)
-    taken.extend(_other_sweep(root / SWEEP_FILE, {point_name(point) for point, _ in plan}, replace))
-    if taken:
-        raise RecipeError(taken)
-    rows = []
-    for point, point_recipe in plan:
-        trainer = trainer_cls.from_recipe(point_recipe)
-        metrics = dict(trainer.train().metrics)
-        if trainer.eval_dataset is not None:
-            metrics.update(trainer.final_eval_metrics())
-        rows.append({**point, "output_dir": point_recipe.training["output_dir"], **metrics})
-        if trainer.is_world_process_zero():
-            write_json(root / SWEEP_FILE, finite(json.loads(json.dumps(rows, default=str))))
-        del trainer
-        gc.collect()  # free the model before the next point loads its own
-    return rows
-
-
-def _other_sweep(path: Path, names: set[str], overwrite: bool) -> list[str]:
-    """Why the sweep may not write `path`: it is a folder, or (unless `overwrite`) it holds anything but the results
-    of points named in `names` (this sweep's, from an earlier try)."""
-    if path.is_dir():
-        return [f"training.output_dir: {path} is a folder; the sweep writes its results there: choose another "
-                "training.output_dir"]
-    if overwrite or not path.exists():
-        return []
+            problems.append(f"sweep trial folder {folder.name}: {error}")
     try:
-        rows = read_json(path, allow_nan=True)
-        points = [Path(row["output_dir"]).name for row in rows]
+        studies = {row["study"] for row in read_json(root / SWEEP_FILE, allow_nan=True)}
+    except FileNotFoundError:
+        studies = set()
     except (OSError, ValueError, TypeError, KeyError):
-        held = "a file that is not a sweep's results"
+        studies = None
+    if not overwrite and (studies is None or not studies <= {study_name}):
+        held = "a file that is not a sweep's results" if studies is None else f"the results of study {studies}"
+        problems.append(f"training.output_dir: {root / SWEEP_FILE} holds {held}; pass --overwrite to replace it, or "
+                        "choose another training.output_dir")
+    if problems:
+        raise RecipeError(problems)
+
+
+def default_objective(recipe: Recipe) -> tuple[str, str]:
+    """The recipe's main metric and its direction: `training.metric_for_best_model` (with `greater_is_better`, else
+    transformers' rule: a loss is minimized) when set, else `eval_label_accuracy` (maximized) when evaluation
+    reports it, else `eval_loss`, or `train_loss` without validation data."""
+    training = recipe.training
+    if training.get("metric_for_best_model"):
+        key = training["metric_for_best_model"]
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        greater = training.get("greater_is_better")
+        return key, "maximize" if (not key.endswith("loss") if greater is None else greater) else "minimize"
+    if recipe.data.validation_split is None and not recipe.data.validation_size:
+        return "train_loss", "minimize"
+    if "label_accuracy" in recipe.eval.metrics:
+        return "eval_label_accuracy", "maximize"
+    return "eval_loss", "minimize"
+
+
+@dataclass
+class SearchPlan:
+    """A checked search: base recipe, searched keys (a grid's as choices), each grid point's folder name (by its
+    [`value_text`]), trial count, objective, and the `spec` a study records to tell its search from another's."""
+
+    base: Recipe
+    params: list[SearchParam]
+    names: dict[str, str]
+    n_trials: int
+    objective: str
+    direction: str
+    spec: dict
+
+
+def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | None = None,
+                objective: str | None = None, direction: str | None = None,
+                extra_sections: dict[str, type] | None = None) -> SearchPlan:
+    """Parse and check a search (`grid` or `search`, as `--grid`/`--search` texts or parsed) before any trial: every
+    grid point, both ends of each range and each choice are validated; see `ia3_trainer.search.run_search`."""
+    grid = parse_grid(grid) if isinstance(grid, list) else dict(grid or {})
+    params = parse_search(search) if search and isinstance(search[0], str) else list(search or [])
+    if bool(grid) == bool(params):
+        raise ValueError("sweep: give either --grid key=v1,v2 (an exact grid) or --search key=KIND:... (a sampled "
+                         "search), one of the two; a searched choice is --search key=choice:v1,v2")
+    base = base_recipe(recipe, overrides, extra_sections)
+    default_key, default_direction = default_objective(base)
+    objective = objective or default_key
+    direction = direction or (default_direction if objective == default_key else
+                              "minimize" if objective.endswith("loss") else "maximize")
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"--direction {direction}: expected minimize or maximize")
+    names = {}
+    if grid:
+        points = grid_points(grid)
+        plan_sweep(base, grid, extra_sections=extra_sections)  # every point validated
+        if n_trials not in (None, len(points)):
+            raise ValueError(f"--trials {n_trials}: a grid runs each of its {len(points)} points once; leave it out")
+        n_trials = len(points)
+        names = dict(zip(map(value_text, points), point_names(points), strict=True))
+        params = [SearchParam(key, "choice", choices=tuple(values)) for key, values in grid.items()]
     else:
-        if set(points) <= names:
-            return []
-        shown = ", ".join(points[:3]) + (f" and {len(points) - 3} more" if len(points) > 3 else "")
-        held = f"the results of another sweep (points {shown})"
-    return [f"training.output_dir: {path} holds {held}; pass --overwrite (or set training.overwrite_output_dir) to "
-            "replace it, or choose another training.output_dir"]
+        check_search(base, params, extra_sections)
+        n_trials = 20 if n_trials is None else n_trials
+    if n_trials < 1:
+        raise ValueError(f"--trials {n_trials}: must be at least 1")
+    if objective.startswith("eval_") and base.data.validation_split is None and not base.data.validation_size:
+        raise ValueError(f"--objective {objective}: the recipe has no validation data; set data.validation_size > 0 "
+                         "or choose train_loss")
+    spec = {"grid": {key: [value_text(value) for value in values] for key, values in grid.items()},
+            "search": sorted(param.text for param in params if param.text), "objective": objective,
+            "direction": direction}
+    return SearchPlan(base, params, names, n_trials, objective, direction, spec)
 
 
-def format_table(rows: list[dict[str, Any]], grid_keys: list[str]) -> str:
-    """A Markdown table: the grid's keys, then the loss and every eval metric (timings left out)."""
-    skip = ("_runtime", "_per_second", "_flos")
-    metric_keys = [key for key in dict.fromkeys(k for row in rows for k in row)
-                   if (key == "train_loss" or key.startswith("eval_")) and not key.endswith(skip)]
-    keys = [*grid_keys, *metric_keys]
-    header = [key.rsplit(".", 1)[-1] for key in grid_keys] + metric_keys
+def format_table(rows: list[dict[str, Any]], keys: list[str], extra: tuple[str, ...] = ()) -> str:
+    """A Markdown table: the searched keys, then the loss and every eval metric (no timings), then `extra` columns."""
+    metrics = [key for key in dict.fromkeys(k for row in rows for k in row) if (key == "train_loss" or key.startswith(
+        "eval_")) and not key.endswith(("_runtime", "_per_second", "_flos"))]
+    columns = [*keys, *metrics, *extra]
+    header = [key.rsplit(".", 1)[-1] if key in keys else key for key in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key in keys) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key in columns) + " |")
     return "\n".join(lines)
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
     return "" if value is None else str(value)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """`rows` as CSV, one column per key of any row, written whole."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
+    return write_text(path, buffer.getvalue())
+
+
+def plot_objective(rows: list[dict[str, Any]], params: list[SearchParam], objective: str, path: Path) -> Path | None:
+    """One PNG: the objective against each searched key (pruned trials hollow, at their last reported value). None
+    without matplotlib (`pip install "ia3-trainer[plots]"`), as the report's plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4 * len(params), 3.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # files only: no window, and pyplot's global backend is left alone
+    for index, param in enumerate(params):
+        axes = figure.add_subplot(1, len(params), index + 1)
+        for state, fill in (("COMPLETE", "C0"), ("PRUNED", "none")):
+            shown = [row for row in rows if row["state"] == state and isinstance(row.get("objective"), (int, float))
+                     and row.get(param.key) is not None]
+            x = [row[param.key] if param.kind != "choice" else json.dumps(row[param.key]) for row in shown]
+            axes.scatter(x, [row["objective"] for row in shown], facecolors=fill, edgecolors="C0",
+                         label=state.lower())
+        if param.kind == "log":
+            axes.set_xscale("log")
+        axes.set_xlabel(param.key.rsplit(".", 1)[-1])
+        axes.set_ylabel(objective)
+        axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_bytes(path, buffer.getvalue())
+
+
+def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[dict[str, Any]]:
+    """One row per trial, by number (a grid's in the `order` of its point keys): its values (dotted keys),
+    `output_dir`, its metrics, then `trial`, `state` (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), `objective` (a
+    pruned trial's last reported value), `study`, `host` (the machine that holds the folder) and any `error`."""
+    rows = []
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if trial.user_attrs.get("surplus"):
+            continue
+        values = {p.key: json.loads(trial.params[p.key]) if p.kind == "choice" else trial.params[p.key]
+                  for p in params if p.key in trial.params}
+        objective = trial.value if trial.values else (
+            trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+        row = {**values, "output_dir": trial.user_attrs.get("folder"), **trial.user_attrs.get("metrics", {}),
+               "trial": trial.number, "state": trial.state.name, "objective": objective, "study": study.study_name,
+               "host": (trial.user_attrs.get("worker") or {}).get("host")}
+        if "error" in trial.user_attrs:
+            row["error"] = trial.user_attrs["error"]
+        rows.append(row)
+    place = {key: index for index, key in enumerate(order)}
+    return sorted(rows, key=lambda row: place.get(value_text({p.key: row.get(p.key) for p in params}), len(place)))
+
+
+def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """What `ia3-trainer sweep` prints: the table and the best trial's adapter folder."""
+    text = format_table(rows, keys, extra=("state", "output_dir"))
+    best = next((row for row in rows if row.get("best")), None)
+    if best is not None:
+        where = "" if best["host"] in (None, socket.gethostname()) else f" on {best['host']}"
+        text += f"\nbest: trial {best['trial']} (objective {best['objective']:.4g}), adapter in {best['output_dir']}"
+        text += where
+    return text
+
+
+def write_results(rows: list[dict[str, Any]], root: Path, params: list[SearchParam], objective: str,
+                  plot: bool = True) -> list[Path]:
+    """`sweep.json` (the rows, strict JSON), `results.csv` and, with `plot` and searched ranges, `search.png`."""
+    paths = [write_json(root / SWEEP_FILE, finite(json.loads(json.dumps(rows, default=str)))),
+             write_csv(rows, root / RESULTS_CSV)]
+    picture = plot_objective(rows, params, objective, root / PLOT_FILE) if plot and params and rows else None
+    return paths + [picture] * (picture is not None)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer
 
-from . import kernels, layers, modeling
+from . import kernels, layers, lifecycle, modeling
 from .checkpoints import AtomicCheckpoints, last_checkpoint
 from .data import PreparedData, build_collator, encode_batch, prepare_data
 from .errors import RecipeError
@@ -16,8 +16,8 @@ from .evaluation import Evaluation, EvaluationMixin, no_extra_metrics
 from .guard import GuardSteps, NonFiniteGuard
 from .metrics import DEFAULT_METRICS, check_metrics, perplexity
 from .recipe import DataSection, ModelSection, Recipe, load_recipe
-from .runs import claim_output_dir, no_checkpoint_error
-from .saving import FinalSave, SavingMixin
+from .resuming import check_finished
+from .saving import SavingMixin
 from .scoring import teacher_forced_inputs, token_nll
 from .training_args import IA3TrainingArguments
 
@@ -152,9 +152,6 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         self.metrics = list(metrics or (recipe.eval.metrics if recipe is not None else DEFAULT_METRICS))
         check_metrics(self.metrics)
         self.last_evaluation: Evaluation | None = None
-        # The final adapter is saved in on_train_end, before any other callback's on_train_end (a push callback then
-        # uploads what every process saved); see FinalSave.
-        self.callback_handler.callbacks.insert(0, FinalSave(self))
         self.callback_handler.callbacks.insert(0, GuardSteps(self.non_finite_guard))  # before any logging callback
         if self.is_world_process_zero():
             self.model.print_trainable_parameters()
@@ -253,7 +250,9 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
             return []
         from .hub import PushAdapterToHubCallback
 
-        return [PushAdapterToHubCallback(recipe.hub.repo_id, private=recipe.hub.private, strategy=recipe.hub.strategy)]
+        # The run saves the final adapter (every process) and then has the callback push it (`lifecycle.run`).
+        return [PushAdapterToHubCallback(recipe.hub.repo_id, private=recipe.hub.private, strategy=recipe.hub.strategy,
+                                         save_final=False)]
 
     @classmethod
     def load_tokenizer(cls, model: ModelSection):
@@ -274,39 +273,55 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
 
     # --- training and logging -------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """Train; when `args.save_final_adapter`, the adapter, tokenizer, `recipe.json` and `inference.json` are saved
-        to `output_dir` at the end (by every process, before other callbacks' `on_train_end`).
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, *,
+              on_results=None) -> lifecycle.RunOutput:
+        """Run training as a whole (`ia3_trainer.lifecycle.run`) and return a [`~lifecycle.RunOutput`], Trainer's
+        `TrainOutput` with the run's results.
 
-        The run owns `output_dir` while it trains (`ia3_trainer.runs`): a fresh run needs a new or empty folder, or
-        `args.overwrite_output_dir` to replace another run's files; a second run on the folder at the same time is
-        refused. `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir`
+        Every trainer claims `output_dir` for the run (`ia3_trainer.runs`): a fresh run needs a new or empty folder,
+        or `args.overwrite_output_dir` to replace another run's files; a second run on the folder at the same time
+        is refused. `resume_from_checkpoint=True` resumes from the newest whole `checkpoint-N` in `output_dir`
         (checkpoints are written atomically, and a folder a crash left half-written or a disk damaged is skipped); a
         path resumes from that folder. Resuming continues the recorded run only when the recipe differs in keys that
-        do not change what is trained (`ia3_trainer.resuming.RESUMABLE`).
-        """
-        recipe = self.recipe.to_dict() if self.recipe is not None else None
-        overwrite = getattr(self.args, "overwrite_output_dir", False)
-        with claim_output_dir(self.args, recipe, resume=resume_from_checkpoint, overwrite=overwrite) as run:
-            if resume_from_checkpoint is True:
-                # The newest whole checkpoint every process has.
-                resume_from_checkpoint = last_checkpoint(self.args.output_dir, self.accelerator)
-                if resume_from_checkpoint is None:
-                    raise no_checkpoint_error(self.args.output_dir)
-            if resume_from_checkpoint:
-                logger.info("Resuming from %s", resume_from_checkpoint)
-                if self.is_world_process_zero():
-                    print(f"Resuming from {resume_from_checkpoint}")
-            run.begin(self.args)
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
-        # Trainer returns its own train_loss, before log() left the steps the non-finite guard skipped out of it.
-        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
+        do not change what is trained (`ia3_trainer.resuming.RESUMABLE`). Then, with `args.save_final_adapter`, the
+        adapter, tokenizer, `recipe.json`, `inference.json` and the card are saved to `output_dir` (every process
+        takes part) and a [`PushAdapterToHubCallback`] made with `save_final=False` pushes them.
 
-    def _init_training_state(self, max_steps, *args, **kwargs):
+        What else it writes depends on how the trainer was made:
+
+        - Built from a recipe (`from_recipe`, or given `recipe=`): exactly what `ia3-trainer train` writes. Without
+          `resume_from_checkpoint`, the recipe's `training.resume_from_checkpoint` applies. After the final save come
+          the last evaluation (the one at the last step when there was one), `trainer_state.json`, `all_results.json`
+          (train and last `eval_*` metrics, also in the returned `metrics`), `eval_report.json` with its PNG plots,
+          and the card with the final metrics; `on_results(output)` is then called on the main process, and the run
+          waits, bounded and saying so, for the Hub pushes.
+        - Built by hand (`IA3Seq2SeqTrainer(model, args, ...)`): Trainer's contract. Checkpoints as `save_strategy`
+          says and the final adapter above; no results, report or wait (call `evaluate`, `save_metrics`,
+          `save_state` and `PushAdapterToHubCallback.wait` as with any Trainer).
+        """
+        def train_steps(resume):
+            output = super(IA3Seq2SeqTrainer, self).train(resume, trial, ignore_keys_for_eval)
+            if getattr(self, "_trained_out", False):  # nothing trained in this call: Trainer's train_loss would read 0
+                for key in ("train_loss", "train_perplexity"):
+                    output.metrics.pop(key, None)
+            return output
+
+        return lifecycle.run(self, train_steps, resume_from_checkpoint, on_results=on_results)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
         # Trainer takes the logging, eval and save steps of a resumed run from the checkpoint's trainer_state.json;
         # the recipe may change them on resume (resuming.RESUMABLE), so they apply from the checkpoint on.
-        trained = super()._init_training_state(max_steps, *args, **kwargs)
+        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)
         self.state.compute_steps(self.args, max_steps)
+        self._trained_out = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self._trained_out:
+            check_finished(resume_from_checkpoint, self.state.global_step, max_steps, self.is_world_process_zero(),
+                           by_epochs=self.args.max_steps <= 0)
+            # transformers 5.24 would run the rest of the checkpoint's epoch and train one step past max_steps (a
+            # kill during the final save leaves the checkpoint of the last step): no epoch is left to run.
+            return num_train_epochs, 0
         return trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,9 +1,12 @@
 """`IA3TrainingArguments`: `Seq2SeqTrainingArguments` plus the few settings this package adds."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import Seq2SeqTrainingArguments
+
+from .errors import RecipeError
 
 
 @dataclass
@@ -123,12 +126,28 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
     )
 
     def __post_init__(self):
+        check_launcher_environment()  # accelerate reads these with int() while the parent sets up the device
         # Resolved before the parent's checks, which need a bool.
         if self.bf16 is None:
             self.bf16 = not self.fp16 and default_bf16(self.use_cpu, self.compile_blocks)
         if self.disable_tqdm is None and not stderr_is_terminal():
             self.disable_tqdm = True
         super().__post_init__()
+
+
+# What launchers (accelerate launch, torchrun, SLURM scripts) set for every process, each a whole number.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def check_launcher_environment() -> None:
+    """A `RecipeError` naming the environment variable when a launcher's variable is set to no whole number."""
+    for name in LAUNCHER_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and not value.strip().lstrip("-").isdigit():
+            raise RecipeError(
+                f"{name}: the environment variable is {value!r}, not a whole number; unset it (`unset {name}`) to "
+                "train in one process, or start the run with accelerate launch or torchrun, which set it"
+            )
 
 
 def stderr_is_terminal() -> bool:

@@ -57,8 +57,8 @@ def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN, as_default: boo
     The same goes for HF_HUB_OFFLINE, which is turned off here.
     With hf_xet installed and Xet on, uploads and downloads would go to a Xet storage server, which the fake Hub is
     not. `as_default` also makes `endpoint` the default one (`constants.ENDPOINT`), for code that passes none, such
-    as a callback built from a recipe; downloads then need `endpoint=` left out too (hf_hub_url swaps the endpoint
-    only when its URL template starts with the default one).
+    as a callback built from a recipe, and the download URL template, so that `snapshot_download(repo_id)` reads from
+    it too.
     """
     import huggingface_hub
 
@@ -72,6 +72,9 @@ def use_hub(monkeypatch, endpoint: str, token: str = FAKE_TOKEN, as_default: boo
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     if as_default:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        # Downloads build their URL from this template, made from the default endpoint at import.
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
 
 
 def closed_endpoint() -> str:

@@ -5,6 +5,7 @@ written; and `evaluate --data` on a csv for an adapter trained from `text<SEP>la
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -75,8 +76,8 @@ CASES = {
     # name: (argv builder (tmp_path, adapter) -> argv, part of the one line, fails before any model loads)
     "train-latin1-csv": (lambda t, a: ["train", recipe_for(t, latin1(t / "d.csv"))], "is not UTF-8 text"),
     "train-latin1-jsonl": (lambda t, a: ["train", recipe_for(t, latin1(t / "d.jsonl"))], "is not UTF-8 text"),
-    "evaluate-latin1-csv": (lambda t, a: ["evaluate", str(a), "--data", str(latin1(t / "d.csv"))],
-                            "is not UTF-8 text"),
+    "evaluate-latin1-csv": (lambda t, a: ["evaluate", str(a), "--data", str(latin1(t / "d.csv")), "--output-dir",
+                                          str(t / "report")], "is not UTF-8 text"),
     "init-latin1-csv": (lambda t, a: ["init", "--data", str(latin1(t / "d.csv")), "-o", str(t / "r.json")],
                         "--data: d.csv is not UTF-8 text"),
     "init-unknown-encoding-txt": (lambda t, a: ["init", "--data", str(latin1(t / "d.txt")), "--encoding", "latin-9x",
@@ -173,6 +174,120 @@ def test_bad_input_is_one_line_and_exit_2(name, adapter, tmp_path, capsys, monke
     assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
     if name.startswith("output"):  # nothing half-written, nothing replaced
         assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+# --- issue 19: inputs that ended in tracebacks ---------------------------------------------------------------------
+
+def loop(path) -> str:
+    """`path` made a symlink to itself: every stat of it fails with ELOOP."""
+    os.symlink(path, path)
+    return str(path)
+
+
+def model_copy(tmp_path, base, damage) -> str:
+    """A copy of the base model folder `base`, damaged by `damage(folder)`."""
+    folder = tmp_path / "model"
+    shutil.copytree(base, folder)
+    damage(folder)
+    return str(folder)
+
+
+def edit_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def train_recipe(tmp_path, **fields) -> str:
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, **fields})
+    (tmp_path / "r.json").write_text(json.dumps(raw))
+    return str(tmp_path / "r.json")
+
+
+def on_model(tmp_path, base, damage, **fields) -> str:
+    return train_recipe(tmp_path, **{"model.name_or_path": model_copy(tmp_path, base, damage),
+                                     "model.init": "pretrained", **fields})
+
+
+def on_base(tmp_path, adapter, base, damage) -> str:
+    """A copy of `adapter` whose adapter_config.json names a damaged copy of its base model."""
+    model = model_copy(tmp_path, base, damage)
+    return damaged(adapter, tmp_path, lambda f: edit_json(
+        f / "adapter_config.json", lambda config: {**config, "base_model_name_or_path": model}))
+
+
+def disk_full(monkeypatch):
+    import errno
+
+    from ia3_trainer import jsonfiles
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the kernel says it: no path
+
+    monkeypatch.setattr(jsonfiles, "write_bytes", full)
+
+
+def not_json(path) -> str:
+    path.write_text("{not json")
+    return str(path)
+
+
+TRACEBACK_CASES = {
+    # name: (argv builder (tmp_path, adapter, base model folder, monkeypatch) -> argv, parts of the one line)
+    "data-file-symlink-loop": (lambda t, a, b, mp: ["train", recipe_for(t, Path(loop(t / "loop.jsonl")))],
+                               "data.data_files: ", "loop.jsonl is a symlink loop"),
+    "output-dir-symlink-loop": (lambda t, a, b, mp: ["train", train_recipe(t, **{
+        "training.output_dir": loop(t / "out")})], "training.output_dir: ", "out is a symlink loop"),
+    "merge-target-symlink-loop": (lambda t, a, b, mp: ["merge", str(a), loop(t / "merged")],
+                                  "MERGED_DIR: ", "merged is a symlink loop"),
+    "inference-json-list": (lambda t, a, b, mp: ["predict", damaged(a, t, lambda f: (f / "inference.json")
+                                                                    .write_text("[1]")), "text"],
+                            "inference.json: must be a JSON object"),
+    "inference-json-wrong-types": (lambda t, a, b, mp: ["predict", damaged(a, t, lambda f: edit_json(
+        f / "inference.json", lambda i: {**i, "label_names": "positive"})), "text"],
+        'inference.json: label_names: must be a list of label texts, got "positive"'),
+    "inference-json-negative-bound": (lambda t, a, b, mp: ["predict", damaged(a, t, lambda f: edit_json(
+        f / "inference.json", lambda i: {**i, "max_new_tokens": -5})), "text"],
+        "inference.json: max_new_tokens: must be a whole number >= 1, got -5"),
+    "adapter-config-target-modules-int": (lambda t, a, b, mp: ["predict", damaged(a, t, lambda f: edit_json(
+        f / "adapter_config.json", lambda c: {**c, "target_modules": 5})), "text"],
+        "adapter_config.json: target_modules: must be a module name or a list of module names, got 5"),
+    "tokenizer-json-without-fields": (lambda t, a, b, mp: ["train", on_model(t, b, lambda f: (
+        f / "tokenizer.json").write_text('{"version": "1.0"}'))],
+        "model.name_or_path: cannot load a tokenizer from ", "KeyError"),
+    "base-config-wrong-type": (lambda t, a, b, mp: ["train", on_model(t, b, lambda f: edit_json(
+        f / "config.json", lambda c: {**c, "d_model": "big"}))], "model.name_or_path: cannot load ", "d_model"),
+    "base-weights-truncated-train": (lambda t, a, b, mp: ["train", on_model(t, b, lambda f: half(
+        f / "model.safetensors"))], "model.name_or_path: cannot load a seq2seq model from ", "damaged"),
+    "base-weights-truncated-predict": (lambda t, a, b, mp: ["predict", on_base(t, a, b, lambda f: half(
+        f / "model.safetensors")), "text"], "base_model_name_or_path: cannot load a seq2seq model from "),
+    "base-weights-truncated-merge": (lambda t, a, b, mp: ["merge", on_base(t, a, b, lambda f: half(
+        f / "model.safetensors")), str(t / "merged")], "base_model_name_or_path: cannot load a seq2seq model from "),
+    "disk-full-at-start": (lambda t, a, b, mp: disk_full(mp) or ["train", train_recipe(t)],
+                           "training.output_dir: cannot write ", "run.json (No space left on device)"),
+    "launcher-variable-not-a-number": (lambda t, a, b, mp: mp.setenv("LOCAL_RANK", "abc") or [
+        "train", train_recipe(t)], "ia3-trainer: error: LOCAL_RANK: the environment variable is 'abc'"),
+    "accelerator-config-file-not-json": (lambda t, a, b, mp: [
+        "train", train_recipe(t), "--set", f"training.accelerator_config={not_json(t / 'accelerate.json')}"],
+        "ia3-trainer: error: --set: training.accelerator_config: ", "accelerate.json: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACEBACK_CASES))
+def test_input_that_ended_in_a_traceback_is_one_line(name, adapter, tiny_t5_dir, tmp_path, capsys, monkeypatch):
+    from ia3_trainer import modeling
+
+    build, *expected = TRACEBACK_CASES[name]
+    monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
+    argv = build(tmp_path, adapter, tiny_t5_dir, monkeypatch)
+    if name.startswith(("inference-json", "adapter-config")):  # found before the model loads
+        monkeypatch.setattr(modeling, "load_model", lambda *args, **kwargs: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured
+    assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
+    if name == "disk-full-at-start":  # a run that could not start leaves no run.lock (nor the folder it made)
+        assert not (tmp_path / "out").exists()
 
 
 def test_predict_output_is_written_whole(adapter, tmp_path, capsys):

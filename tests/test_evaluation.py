@@ -196,8 +196,11 @@ def test_final_evaluation_reloads_the_best_model_and_evaluates_it(tmp_path):
         "training.save_strategy": "steps", "training.save_steps": 2, "training.load_best_model_at_end": True,
         "training.metric_for_best_model": "eval_loss", "training.greater_is_better": True, "training.bf16": False,
         "training.learning_rate": 0.3}))
-    trainer.train()
-    logged = {entry["step"]: entry for entry in trainer.state.log_history if "eval_loss" in entry}
+    trainer.train()  # its last evaluation (after training, of the best model) is logged at the last step too
+    logged = {}
+    for entry in trainer.state.log_history:
+        if "eval_loss" in entry:
+            logged.setdefault(entry["step"], entry)  # the evaluations made while training
     best = max(logged, key=lambda step: logged[step]["eval_loss"])
     assert trainer.state.best_global_step == best != trainer.state.global_step
     final = trainer.final_eval_metrics()

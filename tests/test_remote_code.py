@@ -77,7 +77,8 @@ def test_no_command_runs_a_model_folders_code(hostile, tmp_path, capsys, command
     argv = {
         "train": ["train", str(recipe)],
         "predict": ["predict", str(adapter), "Sales rose."],
-        "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl")],
+        "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--output-dir",
+                     str(tmp_path / "report")],
         "merge": ["merge", str(adapter), str(tmp_path / "merged")],
         "init": ["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(model),
                  "-o", str(tmp_path / "init.json")],
@@ -89,9 +90,68 @@ def test_no_command_runs_a_model_folders_code(hostile, tmp_path, capsys, command
             main(argv)
         assert info.value.code == 2
         err = capsys.readouterr().err
-        assert "ships its own Python code, which runs only when the recipe sets model.trust_remote_code" in err
+        allow = ("the recipe sets model.trust_remote_code" if command == "train"
+                 else "you pass trust_remote_code=True (ia3-trainer: --trust-remote-code)")
+        assert "ships its own Python code (custom_code.Custom" in err and f"which runs only when {allow}" in err
         assert err.count("\n") == 1 and "Traceback" not in err
     assert not marker.exists(), f"{command} ran the model folder's code"
+
+
+def trusting(adapter):
+    """The adapter's own recipe.json asks for the base model's code to run: what a hostile adapter would say."""
+    recipe = json.loads((adapter / "recipe.json").read_text())
+    recipe["model"]["trust_remote_code"] = True
+    (adapter / "recipe.json").write_text(json.dumps(recipe))
+    return adapter
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "merge"])
+def test_an_adapters_own_recipe_cannot_turn_remote_code_on(hostile, tmp_path, capsys, command):
+    """What an adapter folder says is data: its recipe.json's trust_remote_code is not permission to run code."""
+    _, adapter, marker = hostile
+    trusting(adapter)
+    argv = {"predict": ["predict", str(adapter), "Sales rose."],
+            "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl")],
+            "merge": ["merge", str(adapter), str(tmp_path / "merged")]}[command]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and "the adapter's recipe.json asks for it; an adapter cannot allow it" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not marker.exists(), f"{command} ran code because the adapter's recipe.json asked for it"
+
+
+def test_a_hub_adapter_id_runs_no_code(hostile, tmp_path, monkeypatch, capsys):
+    """The same through the Hub: `predict alice/evil-adapter` downloads the adapter (from the local test Hub) and
+    runs none of the code that its base model ships, although its recipe.json asks for it."""
+    from huggingface_hub import HfApi
+
+    from hub_server import HubServer, use_hub
+
+    _, adapter, marker = hostile
+    trusting(adapter)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with HubServer() as server:
+        use_hub(monkeypatch, server.endpoint, as_default=True)
+        api = HfApi(endpoint=server.endpoint)
+        api.create_repo("mallory/evil-adapter")
+        api.upload_folder(repo_id="mallory/evil-adapter", folder_path=str(adapter))
+        with pytest.raises(SystemExit) as info:
+            main(["predict", "mallory/evil-adapter", "Sales rose."])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "an adapter cannot allow it" in err and "Traceback" not in err
+    assert not marker.exists(), "a Hub adapter's recipe.json made its base model's code run"
+
+
+def test_trust_remote_code_flag_runs_the_code_and_says_so(hostile, capsys):
+    """The control for the adapter commands: the person running the command can allow the code, and is told."""
+    _, adapter, marker = hostile
+    assert main(["predict", str(adapter), "Sales rose.", "--trust-remote-code"]) == 0
+    assert marker.read_text().startswith("ran\n")  # once per folder whose code loads (the tokenizer's, the model's)
+    assert "--trust-remote-code is on" in capsys.readouterr().err
 
 
 def test_the_code_runs_when_the_recipe_trusts_it(hostile):

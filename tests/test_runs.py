@@ -235,10 +235,11 @@ def test_a_second_run_on_a_locked_folder_names_the_running_process(tmp_path, cap
         assert err == (f"ia3-trainer: error: training.output_dir: {out} is in use by another run (pid {holder.pid} on "
                        f"{socket.gethostname()}, since {since}); wait for it to end, or choose another "
                        "training.output_dir")
-        # The same process may claim it again (the command line claims before loading, the trainer while training).
+        # A run claims its folder once: a second claim is refused, from the same process too.
         args = SimpleNamespace(output_dir=str(tmp_path / "mine"), should_save=True, world_size=1)
-        with claim_output_dir(args) as outer, claim_output_dir(args) as inner:
-            assert inner is outer
+        with claim_output_dir(args), pytest.raises(BlockingIOError, match=f"pid {os.getpid()} on"):
+            with claim_output_dir(args):
+                pass
     finally:
         holder.kill()  # no cleanup runs: the kernel releases its lock
         holder.wait()

@@ -1,4 +1,5 @@
-"""ia3-trainer sweep: every grid point validated first, then trained in its own subfolder; a table of metrics."""
+"""ia3-trainer sweep --grid: every grid point validated first, then trained in its own subfolder (an Optuna study with
+a grid sampler, `tests/test_search.py`); a table of metrics."""
 
 import hashlib
 import json
@@ -8,7 +9,7 @@ import pytest
 
 from ia3_trainer import RecipeError
 from ia3_trainer.cli import main
-from ia3_trainer.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name
+from ia3_trainer.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name, point_names
 
 from conftest import tiny_recipe
 
@@ -22,7 +23,8 @@ def test_parse_grid():
                                                                                                      "cosine"]
     # A malformed --grid is bad command-line input: a ValueError, not a problem of the recipe.
     for bad, message in [("training.learning_rate", "expected key=v1,v2"), ("training.seed=1,1", "duplicate"),
-                         ("training.output_dir=a,b", "the sweep sets it")]:
+                         ("training.output_dir=a,b", "the sweep sets it"),
+                         ("training.learning_rate=[]", "has no values")]:  # was an IndexError
         with pytest.raises(ValueError, match=message) as info:
             parse_grid([bad])
         assert type(info.value) is ValueError
@@ -67,9 +69,11 @@ def test_sweep_command_trains_each_point_and_prints_a_table(tmp_path, capsys):
     argv = ["sweep", str(path), "--grid", "training.learning_rate=0.01,0.3", "--set", "data.max_eval_samples=8"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    table = out[out.index("| learning_rate"):].strip().splitlines()
+    table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0].startswith("| learning_rate | train_loss | eval_loss | eval_perplexity | eval_label_accuracy")
     assert [row.split(" | ")[0] for row in table[2:]] == ["| 0.01", "| 0.3"]
+    assert table[0].endswith("| state | output_dir |") and all("| COMPLETE |" in row for row in table[2:])
+    assert "best: trial " in out
 
     rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert [row["training.learning_rate"] for row in rows] == [0.01, 0.3]
@@ -81,17 +85,14 @@ def test_sweep_command_trains_each_point_and_prints_a_table(tmp_path, capsys):
         assert json.loads((folder / "recipe.json").read_text())["training"]["learning_rate"] == row[
             "training.learning_rate"]
 
-    # The same sweep again: every point's folder holds a run, and it stops before training any point.
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all("holds another run" in line and "--overwrite" in line for line in lines)
-    assert lines[0].startswith("ia3-trainer: error: sweep point learning_rate=0.01: training.output_dir:")
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
-    assert main([*argv, "--set", "training.overwrite_output_dir=true"]) == 0  # replaces both runs
+    # The same sweep again continues its study, which is done: nothing trains again, the same table prints.
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file() and "=" in p.parent.name}
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert again[again.index("| learning_rate"):] == out[out.index("| learning_rate"):]
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    assert main([*argv, "--overwrite"]) == 0  # starts the study over: both runs replaced
+    assert all(p.stat().st_mtime_ns != mtime for p, mtime in trained.items() if p.name == "adapter_model.safetensors")
 
 
 def test_format_table_skips_timings():
@@ -119,19 +120,22 @@ def test_points_that_differ_only_in_unsafe_characters_get_their_own_folders(tmp_
         assert Path(folder).parent == tmp_path / "out" and Path(folder).name.startswith("source_prefix=a_b__-")
 
 
-def test_points_that_differ_only_in_case_are_refused(tmp_path):
-    # One folder on a case-insensitive file system (macOS, Windows): refused with one line naming both points.
-    with pytest.raises(RecipeError) as info:
-        plan_sweep(tiny_recipe(tmp_path), {"data.source_prefix": ["Review", "review"]})
-    assert info.value.errors == [
-        "--grid: sweep points source_prefix=Review and source_prefix=review would share one output folder; make "
-        "their values differ in more than letter case"
-    ]
+def test_points_whose_values_share_a_text_form_get_their_own_folders(tmp_path):
+    # ["none"] and "none" both read "none", and Review/review are one folder on macOS and Windows: before, the second
+    # point trained into the first one's folder while sweep.json listed both.
+    points = [{"ia3.target_modules": ["none"]}, {"ia3.target_modules": "none"}, {"ia3.target_modules": ["k", "v"]}]
+    names = point_names(points)
+    assert len(set(names)) == 3 and names[2] == "target_modules=k+v"
+    assert all(name.startswith("target_modules=none-") for name in names[:2])
+    plan = plan_sweep(tiny_recipe(tmp_path), {"data.source_prefix": ["Review", "review"]})
+    folders = [Path(recipe.training["output_dir"]).name for _, recipe in plan]
+    assert len({folder.casefold() for folder in folders}) == 2
+    assert folders[0].startswith("source_prefix=Review-") and folders[1].startswith("source_prefix=review-")
 
 
-def test_a_sweep_json_of_another_sweep_is_refused_unless_overwrite(tmp_path, capsys):
-    # sweep.json is a sweep's only record: a second sweep with other points into the same output_dir used to replace
-    # it without a word.
+def test_a_sweep_of_another_search_is_refused_unless_overwrite(tmp_path, capsys):
+    # The sweep folder's study and sweep.json are a sweep's only record: another search into the same output_dir
+    # used to replace them without a word.
     raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(raw))
@@ -146,14 +150,19 @@ def test_a_sweep_json_of_another_sweep_is_refused_unless_overwrite(tmp_path, cap
         main(other)
     assert info.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line == (f"ia3-trainer: error: training.output_dir: {results} holds the results of another sweep (points "
-                    "learning_rate=0.01); pass --overwrite (or set training.overwrite_output_dir) to replace it, or "
-                    "choose another training.output_dir")
+    assert line == (f"ia3-trainer: error: --study tiny: sqlite:///{tmp_path / 'out' / 'study.db'} holds study 'tiny' "
+                    "of another search (--grid training.learning_rate=0.01, objective eval_label_accuracy "
+                    "(maximize)); pass --overwrite to replace it, --study NAME for a new study, or choose another "
+                    "training.output_dir")
     assert results.read_bytes() == first and not (tmp_path / "out" / "seed=1").exists()  # refused before training
 
-    results.write_text("not json")  # whatever else the file holds is kept as well
+    # A new study beside it may not take over sweep.json, nor a sweep.json that is no sweep's results.
     with pytest.raises(SystemExit):
-        main(other)
+        main([*other, "--study", "seeds"])
+    assert f"{results} holds the results of study {{'tiny'}}; pass --overwrite" in capsys.readouterr().err
+    results.write_text("not json")
+    with pytest.raises(SystemExit):
+        main([*other, "--study", "seeds"])
     assert "holds a file that is not a sweep's results; pass --overwrite" in capsys.readouterr().err
 
     assert main([*other, "--overwrite"]) == 0
@@ -164,14 +173,14 @@ def test_a_sweep_json_of_another_sweep_is_refused_unless_overwrite(tmp_path, cap
 def test_sweep_json_writes_non_finite_metrics_as_null(tmp_path):
     from ia3_trainer import IA3Seq2SeqTrainer
     from ia3_trainer.jsonfiles import read_json
-    from ia3_trainer.sweep import run_sweep
+    from ia3_trainer.search import run_search
 
     class Overflowing(IA3Seq2SeqTrainer):  # a perplexity of a loss over 709 is inf; a ROUGE of no text is NaN
         def final_eval_metrics(self):
             return {**super().final_eval_metrics(), "eval_perplexity": float("inf"), "eval_rouge1": float("nan")}
 
     raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
-    rows = run_sweep(raw, {"training.seed": [1]}, trainer_cls=Overflowing)
+    rows = run_search(raw, grid={"training.seed": [1]}, trainer_cls=Overflowing)
     assert rows[0]["eval_perplexity"] == float("inf")  # the rows returned keep the numbers
     [saved] = read_json(tmp_path / "out" / "sweep.json")  # strict JSON: no NaN, no Infinity
     assert saved["eval_perplexity"] is None and saved["eval_rouge1"] is None and saved["training.seed"] == 1

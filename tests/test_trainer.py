@@ -163,7 +163,9 @@ def test_untied_head_survives_tie_weights_and_save(tmp_path, tokenizer):
 
     trainer = IA3Seq2SeqTrainer.from_recipe(raw)  # IA3 vectors start at 1: the wrapped model's logits are the same
     trainer.model.get_base_model().tie_weights()
-    assert torch.equal(logits(trainer.model), expected)
+    # Equal up to float rounding: the trainer's fused rms_norm/GELU kernels round differently (~1e-6) from T5's own
+    # layers, while a head re-tied to the input embeddings would change the logits entirely (differences of order 1).
+    torch.testing.assert_close(logits(trainer.model), expected, rtol=1e-5, atol=1e-5)
 
     base = IA3Seq2SeqTrainer.load_model(load_recipe(raw).model)
     assert base.config.tie_word_embeddings is False
