@@ -310,14 +310,15 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
 
 def _owning_run(folder: Path) -> str | None:
     """What makes `folder` part of another run rather than a run's own output folder (a `checkpoint-N` folder of a
-    run, or a folder inside a folder that holds `run.json`), or None."""
+    run, or a folder inside a folder that holds a run's `run.json`), or None."""
     folder = folder.resolve()
     if re.match(r"^(tmp-)?checkpoint-\d+$", folder.name) and (
             (folder / "trainer_state.json").is_file() or any(_RUN_MARKS.match(name) for name in run_entries(
                 folder.parent)[0])):
         return f"a checkpoint folder of the run in {folder.parent}"
     for parent in folder.parents:
-        if (parent / RUN_FILE).is_file():
+        record = _read_record(parent) if (parent / RUN_FILE).is_file() else None
+        if record is not None and "run_id" in record:  # a run's record, not a recipe file named run.json
             return f"inside the run in {parent}"
     return None
 
