@@ -2,7 +2,18 @@
 
 __version__ = "0.1.0.dev0"
 
-from .errors import RecipeError
+from .errors import (
+    DataError,
+    HubError,
+    IA3TrainerError,
+    InputError,
+    MissingPackageError,
+    NonFiniteLossError,
+    PathError,
+    ProcessesDisagreeError,
+    RecipeError,
+    RunFolderError,
+)
 from .recipe import Recipe, apply_overrides, load_recipe
 from .sections import DataSection, EvalSection, HubSection, ModelSection
 
@@ -34,17 +45,26 @@ def __getattr__(name):
 
 
 __all__ = [
+    "DataError",
     "DataSection",
     "EvalSection",
+    "HubError",
     "HubSection",
     "IA3Predictor",
     "IA3Seq2SeqTrainer",
+    "IA3TrainerError",
     "IA3TrainingArguments",
+    "InputError",
+    "MissingPackageError",
     "ModelSection",
+    "NonFiniteLossError",
+    "PathError",
     "PreparedData",
+    "ProcessesDisagreeError",
     "PushAdapterToHubCallback",
     "Recipe",
     "RecipeError",
+    "RunFolderError",
     "__version__",
     "apply_overrides",
     "load_recipe",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import network
 from .checkpoints import INFERENCE_FILE, checkpoint_folders, safetensors_header
-from .errors import RecipeError, first_line
+from .errors import HubError, InputError, RecipeError, first_line
 from .jsonfiles import read_json
 from .recipe import Recipe, load_saved_recipe
 
@@ -38,8 +38,9 @@ class AdapterFolder:
 
 
 def read_adapter(dir_or_repo: str | Path, revision: str | None = None) -> AdapterFolder:
-    """Find the adapter folder (downloading a Hub repo) and read it; every problem is one `ValueError` (a
-    [`RecipeError`] for its `recipe.json`) that names the file, raised before any model loads."""
+    """Find the adapter folder (downloading a Hub repo) and read it; every problem is one [`InputError`] (a
+    [`RecipeError`] for its `recipe.json`, a [`HubError`] for a Hub repo that cannot be loaded) that names the file,
+    raised before any model loads."""
     folder = resolve_adapter(dir_or_repo, revision)
     recipe = load_saved_recipe(folder)  # first, as push does: a bad recipe.json is the one line whatever else is bad
     config = read_adapter_config(folder)
@@ -57,13 +58,13 @@ def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Pat
             checkpoints = [c for c in checkpoint_folders(path) if (c / "adapter_config.json").is_file()]
             hint = (f"its latest checkpoint {checkpoints[0]} has one" if checkpoints
                     else "pass the training.output_dir of a finished run")
-            raise ValueError(f"{dir_or_repo}: holds no adapter (no adapter_config.json); {hint}")
+            raise InputError(f"{dir_or_repo}: holds no adapter (no adapter_config.json); {hint}")
         return path
     if path.exists():
-        raise ValueError(f"{dir_or_repo}: is a file; pass the folder that holds adapter_config.json")
+        raise InputError(f"{dir_or_repo}: is a file; pass the folder that holds adapter_config.json")
     text = str(dir_or_repo)
     if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
-        raise ValueError(f"{dir_or_repo}: no such folder; pass a training output_dir, or a Hub repo id (user/name)")
+        raise InputError(f"{dir_or_repo}: no such folder; pass a training output_dir, or a Hub repo id (user/name)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -71,31 +72,31 @@ def resolve_adapter(dir_or_repo: str | Path, revision: str | None = None) -> Pat
             lambda **cache: snapshot_download(text, revision=revision, ignore_patterns=HUB_IGNORE, **cache), text
         ))
     except network.NotCached as error:
-        raise ValueError(
+        raise HubError(
             f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded: {error}, and it is not "
             f"in the local cache; check the path, or connect to the network ({network.OFFLINE_HINT})"
         ) from None
     except (OSError, ValueError) as error:
         offline = network.offline_note()
-        raise ValueError(
+        raise HubError(
             f"{dir_or_repo}: no such local folder, and no Hub repo of that id could be loaded{offline}: "
             f"{first_line(error)}; check the path, or the repo id, the network and HF_TOKEN for a private repo"
         ) from error
     if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{dir_or_repo}: the Hub repo holds no adapter_config.json; is it an adapter repo?")
+        raise HubError(f"{dir_or_repo}: the Hub repo holds no adapter_config.json; is it an adapter repo?")
     return folder
 
 
 def read_adapter_config(folder: Path) -> dict:
-    """`adapter_config.json` of `folder`: a JSON object of an IA3 adapter, or a `ValueError` saying what it is."""
+    """`adapter_config.json` of `folder`: a JSON object of an IA3 adapter, or an [`InputError`] saying what it is."""
     path = folder / "adapter_config.json"
     config = read_json(path)
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: must be a JSON object (peft's adapter config), got a {type(config).__name__}")
+        raise InputError(f"{path}: must be a JSON object (peft's adapter config), got a {type(config).__name__}")
     peft_type = config.get("peft_type")
     if peft_type != "IA3":
         what = f"a {peft_type} adapter" if peft_type else "no peft_type: not a peft adapter config"
-        raise ValueError(f"{path}: peft_type: {what}; ia3-trainer loads IA3 adapters (peft_type \"IA3\")")
+        raise InputError(f"{path}: peft_type: {what}; ia3-trainer loads IA3 adapters (peft_type \"IA3\")")
     for key in ("target_modules", "feedforward_modules"):
         value = config.get(key)
         if value is not None and not _module_names(value):
@@ -139,22 +140,22 @@ def _shown(value) -> str:
 
 def check_weights(folder: Path) -> Path:
     """The adapter weights file of `folder`, checked to be whole (its safetensors header reads and covers the file);
-    a missing, empty, truncated or foreign file is one `ValueError`."""
+    a missing, empty, truncated or foreign file is one [`InputError`]."""
     path = next((folder / name for name in WEIGHTS_FILES if (folder / name).is_file()), None)
     if path is None:
-        raise ValueError(
+        raise InputError(
             f"{folder}: holds adapter_config.json but no adapter weights ({WEIGHTS_FILES[0]}); the save did not "
             "finish or the file was removed: use a whole checkpoint-N folder or train again"
         )
     if path.suffix == ".safetensors":
         tensors = safetensors_header(path)  # the check that resuming makes of a checkpoint's files
         if tensors is None:
-            raise ValueError(
+            raise InputError(
                 f"{path}: not a whole safetensors file (its header does not read, or does not cover the file); it is "
                 "truncated or damaged: use a whole checkpoint-N folder or train again"
             )
         if not tensors:
-            raise ValueError(f"{path}: holds no tensors; it is not the weights of an adapter")
+            raise InputError(f"{path}: holds no tensors; it is not the weights of an adapter")
     check_vectors(path, read_weights(path))
     return path
 
@@ -171,10 +172,10 @@ def read_weights(path: Path) -> dict:
             return load_file(str(path))
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file: safetensors' and torch's own errors
-        raise ValueError(f"{path}: cannot read the adapter weights ({first_line(error)}); use a whole checkpoint-N "
+        raise InputError(f"{path}: cannot read the adapter weights ({first_line(error)}); use a whole checkpoint-N "
                          "folder or train again") from None
     if not isinstance(weights, dict):
-        raise ValueError(f"{path}: holds a {type(weights).__name__}, not the tensors of an adapter")
+        raise InputError(f"{path}: holds a {type(weights).__name__}, not the tensors of an adapter")
     return weights
 
 
@@ -185,12 +186,12 @@ def check_vectors(path: Path, weights: dict) -> None:
 
     if not any(key.endswith(".ia3_l") or ".ia3_l." in key for key in weights):
         shown = ", ".join(sorted(weights)[:3])
-        raise ValueError(f"{path}: holds none of the IA3 vectors (keys ending in .ia3_l; it holds {shown}, ...): it "
+        raise InputError(f"{path}: holds none of the IA3 vectors (keys ending in .ia3_l; it holds {shown}, ...): it "
                          "is not the weights of an IA3 adapter; use the adapter_model.safetensors its training saved")
     bad = [key for key, value in weights.items() if torch.is_tensor(value) and value.is_floating_point()
            and not bool(torch.isfinite(value).all())]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} IA3 vector(s) hold NaN or infinite values (e.g. {bad[0]}); the "
+        raise InputError(f"{path}: {len(bad)} IA3 vector(s) hold NaN or infinite values (e.g. {bad[0]}); the "
                          "training diverged or the file is damaged: use an earlier checkpoint-N or train again")
 
 
@@ -203,7 +204,7 @@ def check_loaded(model, adapter_name: str, path: Path, weights: dict | None = No
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise ValueError(f"{path}: has no IA3 vector for {len(missing)} of the model's {len(expected)} IA3 layers "
+        raise InputError(f"{path}: has no IA3 vector for {len(missing)} of the model's {len(expected)} IA3 layers "
                          f"(e.g. {missing[0]}); it is not an adapter of this base model, or the file is incomplete")
 
 
@@ -222,12 +223,12 @@ def base_model_path(config: dict, folder: Path, recipe: Recipe | None = None) ->
             if (local_copy / "config.json").is_file():
                 return str(local_copy)
         if random_init:
-            raise ValueError(
+            raise InputError(
                 f"{where}: the base model was built with random weights (model.init: random) and is saved as "
                 "base-model/ only when training finishes; load the finished output_dir instead"
             )
     if not name or not isinstance(name, str):
-        raise ValueError(f"{where}: base_model_name_or_path: is empty; set the base model")
+        raise InputError(f"{where}: base_model_name_or_path: is empty; set the base model")
     return name
 
 

@@ -16,6 +16,8 @@ import logging
 import re
 import warnings
 
+from .errors import RecipeError
+
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ def ia3_targets(model_or_config) -> tuple[list[str] | str, list[str]]:
     """
     model_type = _model_type(model_or_config)
     if model_type not in IA3_TARGETS:
-        raise ValueError(
+        raise RecipeError(
             f"ia3.target_modules: ia3-trainer has no IA3 default for model type {model_type!r}; set "
             "ia3.target_modules and ia3.feedforward_modules to the model's key, value and feed-forward output "
             "projections (e.g. [\"k_proj\", \"v_proj\", \"fc2\"] and [\"fc2\"]); `ia3-trainer list-architectures` "
@@ -138,7 +140,7 @@ def build_ia3_config(model, ia3: dict | None = None):
     targets, feedforward = fields.get("target_modules"), fields.get("feedforward_modules")
     model_type = _model_type(model)
     if targets is None and feedforward is not None:
-        raise ValueError("ia3.feedforward_modules: is set but target_modules is null; set ia3.target_modules too")
+        raise RecipeError("ia3.feedforward_modules: is set but target_modules is null; set ia3.target_modules too")
     if targets is None:
         targets, feedforward = ia3_targets(model)
         chosen = f"{origin(model_type)} for {model_type}"
@@ -159,7 +161,7 @@ def _feedforward_of(model, targets: list[str] | str) -> list[str]:
     try:
         _, feedforward = ia3_targets(model)
     except ValueError as error:
-        raise ValueError(
+        raise RecipeError(
             f"ia3.feedforward_modules: is null and model type {_model_type(model)!r} has no IA3 default to take it "
             "from; set it to those of ia3.target_modules that are feed-forward output projections ([] for none)"
         ) from error

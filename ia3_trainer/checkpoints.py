@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import first_line
+from .errors import ProcessesDisagreeError, RunFolderError, first_line
 from .jsonfiles import read_json
 
 
@@ -63,7 +63,7 @@ def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
     machine lost between its save and another's leaves them a step apart, and processes that resumed from different
     steps would train different models. When some processes have a checkpoint and others none (a machine that does
     not share the disk and saved none: `training.save_on_each_node` false), every process raises the same
-    `RecipeError`.
+    `ProcessesDisagreeError`.
     """
     if accelerator is None or accelerator.num_processes == 1:
         return next((str(path) for path in _whole_checkpoints(output_dir)), None)
@@ -80,17 +80,17 @@ def last_checkpoint(output_dir: str | Path, accelerator=None) -> str | None:
         return str(mine[step])
     if not any(found):
         return None
-    from .recipe import RecipeError
-
     newest = {}  # newest step (None: no checkpoint) -> the processes that have it
     for rank, steps in enumerate(found):
         newest.setdefault(steps[0] if steps else None, []).append(rank)
     have = ", ".join(f"{_processes(ranks)}: " + ("none" if step is None else f"checkpoint-{step}")
                      for step, ranks in newest.items())
-    raise RecipeError(
-        f"training.output_dir: no checkpoint in {output_dir} that every process has, to resume from ({have}); "
-        "each machine reads its own disk: set training.save_on_each_node to true when machines do not share one "
-        "(or put training.output_dir on a shared filesystem), or train without --resume to start over"
+    raise ProcessesDisagreeError(
+        key="training.output_dir",
+        problem=f"no checkpoint in {output_dir} that every process has, to resume from ({have})",
+        fix="each machine reads its own disk: set training.save_on_each_node to true when machines do not share one "
+            "(or put training.output_dir on a shared filesystem), or train() without resume_from_checkpoint to "
+            "start over",
     )
 
 
@@ -293,8 +293,9 @@ class AtomicCheckpoints:
 
 @contextlib.contextmanager
 def saving(folder: str | Path) -> Iterator[None]:
-    """Turn a failure to write a save (a full disk, a file size limit, a read-only folder) into one `OSError` that
-    names the folder and says what to do; other errors pass unchanged. Not every writer raises `OSError`: torch's zip
+    """Turn a failure to write a save (a full disk, a file size limit, a read-only folder) into one
+    [`RunFolderError`] (an `OSError`) that names the folder and says what to do; other errors pass unchanged. Not
+    every writer raises `OSError`: torch's zip
     writer raises `RuntimeError` (from `inline_container.cc`), and the Rust writers of safetensors and tokenizers
     raise their own errors, which end in the system's "(os error N)"."""
     try:
@@ -305,8 +306,11 @@ def saving(folder: str | Path) -> Iterator[None]:
         written = isinstance(error, OSError) or torch_writer or re.search(r"\(os error \d+\)", text) is not None
         if not written:
             raise
-        raise OSError(f"could not save to {folder}: {first_line(error)}; what was there before is unchanged: free "
-                      "some disk space, then resume the run (--resume)") from error
+        raise RunFolderError(
+            problem=f"could not save to {folder}: {first_line(error)}",
+            fix="what was there before is unchanged: free some disk space, then resume the run "
+                "(train(resume_from_checkpoint=True))",
+        ) from error
 
 
 def publish(staged: str | Path, final: str | Path) -> None:

@@ -1,8 +1,10 @@
 """Command line: `ia3-trainer train | validate | list | sweep | init | predict | evaluate | merge | push`.
 
-Every bad input exits 2 with one message, no traceback: a [`RecipeError`] prints one line per problem, and a
-`ValueError`, `TypeError`, `OSError` or `ImportError` its first line, each as `ia3-trainer: error: ...` with any
-token taken out (`errors.redact`). Set `IA3_TRAINER_DEBUG=1` to get the traceback instead.
+Every bad input exits 2 with one message, no traceback: an [`IA3TrainerError`] (what the package raises for what
+it is given) prints as `ia3-trainer: error: ...`, a [`RecipeError`] one line per problem, with the Python argument
+names said as this command line's flags (`_CLI_WORDS`) and any token taken out (`errors.redact`). Any other
+exception is a bug: its traceback, then one line saying how to report it (exit 1). Set `IA3_TRAINER_DEBUG=1` to get
+the traceback of a bad input too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import sys
 
-from .errors import RecipeError, first_line, redact
+from .errors import IA3TrainerError, InputError, PathError, redact
 from .jsonfiles import read_json
 from .recipe import list_shipped_recipes, load_recipe, load_saved_recipe
 
@@ -154,13 +156,31 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             line = f"ia3-trainer: {interrupt}" if str(interrupt) else _interrupted(args, recipe, interrupt)
             print(redact(line), file=sys.stderr)
         return 130
-    # ImportError: an optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...); OSError: a file
-    # named on the command line or in the recipe.
-    except (ValueError, TypeError, OSError, ImportError) as error:
+    except IA3TrainerError as error:  # bad input: a recipe, data, a run folder, the Hub, a file or an argument
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
-        message = str(error) if isinstance(error, RecipeError) else first_line(error)
-        parser.exit(2, redact(f"ia3-trainer: error: {message}\n"))
+        parser.exit(2, redact(f"ia3-trainer: error: {error.describe(_CLI_WORDS)}\n"))
+    except Exception as error:  # anything else is a bug in ia3-trainer (or in a library it calls): say so
+        import traceback
+
+        print(redact("".join(traceback.format_exception(error))), end="", file=sys.stderr)
+        print(redact(f"ia3-trainer: internal error ({type(error).__name__}); this is a bug, unless it says the "
+                     f"machine ran out of memory or disk: please report it with the traceback above at {_ISSUES}"),
+              file=sys.stderr)
+        return 1
+
+
+_ISSUES = "https://github.com/ia3-trainer/ia3-trainer/issues"
+# How the command line says what an error names by its Python argument (in an error's key and fix), longest first.
+_CLI_WORDS = {
+    "set training.overwrite_output_dir and train() without resume_from_checkpoint": "train with --overwrite",
+    "train() without resume_from_checkpoint": "train without --resume",
+    "train(resume_from_checkpoint=True)": "pass --resume",
+    "set training.overwrite_output_dir": "pass --overwrite",
+    "overwrite=True": "--overwrite",
+    "merged_dir": "MERGED_DIR",
+    "push again": "run the same command again",
+}
 
 
 _QUICK_COMMANDS = ("list", "list-architectures", "validate")  # they load no library that draws progress bars
@@ -279,24 +299,23 @@ def _train(recipe, resume: bool = False, overwrite: bool = False) -> int:
 def _push(output_dir: str, repo_id: str, private: bool) -> int:
     from pathlib import Path
 
-    from huggingface_hub.errors import HfHubHTTPError
-
     from .network import request_timeout
     from .recipe import check_repo_id
-    from .upload import describe_push_error, push_adapter_folder, retry_advice
+    from .upload import push_adapter_folder
 
     folder = Path(output_dir)
     problem = check_repo_id(repo_id)  # a malformed id, told apart from the Hub's own refusals (HTTP 400) below
     if problem:
-        raise ValueError(f"REPO_ID: {problem}")
+        raise InputError(key="REPO_ID", problem=problem)
     timeout = request_timeout()  # a bad IA3_TRAINER_HUB_TIMEOUT is said as such, not as a network problem
     if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"OUTPUT_DIR: {folder} holds no adapter_config.json; pass the output_dir of a finished run")
+        raise PathError(key="OUTPUT_DIR", problem=f"{folder} holds no adapter_config.json",
+                        fix="pass the output_dir of a finished run")
     load_saved_recipe(folder)  # the card reads recipe.json: a bad one fails here, in one line
     results = folder / "all_results.json"
     metrics = read_json(results, allow_nan=True) if results.is_file() else None
     # push_adapter_folder uploads a staged copy (with the card and metrics.json) and removes it whatever happens:
-    # the folder is only read.
+    # the folder is only read. What the Hub or the network refuses is a HubError, said in one line.
     try:
         commit = push_adapter_folder(folder, repo_id, private=private, metrics=metrics,
                                      commit_message="Upload adapter", timeout=timeout)
@@ -304,13 +323,6 @@ def _push(output_dir: str, repo_id: str, private: bool) -> int:
         print(redact(f"ia3-trainer: interrupted: the push to {repo_id} did not finish; {folder} is unchanged; run the "
                      "same command again to push it"), file=sys.stderr)
         raise SystemExit(130) from None
-    except Exception as error:  # HTTP refusals, timeouts and the network's own errors (httpx, OSError) alike
-        if isinstance(error, (ValueError, FileNotFoundError)) and not isinstance(error, HfHubHTTPError):
-            raise  # bad input found while staging the copy (a card's metadata, a file gone): said as it is
-        raise ValueError(
-            f"could not push {folder} to {repo_id}: {describe_push_error(error)}; {retry_advice(error)} (nothing in "
-            f"{folder} was changed)"
-        ) from error
     print(f"Pushed {folder} to {commit.commit_url}")
     return 0
 

@@ -1,5 +1,5 @@
 """What `ia3-trainer init`, `predict` and `evaluate` do with their parsed arguments (`ia3_trainer.cli` parses and
-dispatches). Arguments and files are checked before any model loads; every problem is one `ValueError` or `OSError`
+dispatches). Arguments and files are checked before any model loads; every problem is one `InputError` or `PathError`
 that names the option, which the CLI prints as one line.
 """
 
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import first_line
+from .errors import InputError, PathError, first_line
 from .jsonfiles import write_text
 from .recipe import Recipe
 
@@ -42,19 +42,19 @@ def _check_replaceable(output: Path, data: Path, force: bool) -> None:
     if not output.exists() and not output.is_symlink():
         return
     if not force:
-        raise FileExistsError(f"--output: {output} exists; choose another file or pass --force")
+        raise PathError(f"--output: {output} exists; choose another file or pass --force")
     if output.is_dir():
-        raise IsADirectoryError(f"--output: {output} is a folder; give the recipe file to write, e.g. "
+        raise PathError(f"--output: {output} is a folder; give the recipe file to write, e.g. "
                                 f"{output / (data.stem + '-ia3.json')}")
     if data.exists() and output.resolve() == data.resolve():
-        raise FileExistsError(f"--output: {output} is the data file --data reads; write the recipe to another file, "
+        raise PathError(f"--output: {output} is the data file --data reads; write the recipe to another file, "
                               f"e.g. {data.stem}-ia3.json")
     model = next((name for name in ("adapter_config.json", "config.json") if (output.parent / name).is_file()), None)
     if model is not None:
-        raise FileExistsError(f"--output: {output} is in a model or adapter folder (it holds {model}); --force "
+        raise PathError(f"--output: {output} is in a model or adapter folder (it holds {model}); --force "
                               "replaces only a recipe of yours: write the recipe to another file")
     if not _is_recipe(output):
-        raise FileExistsError(f"--output: {output} exists and is not a recipe (--force replaces only a recipe "
+        raise PathError(f"--output: {output} exists and is not a recipe (--force replaces only a recipe "
                               "written before, never a data or model file); choose another file")
 
 
@@ -74,7 +74,7 @@ def _check_counts(args) -> None:
     for flag in ("batch_size", "max_new_tokens"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+            raise InputError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
 
 
 def predict(args) -> int:
@@ -83,7 +83,7 @@ def predict(args) -> int:
 
     rows = _read_text_file(args.file) if args.file else []
     if not args.texts and not rows:
-        raise ValueError("predict: no texts; give TEXT arguments or --file FILE")
+        raise InputError("predict: no texts; give TEXT arguments or --file FILE")
     check_texts(args.texts)  # before the model loads, which can take minutes
     _check_counts(args)
     if args.output:  # so is an --output that cannot be written: checked before predicting, written whole at the end
@@ -101,7 +101,7 @@ def predict(args) -> int:
             records.append(row)
             texts.append(row[column])
         else:
-            raise ValueError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
+            raise InputError(f"{args.file}: line {number}: has no text field {column!r}; set --text-column")
     predictions = predictor.predict(texts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
              for record, prediction in zip(records, predictions, strict=True)]
@@ -133,25 +133,25 @@ def _check_output_file(path: str, overwrite: bool = False) -> None:
     `overwrite`."""
     file = Path(path)
     if file.is_dir():
-        raise IsADirectoryError(f"--output: {path} is a folder; name a file, e.g. {file / 'predictions.jsonl'}")
+        raise PathError(f"--output: {path} is a folder; name a file, e.g. {file / 'predictions.jsonl'}")
     if file.exists() and not overwrite:
-        raise FileExistsError(f"--output: {path} exists; choose another file or pass --overwrite to replace it")
+        raise PathError(f"--output: {path} exists; choose another file or pass --overwrite to replace it")
     if not file.parent.is_dir():
-        raise FileNotFoundError(f"--output: no folder {file.parent} to write {file.name} in; create it first")
+        raise PathError(f"--output: no folder {file.parent} to write {file.name} in; create it first")
     if not os.access(file.parent, os.W_OK):
-        raise PermissionError(f"--output: cannot write in {file.parent}")
+        raise PathError(f"--output: cannot write in {file.parent}")
 
 
 def _read_text_file(path: str) -> list:
     file = Path(path)
     if file.is_dir():
-        raise IsADirectoryError(f"--file: {path} is a folder; name one file of texts")
+        raise PathError(f"--file: {path} is a folder; name one file of texts")
     if not file.is_file():
-        raise FileNotFoundError(f"--file: no such file {path}")
+        raise PathError(f"--file: no such file {path}")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"--file: {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+        raise InputError(f"--file: {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
     lines = [line for line in text.splitlines() if line.strip()]
     if file.suffix not in (".jsonl", ".json"):
         return lines
@@ -162,7 +162,7 @@ def _read_text_file(path: str) -> list:
         except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
             reason = getattr(error, "msg", None) or first_line(error)
             message = f"{path}: line {number}: not JSON ({reason}); write one JSON object per line"
-            raise ValueError(message) from error
+            raise InputError(message) from error
     return rows
 
 
@@ -171,7 +171,7 @@ def evaluate(args) -> int:
     from .data import data_file_format, label_texts, load_splits, target_length_bound, tokenize
     from .report import build_report, read_log_history, summary_text, write_report
 
-    file_format = data_file_format(args.data) if args.data else None  # a bad --data fails before the model loads
+    file_format = data_file_format(args.data, "--data") if args.data else None  # a bad --data: before the model loads
     _check_counts(args)
     local = Path(args.adapter).is_dir()
     output_dir = args.output_dir or (args.adapter if local else ".")
@@ -185,9 +185,9 @@ def evaluate(args) -> int:
     if args.data:
         data, described = _file_data(args.data, file_format, data), args.data
     elif data is None:
-        raise ValueError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
+        raise InputError(f"{args.adapter}: has no recipe.json to say which data to evaluate on; pass --data FILE")
     elif data.validation_split is None and not data.validation_size:
-        raise ValueError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
+        raise InputError(f"{args.adapter}: its recipe has no validation data (data.validation_size is 0); pass "
                          "--data FILE")
     else:
         described = f"validation split of the recipe in {args.adapter}"
@@ -203,18 +203,21 @@ def evaluate(args) -> int:
 
 
 def _check_report_folder(path: str, default: bool, overwrite: bool) -> None:
-    """The report can go to the folder `path`: it is no file, and holds no report file (an earlier report, or a file
-    of that name) unless `overwrite`. Other files in it are left as they are."""
+    """The report can go to the folder `path`: it is no file, holds no report file (an earlier report, or a file of
+    that name) unless `overwrite`, and can be written. Other files in it are left as they are."""
     from .report import REPORT_FILES
 
     folder = Path(path)
     where = f"{path} (where the report goes without --output-dir)" if default else path
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"--output-dir: {where} is a file; name a folder for the report")
+        raise PathError(f"--output-dir: {where} is a file; name a folder for the report")
     present = [name for name in REPORT_FILES if (folder / name).exists()]
     if present and not overwrite:
-        raise FileExistsError(f"--output-dir: {where} holds {', '.join(present)} already; pass --overwrite to replace "
-                              "them, or choose another --output-dir")
+        raise PathError(f"--output-dir: {where} holds {', '.join(present)} already; pass --overwrite to replace "
+                        "them, or choose another --output-dir")
+    existing = next(parent for parent in (folder.absolute(), *folder.absolute().parents) if parent.exists())
+    if not os.access(existing, os.W_OK):  # checked before the model loads, not found when the report is written
+        raise PathError(f"--output-dir: cannot write in {existing}; choose another --output-dir")
 
 
 def _file_data(path: str, file_format: tuple[str, dict], data):

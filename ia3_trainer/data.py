@@ -1,6 +1,7 @@
 """Load the recipe's splits, check columns and labels, tokenize, and build the padding collator.
 
-Every problem found here is a [`RecipeError`] naming the `data.*` field to change, raised before training starts.
+Every problem found here is a [`DataError`] (a `RecipeError`) naming the `data.*` field to change, raised before
+training starts.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RecipeError, shorten
+from .errors import DataError, InputError, PathError, shorten
 from .recipe import DataSection
 from .sections import MAX_TOKENS
 from .sources import not_utf8, read_dataset
@@ -30,17 +31,18 @@ FILE_FORMATS = {
 }
 
 
-def data_file_format(path: str | Path, option: str = "--data") -> tuple[str, dict]:
+def data_file_format(path: str | Path, option: str = "data_file") -> tuple[str, dict]:
     """`(builder, load_kwargs)` that read the local data file `path`, by its suffix in any case (`FILE_FORMATS`); a
-    folder, a missing file or another suffix is one `OSError` or `ValueError` naming `option`."""
+    folder or a missing file is a [`PathError`], another suffix an [`InputError`], each naming `option` (the
+    argument that gave `path`) as its key."""
     file = Path(path)
     if file.is_dir():
-        raise IsADirectoryError(f"{option}: {path} is a folder; name one data file in it")
+        raise PathError(key=option, problem=f"{path} is a folder", fix="name one data file in it")
     if not file.is_file():
-        raise FileNotFoundError(f"{option}: no such file {str(path)!r}")
+        raise PathError(key=option, problem=f"no such file {str(path)!r}")
     if file.suffix.lower() not in FILE_FORMATS:
-        raise ValueError(f"{option}: {file.name}: cannot read {file.suffix or 'extension-less'} files; use a "
-                         f"{', '.join(FILE_FORMATS)} file")
+        raise InputError(key=option, problem=f"{file.name}: cannot read {file.suffix or 'extension-less'} files",
+                         fix=f"use a {', '.join(FILE_FORMATS)} file")
     builder, load_kwargs = FILE_FORMATS[file.suffix.lower()]
     return builder, dict(load_kwargs)
 
@@ -60,7 +62,7 @@ def load_splits(data: DataSection):
     try:
         return _load_splits(data)
     except UnicodeDecodeError as error:  # json files are decoded only when a column is read (check_columns)
-        raise RecipeError(not_utf8(data, error)) from error
+        raise DataError(not_utf8(data, error)) from error
 
 
 def _load_splits(data: DataSection):
@@ -73,7 +75,7 @@ def _load_splits(data: DataSection):
     for key in ("train_split", "validation_split"):
         split = getattr(data, key)
         if split is not None and split not in loaded:
-            raise RecipeError(f"data.{key}: no split {split!r}; the dataset has {available}")
+            raise DataError(f"data.{key}: no split {split!r}; the dataset has {available}")
     train = loaded[data.train_split]
     validation = loaded[data.validation_split] if data.validation_split is not None else None
 
@@ -87,13 +89,13 @@ def _load_splits(data: DataSection):
 
     for key, dataset in (("train_split", train), ("validation_split", validation)):
         if dataset is not None and len(dataset) == 0:
-            raise RecipeError(f"data.{key}: split {getattr(data, key)!r} is empty; check data.data_files")
+            raise DataError(f"data.{key}: split {getattr(data, key)!r} is empty; check data.data_files")
     check_columns(train, data, data.train_split)
     if validation is None and data.validation_size:
         if len(train) < 2:
-            raise RecipeError(f"data.train_split: split {data.train_split!r} has {len(train)} example(s); need >= 2")
+            raise DataError(f"data.train_split: split {data.train_split!r} has {len(train)} example(s); need >= 2")
         if isinstance(data.validation_size, int) and data.validation_size >= len(train):
-            raise RecipeError(
+            raise DataError(
                 f"data.validation_size: {data.validation_size} examples held out of {len(train)} in split "
                 f"{data.train_split!r} leaves none to train on; give a smaller count or a fraction such as 0.1"
             )
@@ -112,7 +114,7 @@ def split_lines(dataset, data: DataSection, split: str):
     """Turn one-column `text<sep>label` lines into `text_column` and `label_column`, splitting on the last `sep`."""
     column = dataset.column_names[0] if len(dataset.column_names) == 1 else None
     if column is None:
-        raise RecipeError(
+        raise DataError(
             f"data.label_separator: split {split!r} has columns {dataset.column_names}; a separator needs "
             "one text column (e.g. data.path 'text'); remove data.label_separator"
         )
@@ -120,7 +122,7 @@ def split_lines(dataset, data: DataSection, split: str):
     dataset = dataset.filter(lambda row: bool(row[column].strip()))
     bad = dataset.filter(lambda batch: [sep not in line for line in batch[column]], batched=True)
     if len(bad):
-        raise RecipeError(
+        raise DataError(
             f"data.label_separator: {len(bad)} line(s) of split {split!r} have no {sep!r}, "
             f"e.g. {bad[0][column][:80]!r}"
         )
@@ -140,7 +142,7 @@ def check_columns(dataset, data: DataSection, split: str) -> None:
     for key in ("text_column", "label_column"):
         column = getattr(data, key)
         if column not in dataset.column_names:
-            raise RecipeError(
+            raise DataError(
                 f"data.{key}: no column {column!r} in split {split!r}; its columns are {dataset.column_names}; "
                 f"set data.{key} to one of them"
             )
@@ -149,7 +151,7 @@ def check_columns(dataset, data: DataSection, split: str) -> None:
             # Json: values of mixed types (1 and "positive"); List: a list per row. Arrow cannot compare either.
             what = "values of mixed types" if type(feature).__name__ == "Json" else f"{type(feature).__name__} values"
             example = next((value for value in dataset[column] if value is not None), None)
-            raise RecipeError(
+            raise DataError(
                 f"data.{key}: column {column!r} of split {split!r} holds {what} (e.g. {shorten(repr(example), 60)}); "
                 "each row needs one text" + (" or one integer label" if key == "label_column" else "")
             )
@@ -158,7 +160,7 @@ def check_columns(dataset, data: DataSection, split: str) -> None:
             batched=True, desc=f"Checking {column}",
         )
         if len(empty):
-            raise RecipeError(
+            raise DataError(
                 f"data.{key}: {len(empty)} row(s) of split {split!r} have no value in column {column!r}; drop or "
                 "fill them in the data"
             )
@@ -177,12 +179,12 @@ def label_texts(train, validation, data: DataSection):
     if isinstance(feature, datasets.ClassLabel):
         names = names or feature.names
         if len(names) != feature.num_classes:
-            raise RecipeError(
+            raise DataError(
                 f"data.label_names: has {len(names)} names but the dataset's ClassLabel has {feature.num_classes}"
             )
     is_int = getattr(feature, "dtype", "").startswith(("int", "uint")) or isinstance(feature, datasets.ClassLabel)
     if is_int and names is None:
-        raise RecipeError(
+        raise DataError(
             f"data.label_names: labels in column {data.label_column!r} are integers and the dataset has no "
             "ClassLabel names; set data.label_names to the text of each label, e.g. [\"negative\", \"neutral\", "
             "\"positive\"]"
@@ -195,7 +197,7 @@ def label_texts(train, validation, data: DataSection):
             values = set(dataset.unique(data.label_column))
             outside = sorted(v for v in values if not 0 <= v < len(names))
             if outside:
-                raise RecipeError(
+                raise DataError(
                     f"data.label_names: split {split!r} has label ids {outside[:5]} but only {len(names)} names"
                 )
             column = data.label_column
@@ -205,7 +207,7 @@ def label_texts(train, validation, data: DataSection):
         if names is not None:
             outside = sorted(str(v) for v in values - set(names))
             if outside:
-                raise RecipeError(
+                raise DataError(
                     f"data.label_names: split {split!r} has labels {outside[:5]} that are not in {names}; "
                     "add them to data.label_names or fix the data"
                 )
@@ -234,7 +236,7 @@ def check_label_lengths(tokenizer, texts, max_target_length: int) -> int:
     for text in sorted(set(texts)):
         ids = tokenizer(text_target=text)["input_ids"]
         if len(ids) > max_target_length:
-            raise RecipeError(
+            raise DataError(
                 f"data.max_target_length: label {text[:60]!r} is {len(ids)} tokens (with end-of-sequence) but "
                 f"data.max_target_length is {max_target_length}; raise it to at least {len(ids)}"
             )
@@ -251,7 +253,7 @@ def check_distinct_labels(tokenizer, names: list[str], data: DataSection) -> Non
     texts = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     empty = [name for name, text in zip(names, texts, strict=True) if not text]
     if empty:
-        raise RecipeError(
+        raise DataError(
             f"{where}: labels {shorten(repr(empty[:5]), 200)} decode to an empty text with this tokenizer (no "
             "token it knows), so no prediction can match them; rename them in the data or data.label_names"
         )
@@ -262,7 +264,7 @@ def check_distinct_labels(tokenizer, names: list[str], data: DataSection) -> Non
     if clashes:
         shown = "; ".join(f"{shorten(repr(group[:5]), 120)} all read {texts[names.index(group[0])]!r}"
                           for group in clashes[:3])
-        raise RecipeError(
+        raise DataError(
             f"{where}: labels that differ as text are one label to the model ({shown}, once tokenized); merge or "
             "rename them in the data or data.label_names"
         )

@@ -1,26 +1,95 @@
-"""The errors every module shares, and the one way they become text: one line, with no secret in it.
+"""The errors the package raises for what it is given, and the one way they become text: one line, with no secret.
 
-A [`RecipeError`] is a problem in a recipe (a file, an override, or a `recipe.json` read from disk) or in the data
-it points at; each of its lines names the key to change. Misuse of the Python API is a `TypeError` or `ValueError`.
-The command line prints any of them as one `ia3-trainer: error: ...` line, through [`redact`].
+Every problem with what a user gave (a recipe, its data, a run folder, a Hub repo, a file or argument) is an
+[`IA3TrainerError`]; the command line prints those as one `ia3-trainer: error: ...` line (exit 2), and anything
+else as a traceback, since it is a bug. Each subclass also derives from the builtin it used to be (`ValueError`,
+`FileExistsError`, `ImportError`, ...), so an `except ValueError` written before keeps working. An error made from
+fields (`key`, `problem`, `fix`) reads `<key>: <problem>; <fix>`, where `key` is the recipe key or the Python
+argument to change; [`IA3TrainerError.describe`] lets the command line name its own flags instead.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 
-class RecipeError(ValueError):
-    """A recipe (or the data it points at) is not usable; `errors` holds one line per problem.
+class IA3TrainerError(Exception):
+    """What the package was given cannot be used; the message says what to change.
+
+    Raise it with the whole message, or with `key` (the recipe key or Python argument at fault), `problem` and
+    `fix`, which the message is then built from: `<key>: <problem>; <fix>`.
+    """
+
+    def __init__(self, message: str | None = None, *, key: str | None = None, problem: str | None = None,
+                 fix: str | None = None):
+        self.key, self.problem, self.fix = key, problem, fix
+        super().__init__(self.describe() if message is None else message)
+
+    def describe(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, with each Python name or phrase in `names` (in the key and the fix) said as `names` says it:
+        the command line passes its flags, e.g. `{"overwrite=True": "--overwrite"}`."""
+        if self.problem is None:
+            return str(self)
+        names = names or {}
+        key, fix = self.key, self.fix
+        if key is not None:
+            key = names.get(key, key)
+        if fix is not None:
+            for python, said in names.items():
+                fix = fix.replace(python, said)
+        text = f"{self.problem}; {fix}" if fix else self.problem
+        return f"{key}: {text}" if key else text
+
+
+class RecipeError(IA3TrainerError, ValueError):
+    """A recipe (a file, an override, or a `recipe.json` read from disk) is not usable; `errors` holds one line per
+    problem.
 
     Each line reads `<where>: <dotted.key>: <problem>; <fix>`, where `<where>` is the recipe file, or `--set` for a
     value that came from an override.
     """
 
-    def __init__(self, errors: str | list[str]):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        super().__init__("\n".join(self.errors))
+    def __init__(self, errors: str | list[str] | None = None, **fields):
+        lines = None if errors is None else [errors] if isinstance(errors, str) else list(errors)
+        super().__init__(None if lines is None else "\n".join(lines), **fields)
+        self.errors = [str(self)] if lines is None else lines
+
+
+class DataError(RecipeError):
+    """The data a recipe points at cannot be used (no such file or split, a missing column, a label too long); the
+    message names the `data.*` key to change."""
+
+
+class InputError(IA3TrainerError, ValueError):
+    """An argument given to a function or command (a file, a folder, a text, a number) cannot be used."""
+
+
+class PathError(IA3TrainerError, OSError):
+    """A file or folder given cannot be used: missing, of the wrong kind, unreadable, or holding something that
+    must not be replaced."""
+
+
+class RunFolderError(IA3TrainerError, FileExistsError):
+    """A run's output folder cannot be used as asked: it holds another run or other files, another run holds it, it
+    has no checkpoint to resume from, or a save into it failed."""
+
+
+class HubError(IA3TrainerError, OSError):
+    """The Hugging Face Hub refused or could not be reached, or a repo there holds no adapter."""
+
+
+class MissingPackageError(IA3TrainerError, ImportError):
+    """An optional package a recipe needs (rouge-score, sacrebleu, matplotlib, ...) is not installed."""
+
+
+class NonFiniteLossError(IA3TrainerError, ArithmeticError):
+    """Training met a NaN or infinite loss with `training.non_finite_loss` set to stop."""
+
+
+class ProcessesDisagreeError(IA3TrainerError, RuntimeError):
+    """The processes of a launch see different things (e.g. different checkpoints), so they cannot go on together."""
 
 
 def first_line(error: BaseException) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-from .errors import RecipeError
+from .errors import NonFiniteLossError
 
 
 logger = logging.getLogger(__name__)
@@ -207,10 +207,10 @@ class NonFiniteGuard:
                 else f"gradients are not finite at step {first}")
         if self.mode == "stop":
             checkpoint = self._last_checkpoint() or "none (no checkpoint was saved yet)"
-            raise RecipeError(
-                f"training.non_finite_loss: {what}; lower training.learning_rate, set training.max_grad_norm or "
-                "check the data (or set training.non_finite_loss to 'skip'); the last checkpoint is "
-                f"{checkpoint}"
+            raise NonFiniteLossError(
+                key="training.non_finite_loss", problem=what,
+                fix="lower training.learning_rate, set training.max_grad_norm or check the data (or set "
+                    f"training.non_finite_loss to 'skip'); the last checkpoint is {checkpoint}",
             )
         more = f" (and {skipped - 1} more since the last report)" if skipped > 1 else ""
         logger.warning("training.non_finite_loss: %s; skipped that optimizer step%s", what, more)

@@ -208,7 +208,7 @@ class PushAdapterToHubCallback(TrainerCallback):
 
         # Else save a snapshot of the adapter straight into the staging folder.
         def save(staging: Path) -> None:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, save_embedding_layers=False)  # IA3 adapts none; "auto" asks the Hub
             if processing_class is not None:
                 processing_class.save_pretrained(staging)
 
@@ -217,7 +217,7 @@ class PushAdapterToHubCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero and self.save_final:  # save it here (main process), with our card
-            model.save_pretrained(args.output_dir)
+            model.save_pretrained(args.output_dir, save_embedding_layers=False)  # IA3 adapts none; "auto" asks the Hub
             if processing_class is not None:
                 processing_class.save_pretrained(args.output_dir)
             write_model_card(args.output_dir, repo_id=self.repo_id, metrics=card_metrics(state.log_history))

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+from .errors import InputError, PathError, first_line
 
 
 class _NotFinite(ValueError):
@@ -42,27 +42,28 @@ def read_json(path: str | Path, allow_nan: bool = False) -> Any:
     `trainer_state.json` files that training writes: a perplexity can overflow to inf).
 
     Raises:
-        `OSError` (`FileNotFoundError`, ...): the file cannot be read.
-        `ValueError`: it is not UTF-8 text, not JSON (with line and column), nested too deeply to read, or it holds
-            a number that is not finite (`NaN`, `Infinity`, `1e400`), which Python reads but JSON does not have.
+        `PathError` (an `OSError`): the file cannot be read.
+        `InputError` (a `ValueError`): it is not UTF-8 text, not JSON (with line and column), nested too deeply
+            to read, or it holds a number that is not finite (`NaN`, `Infinity`, `1e400`), which Python reads but
+            JSON does not have.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from error
+        raise InputError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from error
     except OSError as error:
-        raise type(error)(f"{path}: cannot read it: {error.strerror or first_line(error)}") from error
+        raise PathError(f"{path}: cannot read it: {error.strerror or first_line(error)}") from error
     try:
         return _loads(text, allow_nan)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
+        raise InputError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
     except _NotFinite as error:
-        raise ValueError(f"{path}: non-finite number {error}; JSON has none: write a number or null") from error
+        raise InputError(f"{path}: non-finite number {error}; JSON has none: write a number or null") from error
     except RecursionError as error:  # json.loads recurses once per level; a hostile file can nest 100,000 deep
-        raise ValueError(f"{path}: nested too deeply to read; recipes nest lists and objects a few levels") from error
+        raise InputError(f"{path}: nested too deeply to read; recipes nest lists and objects a few levels") from error
     except ValueError as error:  # an integer of over 4300 digits
-        raise ValueError(f"{path}: cannot read it: {first_line(error)}") from error
+        raise InputError(f"{path}: cannot read it: {first_line(error)}") from error
 
 
 def finite(value: Any) -> Any:
@@ -80,13 +81,17 @@ def finite(value: Any) -> Any:
 def write_json(path: str | Path, data) -> Path:
     """Write `data` as JSON to `path` whole or not at all (see [`write_text`]), creating its folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathError(f"{path}: cannot create its folder: {error.strerror or first_line(error)}") from error
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed
-    over it (a full disk or a crash leaves the previous file, never a truncated one). The folder must exist."""
+    over it (a full disk or a crash leaves the previous file, never a truncated one). The folder must exist; a write
+    that fails is a [`PathError`] naming the file."""
     return write_bytes(path, text.encode("utf-8"))
 
 
@@ -100,6 +105,10 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise PathError(f"{path}: cannot write it: {error.strerror or first_line(error)}; what was there before is "
+                        "unchanged") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -21,6 +21,7 @@ from functools import partial
 import torch
 from peft.tuners.ia3 import IA3Layer, Linear
 
+from .errors import InputError
 from .scoring import BatchScores, score_batch, score_candidates
 
 
@@ -92,14 +93,14 @@ def check_adapter_names(adapters: str | Sequence[str], loaded: Sequence[str], ro
     elif isinstance(adapters, (list, tuple)):
         names = list(adapters)
         if rows is not None and len(names) != rows:
-            raise ValueError(f"adapter: has {len(names)} names for {rows} texts; give one adapter name per text")
+            raise InputError(f"adapter: has {len(names)} names for {rows} texts; give one adapter name per text")
     else:
         raise TypeError(f"adapter: must be an adapter name or a list of them, got {type(adapters).__name__}")
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise TypeError(f"adapter {i + 1}: must be an adapter name (str), got {type(name).__name__}")
         if name not in loaded:
-            raise ValueError(f"no adapter named {name!r}; loaded adapters: {list(loaded)}")
+            raise InputError(f"no adapter named {name!r}; loaded adapters: {list(loaded)}")
     return names
 
 
@@ -123,17 +124,17 @@ def adapter_rows(model, adapters: str | Sequence[str]):
     """
     layers = [module for module in model.modules() if isinstance(module, IA3Layer)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no IA3 layers; wrap it with peft's IA3 first")
+        raise InputError(f"{type(model).__name__} has no IA3 layers; wrap it with peft's IA3 first")
     if not all(isinstance(layer, Linear) for layer in layers):
-        raise ValueError("one adapter per row works with IA3 Linear layers only (not Conv or quantized layers)")
+        raise InputError("one adapter per row works with IA3 Linear layers only (not Conv or quantized layers)")
     if any(layer.merged for layer in layers):
-        raise ValueError("an adapter is merged into the base weights; unmerge it (model.unmerge_adapter()) to run "
+        raise InputError("an adapter is merged into the base weights; unmerge it (model.unmerge_adapter()) to run "
                          "one adapter per row")
     install(model)
     loaded = list(dict.fromkeys(name for layer in layers for name in layer.ia3_l))
     names = check_adapter_names(adapters, loaded)
     if not names:
-        raise ValueError("adapter: is empty; give one adapter name per row")
+        raise InputError("adapter: is empty; give one adapter name per row")
     device = next((vector.device for layer in layers for vector in layer.ia3_l.values()), None)
     index = torch.tensor([loaded.index(name) for name in names], device=device)
     rows = _Rows(tuple(loaded), index, single=index.tolist()[0] if isinstance(adapters, str) else None)

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import modeling
 from .adapters import read_adapter
 from .checkpoints import publish
+from .errors import PathError
 from .output_dir import resolved
 
 
@@ -31,7 +32,7 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     target = resolved(merged_dir, "MERGED_DIR")
     adapter = read_adapter(dir_or_repo, revision)
     folder, base = adapter.folder, adapter.base_model
-    # (folder, what MERGED_DIR is when it is that folder, when it holds it, when it is inside it; None: allowed)
+    # (folder, what merged_dir is when it is that folder, when it holds it, when it is inside it; None: allowed)
     protected = [(folder.resolve(), "is the adapter folder itself", "holds the adapter folder", None)]
     if Path(base).expanduser().is_dir():  # inside the base model's folder, the merge would change what it loads
         described = f"the adapter's base model {base}"
@@ -41,16 +42,19 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
         problem = equal if target == path else holds if target in path.parents else (
             inside if path in target.parents else None)
         if problem:
-            raise ValueError(f"MERGED_DIR: {merged_dir} {problem}; give a new folder for the merged model")
+            raise PathError(key="merged_dir", problem=f"{merged_dir} {problem}",
+                            fix="give a new folder for the merged model")
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"MERGED_DIR: {merged_dir} is a file; give a new folder for the merged model")
+        raise PathError(key="merged_dir", problem=f"{merged_dir} is a file",
+                        fix="give a new folder for the merged model")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"MERGED_DIR: {merged_dir} is not empty; give a new folder, or pass --overwrite to "
-                                  "replace the model in it")
+            raise PathError(key="merged_dir", problem=f"{merged_dir} is not empty",
+                            fix="give a new folder, or pass overwrite=True to replace the model in it")
         if not (target / "config.json").is_file():
-            raise FileExistsError(f"MERGED_DIR: {merged_dir} holds files that are not a saved model (no config.json); "
-                                  "--overwrite replaces only an earlier merge: give a new folder")
+            raise PathError(key="merged_dir",
+                            problem=f"{merged_dir} holds files that are not a saved model (no config.json)",
+                            fix="overwrite=True replaces only an earlier merge: give a new folder")
     # Merging encodes no text: an adapter trained with a custom preprocess merges like any other.
     model, tokenizer = load_adapter_model(adapter, dir_or_repo, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload(safe_merge=True)

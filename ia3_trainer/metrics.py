@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .errors import MissingPackageError, RecipeError
 from .scoring import IGNORE_INDEX
-from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reports
+from .sections import DEFAULT_METRICS as DEFAULT_METRICS  # public here: the trainer's default
+from .sections import METRICS  # what a recipe's eval.metrics may list, with what each reads and needs
 
 
 def perplexity(nll_sum: float, token_count: float = 1.0) -> float:
@@ -44,23 +46,21 @@ def decode(token_ids: np.ndarray, tokenizer) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-DEFAULT_METRICS = ("perplexity", "label_accuracy", "rank_accuracy")
-_WITHOUT_GENERATION = {"perplexity", "rank_accuracy"}
-_EXACT = {"label_accuracy", *_WITHOUT_GENERATION}  # computed here; every other name is a text metric
-# The module each text metric imports and the pip package that provides it.
-_PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "sacrebleu": ("sacrebleu", "sacrebleu"),
-             "chrf": ("sacrebleu", "sacrebleu")}
+def _reads(name: str) -> str:
+    """What evaluation computes for metric `name` (`METRICS`); a name not there would be a text metric."""
+    return METRICS[name].reads if name in METRICS else "text"
 
 
 def needs_generation(metrics: Sequence[str]) -> bool:
     """Whether any of `metrics` compares generated text (so evaluation must call `generate`)."""
-    return any(name not in _WITHOUT_GENERATION for name in metrics)
+    return any(_reads(name) in ("generation", "text") for name in metrics)
 
 
 def check_metrics(metrics: Sequence[str]) -> None:
-    """Raise `ImportError` naming the pip command when a text metric's package is missing (before a model loads)."""
+    """Raise [`MissingPackageError`] (an `ImportError`) naming the pip command when a text metric's package is missing
+    (before a model loads)."""
     for name in metrics:
-        if name not in _EXACT:
+        if _reads(name) == "text":
             text_metric(name)
 
 
@@ -85,7 +85,7 @@ def eval_metrics(
         if "label_accuracy" in metrics:
             result["label_accuracy"] = label_accuracy(generated, references)
         for name in metrics:
-            if name not in _EXACT:
+            if _reads(name) == "text":
                 result.update(text_metric(name)(generated, references))
     if "rank_accuracy" in metrics and outputs.rank_choice is not None and candidate_labels:
         # Compared as the tokenizer decodes them ("Positive!" may come back as "Positive"), as references are.
@@ -114,11 +114,11 @@ def text_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[str,
     therefore call their packages directly (same keys and scale as `evaluate`). Any other `evaluate` metric is
     [`evaluate_metric`], for code (a trainer subclass), never for recipes: loading it runs a script.
     """
-    functions = {"rouge": rouge, "sacrebleu": sacrebleu, "chrf": chrf}
-    if name not in functions:
-        raise ValueError(f"eval.metrics: unknown metric {name!r}; use one of {', '.join(METRICS)}")
+    if _reads(name) != "text" or name not in METRICS:
+        raise RecipeError(key="eval.metrics", problem=f"unknown text metric {name!r}",
+                          fix=f"use one of {', '.join(key for key in METRICS if _reads(key) == 'text')}")
     _require(name)
-    return functions[name]
+    return globals()[name]  # each text metric of METRICS is the function of its name, below
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -192,12 +192,14 @@ def evaluate_metric(name: str) -> Callable[[Sequence[str], Sequence[str]], dict[
 
 
 def _require(metric: str) -> None:
-    """Raise `ImportError` naming the pip command when the package of text metric `metric` is missing."""
+    """Raise [`MissingPackageError`] naming the pip command when the package `METRICS[metric]` needs is missing."""
     import importlib.util
 
-    module, package = _PACKAGES[metric]
+    if METRICS[metric].package is None:
+        return
+    module, package = METRICS[metric].package
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"the {metric} metric needs the {module} package; pip install {package}")
+        raise MissingPackageError(f"the {metric} metric needs the {module} package; pip install {package}")
 
 
 OTHER_LABEL = "(other)"

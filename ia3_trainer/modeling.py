@@ -5,6 +5,7 @@ whether it is trained or used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -166,7 +167,7 @@ def wrap_with_ia3(model, peft_config=None):
             kind = model.peft_config[model.active_adapter].peft_type.value
             raise ValueError(f"IA3Seq2SeqTrainer trains IA3 adapters, but the PeftModel has a {kind} adapter")
         untie_separate_lm_head(model.get_base_model())
-        return _without_embedding_layers(model)
+        return model
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"model must be a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}; "
@@ -186,12 +187,24 @@ def wrap_with_ia3(model, peft_config=None):
     warn_partial_matches(wrapped)
     if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
         print(f"{describe(peft_config)} ({model.config.model_type})")
-    return _without_embedding_layers(wrapped)
+    return wrapped
 
 
-def _without_embedding_layers(peft_model):
-    """Save the adapter without embedding layers, which IA3 never adapts. peft's default (`"auto"`) asks the Hub at
-    every save whether the base model's vocabulary was resized: a request per checkpoint, and about 24 s of retries
-    per save when the Hub cannot be reached."""
-    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
-    return peft_model
+# IA3 never adapts embedding layers. peft's default (`save_embedding_layers="auto"`) asks the Hub at every save whether
+# the base model's vocabulary was resized: a request per checkpoint, and about 24 s of retries per save when the Hub
+# cannot be reached. Our own saves pass this; a user's own `save_pretrained` call keeps peft's default.
+SAVE_OPTIONS = {"save_embedding_layers": False}
+
+
+@contextlib.contextmanager
+def saving_adapter_only(peft_model):
+    """For the block, `peft_model.save_pretrained` (as Trainer's `_save` calls it) saves with `SAVE_OPTIONS`; the
+    model is as it was after the block. Only this instance is changed, never peft's class."""
+    if not hasattr(peft_model, "peft_config") or "save_pretrained" in vars(peft_model):
+        yield  # not a peft model, or one whose save_pretrained someone set already: left as it is
+        return
+    peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model, **SAVE_OPTIONS)
+    try:
+        yield
+    finally:
+        del peft_model.save_pretrained

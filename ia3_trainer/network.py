@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 
-from .errors import first_line
+from .errors import InputError, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ def request_timeout(timeout: float | None = None) -> float:
         try:
             timeout = float(text)
         except ValueError:
-            raise ValueError(f"{TIMEOUT_VARIABLE}: expected a number of seconds such as 60, got {text!r}") from None
+            raise InputError(f"{TIMEOUT_VARIABLE}: expected a number of seconds such as 60, got {text!r}") from None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"{where}: expected a number of seconds above 0, such as 60, got {timeout!r}")
+        raise InputError(f"{where}: expected a number of seconds above 0, such as 60, got {timeout!r}")
     return float(timeout)
 
 
@@ -115,7 +115,9 @@ def bound_hub_requests(timeout: float) -> None:
     that accepts the connection and never answers blocked a push for ever. This wraps the installed client factory
     (`set_client_factory`; a client someone configured with a timeout keeps it), so a client huggingface_hub builds
     again after a connection error is bounded too. Downloads that pass their own timeout are unaffected. Uploads
-    through Xet (`hf_xet`) use that package's own network code and timeouts.
+    through Xet (`hf_xet`) use that package's own network code and timeouts. It stays installed for the rest of the
+    process: `set_client_factory` closes the shared client, so switching it around each call of ours would cut the
+    requests other threads have in flight (a push in the background, the user's own calls).
     """
     import huggingface_hub
     from huggingface_hub.utils import _http  # the installed factory has no public getter (1.x and 2.x)

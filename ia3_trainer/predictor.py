@@ -22,7 +22,7 @@ import numpy as np
 from . import modeling
 from .adapters import AdapterFolder, check_loaded, check_weights, read_adapter, same_base
 from .data import build_collator, cut_sources, encode_batch
-from .errors import first_line
+from .errors import InputError, first_line
 from .layers import check_adapter_names, install, score_rows
 from .merging import merge_adapter as merge_adapter  # public here too: `ia3_trainer.merge_adapter`, the CLI
 from .metrics import decode
@@ -128,7 +128,7 @@ class IA3Predictor:
 
         `dir_or_repo` is a local adapter folder or a Hub repo id (`revision` picks a branch, tag or commit of that
         repo). Every failure is one line: a folder without an adapter or a Hub repo that cannot be reached
-        (`ValueError`), a base model that cannot be loaded (naming the field). `device` defaults to
+        ([`InputError`], [`HubError`]), a base model that cannot be loaded (naming the field). `device` defaults to
         CUDA when available, else CPU. `encode` is the trainer's `preprocess` for adapters trained with a custom one.
         Code shipped with the base model or tokenizer runs only with `trust_remote_code=True`, whatever the adapter's
         own `recipe.json` says (an adapter from the Hub is data, not permission).
@@ -149,7 +149,7 @@ class IA3Predictor:
         name it per text (`predict(texts, adapter=[...])`). An adapter trained on another base model loads with a
         warning (its predictions may be wrong), and is refused in a batch with adapters of the loaded base."""
         if adapter_name in self.adapters:
-            raise ValueError(f"adapter name {adapter_name!r} is already loaded ({self.adapters}); pick another name")
+            raise InputError(f"adapter name {adapter_name!r} is already loaded ({self.adapters}); pick another name")
         adapter = read_adapter(dir_or_repo, revision)
         base_name, current = adapter.base_model, self.settings.base_model
         if current and same_base(base_name) != current:
@@ -158,7 +158,7 @@ class IA3Predictor:
         try:
             self.model.load_adapter(str(adapter.folder), adapter_name=adapter_name)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
-            raise ValueError(
+            raise InputError(
                 f"{dir_or_repo}: cannot load the adapter onto {current!r}: {first_line(error)}; adapters loaded "
                 "together must share one base model"
             ) from error
@@ -174,7 +174,7 @@ class IA3Predictor:
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter that `predict` and `score` use."""
         if adapter_name not in self.adapters:
-            raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapters}")
+            raise InputError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapters}")
         self.model.set_adapter(adapter_name, inference_mode=True)
 
     @property
@@ -191,6 +191,12 @@ class IA3Predictor:
         """[`AdapterSettings`] of the active adapter."""
         return self._settings[self.active_adapter]
 
+    def adapter_settings(self, adapter_name: str) -> AdapterSettings:
+        """[`AdapterSettings`] of the loaded adapter `adapter_name` (how its texts are encoded, its label set)."""
+        if adapter_name not in self._settings:
+            raise InputError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapters}")
+        return self._settings[adapter_name]
+
     # --- inference ------------------------------------------------------------------------------------------------
 
     def predict(self, texts: str | list[str], *, adapter: str | list[str] | None = None, batch_size: int = 32,
@@ -199,7 +205,8 @@ class IA3Predictor:
         (one name for all, or a list with one name per text; default: the active adapter): a batch that mixes
         adapters is one forward, in which each text is encoded, scaled and bounded as by its adapter alone (texts are
         batched in order of their generation bound, and come back in the order given). A text that is no string is
-        a `TypeError`, an empty one a `ValueError`; a text over the source limit is truncated, with one warning.
+        a `TypeError`, an empty one an [`InputError`] (a `ValueError`); a text over the source limit is truncated,
+        with one warning.
         `progress` shows a bar (default: over one batch, on a terminal)."""
         texts = check_texts([texts] if isinstance(texts, str) else list(texts))
         rows = self._row_adapters(adapter, len(texts))
@@ -251,7 +258,7 @@ class IA3Predictor:
         bases = {name: self._settings[name].base_model for name in dict.fromkeys(names)}
         if len({base for base in bases.values() if base}) > 1:
             listed = ", ".join(f"{name!r} on {base!r}" for name, base in bases.items())
-            raise ValueError(f"adapter: adapters trained on different base models cannot share a batch ({listed}); "
+            raise InputError(f"adapter: adapters trained on different base models cannot share a batch ({listed}); "
                              "predict with one at a time (set_adapter), or give each base its own IA3Predictor")
         return names
 
@@ -262,7 +269,7 @@ class IA3Predictor:
         inference = inference or {}
         marker = inference.get("encode")
         if encode is None and isinstance(marker, str) and marker.startswith("custom:"):
-            raise ValueError(
+            raise InputError(
                 f"{source}: was trained with a custom preprocess ({marker.removeprefix('custom:')}); encode texts the "
                 "same way: from Python, IA3Predictor.from_pretrained(..., encode=YourTrainer.preprocess)"
             )
@@ -323,7 +330,7 @@ class IA3Predictor:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: must be an int, got {type(value).__name__}")
             if value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
+                raise InputError(f"{name}: must be >= 1, got {value}")
         # The trainer's collator (same padding multiple), so predictions match the ones made in evaluation.
         collate = build_collator(self.tokenizer, self.model if with_model else None)
         order = sorted(range(len(rows)), key=lambda i: self._bound(names[i], max_new_tokens) or math.inf)
@@ -339,12 +346,12 @@ REMOTE_CODE_TRUST = "you pass trust_remote_code=True (ia3-trainer: --trust-remot
 
 
 def check_texts(texts: list) -> list[str]:
-    """Return `texts` if each is a non-empty string, else raise `TypeError`/`ValueError` naming the first bad one."""
+    """Return `texts` if each is a non-empty string, else raise `TypeError`/[`InputError`] naming the first bad one."""
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"text {i + 1}: must be a string, got {type(text).__name__}")
         if not text.strip():
-            raise ValueError(f"text {i + 1}: is empty; give each text something to classify")
+            raise InputError(f"text {i + 1}: is empty; give each text something to classify")
     return texts
 
 
@@ -371,7 +378,7 @@ def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name:
     try:
         model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(
+        raise InputError(
             f"{source}: cannot load the adapter onto {base_name!r}: {first_line(error)}; was it trained "
             "on this base model?"
         ) from error

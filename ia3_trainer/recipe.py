@@ -35,6 +35,7 @@ from .schema import (
 )
 from .sections import (
     IA3_RESERVED,
+    RECIPE_SECTIONS,
     TRAINING_PATH_FIELDS,
     DataSection,
     EvalSection,
@@ -61,8 +62,8 @@ def safe_name(text: str) -> str:
     return name or "ia3-run"
 
 
-SECTIONS = ("name", "description", "model", "data", "ia3", "training", "eval", "hub")
-SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "hub": HubSection}
+SECTIONS = ("name", "description", *RECIPE_SECTIONS)  # every key a recipe may have at its top
+SECTION_CLASSES = {key: section.checked_by for key, section in RECIPE_SECTIONS.items() if section.checked_by}
 OVERRIDE = "--set"  # where a problem in an override's value is blamed
 
 
@@ -128,10 +129,8 @@ class Recipe:
         if description is not None and not isinstance(description, str):
             problems.add("description", f"must be a string, got {type_name(description)}")
 
-        model = check_section(ModelSection, raw, "model", problems, required=True)
-        data = check_section(DataSection, raw, "data", problems, required=True)
-        hub = check_section(HubSection, raw, "hub", problems, required=False) or HubSection()
-        evaluation = check_section(EvalSection, raw, "eval", problems, required=False) or EvalSection()
+        checked = {key: check_section(section.checked_by, raw, key, problems, required=section.required)
+                   for key, section in RECIPE_SECTIONS.items() if section.checked_by is not None}
         extra = {key: check_section(section, raw, key, problems, required=has_required(section))
                  for key, section in extra_sections.items()}
         ia3 = check_fields(raw, "ia3", ia3_field_types(), IA3_RESERVED, problems)
@@ -144,16 +143,18 @@ class Recipe:
         problems.raise_if_any()
 
         training = dict(training)
+        # A section left out is its defaults (a required one raised above).
+        checked = {key: value or SECTION_CLASSES[key]() for key, value in checked.items()}
         if source is not None:  # ./ and ../ in the file are relative to the file
             base = Path(source).resolve().parent
-            for section in (model, data, *extra.values()):
+            for section in (*checked.values(), *extra.values()):
                 _resolve_path_fields(section, base)
             training.update({key: resolve_path(training[key], base) for key in TRAINING_PATH_FIELDS
                              if isinstance(training.get(key), str)})
         training.setdefault("output_dir", str(Path("outputs") / name))
         recipe = cls(
-            model=model, data=data, name=name, description=description, ia3=dict(ia3), training=training,
-            eval=evaluation, hub=hub, extra={key: value or extra_sections[key]() for key, value in extra.items()},
+            **checked, name=name, description=description, ia3=dict(ia3), training=training,
+            extra={key: value or extra_sections[key]() for key, value in extra.items()},
             source=None if source is None else str(source),
         )
         recipe._check(problems, portable=portable)
@@ -233,15 +234,12 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain JSON data (what `recipe.json` holds)."""
+        sections = {key: getattr(self, key) for key in RECIPE_SECTIONS}
         return {
             "name": self.name,
             "description": self.description,
-            "model": dataclasses.asdict(self.model),
-            "data": dataclasses.asdict(self.data),
-            "ia3": copy.deepcopy(self.ia3),
-            "training": copy.deepcopy(self.training),
-            "eval": dataclasses.asdict(self.eval),
-            "hub": dataclasses.asdict(self.hub),
+            **{key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+               for key, value in sections.items()},
             **{key: dataclasses.asdict(value) for key, value in self.extra.items()},
         }
 

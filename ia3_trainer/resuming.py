@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, shorten
+from .sections import RECIPE_SECTIONS
 
 
 # What may change when a run is resumed: how long it trains, what it logs, evaluates and saves, where it pushes, and
 # how fast it runs. Every other key changes what is trained (the data, the model, the adapter, the optimizer and its
 # schedule), and the resumed run would mix two recipes.
-RESUMABLE_SECTIONS = ("eval", "hub")
+RESUMABLE_SECTIONS = tuple(key for key, section in RECIPE_SECTIONS.items() if section.resumable)
 RESUMABLE = frozenset({
     "name", "description", "data.max_eval_samples",
     *(f"training.{key}" for key in (
@@ -157,10 +158,7 @@ def _section_defaults(section: str) -> dict[str, Any]:
     elif section == "ia3":
         from peft import IA3Config as cls
     else:
-        from . import sections
-
-        cls = {"model": sections.ModelSection, "data": sections.DataSection, "eval": sections.EvalSection,
-               "hub": sections.HubSection}.get(section)
+        cls = RECIPE_SECTIONS[section].checked_by if section in RECIPE_SECTIONS else None
     if cls is None:
         return {}
     defaults = {}

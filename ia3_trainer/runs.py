@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoints import METADATA_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
-from .errors import RecipeError, first_line, redact_urls
+from .errors import IA3TrainerError, RunFolderError, first_line, redact_urls
 from .fingerprint import check_same_data
 from .jsonfiles import read_json, write_json
 from .report import REPORT_FILES  # file names only: report imports matplotlib when it draws, not at import
@@ -76,6 +76,11 @@ def claim_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
             run.open(recipe, resume=resume, overwrite=overwrite, precision=precision(args))
         except (OSError, ValueError) as caught:
             error = caught
+            if not isinstance(caught, IA3TrainerError):  # the filesystem's own refusal (a read-only disk, ...)
+                reason = getattr(caught, "strerror", None) or caught
+                error = RunFolderError(key="training.output_dir", problem=f"cannot use {args.output_dir}: {reason}",
+                                       fix="choose a folder this user can write in")
+                error.__cause__ = caught
     error = _agree(error, args.world_size)
     if error is not None:
         run.abandon()
@@ -94,21 +99,22 @@ def check_output_dir(args, recipe: dict | None = None, *, resume: bool | str | N
     if args.should_save:
         try:
             RunFolder(args.output_dir).check(recipe, resume=resume, overwrite=overwrite, precision=precision(args))
-        except (OSError, ValueError) as caught:
+        except (OSError, ValueError, IA3TrainerError) as caught:
             error = caught
     error = _agree(error, args.world_size)
     if error is not None:
         raise error
 
 
-def no_checkpoint_error(output_dir: str | Path) -> RecipeError:
-    """What `--resume` says when `output_dir` has no checkpoint (to start over in a folder that holds a run is to
+def no_checkpoint_error(output_dir: str | Path) -> RunFolderError:
+    """What resuming says when `output_dir` has no checkpoint (to start over in a folder that holds a run is to
     overwrite it)."""
     ours, _ = run_entries(Path(output_dir))
-    again = "with --overwrite" if any(_RUN_MARKS.match(name) for name in ours) else "without --resume"
-    return RecipeError(
-        f"training.output_dir: no checkpoint to resume from in {output_dir}; train {again} to start over, or set "
-        "training.save_strategy so that runs save checkpoints"
+    again = ("set training.overwrite_output_dir and train() without resume_from_checkpoint"
+             if any(_RUN_MARKS.match(name) for name in ours) else "train() without resume_from_checkpoint")
+    return RunFolderError(
+        key="training.output_dir", problem=f"no checkpoint to resume from in {output_dir}",
+        fix=f"{again} to start over, or set training.save_strategy so that runs save checkpoints",
     )
 
 
@@ -139,7 +145,7 @@ class RunFolder:
         folder = self.path
         recipe = redact_urls(recipe)  # run.json keeps no credential of a data URL (compared redacted on resume)
         if folder.exists() and not folder.is_dir():
-            raise FileExistsError(f"training.output_dir: {folder} is a file; choose a folder")
+            raise RunFolderError(key="training.output_dir", problem=f"{folder} is a file", fix="choose a folder")
         checkpoint = resume if isinstance(resume, (str, os.PathLike)) and str(resume) else None
         if checkpoint is not None:
             _check_checkpoint(Path(checkpoint))
@@ -186,8 +192,8 @@ class RunFolder:
                     _remove_run_files(self.path)
                 write_json(self.path / RUN_FILE, self._record)
             except OSError as caught:
-                error = _not_written(caught, self.path / RUN_FILE)
-            except ValueError as caught:
+                error = caught if isinstance(caught, RunFolderError) else _not_written(caught, self.path / RUN_FILE)
+            except (ValueError, IA3TrainerError) as caught:
                 error = caught
             self._record = None
         error = _agree(error, args.world_size)
@@ -215,9 +221,10 @@ class RunFolder:
             if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a filesystem without locks
                 logger.warning("Cannot lock %s (%s); make sure no other run uses it", self.path, error.strerror)
                 return
-            raise BlockingIOError(
-                f"training.output_dir: {self.path} is in use by another run ({_holder(self.path / LOCK_FILE)}); wait "
-                "for it to end, or choose another training.output_dir"
+            raise RunFolderError(
+                key="training.output_dir",
+                problem=f"{self.path} is in use by another run ({_holder(self.path / LOCK_FILE)})",
+                fix="wait for it to end, or choose another training.output_dir",
             ) from None
         self._lock = descriptor
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
@@ -243,13 +250,13 @@ class RunFolder:
         self.release()
 
 
-def _not_written(error: OSError, path: Path) -> RecipeError:
+def _not_written(error: OSError, path: Path) -> RunFolderError:
     """A failure to write the run's own files at its start (a full disk, a read-only folder), naming the file."""
     where = error.filename or path
-    return RecipeError(
-        f"training.output_dir: cannot write {where} ({error.strerror or first_line(error)}); make room on that disk "
-        "or make the folder writable, or choose another training.output_dir, then train again"
-    )
+    return RunFolderError(
+        key="training.output_dir", problem=f"cannot write {where} ({error.strerror or first_line(error)})",
+        fix="make room on that disk or make the folder writable, or choose another training.output_dir, then train "
+            "again")
 
 
 def _agree(error: BaseException | None, world_size: int) -> BaseException | None:
@@ -264,14 +271,17 @@ def _agree(error: BaseException | None, world_size: int) -> BaseException | None
 
 def _check_checkpoint(checkpoint: Path) -> None:
     if not checkpoint.exists():
-        raise FileNotFoundError(
-            f"training.resume_from_checkpoint: no such folder {checkpoint}; give a checkpoint-N folder, or pass "
-            "--resume to continue from the newest checkpoint in training.output_dir"
+        raise RunFolderError(
+            key="training.resume_from_checkpoint", problem=f"no such folder {checkpoint}",
+            fix="give a checkpoint-N folder, or train(resume_from_checkpoint=True) to continue from the newest "
+                "checkpoint in training.output_dir",
         )
     problem = checkpoint_damage(checkpoint)
     if problem is not None:
-        raise RecipeError(f"training.resume_from_checkpoint: cannot resume from {checkpoint}: {problem}; give a "
-                          "whole checkpoint-N folder, or pass --resume to take the newest whole one")
+        raise RunFolderError(
+            key="training.resume_from_checkpoint", problem=f"cannot resume from {checkpoint}: {problem}",
+            fix="give a whole checkpoint-N folder, or train(resume_from_checkpoint=True) to take the newest whole one",
+        )
 
 
 def run_entries(folder: Path) -> tuple[list[str], list[str]]:
@@ -284,11 +294,11 @@ def run_entries(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def check_fresh(folder: Path, overwrite: bool) -> None:
-    """Raise `FileExistsError` unless a fresh run may train into `folder`: new or empty, or holding another run
+    """Raise [`RunFolderError`] unless a fresh run may train into `folder`: new or empty, or holding another run
     and `overwrite`; never a checkpoint or a folder inside another run (`--overwrite` of that run would remove it)."""
     owner = _owning_run(folder)
     if owner is not None:
-        raise FileExistsError(
+        raise RunFolderError(
             f"training.output_dir: {folder} is {owner}; a run trains into a folder of its own, never a checkpoint or "
             "a folder inside another run (--overwrite applies to a run's own output folder only): choose another "
             "training.output_dir"
@@ -296,15 +306,16 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
     ours, others = run_entries(folder)
     holds_run = any(_RUN_MARKS.match(name) for name in ours)
     if not holds_run and (ours or others):
-        raise FileExistsError(
-            f"training.output_dir: {folder} holds files that are not a training run's ({_some(others or ours)}); a "
-            "run trains into a new or empty folder and owns it: choose another training.output_dir"
+        raise RunFolderError(
+            key="training.output_dir",
+            problem=f"{folder} holds files that are not a training run's ({_some(others or ours)})",
+            fix="a run trains into a new or empty folder and owns it: choose another training.output_dir",
         )
     if holds_run and not overwrite:
-        resumable = ", --resume to continue it" if checkpoint_folders(folder) else ""
-        raise FileExistsError(
-            f"training.output_dir: {folder} holds another run ({_describe_run(folder)}); pass --overwrite to replace "
-            f"it (training.overwrite_output_dir in Python){resumable}, or choose another training.output_dir"
+        resumable = ", train(resume_from_checkpoint=True) to continue it" if checkpoint_folders(folder) else ""
+        raise RunFolderError(
+            key="training.output_dir", problem=f"{folder} holds another run ({_describe_run(folder)})",
+            fix=f"set training.overwrite_output_dir to replace it{resumable}, or choose another training.output_dir",
         )
 
 
@@ -347,7 +358,7 @@ def _remove_run_files(folder: Path) -> None:
         else:
             path.unlink()
     if others:
-        logger.warning("--overwrite: kept %s in %s (not files a run writes)", _some(others), folder)
+        logger.warning("training.overwrite_output_dir: kept %s in %s (not files a run writes)", _some(others), folder)
 
 
 def _some(names: list[str], shown: int = 3) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoints import INFERENCE_FILE
 from .jsonfiles import read_json, write_json, write_text
 from .model_card import card_metrics, write_model_card
+from .modeling import saving_adapter_only
 
 
 class SavingMixin:
@@ -44,7 +45,8 @@ class SavingMixin:
         # Everything goes to a staging folder first and replaces the previous files only once written (a full disk
         # leaves the previous adapter and its metadata as they were); recipe.json, inference.json and the card last.
         with self.atomic_checkpoints.staged(output_dir or self.args.output_dir) as staging:
-            super()._save(str(staging), state_dict)
+            with saving_adapter_only(self.model):
+                super()._save(str(staging), state_dict)
             if self.recipe is not None:
                 write_json(staging / "recipe.json", self.recipe.saved_dict())
             write_json(staging / INFERENCE_FILE, self.inference_settings())

@@ -35,7 +35,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from . import sweep
-from .errors import RecipeError, first_line
+from .errors import InputError, RecipeError, first_line
 from .recipe import Recipe
 from .sweep import SearchParam, study_rows, trial_recipe, write_results
 
@@ -88,7 +88,7 @@ def open_storage(url: str, attempts: int = 5):
             if isinstance(error, DBAPIError) and attempt + 1 < attempts:
                 time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables
                 continue
-            raise ValueError(f"--storage {_shown(url)}: {first_line(error)}; give an SQLAlchemy URL "
+            raise InputError(f"--storage {_shown(url)}: {first_line(error)}; give an SQLAlchemy URL "
                              "(sqlite:///path/study.db, postgresql://user@host/db) or journal:PATH") from error
 
 
@@ -134,7 +134,7 @@ def run_search(
             running = [t.number for t in optuna.load_study(study_name=study_name, storage=backend).get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if not _lost(t)]
             if running:
-                raise ValueError(f"--overwrite: study {study_name!r} has trials {running} running; stop their workers")
+                raise InputError(f"--overwrite: study {study_name!r} has trials {running} running; stop their workers")
             optuna.delete_study(study_name=study_name, storage=backend)
     if sampler is None:
         sampler = _grid_sampler(plan.spec["grid"]) if plan.names else optuna.samplers.TPESampler()
@@ -145,7 +145,7 @@ def run_search(
     if recorded is None:
         study.set_user_attr("spec", plan.spec)
     elif recorded != plan.spec:
-        raise ValueError(
+        raise InputError(
             f"--study {study_name}: {_shown(storage)} holds study {study_name!r} of another search "
             f"({_describe(recorded)}); pass --overwrite to replace it, --study NAME for a new study, or "
             "choose another training.output_dir"
@@ -290,7 +290,7 @@ class _Search:
             known = ", ".join(sorted(key for key in metrics if key == "train_loss" or key.startswith("eval_")))
             problem = f"--objective {self.objective}: not among a run's metrics; choose one of {known}"
             self.fail(trial, problem)
-            raise ValueError(problem)
+            raise InputError(problem)
         elif not math.isfinite(value):
             self.fail(trial, f"{self.objective} is {value}")
         else:

@@ -63,16 +63,38 @@ TRAINING_RANGES = {
     "generation_max_length": (lambda v: 1 <= v <= MAX_TOKENS, f"in [1, {MAX_TOKENS:,}]"),
     "generation_num_beams": (lambda v: v >= 1, ">= 1"),
 }
-# What a recipe's `eval.metrics` may list, with what each reports. All but
-# perplexity and rank_accuracy compare generated text with the reference, and share the eval loop's one generation.
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric a recipe's `eval.metrics` may list.
+
+    description (`str`): what it reports. reads (`str`): what evaluation computes for it: `"loss"` (the token loss),
+    `"ranking"` (the most likely candidate label), `"generation"` (generated text, compared in
+    `metrics.eval_metrics`), or `"text"` (generated text, scored by the function `ia3_trainer.metrics.<name>`,
+    `(predictions, references) -> {key: value}`). All that read generated text share the eval loop's one
+    generation. package (`(module, pip name)`, *optional*): the optional package it needs. default (`bool`): listed
+    when a recipe leaves `eval.metrics` out.
+    """
+
+    description: str
+    reads: Literal["loss", "ranking", "generation", "text"] = "text"
+    package: tuple[str, str] | None = None
+    default: bool = False
+
+
+# What a recipe's `eval.metrics` may list: the one registry (validation, defaults, evaluation and the docs read it).
 METRICS = {
-    "perplexity": "exp of the mean token loss over the whole eval set",
-    "label_accuracy": "share of generated texts equal to the reference",
-    "rank_accuracy": "share of examples whose most likely candidate label is the reference (needs a label set)",
-    "rouge": "mean rouge1, rouge2, rougeL, rougeLsum F1 in [0, 1], as evaluate's rouge (pip install rouge-score)",
-    "sacrebleu": "corpus BLEU in [0, 100] (pip install sacrebleu)",
-    "chrf": "corpus chrF in [0, 100] (pip install sacrebleu)",
+    "perplexity": Metric("exp of the mean token loss over the whole eval set", reads="loss", default=True),
+    "label_accuracy": Metric("share of generated texts equal to the reference", reads="generation", default=True),
+    "rank_accuracy": Metric("share of examples whose most likely candidate label is the reference (needs a label "
+                            "set)", reads="ranking", default=True),
+    "rouge": Metric("mean rouge1, rouge2, rougeL, rougeLsum F1 in [0, 1], as evaluate's rouge (pip install "
+                    "rouge-score)", package=("rouge_score", "rouge-score")),
+    "sacrebleu": Metric("corpus BLEU in [0, 100] (pip install sacrebleu)", package=("sacrebleu", "sacrebleu")),
+    "chrf": Metric("corpus chrF in [0, 100] (pip install sacrebleu)", package=("sacrebleu", "sacrebleu")),
 }
+DEFAULT_METRICS = tuple(name for name, metric in METRICS.items() if metric.default)
 # load_dataset keywords that carry credentials: a recipe is saved as recipe.json and pushed with the adapter.
 _SECRET_LOAD_KWARGS = ("token", "use_auth_token", "storage_options", "download_config")
 
@@ -229,16 +251,16 @@ class DataSection:
 class EvalSection:
     """What evaluation reports: the trainer's `compute_metrics` (the `training` section says when it runs).
 
-    metrics (`list[str]`, *optional*, defaults to `["perplexity", "label_accuracy", "rank_accuracy"]`):
-        Metric names: `perplexity`, `label_accuracy`, `rank_accuracy` (classification), `rouge` (needs
+    metrics (`list[str]`, *optional*, defaults to `DEFAULT_METRICS`, the metrics of `METRICS` marked default):
+        Names of `METRICS`: `perplexity`, `label_accuracy`, `rank_accuracy` (classification), `rouge` (needs
         `rouge-score`), `sacrebleu` and `chrf` (need `sacrebleu`). Metrics that compare generated text share one
         generation pass. Other `evaluate` metrics run scripts, so they come from code, not recipes: override
         `IA3Seq2SeqTrainer.build_compute_metrics` and use `ia3_trainer.metrics.evaluate_metric`.
     """
 
     metrics: list[str] = field(
-        default_factory=lambda: ["perplexity", "label_accuracy", "rank_accuracy"],
-        metadata={"help": "Metric names (perplexity, label_accuracy, rank_accuracy, rouge, sacrebleu, chrf)."},
+        default_factory=lambda: list(DEFAULT_METRICS),
+        metadata={"help": f"Metric names ({', '.join(METRICS)})."},
     )
 
     def __post_init__(self):
@@ -323,6 +345,33 @@ def check_ia3_values(ia3: dict, problems: Problems) -> None:
     if feedforward and targets is None:
         problems.add("ia3.feedforward_modules", "is set but target_modules is null; set ia3.target_modules too")
 
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of a recipe.
+
+    checked_by (`type`, *optional*): the dataclass that holds and checks it; None for `ia3` and `training`, the
+    keyword arguments of `peft.IA3Config` and [`IA3TrainingArguments`] ([`ia3_field_types`],
+    [`training_field_types`]). required (`bool`): a recipe must have it. resumable (`bool`): it may change when a run
+    is resumed (nothing it holds changes what is trained).
+    """
+
+    checked_by: type | None = None
+    required: bool = False
+    resumable: bool = False
+
+
+# The sections of a recipe, in the order `recipe.json` lists them (after `name` and `description`): the one registry
+# that loading, overrides, resuming and the docs read. A new section is a dataclass, a line here and a `Recipe` field.
+RECIPE_SECTIONS = {
+    "model": Section(ModelSection, required=True),
+    "data": Section(DataSection, required=True),
+    "ia3": Section(),
+    "training": Section(),
+    "eval": Section(EvalSection, resumable=True),
+    "hub": Section(HubSection, resumable=True),
+}
 
 @functools.cache
 def ia3_field_types() -> dict[str, Any]:

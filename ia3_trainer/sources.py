@@ -10,7 +10,7 @@ import contextlib
 from pathlib import Path
 
 from . import network
-from .errors import RecipeError, first_line
+from .errors import DataError, first_line
 from .recipe import DataSection
 
 
@@ -19,15 +19,16 @@ FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas")  # dataset
 
 def read_dataset(data: DataSection):
     """`datasets.load_dataset` of the `data` section (a `DatasetDict`, or a `Dataset`), every problem one
-    [`RecipeError`] naming the key: a folder given as a data file, data on the Hub while the Hub cannot be reached
-    (at once, not after minutes of retries), an empty or non-UTF-8 file, a dataset that needs a loading script."""
+    [`DataError`] (a `RecipeError`) naming the key: a folder given as a data file, data on the Hub while the Hub
+    cannot be reached (at once, not after minutes of retries), an empty or non-UTF-8 file, a dataset that needs a
+    loading script."""
     import datasets
 
     _check_data_files(data)
     key, hub = _hub_source(data)
     unreachable = network.hub_unreachable() if hub else None
     if unreachable is not None:  # else minutes of retries per file before the same failure
-        raise RecipeError(
+        raise DataError(
             f"{key}: {hub!r} is on the Hugging Face Hub: {unreachable}; connect to the network, download it and "
             f"point {key} at the local copy, or {network.OFFLINE_HINT}"
         )
@@ -37,9 +38,9 @@ def read_dataset(data: DataSection):
     except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 on an empty file: the json builder raises StopIteration, csv and text a generation error.
         if isinstance(error.__cause__, UnicodeDecodeError):
-            raise RecipeError(not_utf8(data, error.__cause__)) from error
+            raise DataError(not_utf8(data, error.__cause__)) from error
         reason = first_line(error.__cause__) if error.__cause__ is not None else "a file has no examples"
-        raise RecipeError(
+        raise DataError(
             f"data.data_files: cannot read examples from {data.data_files!r} with {data.path!r}: {reason}; check "
             "that no file is empty and that data.path matches the file format"
         ) from error
@@ -51,11 +52,11 @@ def read_dataset(data: DataSection):
         where = f"{key}: cannot load {hub!r}" if hub else (
             f"data.path: cannot load {data.path!r} (data_files={data.data_files!r})")
         if network.is_network_error(error):
-            raise RecipeError(
+            raise DataError(
                 f"{where}{network.offline_note()}: {first_line(error)}; connect to the network, or download it and "
                 f"point {key} at the local copy"
             ) from None  # the cause is in the message; its chain is pages of retries
-        raise RecipeError(
+        raise DataError(
             f"{where}: {first_line(error)}; check data.path / data.data_files, the network, or use local files"
         ) from error
     return loaded
@@ -73,7 +74,7 @@ def _check_data_files(data: DataSection) -> None:
     """A local folder named as a data file is refused in words (datasets says "Unable to find" it)."""
     for path in _data_file_paths(data):
         if "://" not in path and Path(path).expanduser().is_dir():
-            raise RecipeError(
+            raise DataError(
                 f"data.data_files: {path} is a folder; name the files in it, e.g. {path.rstrip('/')}/*.csv"
             )
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .data import data_file_format
-from .errors import RecipeError, first_line
+from .errors import InputError, RecipeError, first_line
 from .recipe import DataSection, safe_name
 from .schema import did_you_mean
+from .sections import DEFAULT_METRICS
 
 
 DEFAULT_MODEL = "bigscience/mt0-large"
@@ -97,7 +98,7 @@ def starter_recipe(
         notes.append(f"{model}'s tokenizer is not available offline, so the lengths are defaults (128 and "
                      f"{data['max_target_length']}); training stops with the exact number if a label does not fit")
 
-    metrics = ["perplexity", "label_accuracy", "rank_accuracy"]
+    metrics = list(DEFAULT_METRICS)
     if label_names is None:
         has_rouge = importlib.util.find_spec("rouge_score") is not None
         metrics = ["perplexity", "rouge"] if has_rouge else ["perplexity", "label_accuracy"]
@@ -146,12 +147,12 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
 
     from .data import check_columns, split_lines
 
-    builder, load_kwargs = data_file_format(data_file)
+    builder, load_kwargs = data_file_format(data_file, "--data")
     if encoding:
         _check_encoding(encoding)
     load_kwargs = {**load_kwargs, **({"encoding": encoding} if encoding else {})}
     if builder != "text" and separator is not None:
-        raise ValueError(f"--label-separator: only for .txt files (text<SEP>label lines), not {data_file.name}")
+        raise InputError(f"--label-separator: only for .txt files (text<SEP>label lines), not {data_file.name}")
     if builder == "text" and separator is None:
         separator = _find_separator(data_file, encoding or "utf-8")
     section = DataSection(path=builder, text_column=text_column, label_column=label_column, label_separator=separator)
@@ -160,27 +161,27 @@ def _read_data_file(data_file: Path, text_column: str, label_column: str, separa
         if builder == "text":
             dataset = split_lines(dataset, section, "train")
     except UnicodeDecodeError as error:
-        raise ValueError(_not_utf8(data_file, error)) from error
+        raise InputError(_not_utf8(data_file, error)) from error
     except RecipeError as error:
-        raise ValueError(_as_options(error, data_file)) from error
+        raise InputError(_as_options(error, data_file)) from error
     except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
         # datasets 5 raises StopIteration for an empty json file
         if isinstance(error.__cause__, UnicodeDecodeError):
-            raise ValueError(_not_utf8(data_file, error.__cause__)) from error
+            raise InputError(_not_utf8(data_file, error.__cause__)) from error
         reason = first_line(error) if str(error) else "the file has no rows"
-        raise ValueError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
+        raise InputError(f"--data: cannot read {data_file.name} as {builder}: {reason}") from error
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in dataset.column_names:
             hint = did_you_mean(column, dataset.column_names)
-            raise ValueError(
+            raise InputError(
                 f"{flag}: no column {column!r} in {data_file.name}{hint} (columns: {dataset.column_names})"
             )
     try:
         check_columns(dataset, section, data_file.name)  # also decodes both columns: a bad byte shows here
     except UnicodeDecodeError as error:
-        raise ValueError(_not_utf8(data_file, error)) from error
+        raise InputError(_not_utf8(data_file, error)) from error
     except RecipeError as error:
-        raise ValueError(_as_options(error, data_file)) from error
+        raise InputError(_as_options(error, data_file)) from error
     return dataset, builder, load_kwargs, separator
 
 
@@ -190,7 +191,7 @@ def _check_encoding(encoding: str) -> None:
         codecs.lookup(encoding)
         "a".encode(encoding)
     except LookupError:
-        raise ValueError(f"--encoding: unknown text encoding {encoding!r}; name the file's encoding as Python does, "
+        raise InputError(f"--encoding: unknown text encoding {encoding!r}; name the file's encoding as Python does, "
                          "e.g. --encoding latin-1 or --encoding cp1252") from None
     except UnicodeError:  # a text encoding without "a" in it
         pass
@@ -201,11 +202,11 @@ def _find_separator(path: Path, encoding: str) -> str:
     try:
         lines = [line for line in path.read_text(encoding=encoding).splitlines() if line.strip()]
     except UnicodeDecodeError as error:
-        raise ValueError(_not_utf8(path, error)) from error
+        raise InputError(_not_utf8(path, error)) from error
     for candidate in ("@", "\t", "|"):
         if lines and all(candidate in line for line in lines):
             return candidate
-    raise ValueError(f"--label-separator: {path.name}: no separator that every line has (tried '@', tab, '|'); pass "
+    raise InputError(f"--label-separator: {path.name}: no separator that every line has (tried '@', tab, '|'); pass "
                      "the one between each text and its label, e.g. --label-separator @")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import InputError, RecipeError
 from .jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
 from .recipe import OVERRIDE, Recipe, load_recipe
 from .runs import check_fresh
@@ -56,11 +56,11 @@ def _split_values(text: str) -> list[Any]:
 
 def _check_key(option: str, key: str, item: str, seen) -> None:
     if not key:
-        raise ValueError(f"{option} {item!r}: expected key=..., e.g. training.learning_rate=...")
+        raise InputError(f"{option} {item!r}: expected key=..., e.g. training.learning_rate=...")
     if key in seen:
-        raise ValueError(f"{option} {key}: given twice; list all its values in one {option}")
+        raise InputError(f"{option} {key}: given twice; list all its values in one {option}")
     if key in ("training.output_dir", "training.overwrite_output_dir"):
-        raise ValueError(f"{option} {key}: the sweep sets it (one subfolder per trial)")
+        raise InputError(f"{option} {key}: the sweep sets it (one subfolder per trial)")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -71,13 +71,13 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not text.strip():
-            raise ValueError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
+            raise InputError(f"--grid {item!r}: expected key=v1,v2,..., e.g. training.learning_rate=3e-3,8e-3")
         _check_key("--grid", key, item, grid)
         values = _split_values(text)
         if not values:
-            raise ValueError(f"--grid {key}: has no values; give at least one, e.g. {key}=v1,v2")
+            raise InputError(f"--grid {key}: has no values; give at least one, e.g. {key}=v1,v2")
         if len(values) != len(set(map(value_text, values))):
-            raise ValueError(f"--grid {key}: has duplicate values {values}")
+            raise InputError(f"--grid {key}: has duplicate values {values}")
         grid[key] = values
     return grid
 
@@ -92,23 +92,23 @@ def parse_search(items: list[str]) -> list[SearchParam]:
         kind, _, rest = spec.partition(":")
         bad = f"--search {item}: expected {SEARCH_HELP}"
         if not sep or kind not in SEARCH_KINDS or not rest.strip():
-            raise ValueError(bad)
+            raise InputError(bad)
         _check_key("--search", key, item, params)
         if kind == "choice":
             choices = _split_values(rest)
             if not choices or len(choices) != len(set(map(value_text, choices))):
-                raise ValueError(f"--search {item}: choices must be given, each once")
+                raise InputError(f"--search {item}: choices must be given, each once")
             params[key] = SearchParam(key, kind, choices=tuple(choices), text=item)
             continue
         ends = [parse_value(part.strip()) for part in rest.split(":")]
         number = int if kind == "int" else (int, float)
         if len(ends) != 2 or not all(isinstance(v, number) and not isinstance(v, bool) for v in ends):
-            raise ValueError(bad)
+            raise InputError(bad)
         low, high = ends
         if not low < high:
-            raise ValueError(f"--search {item}: LOW must be below HIGH")
+            raise InputError(f"--search {item}: LOW must be below HIGH")
         if kind == "log" and low <= 0:
-            raise ValueError(f"--search {item}: a log range needs LOW > 0")
+            raise InputError(f"--search {item}: a log range needs LOW > 0")
         params[key] = SearchParam(key, kind, low, high, text=item)
     return list(params.values())
 
@@ -267,7 +267,7 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
     grid = parse_grid(grid) if isinstance(grid, list) else dict(grid or {})
     params = parse_search(search) if search and isinstance(search[0], str) else list(search or [])
     if bool(grid) == bool(params):
-        raise ValueError("sweep: give either --grid key=v1,v2 (an exact grid) or --search key=KIND:... (a sampled "
+        raise InputError("sweep: give either --grid key=v1,v2 (an exact grid) or --search key=KIND:... (a sampled "
                          "search), one of the two; a searched choice is --search key=choice:v1,v2")
     base = base_recipe(recipe, overrides, extra_sections)
     default_key, default_direction = default_objective(base)
@@ -275,13 +275,13 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
     direction = direction or (default_direction if objective == default_key else
                               "minimize" if objective.endswith("loss") else "maximize")
     if direction not in ("minimize", "maximize"):
-        raise ValueError(f"--direction {direction}: expected minimize or maximize")
+        raise InputError(f"--direction {direction}: expected minimize or maximize")
     names = {}
     if grid:
         points = grid_points(grid)
         plan_sweep(base, grid, extra_sections=extra_sections)  # every point validated
         if n_trials not in (None, len(points)):
-            raise ValueError(f"--trials {n_trials}: a grid runs each of its {len(points)} points once; leave it out")
+            raise InputError(f"--trials {n_trials}: a grid runs each of its {len(points)} points once; leave it out")
         n_trials = len(points)
         names = dict(zip(map(value_text, points), point_names(points), strict=True))
         params = [SearchParam(key, "choice", choices=tuple(values)) for key, values in grid.items()]
@@ -289,9 +289,9 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
         check_search(base, params, extra_sections)
         n_trials = 20 if n_trials is None else n_trials
     if n_trials < 1:
-        raise ValueError(f"--trials {n_trials}: must be at least 1")
+        raise InputError(f"--trials {n_trials}: must be at least 1")
     if objective.startswith("eval_") and base.data.validation_split is None and not base.data.validation_size:
-        raise ValueError(f"--objective {objective}: the recipe has no validation data; set data.validation_size > 0 "
+        raise InputError(f"--objective {objective}: the recipe has no validation data; set data.validation_size > 0 "
                          "or choose train_loss")
     spec = {"grid": {key: [value_text(value) for value in values] for key, values in grid.items()},
             "search": sorted(param.text for param in params if param.text), "objective": objective,

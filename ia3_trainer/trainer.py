@@ -96,9 +96,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                 "pass processing_class=AutoTokenizer.from_pretrained(...)"
             )
         if getattr(args, "batch_eval_metrics", False):
-            raise ValueError(
-                "IA3Seq2SeqTrainer computes metrics over the whole eval set; set batch_eval_metrics=False"
-            )
+            raise RecipeError(key="training.batch_eval_metrics",
+                              problem="IA3Seq2SeqTrainer computes metrics over the whole eval set", fix="set it false")
         if not args.predict_with_generate:
             # Evaluation always generates: label accuracy needs free-running output, and not keeping full-vocab
             # logits for the whole eval set is what keeps evaluation memory flat.
@@ -109,9 +108,9 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         if args.push_to_hub and any(isinstance(cb, PushAdapterToHubCallback) for cb in kwargs.get("callbacks") or []):
             # One rule: a PushAdapterToHubCallback owns pushing; Trainer's own push would upload the same folder
             # a second time, in competing commits.
-            raise ValueError(
-                "You passed push_to_hub=True together with a PushAdapterToHubCallback; set push_to_hub=False and "
-                "let the callback push (recipes: use the hub section)"
+            raise RecipeError(
+                key="training.push_to_hub", problem="is true together with a PushAdapterToHubCallback",
+                fix="set it false and let the callback push (recipes: use the hub section)",
             )
         model = self.wrap_model_with_ia3(model, peft_config)
         # IA3 layers that scale in the activations' dtype: no activation-size casts under bf16, one op fewer a layer.
@@ -134,9 +133,10 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
             **kwargs,
         )
         if getattr(args, "non_finite_loss", "stop") == "skip" and self.is_deepspeed_enabled:
-            raise ValueError(
-                "non_finite_loss='skip' does not work with DeepSpeed, which keeps gradients in its own buffers; use "
-                "'stop'"
+            raise RecipeError(
+                key="training.non_finite_loss",
+                problem="'skip' does not work with DeepSpeed, which keeps gradients in its own buffers",
+                fix="use 'stop'",
             )
         self.non_finite_guard = NonFiniteGuard(
             getattr(args, "non_finite_loss", "stop"), step=lambda: self.state.global_step + 1,

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoints import CARD_FILE, INFERENCE_FILE
-from .errors import redact, redact_urls, shorten
+from .errors import HubError, IA3TrainerError, InputError, PathError, redact, redact_urls, shorten
 from .jsonfiles import write_json
 from .model_card import card_metrics, card_tags, write_model_card
 from .network import TIMEOUT_VARIABLE, bound_hub_requests, hub_offline, request_timeout
@@ -93,10 +93,10 @@ def push_adapter_folder(
         [`~huggingface_hub.CommitInfo`]: the commit made (or, when no file changed, the latest one).
 
     Raises:
-        `ValueError`: `repo_id` is not `user/name`.
-        `FileNotFoundError`: `folder` holds no `adapter_config.json`.
-        [`~huggingface_hub.errors.HfHubHTTPError`], `OSError` or an `httpx` error: the Hub refused the push or could
-        not be reached in time; the message holds no token.
+        [`InputError`] (a `ValueError`): `repo_id` is not `user/name`.
+        [`PathError`] (an `OSError`): `folder` holds no `adapter_config.json`.
+        [`HubError`] (an `OSError`): the Hub refused the push or could not be reached in time; the message holds no
+            token, and the error it was raised from is the Hub's or the network's own.
 
     Example:
 
@@ -105,7 +105,7 @@ def push_adapter_folder(
     """
     problem = check_repo_id(repo_id) if isinstance(repo_id, str) else f"expected a str, got {type(repo_id).__name__}"
     if problem:
-        raise ValueError(f"repo_id: {problem}")
+        raise InputError(key="repo_id", problem=problem)
     timeout = request_timeout(timeout)
     staging = stage_adapter(
         Path(folder), repo_id, metrics={"metrics": metrics} if metrics else None, results=card_metrics([metrics or {}])
@@ -115,6 +115,14 @@ def push_adapter_folder(
             staging, repo_id, private=private, token=token, endpoint=endpoint, commit_message=commit_message,
             timeout=timeout,
         )
+    except IA3TrainerError:
+        raise
+    except Exception as error:  # HTTP refusals, timeouts and the network's own errors (httpx, OSError) alike
+        raise HubError(
+            problem=f"could not push {folder} to {repo_id}: "
+                    f"{describe_push_error(error, timeout=timeout, token=token)}",
+            fix=f"{retry_advice(error)} (nothing in {folder} was changed)",
+        ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -132,7 +140,7 @@ def stage_adapter(
     writes), `recipe.json` and `inference.json` from `recipe_folder` when it has none, `metrics` as `metrics.json`,
     and the model card for `repo_id` listing `results`. The caller removes it."""
     if folder is not None and not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(
+        raise PathError(
             f"{folder}: no adapter_config.json, so there is no adapter to push; pass the output_dir of a finished "
             "run or one of its checkpoint-* folders"
         )
@@ -238,10 +246,10 @@ def describe_push_error(err: BaseException, limit: int = 300, timeout: float | N
 def retry_advice(err: BaseException) -> str:
     """What to do before running the same push again."""
     if is_offline_error(err) or hub_offline():
-        return "unset HF_HUB_OFFLINE (or set it to 0) and run the same command again"
+        return "unset HF_HUB_OFFLINE (or set it to 0) and push again"
     if _is_timeout(err):
-        return f"check the network (or raise {TIMEOUT_VARIABLE}) and run the same command again"
-    return "check the network and that HF_TOKEN may write to the repo, then run the same command again"
+        return f"check the network (or raise {TIMEOUT_VARIABLE}) and push again"
+    return "check the network and that HF_TOKEN may write to the repo, then push again"
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -19,6 +19,27 @@ from conftest import TINY_ASSETS, tiny_recipe
 ROWS = [json.loads(line) for line in (TINY_ASSETS / "tiny-sentiment.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(autouse=True)
+def one_line_errors_are_package_errors(monkeypatch):
+    """Every `ia3-trainer: error:` line of these tests was made from an IA3TrainerError (anything else would be a
+    bug, shown with its traceback)."""
+    import sys
+
+    from ia3_trainer import IA3TrainerError, cli
+
+    said = []
+    exit_ = cli._Parser.exit
+
+    def exit(self, status=0, message=None):
+        if message and message.startswith("ia3-trainer: error:"):
+            said.append(sys.exc_info()[1])  # the exception being handled when the line is printed
+        return exit_(self, status, message)
+
+    monkeypatch.setattr(cli._Parser, "exit", exit, raising=False)
+    yield
+    assert all(isinstance(error, IA3TrainerError) for error in said), said
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_t5_dir):
     """A tiny adapter trained from `text@label` lines, as both phrasebank recipes read their data."""

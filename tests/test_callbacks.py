@@ -29,6 +29,7 @@ from transformers import (
     TrainerState,
 )
 
+from ia3_trainer.errors import HubError, PathError
 from ia3_trainer.hub import STRATEGIES, PushAdapterToHubCallback
 from ia3_trainer.model_card import write_model_card
 from ia3_trainer.network import bound_hub_requests
@@ -324,7 +325,7 @@ def test_a_bad_timeout_variable_fails_early(monkeypatch, value, match):
 
 
 def test_push_adapter_folder_needs_an_adapter(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+    with pytest.raises(PathError, match="no adapter_config.json"):
         push_adapter_folder(tmp_path, REPO_ID, endpoint=closed_endpoint())
 
 
@@ -416,9 +417,11 @@ def test_push_adapter_folder_raises_errors_without_the_token(tiny, tmp_path, mon
         use_hub(monkeypatch, hub.endpoint)
         monkeypatch.delenv("HF_TOKEN")
         hub.fail_next(1, status=400, echo_headers=True)
-        with pytest.raises(HfHubHTTPError) as info:
+        with pytest.raises(HubError) as info:
             push_adapter_folder(tmp_path / "out", REPO_ID, token=SECRET, endpoint=hub.endpoint)
-    assert info.value.response.status_code == 400
+    # One line saying what the Hub answered, raised from the Hub's own error (both without the token).
+    assert str(info.value).startswith(f"could not push {tmp_path / 'out'} to {REPO_ID}: HTTP 400 for POST ")
+    assert isinstance(info.value.__cause__, HfHubHTTPError) and info.value.__cause__.response.status_code == 400
     assert SECRET not in "".join(traceback.format_exception(info.value))
     assert "Bearer ***" in str(info.value)
     assert snapshot(tmp_path / "out") == before
@@ -576,7 +579,7 @@ def test_an_adapter_download_from_a_hub_that_never_answers_ends_in_bounded_time(
         assert network.hub_unreachable() is None  # it answers, and the answer is kept
         server.hang = True
         started = time.monotonic()
-        with pytest.raises(ValueError, match="alice/some-adapter: no such local folder"):
+        with pytest.raises(HubError, match="alice/some-adapter: no such local folder"):
             resolve_adapter("alice/some-adapter")
         assert time.monotonic() - started < 30  # was: for ever
     huggingface_hub.close_session()

@@ -199,8 +199,8 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, key, value, message):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_errors_of_any_kind_are_one_redacted_line(tmp_path, capsys, monkeypatch):
-    from ia3_trainer import cli
+def test_package_errors_are_one_redacted_line_in_the_flags_words(tmp_path, capsys, monkeypatch):
+    from ia3_trainer import cli, errors
 
     token = "hf_" + "Q" * 34
     monkeypatch.setenv("HF_TOKEN", token)
@@ -210,27 +210,88 @@ def test_errors_of_any_kind_are_one_redacted_line(tmp_path, capsys, monkeypatch)
             raise error
         return run
 
-    for error in (ValueError(f"bad value echoing {token}\nsecond line"), TypeError("Authorization: Bearer abcdefgh1"),
-                  OSError(28, "No space left on device"), ImportError("the rouge metric needs rouge_score")):
+    for error in (errors.DataError(f"data.path: bad value echoing {token}"),
+                  errors.HubError("could not push: Authorization: Bearer abcdefgh1"),
+                  errors.RunFolderError(key="training.output_dir", problem="cannot write: No space left on device"),
+                  errors.MissingPackageError("the rouge metric needs rouge_score")):
         monkeypatch.setattr(cli, "_train", fail(error))
         with pytest.raises(SystemExit) as info:
-            main(["train", "tiny"])
+            main(["train", "tiny", "--set", f"training.output_dir={tmp_path / 'out'}"])
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("ia3-trainer: error: ") and token not in err
     assert err == "ia3-trainer: error: the rouge metric needs rouge_score\n"
-    monkeypatch.setattr(cli, "_train", fail(ValueError(f"bad value echoing {token}")))
+    # What a Python caller is told by argument (overwrite=True, merged_dir), the command line says by its flags.
+    said = errors.PathError(key="merged_dir", problem="m is not empty", fix="pass overwrite=True to replace it")
+    assert str(said) == "merged_dir: m is not empty; pass overwrite=True to replace it"
+    monkeypatch.setattr(cli, "_train", fail(said))
     with pytest.raises(SystemExit):
-        main(["train", "tiny"])
-    assert capsys.readouterr().err == "ia3-trainer: error: bad value echoing ***\n"
+        main(["train", "tiny", "--set", f"training.output_dir={tmp_path / 'out'}"])
+    said = "ia3-trainer: error: MERGED_DIR: m is not empty; pass --overwrite to replace it\n"
+    assert capsys.readouterr().err == said
 
     monkeypatch.setenv("IA3_TRAINER_DEBUG", "1")  # the traceback, for a bug report
-    with pytest.raises(ValueError, match="bad value echoing"):
-        main(["train", "tiny"])
+    with pytest.raises(errors.PathError, match="merged_dir: m is not empty"):
+        main(["train", "tiny", "--set", f"training.output_dir={tmp_path / 'out'}"])
     monkeypatch.delenv("IA3_TRAINER_DEBUG")
     with pytest.raises(SystemExit) as info:  # argparse's own messages quote what was typed
         main(["predict", "x", "--batch-size", token])
     assert info.value.code == 2 and token not in capsys.readouterr().err
+
+
+def test_a_bug_is_a_traceback_and_how_to_report_it_not_a_bad_input_line(tmp_path, capsys, monkeypatch):
+    from ia3_trainer.recipe import Recipe
+
+    token = "hf_" + "R" * 34
+    monkeypatch.setenv("HF_TOKEN", token)
+    for bug in (ZeroDivisionError("division by zero"), ValueError(f"a library's own ValueError echoing {token}"),
+                OSError(5, "Input/output error"), TypeError("to_dict() got an unexpected keyword argument")):
+        def broken(self, *args, bug=bug, **kwargs):  # one of the package's own functions, broken
+            raise bug
+
+        monkeypatch.setattr(Recipe, "to_dict", broken)
+        assert main(["validate", "tiny"]) == 1
+        err = capsys.readouterr().err
+        lines = err.splitlines()
+        assert lines[0] == "Traceback (most recent call last):" and "in broken" in err
+        assert f"{type(bug).__name__}: " in lines[-2] and "ia3-trainer: error:" not in err and token not in err
+        assert lines[-1].startswith(f"ia3-trainer: internal error ({type(bug).__name__}); this is a bug")
+        assert lines[-1].endswith("please report it with the traceback above at "
+                                  "https://github.com/ia3-trainer/ia3-trainer/issues")
+
+
+@pytest.mark.parametrize("argv", [
+    ["validate", "no-such-recipe"],
+    ["validate", "{folder}/bad.json"],
+    ["validate", "tiny", "--set", "training.learning_rate"],
+    ["validate", "tiny", "--set", "eval.metrics=[\"no-such-metric\"]"],
+    ["train", "tiny", "--set", "training.output_dir={folder}/taken"],
+    ["train", "tiny", "--resume", "--set", "training.output_dir={folder}/new"],
+    ["predict", "{folder}", "  "],
+    ["predict", "{folder}", "--file", "{folder}/none.txt"],
+    ["evaluate", "{folder}/no-adapter"],
+    ["merge", "{folder}/no-adapter", "{folder}/merged"],
+    ["init", "--data", "{folder}/none.csv"],
+    ["init", "--data", "{folder}/bad.json", "--label-separator", "@"],
+    ["push", "{folder}", "not a repo id"],
+    ["push", "{folder}", "user/name"],
+], ids=lambda argv: " ".join(argv[:2]))
+def test_every_one_line_error_is_an_ia3_trainer_error(tmp_path, monkeypatch, capsys, argv):
+    import ia3_trainer
+
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    argv = [part.replace("{folder}", str(tmp_path)) for part in argv]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ia3-trainer: error: ") and "Traceback" not in err
+    monkeypatch.setenv("IA3_TRAINER_DEBUG", "1")  # the same input raises what the line was made from
+    with pytest.raises(ia3_trainer.IA3TrainerError):
+        main(argv)
 
 
 def test_evaluate_and_push_validate_the_saved_recipe_first(tmp_path, capsys):
@@ -266,15 +327,6 @@ def test_unreadable_predict_file_is_one_line_before_any_model_loads(tmp_path, ca
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"ia3-trainer: error: {message}") and err.count("\n") == 1
-
-
-def test_version(capsys):
-    from ia3_trainer import __version__
-
-    with pytest.raises(SystemExit) as info:
-        main(["--version"])
-    assert info.value.code == 0
-    assert capsys.readouterr().out == f"ia3-trainer {__version__}\n"
 
 
 def test_a_log_file_gets_lines_not_progress_bars(tmp_path):

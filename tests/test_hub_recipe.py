@@ -12,7 +12,7 @@ import huggingface_hub
 import pytest
 from transformers import Seq2SeqTrainingArguments
 
-from ia3_trainer import IA3Seq2SeqTrainer, PushAdapterToHubCallback
+from ia3_trainer import IA3Seq2SeqTrainer, PushAdapterToHubCallback, RecipeError
 from ia3_trainer.cli import main
 
 from conftest import REPO, tiny_recipe
@@ -316,5 +316,5 @@ def test_cli_push_needs_an_adapter(tmp_path, capsys):
 
 def test_trainer_push_and_callback_together_is_refused(tiny_t5, tokenizer, tmp_path):
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id=REPO_ID, use_cpu=True)
-    with pytest.raises(ValueError, match="push_to_hub=True together with a PushAdapterToHubCallback"):
+    with pytest.raises(RecipeError, match="training.push_to_hub: is true together with a PushAdapterToHubCallback"):
         IA3Seq2SeqTrainer(tiny_t5, args, processing_class=tokenizer, callbacks=[PushAdapterToHubCallback(REPO_ID)])

@@ -55,3 +55,45 @@ def test_rank_accuracy_compares_candidates_as_the_tokenizer_decodes_them(tokeniz
     gold = tokenizer(text_target=["positive"])["input_ids"]
     outputs = EvalOutputs(labels=np.array(gold), rank_choice=np.array([0]))
     assert eval_metrics(outputs, ["rank_accuracy"], tokenizer, ["positive ", "negative"]) == {"rank_accuracy": 1.0}
+
+
+def test_on_decoded_gives_a_function_the_texts_of_both_sides(tokenizer):
+    from transformers import EvalPrediction
+
+    from ia3_trainer.metrics import on_decoded
+
+    seen = []
+
+    def lengths(predictions, references):
+        seen.append((list(predictions), list(references)))
+        return {"same": sum(p == r for p, r in zip(predictions, references, strict=True))}
+
+    generated = tokenizer(text_target=["positive", "neutral"], padding=True)["input_ids"]
+    gold = tokenizer(text_target=["positive", "negative"])["input_ids"]
+    width = max(map(len, gold))
+    labels = np.array([ids + [-100] * (width - len(ids)) for ids in gold])  # the eval loop pads labels with -100
+    compute_metrics = on_decoded(tokenizer, lengths)
+    assert compute_metrics(EvalPrediction(predictions=np.array(generated), label_ids=labels)) == {"same": 1}
+    assert seen == [(["positive", "neutral"], ["positive", "negative"])]
+    assert compute_metrics(EvalPrediction(predictions=np.array(generated), label_ids=None)) == {}
+    assert len(seen) == 1  # nothing to compare with: the function is not called
+
+
+def test_a_metric_added_to_the_registry_is_validated_and_computed(tokenizer, monkeypatch):
+    from ia3_trainer import RecipeError, metrics, sections
+
+    with pytest.raises(RecipeError, match="unknown metric 'first_word'"):
+        sections.EvalSection(metrics=["first_word"])
+    # One entry in sections.METRICS, and its function in ia3_trainer.metrics under the same name.
+    monkeypatch.setitem(sections.METRICS, "first_word", sections.Metric("share of texts whose first word is right"))
+    monkeypatch.setattr(metrics, "first_word", lambda predictions, references: {"first_word": sum(
+        p.split()[:1] == r.split()[:1] for p, r in zip(predictions, references, strict=True)) / len(references)},
+        raising=False)
+    assert sections.EvalSection(metrics=["first_word"]).metrics == ["first_word"]
+    assert metrics.needs_generation(["first_word"]) and not metrics.needs_generation(["perplexity"])
+    gold = tokenizer(text_target=["positive", "neutral"])["input_ids"]
+    generated = np.array([[0] + gold[0], [0] + gold[0]])
+    outputs = EvalOutputs(labels=np.array(gold), generated=generated)
+    assert eval_metrics(outputs, ["first_word"], tokenizer) == {"first_word": 0.5}
+    with pytest.raises(RecipeError, match="unknown text metric 'perplexity'"):  # not scored from text
+        metrics.text_metric("perplexity")

@@ -157,7 +157,7 @@ def test_predict_with_an_adapter_per_text_equals_each_adapter_alone(predictor, m
     long = " ".join(texts[:3])
     features = predictor.encode([long, long, texts[0]], ["news", "mood", "news"])
     assert features[1]["input_ids"] == encode_batch({"sentence": [long]}, predictor.tokenizer,
-                                                    predictor._settings["mood"].data)["input_ids"][0]
+                                                    predictor.adapter_settings("mood").data)["input_ids"][0]
     assert len(features[0]["input_ids"]) == 24 < len(features[1]["input_ids"])
     assert features[2]["input_ids"][:3] == predictor.tokenizer("news")["input_ids"][:3]  # its own prefix
 
@@ -167,7 +167,7 @@ def tokenized(predictor, name, start, count):
     labels, _ = TASKS[name]
     rows = ROWS[start:start + count]
     batch = {"sentence": [row["sentence"] for row in rows], "label": [labels[row["label"]] for row in rows]}
-    encoded = encode_batch(batch, predictor.tokenizer, predictor._settings[name].data)
+    encoded = encode_batch(batch, predictor.tokenizer, predictor.adapter_settings(name).data)
     return [{"input_ids": ids, "labels": target} for ids, target in
             zip(encoded["input_ids"], encoded["labels"], strict=True)]
 
@@ -194,7 +194,7 @@ def test_score_with_an_adapter_per_example_equals_each_adapter_alone(predictor):
                 [trimmed(ids) for ids in getattr(alone, field)], field
     assert len(set(mixed.rank_choice.tolist())) > 1, "every example ranks the same label; the test is empty"
 
-    predictor._settings["news"].label_names = None  # an adapter without a label set: its rows are not ranked
+    predictor.adapter_settings("news").label_names = None  # an adapter without a label set: its rows are not ranked
     without = predictor.score(examples, adapter=names, batch_size=8)
     news = np.array(names) == "news"
     assert (without.rank_choice[news] == -1).all()

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from ia3_trainer import RecipeError, load_recipe
+from ia3_trainer import ProcessesDisagreeError, load_recipe
 from ia3_trainer.checkpoints import last_checkpoint
 from ia3_trainer.data import prepare_data
 
@@ -241,7 +241,7 @@ def test_processes_resume_from_the_newest_step_all_of_them_have(tmp_path, monkey
 def test_no_checkpoint_anywhere_is_none_and_one_missing_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "none").mkdir()
     assert agree(monkeypatch, tmp_path / "none", [[], []]) is None
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ProcessesDisagreeError) as info:
         agree(monkeypatch, tmp_path, [[6], [6], [], []])
     assert str(info.value).startswith(
         f"training.output_dir: no checkpoint in {tmp_path} that every process has, to resume from (processes 0-1: "

@@ -101,8 +101,8 @@ def test_network_down_fails_fast_with_one_line(tmp_path, tiny_t5_dir):
              "is on the Hugging Face Hub: cannot reach http://", "HF_HUB_OFFLINE=1")
     one_line(adapter, "someone/some-adapter: no such local folder, and no Hub repo", "cannot reach http://",
              "HF_HUB_OFFLINE=1")
-    # From Python: one RecipeError whose message says it all, not a chain of retries and HTTP errors.
-    assert api["code"].startswith("RecipeError: data.data_files: 'zip://") and "chained=False" in api["stderr"]
+    # From Python: one DataError (a RecipeError) whose message says it all, not a chain of retries and HTTP errors.
+    assert api["code"].startswith("DataError: data.data_files: 'zip://") and "chained=False" in api["stderr"]
     assert api["seconds"] < 30
     # A Hub id whose files are in the cache loads from it at once.
     trained_from_the_cache(cached)

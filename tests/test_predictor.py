@@ -11,7 +11,7 @@ import torch
 from peft.tuners.ia3 import IA3Layer
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MT5ForConditionalGeneration
 
-from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
+from ia3_trainer import HubError, IA3Seq2SeqTrainer, PathError, RecipeError, load_recipe
 from ia3_trainer.cli import main
 from ia3_trainer.data import encode_batch, label_texts, load_splits
 from ia3_trainer.metrics import decode
@@ -111,7 +111,7 @@ def test_bad_inputs_are_one_line_errors(sentiment, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     expected = r"^someone/no-such-adapter: no such local folder, and no Hub repo of that id could be loaded \(HF_HUB"
-    with pytest.raises(ValueError, match=expected + "_OFFLINE is set\\)"):
+    with pytest.raises(HubError, match=expected + "_OFFLINE is set\\)"):
         IA3Predictor.from_pretrained("someone/no-such-adapter")
 
     predictor = IA3Predictor.from_pretrained(out)
@@ -242,7 +242,7 @@ def test_merge_keeps_a_separate_head_untied(tmp_path, tokenizer):
         adapter_model = IA3Predictor.from_pretrained(tmp_path / "adapter").model
         expected = adapter_model(input_ids=ids, decoder_input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids, decoder_input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="is the adapter folder itself"):
+    with pytest.raises(PathError, match="^merged_dir: .* is the adapter folder itself"):
         merge_adapter(tmp_path / "adapter", tmp_path / "adapter")
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ia3_trainer import RecipeError, apply_overrides, load_recipe
+from ia3_trainer import PathError, RecipeError, apply_overrides, load_recipe
 from ia3_trainer.errors import first_line, one_line, redact
 from ia3_trainer.jsonfiles import read_json
 from ia3_trainer.recipe import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
@@ -258,7 +258,7 @@ def test_read_json_refuses_in_one_line(tmp_path, text, message):
 
 
 def test_read_json_missing_file_and_python_nan(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path / 'nope.json'))}: cannot read it: No "):
+    with pytest.raises(PathError, match=rf"^{re.escape(str(tmp_path / 'nope.json'))}: cannot read it: No "):
         read_json(tmp_path / "nope.json")
     path = tmp_path / "metrics.json"
     path.write_text('{"eval_perplexity": Infinity, "x": NaN}')  # what json.dumps writes for an overflowed metric
@@ -485,3 +485,17 @@ def test_save_is_whole_or_absent(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "recipe.json").read_text() == before
     assert [path.name for path in tmp_path.iterdir()] == ["recipe.json"]
+
+
+def test_validate_checks_a_recipe_changed_after_loading(tmp_path):
+    recipe = Recipe.from_dict(tiny_recipe(tmp_path, **{"training.eval_strategy": "steps", "training.eval_steps": 2}))
+    assert recipe.validate() is None  # whole as loaded
+    recipe.data.validation_size = 0  # changed in code after loading: no validation data for the evaluations left
+    with pytest.raises(RecipeError) as info:
+        recipe.validate()
+    assert info.value.errors == [
+        "<recipe>: training.eval_strategy: is 'steps' but there is no validation data; set data.validation_split or "
+        "data.validation_size > 0, or eval_strategy 'no'"]
+    recipe.training["eval_strategy"] = "sometimes"  # what IA3TrainingArguments itself refuses is said under training
+    with pytest.raises(RecipeError, match=r"^<recipe>: training: sometimes is not a valid"):
+        recipe.validate()

@@ -111,7 +111,8 @@ def test_an_adapters_own_recipe_cannot_turn_remote_code_on(hostile, tmp_path, ca
     _, adapter, marker = hostile
     trusting(adapter)
     argv = {"predict": ["predict", str(adapter), "Sales rose."],
-            "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl")],
+            "evaluate": ["evaluate", str(adapter), "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"),
+                         "--output-dir", str(tmp_path / "report")],
             "merge": ["merge", str(adapter), str(tmp_path / "merged")]}[command]
     with pytest.raises(SystemExit) as info:
         main(argv)

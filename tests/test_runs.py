@@ -19,7 +19,7 @@ import pytest
 from ia3_trainer import IA3Seq2SeqTrainer
 from ia3_trainer.checkpoints import checkpoint_damage, last_checkpoint
 from ia3_trainer.cli import main
-from ia3_trainer.errors import RecipeError
+from ia3_trainer.errors import RecipeError, RunFolderError
 from ia3_trainer.resuming import recipe_changes, resumable
 from ia3_trainer.runs import LOCK_FILE, RUN_FILE, claim_output_dir
 
@@ -71,8 +71,8 @@ def test_a_folder_holding_another_run_is_refused_and_overwrite_replaces_only_run
     err = fails(["train", path, "--set", "training.seed=7"], capsys)
     assert err == (
         f"ia3-trainer: error: training.output_dir: {out} holds another run (recipe 'tiny', started "
-        f"{first['started']}, a final adapter, 2 checkpoints, newest checkpoint-4); pass --overwrite to replace it "
-        "(training.overwrite_output_dir in Python), --resume to continue it, or choose another training.output_dir")
+        f"{first['started']}, a final adapter, 2 checkpoints, newest checkpoint-4); pass --overwrite to replace it, "
+        "pass --resume to continue it, or choose another training.output_dir")
     assert snapshot(out) == before  # nothing written, not even run.json
 
     assert main(["train", path, "--overwrite", "--set", "training.seed=7", "--set", "training.save_strategy=no"]) == 0
@@ -109,8 +109,12 @@ def test_the_python_api_follows_the_same_rules_and_records_the_run_before_traini
 
     IA3Seq2SeqTrainer.from_recipe(raw, callbacks=[Record()]).train()
     assert seen["run"]["recipe"]["training"]["max_steps"] == 2
-    with pytest.raises(FileExistsError, match="holds another run"):
+    with pytest.raises(RunFolderError, match="holds another run") as info:
         IA3Seq2SeqTrainer.from_recipe(raw).train()
+    # Told in Python's words (the command line says --overwrite and --resume instead).
+    assert info.value.key == "training.output_dir" and isinstance(info.value, FileExistsError)
+    assert info.value.fix.startswith("set training.overwrite_output_dir to replace it")
+    assert "--" not in str(info.value)
     IA3Seq2SeqTrainer.from_recipe(raw, {"training.overwrite_output_dir": True}).train()
 
 
@@ -382,7 +386,8 @@ def test_a_full_disk_during_the_final_save_leaves_the_previous_adapter_whole(tmp
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ia3-trainer: error: could not save to {out}: ") and "File too large" in last
-    assert last.endswith("what was there before is unchanged: free some disk space, then resume the run (--resume)")
+    assert last.endswith("what was there before is unchanged: free some disk space, then resume the run "
+                         "(pass --resume)")
     assert "Traceback" not in result.stderr
     assert snapshot(out) == before  # the adapter, its base, recipe.json, inference.json, README.md: as they were
     assert not list(out.glob("tmp-*"))

@@ -69,10 +69,9 @@ def test_the_default_path_dispatches_fewer_ops_than_plain_and_reads_nothing_back
                        fused_kernels=True)
     assert ia3["ops_per_step"] < plain["ops_per_step"], (ia3["ops_per_step"], plain["ops_per_step"])
     # A host read stalls a GPU's queue. Plain reads the loss back twice a step (logging_nan_inf_filter); the
-    # default path does not. Both keep transformers' own two: its SDPA mask builder asks `attention_mask.all()` for
-    # the encoder and the cross-attention masks.
-    reads = [result["ops"].get("aten._local_scalar_dense", 0) for result in (plain, ia3)]
-    assert reads == [4, 2]  # plain: isnan(loss) or isinf(loss), and the two mask checks
+    # default path does not (what transformers' own modeling code reads, both paths read alike).
+    plain_reads, ia3_reads = (result["ops"].get("aten._local_scalar_dense", 0) for result in (plain, ia3))
+    assert ia3_reads <= plain_reads - 2, (plain_reads, ia3_reads)
 
 
 def test_fused_modules_change_no_result(thin_mt0):

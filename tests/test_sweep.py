@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ia3_trainer import RecipeError
+from ia3_trainer import InputError, RecipeError
 from ia3_trainer.cli import main
 from ia3_trainer.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name, point_names
 
@@ -21,16 +21,16 @@ def test_parse_grid():
     assert parse_grid(['ia3.target_modules=[["k","v"],["q"]]']) == {"ia3.target_modules": [["k", "v"], ["q"]]}
     assert parse_grid(["training.lr_scheduler_type=linear,cosine"])["training.lr_scheduler_type"] == ["linear",
                                                                                                      "cosine"]
-    # A malformed --grid is bad command-line input: a ValueError, not a problem of the recipe.
+    # A malformed --grid is bad command-line input (an InputError, a ValueError), not a problem of the recipe.
     for bad, message in [("training.learning_rate", "expected key=v1,v2"), ("training.seed=1,1", "duplicate"),
                          ("training.output_dir=a,b", "the sweep sets it"),
                          ("training.learning_rate=[]", "has no values")]:  # was an IndexError
         with pytest.raises(ValueError, match=message) as info:
             parse_grid([bad])
-        assert type(info.value) is ValueError
+        assert type(info.value) is InputError
     with pytest.raises(ValueError, match="given twice") as info:
         parse_grid(["training.seed=1", "training.seed=2"])
-    assert type(info.value) is ValueError
+    assert type(info.value) is InputError
 
 
 def test_grid_points_and_names():

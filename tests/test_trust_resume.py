@@ -182,7 +182,7 @@ def test_ctrl_c_during_the_end_of_run_report_says_the_run_is_complete(tmp_path, 
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
-    monkeypatch.setattr(ia3_trainer.lifecycle, "write_report", interrupted)
+    monkeypatch.setattr(ia3_trainer.lifecycle, "write_results", interrupted)
     recipe, _ = write_recipe(tmp_path, "run")
     assert main(["train", recipe]) == 130
     out = tmp_path / "run"
