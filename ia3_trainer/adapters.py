@@ -156,7 +156,56 @@ def check_weights(folder: Path) -> Path:
             )
         if not tensors:
             raise InputError(f"{path}: holds no tensors; it is not the weights of an adapter")
+    check_vectors(path, read_weights(path))
     return path
+
+
+def read_weights(path: Path) -> dict:
+    """The tensors of an adapter weights file (safetensors, or peft's older `adapter_model.bin`, read without
+    running any code it holds)."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file: safetensors' and torch's own errors
+        raise InputError(f"{path}: cannot read the adapter weights ({first_line(error)}); use a whole checkpoint-N "
+                         "folder or train again") from None
+    if not isinstance(weights, dict):
+        raise InputError(f"{path}: holds a {type(weights).__name__}, not the tensors of an adapter")
+    return weights
+
+
+def check_vectors(path: Path, weights: dict) -> None:
+    """The file holds IA3 vectors (`*.ia3_l` keys), all of them finite: another model's tensors or a NaN-filled
+    adapter would load with at most a warning and predict as the base model, or as nothing."""
+    import torch
+
+    if not any(key.endswith(".ia3_l") or ".ia3_l." in key for key in weights):
+        shown = ", ".join(sorted(weights)[:3])
+        raise InputError(f"{path}: holds none of the IA3 vectors (keys ending in .ia3_l; it holds {shown}, ...): it "
+                         "is not the weights of an IA3 adapter; use the adapter_model.safetensors its training saved")
+    bad = [key for key, value in weights.items() if torch.is_tensor(value) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise InputError(f"{path}: {len(bad)} IA3 vector(s) hold NaN or infinite values (e.g. {bad[0]}); the "
+                         "training diverged or the file is damaged: use an earlier checkpoint-N or train again")
+
+
+def check_loaded(model, adapter_name: str, path: Path, weights: dict | None = None) -> None:
+    """After peft loaded `path` into `model` as `adapter_name`: every IA3 vector the model has for it was in the
+    file (peft only warns about a missing one, which then keeps its initial value of 1, the base model's output)."""
+    from peft import get_peft_model_state_dict
+
+    weights = read_weights(path) if weights is None else weights
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise InputError(f"{path}: has no IA3 vector for {len(missing)} of the model's {len(expected)} IA3 layers "
+                         f"(e.g. {missing[0]}); it is not an adapter of this base model, or the file is incomplete")
 
 
 def base_model_path(config: dict, folder: Path, recipe: Recipe | None = None) -> str:

@@ -246,6 +246,32 @@ def check_label_lengths(tokenizer, texts, max_target_length: int) -> int:
     return longest
 
 
+def check_distinct_labels(tokenizer, names: list[str], data: DataSection) -> None:
+    """Refuse a label set in which two labels are one label to the model (`"positive"` and `"positive "`, or texts
+    the tokenizer maps to the same ids) or a label comes back empty from the tokenizer: scoring compares labels as
+    they decode, so such labels would be separate classes that can never be told apart."""
+    where = "data.label_names" if data.label_names is not None else f"data.label_column: column {data.label_column!r}"
+    ids = tokenizer(text_target=[str(name) for name in names])["input_ids"]
+    texts = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    empty = [name for name, text in zip(names, texts, strict=True) if not text]
+    if empty:
+        raise DataError(
+            f"{where}: labels {shorten(repr(empty[:5]), 200)} decode to an empty text with this tokenizer (no "
+            "token it knows), so no prediction can match them; rename them in the data or data.label_names"
+        )
+    same: dict[str, list[str]] = {}
+    for name, text in zip(names, texts, strict=True):
+        same.setdefault(text, []).append(name)
+    clashes = [group for group in same.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(f"{shorten(repr(group[:5]), 120)} all read {texts[names.index(group[0])]!r}"
+                          for group in clashes[:3])
+        raise DataError(
+            f"{where}: labels that differ as text are one label to the model ({shown}, once tokenized); merge or "
+            "rename them in the data or data.label_names"
+        )
+
+
 def encode_batch(batch: dict, tokenizer, data: DataSection) -> dict:
     """Turn a batch of examples into model inputs: prefixed sources truncated to `max_source_length`, and labels when
     the batch has the label column. Training, evaluation and inference (`IA3Predictor`) all encode through this (or
@@ -299,6 +325,8 @@ def prepare_data(data: DataSection, tokenizer, encode=None) -> PreparedData:
     """
     train, validation = load_splits(data)
     train, validation, names = label_texts(train, validation, data)
+    if names is not None:
+        check_distinct_labels(tokenizer, names, data)
     longest = target_length_bound(tokenizer, [train, validation], data, names)
     warn_shared_texts(train, validation, data)
     prepared = PreparedData(

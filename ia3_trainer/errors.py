@@ -130,7 +130,51 @@ def redact(text: str, *secrets: str | None) -> str:
     for secret in sorted(known, key=len, reverse=True):  # a token that holds another is replaced whole
         text = text.replace(secret, "***")
     text = _TOKEN_PATTERNS[0].sub(r"\1***", text)
-    return _TOKEN_PATTERNS[1].sub("hf_***", text)
+    return redact_urls(_TOKEN_PATTERNS[1].sub("hf_***", text))
+
+
+# A URL in text (up to whitespace or a quote), and the query or fragment parameter names that carry a credential:
+# `token`, `access_token`, `api_key`, `sig` (Azure SAS), `X-Amz-Signature`, `X-Amz-Credential`, `password`, ...
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+_SECRET_PARAM = re.compile(r"(?i)token|key|sig|password|passwd|pwd|secret|credential|auth|session")
+
+
+def redact_urls(value):
+    """`value` with the credentials taken out of every URL in it: the user info (`user:password@`) becomes `***@`,
+    and the value of each query or fragment parameter whose name looks like a credential becomes `***`.
+
+    `value` is a string (every URL in it is redacted) or JSON data (a `dict`, `list` or `tuple`, redacted string by
+    string; keys are kept). This is what a run saves (`recipe.json`, `run.json`, the model card) and what a push
+    uploads, so that they say where the data came from without the secret; the recipe file itself is never changed.
+
+    Example:
+
+    >>> redact_urls("https://ann:pw@example.com/train.jsonl?token=abc&split=train")
+    'https://***@example.com/train.jsonl?token=***&split=train'
+    """
+    if isinstance(value, str):
+        return _URL.sub(lambda match: "::".join(_redact_url(part) for part in match.group(0).split("::")), value)
+    if isinstance(value, dict):
+        return {key: redact_urls(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_urls(item) for item in value)
+    return value
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{re.sub(r'([?#&;])([^=&#;]*)=([^&#;]*)', _redact_param, tail)}"
+
+
+def _redact_param(match: re.Match) -> str:
+    start, name, value = match.groups()
+    return f"{start}{name}={'***' if value and _SECRET_PARAM.search(name) else value}"
 
 
 def _saved_token() -> str | None:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import redact_urls
 from .jsonfiles import read_json, write_text
 from .layout import CARD_FILE, safetensors_header
 from .sources import is_hub_dataset
@@ -71,7 +72,7 @@ def write_model_card(
     config = read_json(folder / "adapter_config.json")
     if recipe is None and (folder / "recipe.json").is_file():
         recipe = read_json(folder / "recipe.json")
-    recipe = recipe or {}
+    recipe = redact_urls(recipe or {})  # a data URL's password or token never reaches a card
     data = recipe.get("data") or {}
     repo_id = repo_id or (recipe.get("hub") or {}).get("repo_id")
     base_model = config.get("base_model_name_or_path") or "unknown"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import modeling
-from .adapters import AdapterFolder, read_adapter, same_base
+from .adapters import AdapterFolder, check_loaded, check_weights, read_adapter, same_base
 from .data import build_collator, cut_sources, encode_batch
 from .errors import InputError, first_line
 from .layers import check_adapter_names, install, score_rows
@@ -162,6 +162,11 @@ class IA3Predictor:
                 f"{dir_or_repo}: cannot load the adapter onto {current!r}: {first_line(error)}; adapters loaded "
                 "together must share one base model"
             ) from error
+        try:
+            check_loaded(self.model, adapter_name, check_weights(adapter.folder))
+        except ValueError:
+            self.model.delete_adapter(adapter_name)  # the predictor stays as it was
+            raise
         install(self.model)
         data = adapter.recipe.data if adapter.recipe else None
         self._register(adapter_name, data, adapter.inference, encode, str(dir_or_repo), base_name, adapter.folder)
@@ -380,4 +385,5 @@ def load_adapter_model(adapter: AdapterFolder, source: str | Path, adapter_name:
             f"{source}: cannot load the adapter onto {base_name!r}: {first_line(error)}; was it trained "
             "on this base model?"
         ) from error
+    check_loaded(model, adapter_name, check_weights(folder))
     return model, tokenizer

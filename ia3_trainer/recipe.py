@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError, first_line
+from .errors import RecipeError, first_line, redact_urls
 from .jsonfiles import parse_value, read_json, write_json
 from .output_dir import check_output_dir
 from .schema import (
@@ -49,6 +50,17 @@ from .sections import (
 from .sections import check_repo_id as check_repo_id  # public here: the hub callback checks with it
 from .shipped import list_shipped_recipes as list_shipped_recipes  # public here: the CLI lists them
 from .shipped import recipe_file
+
+
+# A recipe's `name` is one path component (the default output_dir is outputs/<name>): no separator, no `..`, no
+# whitespace or control characters, and short enough for every file system.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+
+
+def safe_name(text: str) -> str:
+    """`text` made a valid recipe `name`: each run of other characters becomes `-` (e.g. a recipe file's stem)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("._-")[:100].rstrip("._-")
+    return name or "ia3-run"
 
 
 SECTIONS = ("name", "description", *RECIPE_SECTIONS)  # every key a recipe may have at its top
@@ -108,9 +120,12 @@ class Recipe:
             if key not in sections:
                 problems.add(key, lambda key=key: f"unknown section{did_you_mean(key, sections)}")
 
-        name = raw.get("name", Path(source).stem if source is not None else "ia3-run")
+        name = raw.get("name", safe_name(Path(source).stem) if source is not None else "ia3-run")
         if not isinstance(name, str) or not name:
             problems.add("name", "must be a non-empty string")
+        elif not NAME.match(name):
+            problems.add("name", f"{name!r} is not one folder name of letters, digits, '.', '_' and '-' starting with "
+                         f"a letter or digit (the run's folder is outputs/<name>); use e.g. {safe_name(name)!r}")
         description = raw.get("description")
         if description is not None and not isinstance(description, str):
             problems.add("description", f"must be a string, got {type_name(description)}")
@@ -230,10 +245,16 @@ class Recipe:
             **{key: dataclasses.asdict(value) for key, value in self.extra.items()},
         }
 
+    def saved_dict(self) -> dict:
+        """What a run saves and a push uploads of the recipe (`recipe.json`, `run.json`, the model card): `to_dict()`
+        with the credentials taken out of every URL in it (`errors.redact_urls`), so that it says where the data came
+        from without the secret. The recipe file itself keeps working."""
+        return redact_urls(self.to_dict())
+
     def save(self, folder: str | Path) -> Path:
-        """Write the resolved recipe as `recipe.json` in `folder` (no token can be in it: recipes hold none), whole or
-        not at all: a full disk leaves the previous file, never half a recipe."""
-        return write_json(Path(folder) / "recipe.json", self.to_dict())
+        """Write the resolved recipe as `recipe.json` in `folder` (`saved_dict()`: no token and no credential of a
+        URL in it), whole or not at all: a full disk leaves the previous file, never half a recipe."""
+        return write_json(Path(folder) / "recipe.json", self.saved_dict())
 
 
 def load_recipe(

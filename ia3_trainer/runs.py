@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import IA3TrainerError, RunFolderError, first_line
+from .errors import IA3TrainerError, RunFolderError, first_line, redact_urls
 from .fingerprint import check_same_data
 from .jsonfiles import read_json, write_json
 from .layout import METADATA_FILES, REPORT_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
@@ -142,6 +142,7 @@ class RunFolder:
         """Every rule of this module, read-only: raise when this run may not use the folder; else return the
         `run.json` to write and whether the run continues the folder's own."""
         folder = self.path
+        recipe = redact_urls(recipe)  # run.json keeps no credential of a data URL (compared redacted on resume)
         if folder.exists() and not folder.is_dir():
             raise RunFolderError(key="training.output_dir", problem=f"{folder} is a file", fix="choose a folder")
         checkpoint = resume if isinstance(resume, (str, os.PathLike)) and str(resume) else None
@@ -156,7 +157,7 @@ class RunFolder:
             check_fresh(folder, overwrite)
         record = _read_record(folder)
         if continuing:
-            saved = record.get("recipe") if record else None  # a run.json may lack it (_read_record)
+            saved = redact_urls(record.get("recipe")) if record else None  # a run.json may lack it (_read_record)
             if saved is None:
                 saved = _checkpoint_recipe(checkpoint_folders(folder))
             # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
@@ -293,7 +294,14 @@ def run_entries(folder: Path) -> tuple[list[str], list[str]]:
 
 def check_fresh(folder: Path, overwrite: bool) -> None:
     """Raise [`RunFolderError`] unless a fresh run may train into `folder`: new or empty, or holding another run
-    and `overwrite`."""
+    and `overwrite`; never a checkpoint or a folder inside another run (`--overwrite` of that run would remove it)."""
+    owner = _owning_run(folder)
+    if owner is not None:
+        raise RunFolderError(
+            f"training.output_dir: {folder} is {owner}; a run trains into a folder of its own, never a checkpoint or "
+            "a folder inside another run (--overwrite applies to a run's own output folder only): choose another "
+            "training.output_dir"
+        )
     ours, others = run_entries(folder)
     holds_run = any(_RUN_MARKS.match(name) for name in ours)
     if not holds_run and (ours or others):
@@ -308,6 +316,21 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
             key="training.output_dir", problem=f"{folder} holds another run ({_describe_run(folder)})",
             fix=f"set training.overwrite_output_dir to replace it{resumable}, or choose another training.output_dir",
         )
+
+
+def _owning_run(folder: Path) -> str | None:
+    """What makes `folder` part of another run rather than a run's own output folder (a `checkpoint-N` folder of a
+    run, or a folder inside a folder that holds a run's `run.json`), or None."""
+    folder = folder.resolve()
+    if re.match(r"^(tmp-)?checkpoint-\d+$", folder.name) and (
+            (folder / "trainer_state.json").is_file() or any(_RUN_MARKS.match(name) for name in run_entries(
+                folder.parent)[0])):
+        return f"a checkpoint folder of the run in {folder.parent}"
+    for parent in folder.parents:
+        record = _read_record(parent) if (parent / RUN_FILE).is_file() else None
+        if record is not None and "run_id" in record:  # a run's record, not a recipe file named run.json
+            return f"inside the run in {parent}"
+    return None
 
 
 def _describe_run(folder: Path) -> str:
@@ -388,5 +411,5 @@ def _checkpoint_recipe(checkpoints: list[Path]) -> dict | None:
             recipe = read_json(checkpoint / "recipe.json")
         except (OSError, ValueError):
             continue
-        return recipe if isinstance(recipe, dict) else None
+        return redact_urls(recipe) if isinstance(recipe, dict) else None  # compared with a redacted recipe
     return None

@@ -50,7 +50,7 @@ class SavingMixin:
             with saving_adapter_only(self.model):
                 super()._save(str(staging), state_dict)
             if self.recipe is not None:
-                write_json(staging / "recipe.json", self.recipe.to_dict())
+                write_json(staging / "recipe.json", self.recipe.saved_dict())
             write_json(staging / INFERENCE_FILE, self.inference_settings())
             # Our card replaces the generic README.md that peft's save_pretrained just wrote: one card, the one a
             # push uploads (it writes this card again, for the repo pushed to).
@@ -58,7 +58,7 @@ class SavingMixin:
 
     def write_card(self, folder: str | Path) -> Path:
         """Write the model card (`README.md`) of the adapter in `folder`, with the metrics logged so far."""
-        return write_model_card(folder, recipe=self.recipe.to_dict() if self.recipe is not None else {},
+        return write_model_card(folder, recipe=self.recipe.saved_dict() if self.recipe is not None else {},
                                 metrics=card_metrics(self.state.log_history), tags=self._tag_names)
 
     def save_state(self) -> None:

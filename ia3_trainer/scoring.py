@@ -2,7 +2,8 @@
 
 `score_batch` runs the whole model once per batch (so FSDP's and autocast's hooks on it run) for the per-example
 token losses and the teacher-forced argmax, then reuses that pass's encoder output for rank classification (one
-decoder pass over every candidate label) and for the bounded greedy generation. [`IA3Seq2SeqTrainer`]'s
+decoder step per distinct prefix of the candidate labels, see [`score_candidates`]) and for the bounded greedy
+generation. [`IA3Seq2SeqTrainer`]'s
 `prediction_step`, [`IA3Predictor.score`] and `benchmarks/throughput.py` all call it, so every number the package
 reports about an adapter comes from this code. [`EvalOutputs`] holds the per-example results of a whole pass, which
 metrics and the report are computed from.
@@ -10,6 +11,7 @@ metrics and the report are computed from.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,14 +90,149 @@ def score_candidates(
     """Log-likelihood of each candidate for each example, shape (B, K), from a computed encoder output.
 
     With `length_normalize` (the default, as in T-Few) the score is the mean token log-probability, so a label of
-    more tokens is not penalised for its length. Candidates are scored shortest first, a chunk at a time, each chunk
-    cut to its own longest candidate (no pass pads short labels to the longest of thousands); a pass has at most
-    `chunk_rows` (example, candidate) rows and `chunk_logits` logits (rows x tokens x vocabulary), so memory stays
-    bounded with thousands of labels and a large vocabulary.
+    more tokens is not penalised for its length. The candidates form a prefix tree: the decoder runs once per example
+    for the start token (whose logits score every candidate's first token, and whose cache holds the cross-attention
+    keys and values, computed once), then one step per distinct prefix, from its parent's cache. The cost grows with
+    the distinct label prefixes, not with labels x tokens, and no encoder output is projected again per candidate. A
+    pass has at most `chunk_rows` (example, prefix) rows and `chunk_logits` logits, and the caches of a pass stay
+    within `RANK_CACHE_BYTES`, so memory stays bounded with thousands of labels and a large vocabulary. A model
+    whose decoder returns no such cache is scored a chunk of whole candidate sequences at a time.
     """
     hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
-    batch, num_candidates = attention_mask.shape[0], candidate_ids.shape[0]
     candidate_ids = candidate_ids.to(attention_mask.device)
+    sequences = [[token for token in row if token != IGNORE_INDEX] for row in candidate_ids.tolist()]
+    start = _shared_start(model, candidate_ids, sequences)
+    if start is None:
+        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                               chunk_logits)
+    batch = attention_mask.shape[0]
+    outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask,
+                    decoder_input_ids=torch.full((batch, 1), start, device=attention_mask.device), use_cache=True)
+    cache = _decoder_cache(outputs)
+    if cache is None:
+        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                                chunk_logits)
+    keyword = "cache" if getattr(outputs, "cache", None) is not None else "past_key_values"  # transformers 5 / 4
+    first = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)  # (B, V): every candidate's first token
+    per_example = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / max(batch, 1)
+    budget = max(1, min(chunk_rows, chunk_logits // vocab_size(model), int(RANK_CACHE_BYTES // max(per_example, 1))))
+    scores = torch.empty(batch, len(sequences), device=attention_mask.device)
+    order = sorted(range(len(sequences)), key=lambda k: sequences[k])  # shared prefixes side by side
+    for e0 in range(0, batch, budget):
+        rows = slice(e0, min(batch, e0 + budget))
+        count = rows.stop - rows.start
+        k0 = 0
+        while k0 < len(order):
+            chunk = _prefix_chunk(sequences, order, k0, max(1, budget // count))
+            example_cache = copy.deepcopy(cache)
+            example_cache.batch_select_indices(torch.arange(rows.start, rows.stop, device=attention_mask.device))
+            scores[rows, chunk] = _score_tree(model, hidden[rows], attention_mask[rows], first[rows], example_cache,
+                                              [sequences[k] for k in chunk], length_normalize, keyword)
+            k0 += len(chunk)
+    # A decoder whose steps from a cache do not give what a whole sequence gives (FSMT places positions by the
+    # tokens it is given) is scored the straightforward way; the longest candidate, decoded whole, tells.
+    longest = max(range(len(sequences)), key=lambda k: len(sequences[k]))
+    check = score_sequences(model, hidden, attention_mask, candidate_ids[longest:longest + 1], length_normalize)
+    if not torch.allclose(scores[:, longest:longest + 1], check, atol=1e-3, rtol=1e-3):
+        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                               chunk_logits)
+    return scores
+
+
+# The decoder caches of one rank-classification pass (self- and cross-attention keys and values of every row).
+RANK_CACHE_BYTES = 2**30
+
+
+def _shared_start(model, candidate_ids: torch.Tensor, sequences: list[list[int]]) -> int | None:
+    """The decoder start token when every candidate's decoder input is that token followed by the candidate's own
+    tokens but the last (what the prefix tree assumes), else None: mBART, PLBART and FSMT start each label with its
+    own last token (`shift_tokens_right` wraps it around)."""
+    decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=candidate_ids).tolist()
+    start = decoder_inputs[0][0]
+    for sequence, inputs in zip(sequences, decoder_inputs, strict=True):
+        if inputs[0] != start or inputs[1:len(sequence)] != sequence[:-1]:
+            return None
+    return start
+
+
+def _decoder_cache(outputs):
+    """The encoder-decoder cache a decoder step returned, if it is one whose rows can be selected (else None)."""
+    cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+    parts = (getattr(cache, "self_attention_cache", None), getattr(cache, "cross_attention_cache", None))
+    if not hasattr(cache, "batch_select_indices") or any(not hasattr(part, "layers") for part in parts):
+        return None
+    return cache
+
+
+def _cache_tensors(cache):
+    for part in (cache.self_attention_cache, cache.cross_attention_cache):
+        for layer in part.layers:
+            yield from (tensor for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                        if isinstance(tensor, torch.Tensor))
+
+
+def _prefix_chunk(sequences: list[list[int]], order: list[int], k0: int, limit: int) -> list[int]:
+    """The candidates `order[k0:k]` for the largest `k` whose prefix tree has at most `limit` prefixes at any depth
+    (at least one candidate)."""
+    levels: list[set] = []
+    k = k0
+    while k < len(order):
+        sequence = sequences[order[k]]
+        new = [tuple(sequence[:depth + 1]) for depth in range(len(sequence) - 1)]
+        grown = [len(levels[d]) + (prefix not in levels[d]) if d < len(levels) else 1 for d, prefix in enumerate(new)]
+        if k > k0 and max(grown, default=0) > limit:
+            break
+        for depth, prefix in enumerate(new):
+            if depth == len(levels):
+                levels.append(set())
+            levels[depth].add(prefix)
+        k += 1
+    return order[k0:k]
+
+
+def _score_tree(model, hidden, attention_mask, first, cache, sequences, length_normalize, keyword):
+    """Scores (B, K) of `sequences` by one decoder step per distinct prefix, level by level, each from its parent's
+    rows of `cache` (which holds the start token's step of these B examples). Each level's distributions are read
+    for the tokens that follow its prefixes, then dropped: memory holds one level's logits at a time."""
+    device, batch = attention_mask.device, attention_mask.shape[0]
+    total = torch.zeros(batch, len(sequences), device=device)
+    level: dict = {(): 0}  # the prefixes of this depth -> their index among them
+    log_probs = first  # (B * prefixes, V), example-major: the distribution after each prefix
+    for depth in range(max(len(sequence) for sequence in sequences)):
+        reading = [k for k, sequence in enumerate(sequences) if len(sequence) > depth]
+        at = torch.tensor([level[tuple(sequences[k][:depth])] for k in reading], device=device)
+        token = torch.tensor([sequences[k][depth] for k in reading], device=device)
+        total[:, reading] += log_probs.view(batch, len(level), -1)[:, at, token]
+        following = {}
+        for k in reading:
+            if len(sequences[k]) > depth + 1:
+                following.setdefault(tuple(sequences[k][:depth + 1]), len(following))
+        if not following:
+            break
+        parents = torch.tensor([level[prefix[:-1]] for prefix in following], device=device)
+        rows = (torch.arange(batch, device=device)[:, None] * len(level) + parents).flatten()
+        cache.batch_select_indices(rows)
+        example = rows // len(level)
+        tokens = torch.tensor([prefix[-1] for prefix in following], device=device).repeat(batch)[:, None]
+        outputs = model(encoder_outputs=(hidden.index_select(0, example),),
+                        attention_mask=attention_mask.index_select(0, example), decoder_input_ids=tokens,
+                        **{keyword: cache}, use_cache=True)
+        cache = _decoder_cache(outputs)
+        log_probs = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
+        level = following
+    lengths = torch.tensor([len(sequence) for sequence in sequences], device=device)
+    return total / lengths if length_normalize else total
+
+
+def score_sequences(
+    model, hidden: torch.Tensor, attention_mask: torch.Tensor, candidate_ids: torch.Tensor,
+    length_normalize: bool = True, chunk_rows: int = RANK_CHUNK_ROWS, chunk_logits: int = RANK_CHUNK_LOGITS,
+) -> torch.Tensor:
+    """What [`score_candidates`] returns, computed the straightforward way: every candidate's whole sequence decoded
+    for every example, shortest candidates first, a chunk at a time (each chunk cut to its own longest candidate).
+    Used for a model whose decoder returns no cache to reuse, and as the reference that
+    `benchmarks/rank_classification.py` and the tests compare with."""
+    batch, num_candidates = attention_mask.shape[0], candidate_ids.shape[0]
     lengths = (candidate_ids != IGNORE_INDEX).sum(dim=1)
     order = torch.argsort(lengths, stable=True).tolist()
     lengths = lengths.tolist()

@@ -13,7 +13,7 @@ from typing import Any
 
 from .data import data_file_format
 from .errors import InputError, RecipeError, first_line
-from .recipe import DataSection
+from .recipe import DataSection, safe_name
 from .schema import did_you_mean
 from .sections import DEFAULT_METRICS
 from .sources import builder_errors_unlogged
@@ -53,7 +53,7 @@ def starter_recipe(
         data_file, text_column, label_column, label_separator, encoding
     )
     recipe_dir = Path(output).resolve().parent
-    name = Path(output).stem
+    name = safe_name(Path(output).stem)
     notes = [f"{data_file.name}: {len(dataset)} rows"]
     data: dict[str, Any] = {
         "path": builder, "data_files": {"train": _relative(data_file, recipe_dir)}, "validation_size": 0.1,

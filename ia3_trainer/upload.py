@@ -2,27 +2,32 @@
 with no token in them.
 
 A push never writes into the folder it pushes: it copies the allow-listed files (`ADAPTER_FILE_PATTERNS`) into a
-temporary staging folder, writes the model card (`README.md`, for the repo pushed to) and `metrics.json` there,
-uploads that folder and always removes it. Every request to the Hub has a timeout (`IA3_TRAINER_HUB_TIMEOUT`
-seconds, 60 by default, to connect and for each read or write), and every message about a push goes through
-`errors.redact`: a server's error can echo the request's `Authorization` header. `ia3-trainer push` runs
-[`push_adapter_folder`]; [`~ia3_trainer.hub.PushAdapterToHubCallback`] stages and uploads in the background.
+temporary staging folder (regular files of the folder only: a symbolic link is skipped and named, never followed),
+takes the credentials out of every URL in `recipe.json` and `inference.json` there (`errors.redact_urls`), writes
+the model card (`README.md`, for the repo pushed to) and `metrics.json` there, uploads that folder and always
+removes it. Every request to the Hub has a timeout (`IA3_TRAINER_HUB_TIMEOUT` seconds, 60 by default, to connect
+and for each read or write), and every message about a push goes through `errors.redact`: a server's error can echo
+the request's `Authorization` header. `ia3-trainer push` runs [`push_adapter_folder`];
+[`~ia3_trainer.hub.PushAdapterToHubCallback`] stages and uploads in the background.
 """
 
 import fnmatch
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import HubError, IA3TrainerError, InputError, PathError, redact, shorten
+from .errors import HubError, IA3TrainerError, InputError, PathError, redact, redact_urls, shorten
 from .jsonfiles import write_json
 from .layout import CARD_FILE, INFERENCE_FILE
 from .model_card import card_metrics, card_tags, write_model_card
 from .network import TIMEOUT_VARIABLE, bound_hub_requests, hub_offline, request_timeout
 from .recipe import check_repo_id
 
+
+logger = logging.getLogger(__name__)
 
 # Everything a pushed adapter repo holds. Anything else in the folder (base weights, optimizer.pt, scheduler.pt,
 # rng_state*.pth, training_args.bin, trainer_state.json) stays local.
@@ -146,12 +151,26 @@ def stage_adapter(
             for name in GENERATED_FILES:  # peft's save_pretrained writes its own README.md
                 (staging / name).unlink(missing_ok=True)
         else:
-            for path in folder.iterdir():
-                if path.name not in GENERATED_FILES and path.is_file() and _allowed(path.name):
+            skipped = []
+            for path in sorted(folder.iterdir()):
+                if path.name in GENERATED_FILES or not _allowed(path.name):
+                    continue
+                if _inside(path, folder):
                     shutil.copy2(path, staging / path.name)
+                else:
+                    skipped.append(path.name)
+            if skipped:
+                logger.warning("Not pushed from %s: %s (only regular files inside the folder are uploaded, never "
+                               "symbolic links or what they point at)", folder, ", ".join(skipped))
         for name in ("recipe.json", INFERENCE_FILE):  # a checkpoint or an epoch snapshot shows its run's files too
-            if recipe_folder is not None and not (staging / name).exists() and (recipe_folder / name).is_file():
+            if recipe_folder is not None and not (staging / name).exists() and _inside(recipe_folder / name,
+                                                                                          recipe_folder):
                 shutil.copy2(recipe_folder / name, staging / name)
+        for name in ("recipe.json", INFERENCE_FILE):  # written by an older version, or by hand: no URL credential
+            if (staging / name).is_file():
+                text = (staging / name).read_text(encoding="utf-8", errors="surrogateescape")
+                if redact_urls(text) != text:
+                    (staging / name).write_text(redact_urls(text), encoding="utf-8", errors="surrogateescape")
         if metrics:
             write_json(staging / "metrics.json", metrics)
         tags = card_tags(folder) if folder is not None else None
@@ -231,6 +250,18 @@ def retry_advice(err: BaseException) -> str:
     if _is_timeout(err):
         return f"check the network (or raise {TIMEOUT_VARIABLE}) and push again"
     return "check the network and that HF_TOKEN may write to the repo, then push again"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is a regular file of `folder` itself: not a symbolic link (nor a file it points at), not a
+    folder, not a device or a pipe."""
+    import stat
+
+    try:
+        mode = path.lstat().st_mode
+        return stat.S_ISREG(mode) and path.resolve().parent == folder.resolve()
+    except OSError:  # gone, or a symlink loop in `folder`'s own path
+        return False
 
 
 def _allowed(name: str) -> bool:

@@ -36,6 +36,7 @@ for _variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE
 # repo): keep them with the caches instead.
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
+
 set_hypothesis_home_dir(os.path.join(HF_CACHE_ROOT, "hypothesis"))
 # Subprocesses run from a test's tmp_path, never from the repo: they find this checkout's package on PYTHONPATH.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -216,7 +216,7 @@ def test_recipes_hold_no_code(tmp_path):
     marker = tmp_path / "ran"
     code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
     raw = tiny_recipe(tmp_path)
-    raw["name"] = raw["description"] = code
+    raw["description"] = code  # (a name is one folder name of safe characters: test_trust.py)
     # Names of importable modules that nothing else imports: if a string field were imported, they would load.
     unused = ("this", "tabnanny", "ia3_trainer.no_such_module")
     assert not set(unused) & set(sys.modules)

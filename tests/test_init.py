@@ -86,7 +86,7 @@ def test_a_file_without_examples_says_so(tmp_path, capsys, name, content, messag
 
 def test_does_not_overwrite_without_force(tmp_path, capsys):
     output = tmp_path / "r.json"
-    output.write_text("{}")
+    output.write_text('{"model": {"name_or_path": "t5-small"}, "data": {"path": "json"}}')  # an earlier recipe
     args = ["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(TINY_MODEL_DIR),
             "-o", str(output)]
     with pytest.raises(SystemExit) as info:
@@ -102,13 +102,13 @@ def test_force_replaces_the_file_only_with_a_recipe_that_validates(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "outputs" / "r" / "r.json"
     output.parent.mkdir(parents=True)
-    output.write_text('{"my": "recipe"}\n')
+    output.write_text('{"name": "my", "model": {}, "data": {}}\n')
     with pytest.raises(SystemExit) as info:
         main(["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--model", str(TINY_MODEL_DIR),
               "-o", "outputs/r/r.json", "--force"])
     assert info.value.code == 2
     assert "training.output_dir: " in capsys.readouterr().err
-    assert output.read_text() == '{"my": "recipe"}\n'
+    assert output.read_text() == '{"name": "my", "model": {}, "data": {}}\n'
     assert sorted(path.name for path in output.parent.iterdir()) == ["r.json"]
 
 
@@ -137,3 +137,30 @@ def test_init_reads_text_lines_with_a_label_separator(tmp_path, capsys):
         main(["init", "--data", str(TINY_ASSETS / "tiny-sentiment.jsonl"), "--label-separator", "@",
               "-o", str(tmp_path / "r.json")])
     assert "--label-separator: only for .txt files" in capsys.readouterr().err
+
+
+def test_force_never_replaces_an_input_or_a_model_file(tmp_path, tiny_t5_dir, capsys):
+    data = tmp_path / "d.jsonl"
+    shutil.copy(TINY_ASSETS / "tiny-sentiment.jsonl", data)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_t5_dir, model)
+    (tmp_path / "link.json").symlink_to(data)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}\n')
+    files = [data, model / "config.json", model / "tokenizer_config.json", notes]
+    before = {path: path.read_bytes() for path in files}
+    for output, message in [
+        (data, f"--output: {data} is the data file --data reads; write the recipe to another file"),
+        (tmp_path / "link.json", "is the data file --data reads"),
+        (model / "config.json", f"--output: {model / 'config.json'} is in a model or adapter folder (it holds "
+                                "config.json); --force replaces only a recipe of yours"),
+        (model / "tokenizer_config.json", "is in a model or adapter folder"),
+        (notes, f"--output: {notes} exists and is not a recipe (--force replaces only a recipe written before, never "
+                "a data or model file); choose another file"),
+        (model, f"--output: {model} is a folder; give the recipe file to write"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["init", "--data", str(data), "--model", str(tiny_t5_dir), "-o", str(output), "--force"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert {path: path.read_bytes() for path in files} == before

@@ -11,8 +11,8 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallba
 
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
 from ia3_trainer.cli import main
-from ia3_trainer.errors import RunFolderError
 from ia3_trainer.data import build_collator, prepare_data
+from ia3_trainer.errors import RunFolderError
 from ia3_trainer.runs import LOCK_FILE, claim_output_dir
 
 from conftest import tiny_recipe

@@ -99,3 +99,71 @@ def test_the_plot_keeps_the_most_frequent_classes_and_sums_the_rest():
     ]
     assert cut.sum() == matrix.sum()
     assert most_frequent_classes(matrix, rows, columns, limit=4)[0] is matrix  # few enough: as given
+
+
+def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny_t5, tokenizer, monkeypatch):
+    """Rank classification scores each distinct label prefix once (`score_candidates`); the scores and the ranking
+    are those of decoding every label's whole sequence for every text (`score_sequences`, and the model's own loss,
+    one label at a time), whatever the chunking."""
+    import torch
+
+    from ia3_trainer import scoring
+
+    random.seed(1)
+    words = ["positive", "negative", "neutral", "up", "down", "sales rose", "sales fell", "a", "b c d e"]
+    labels = sorted({*words, *(f"c{i}" for i in range(300)),
+                     *(" ".join(random.choices(words, k=3)) for _ in range(60))})
+    candidates = scoring.candidate_label_ids(tokenizer, labels)
+    texts = ["Sales rose by 12 % .", "Profit fell .", "The board met on Monday to discuss the quarter ."]
+    model = tiny_t5.eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model.get_encoder()(**batch).last_hidden_state
+        reference = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates)
+        for normalize in (True, False):
+            expected = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates, normalize)
+            for rows in (4096, 40):
+                got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates, normalize,
+                                               chunk_rows=rows)
+                torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+                assert torch.equal(got.argmax(dim=-1), expected.argmax(dim=-1))
+        got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates)
+        monkeypatch.setattr(scoring, "RANK_CACHE_BYTES", 1)  # one example and one prefix per pass
+        few = candidates[::20]
+        torch.testing.assert_close(scoring.score_candidates(model, (hidden,), batch["attention_mask"], few),
+                                   reference[:, ::20], atol=2e-5, rtol=0)
+        # The model's own loss, one text and one label at a time, for a sample of labels.
+        for k in range(0, len(labels), 37):
+            target = tokenizer(text_target=labels[k], return_tensors="pt").input_ids
+            for i in range(len(texts)):
+                loss = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1],
+                             labels=target).loss
+                assert abs(-loss.item() - got[i, k].item()) < 2e-5, (labels[k], i)
+
+
+def test_every_decoder_gets_the_straightforward_scores(tokenizer):
+    """mBART starts each label with its own last token (the tree then starts from that shared token), and FSMT's
+    decoder steps from a cache do not match a whole sequence (it is scored the straightforward way): the scores are
+    those of `score_sequences` either way."""
+    import torch
+    import transformers
+
+    from ia3_trainer import scoring
+
+    tiny = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=32, decoder_ffn_dim=24, max_position_embeddings=64, dropout=0.0, pad_token_id=0,
+                eos_token_id=1, bos_token_id=2, decoder_start_token_id=0)
+    configs = [transformers.MBartConfig(vocab_size=512, **tiny),
+               transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=512, tgt_vocab_size=512, init_std=0.3,
+                                       **tiny)]
+    labels = ["positive", "negative", "neutral", "sales rose", "sales", "a b c", "c1", "c12", "c123", "x"]
+    candidates = scoring.candidate_label_ids(tokenizer, labels)
+    batch = tokenizer(["Sales rose by 12 % .", "Profit fell ."], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    for config in configs:
+        model = transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
+        with torch.no_grad():
+            hidden = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            expected = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates)
+            got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0, msg=config.model_type)

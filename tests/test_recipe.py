@@ -343,10 +343,10 @@ def test_keys_that_are_not_strings_are_one_problem(tmp_path):
 
 def test_only_path_fields_are_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    recipe = load_recipe("tiny", ["data.source_prefix=./", "name=./x", "data.text_column=../sentence",
+    recipe = load_recipe("tiny", ["data.source_prefix=./", "name=x.y", "data.text_column=../sentence",
                                   "training.run_name=./run", "training.output_dir=./out",
                                   "data.data_files.train=./d.jsonl", "model.tokenizer_name_or_path=../tok"])
-    assert recipe.data.source_prefix == "./" and recipe.name == "./x" and recipe.data.text_column == "../sentence"
+    assert recipe.data.source_prefix == "./" and recipe.name == "x.y" and recipe.data.text_column == "../sentence"
     assert recipe.training["run_name"] == "./run"
     raw = apply_overrides(tiny_recipe(tmp_path), ["training.deepspeed=./ds.json"])
     assert raw["training"]["deepspeed"] == str(tmp_path / "ds.json")
