@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, first_line, redact_urls
-from .jsonfiles import parse_value, read_json, write_json
+from .jsonfiles import read_json, write_json
 from .output_dir import check_output_dir
+from .overrides import (
+    OVERRIDE,
+    SECTION_CLASSES,
+    SECTIONS,
+    check_extra_sections,
+    override_pairs,
+)
+from .overrides import apply_overrides as apply_overrides  # public here: `ia3_trainer.apply_overrides`
 from .schema import (
     Problems,
     check_fields,
@@ -63,9 +71,6 @@ def safe_name(text: str) -> str:
     return name or "ia3-run"
 
 
-SECTIONS = ("name", "description", *RECIPE_SECTIONS)  # every key a recipe may have at its top
-SECTION_CLASSES = {key: section.checked_by for key, section in RECIPE_SECTIONS.items() if section.checked_by}
-OVERRIDE = "--set"  # where a problem in an override's value is blamed
 
 
 @dataclass
@@ -108,7 +113,7 @@ class Recipe:
         machine (building `IA3TrainingArguments`: bf16 support, DeepSpeed, config files), for a `recipe.json`
         written elsewhere.
         """
-        extra_sections = _check_extra_sections(extra_sections)
+        extra_sections = check_extra_sections(extra_sections)
         sections = (*SECTIONS, *extra_sections)
         where = str(source) if source is not None else "<recipe>"
         problems = Problems(where, overridden)
@@ -276,7 +281,7 @@ def load_recipe(
         raw = _read_recipe_file(source)
     overridden = {}
     if overrides:
-        overrides = dict(_override_pairs(overrides))  # parsed once; the last value of a key given twice wins
+        overrides = dict(override_pairs(overrides))  # parsed once; the last value of a key given twice wins
         raw = apply_overrides(raw, overrides, source=source, extra_sections=extra_sections)
         overridden = dict.fromkeys(overrides, OVERRIDE)
     return Recipe.from_dict(raw, source=source, extra_sections=extra_sections, overridden=overridden)
@@ -300,76 +305,6 @@ def load_saved_recipe(folder: str | Path, extra_sections: dict[str, type] | None
     return Recipe.from_dict(raw, source=path, extra_sections=extra_sections, portable=True)
 
 
-def apply_overrides(
-    raw: dict,
-    overrides: dict[str, Any] | list[str],
-    source: str | Path | None = None,
-    extra_sections: dict[str, type] | None = None,
-) -> dict:
-    """Return a copy of `raw` with dotted-key overrides applied; a key the schema does not have is an error.
-
-    A `./` or `../` value of a path field is made absolute against the current folder.
-    """
-    where = str(source) if source is not None else "<recipe>"
-    extra_sections = _check_extra_sections(extra_sections)
-    sections = (*SECTIONS, *extra_sections)
-    pairs = _override_pairs(overrides)
-    problems = Problems(where, {key: OVERRIDE for key, _ in pairs})
-    if not isinstance(raw, dict):  # Recipe.from_dict says so
-        return raw
-    check_json_data(raw, problems)
-    problems.raise_if_any()
-    result = copy.deepcopy(raw)
-    for key, value in pairs:
-        parts = key.split(".")
-        known = known_keys(parts[0], extra_sections)
-        if parts[0] not in sections:
-            problems.add(key, lambda part=parts[0]: f"unknown section{did_you_mean(part, sections)}")
-            continue
-        if known is None:  # name / description
-            if len(parts) != 1:
-                problems.add(key, f"{parts[0]} is a plain value, set it as {parts[0]}=...")
-                continue
-            result[parts[0]] = value
-            continue
-        if len(parts) < 2:
-            problems.add(key, f"name a field, e.g. {parts[0]}.{sorted(known)[0]}=...")
-            continue
-        if parts[1] not in known:
-            problems.add(key, lambda parts=parts, known=known:
-                         f"unknown key{did_you_mean(parts[1], known, parts[0] + '.')}")
-            continue
-        if _is_path_key(parts, value, extra_sections):
-            # A relative path typed on the command line (or passed in Python) means the current folder, not the
-            # recipe's.
-            value = resolve_path(value, Path.cwd())
-        node = result.setdefault(parts[0], {})
-        if not isinstance(node, dict):
-            problems.add(parts[0], f"must be a JSON object to override {key}")
-            continue
-        for part in parts[1:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.add(key, f"{part} is not an object, it cannot hold {parts[-1]}")
-                break
-        else:
-            node[parts[-1]] = value
-    problems.raise_if_any()
-    return result
-
-
-def known_keys(section: str, extra_sections: dict[str, type] | None = None) -> set[str] | None:
-    """The keys `section` may hold (None for the plain values `name` and `description`, and unknown sections)."""
-    classes = {**SECTION_CLASSES, **(extra_sections or {})}
-    if section in classes:
-        return {f.name for f in dataclasses.fields(classes[section])}
-    if section == "ia3":
-        return set(ia3_field_types()) - IA3_RESERVED
-    if section == "training":
-        return set(training_field_types())
-    return None
-
-
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
@@ -380,31 +315,6 @@ def _read_recipe_file(path: Path) -> Any:
         raise RecipeError(str(error)) from error
 
 
-def _override_pairs(overrides: dict[str, Any] | list[str]) -> list[tuple[str, Any]]:
-    if isinstance(overrides, dict):
-        for key in overrides:
-            if not isinstance(key, str):
-                raise RecipeError(f"{OVERRIDE}: {key!r}: keys must be strings (dotted keys, e.g. \"training.seed\"), "
-                                  f"got {type_name(key)}")
-        return list(overrides.items())
-    pairs = []
-    for item in overrides:
-        if not isinstance(item, str):
-            raise RecipeError(f"{OVERRIDE} {item!r}: expected a key=value string, got {type_name(item)}")
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"{OVERRIDE} {item!r}: expected key=value, e.g. training.learning_rate=1e-2")
-        pairs.append((key.strip(), parse_value(text)))
-    return pairs
-
-
-def _is_path_key(parts: list[str], value: Any, extra_sections: dict[str, type] | None) -> bool:
-    if parts[0] == "training":
-        return parts[1] in TRAINING_PATH_FIELDS and len(parts) == 2 and isinstance(value, str)
-    classes = {**SECTION_CLASSES, **(extra_sections or {})}
-    return parts[0] in classes and parts[1] in path_fields(classes[parts[0]])
-
-
 def _resolve_path_fields(section: Any, base: Path) -> None:
     if section is not None:
         for name in path_fields(type(section)):
@@ -413,14 +323,3 @@ def _resolve_path_fields(section: Any, base: Path) -> None:
 
 # The training keys that may name a JSON file of settings, which TrainingArguments reads.
 SETTINGS_FILES = ("accelerator_config", "deepspeed", "fsdp_config")
-
-
-def _check_extra_sections(extra_sections: dict[str, type] | None) -> dict[str, type]:
-    """A subclass's `recipe_sections` must be dataclasses with new names: a typo here is a programming error."""
-    extra_sections = dict(extra_sections or {})
-    for key, section in extra_sections.items():
-        if key in SECTIONS or key == "extra":
-            raise ValueError(f"recipe_sections: {key!r} is a built-in section; choose another name")
-        if not (isinstance(section, type) and dataclasses.is_dataclass(section)):
-            raise TypeError(f"recipe_sections[{key!r}]: expected a dataclass, got {type(section).__name__}")
-    return extra_sections

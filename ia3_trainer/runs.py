@@ -26,21 +26,19 @@ import os
 import re
 import shutil
 import socket
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import IA3TrainerError, RunFolderError, first_line, redact_urls
 from .fingerprint import check_same_data
-from .jsonfiles import read_json, write_json
+from .jsonfiles import write_json
 from .layout import METADATA_FILES, REPORT_FILES, STAGING_PREFIX, checkpoint_damage, checkpoint_folders
 from .resuming import check_same_precision, check_same_recipe, precision, run_precision
+from .run_record import RUN_FILE, checkpoint_recipe, lock_holder, new_record, now, read_record
 
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 # What a run writes at the top of its output_dir (the adapter, tokenizer, metadata, model card, results, report):
 # `--overwrite` removes these and the folders below, and nothing else.
@@ -155,24 +153,24 @@ class RunFolder:
             raise no_checkpoint_error(folder)
         if not continuing:
             check_fresh(folder, overwrite)
-        record = _read_record(folder)
+        record = read_record(folder)
         if continuing:
             saved = redact_urls(record.get("recipe")) if record else None  # a run.json may lack it (_read_record)
             if saved is None:
-                saved = _checkpoint_recipe(checkpoint_folders(folder))
+                saved = checkpoint_recipe(checkpoint_folders(folder))
             # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
             check_same_precision(run_precision(record, saved), precision, saved, recipe, folder)
             check_same_recipe(saved, recipe, folder)
-            record = {**(record or _new_record(None, precision)), "recipe": recipe}
+            record = {**(record or new_record(None, precision)), "recipe": recipe}
             record.setdefault("precision", precision)  # a run.json from before precision was recorded
-            record["resumed"] = [*record.get("resumed", []), _now()]
+            record["resumed"] = [*record.get("resumed", []), now()]
             return record, True
         if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
-            saved = _checkpoint_recipe([Path(checkpoint)])
-            earlier = run_precision(_read_record(Path(checkpoint).parent), saved)
+            saved = checkpoint_recipe([Path(checkpoint)])
+            earlier = run_precision(read_record(Path(checkpoint).parent), saved)
             check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
             check_same_recipe(saved, recipe, Path(checkpoint))
-        return _new_record(recipe, precision), False
+        return new_record(recipe, precision), False
 
     def begin(self, args, data=None) -> None:
         """Right before training (once the data and the model loaded): refuse continuing the run on other data than
@@ -222,11 +220,11 @@ class RunFolder:
                 return
             raise RunFolderError(
                 key="training.output_dir",
-                problem=f"{self.path} is in use by another run ({_holder(self.path / LOCK_FILE)})",
+                problem=f"{self.path} is in use by another run ({lock_holder(self.path / LOCK_FILE)})",
                 fix="wait for it to end, or choose another training.output_dir",
             ) from None
         self._lock = descriptor
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
         try:
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
@@ -327,14 +325,14 @@ def _owning_run(folder: Path) -> str | None:
                 folder.parent)[0])):
         return f"a checkpoint folder of the run in {folder.parent}"
     for parent in folder.parents:
-        record = _read_record(parent) if (parent / RUN_FILE).is_file() else None
+        record = read_record(parent) if (parent / RUN_FILE).is_file() else None
         if record is not None and "run_id" in record:  # a run's record, not a recipe file named run.json
             return f"inside the run in {parent}"
     return None
 
 
 def _describe_run(folder: Path) -> str:
-    record = _read_record(folder) or {}
+    record = read_record(folder) or {}
     parts = []
     if isinstance(record.get("recipe"), dict) and record["recipe"].get("name"):
         parts.append(f"recipe {record['recipe']['name']!r}")
@@ -363,53 +361,3 @@ def _remove_run_files(folder: Path) -> None:
 def _some(names: list[str], shown: int = 3) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
-
-
-# The fields of run.json that the rules read, each with whether a value of it is usable.
-_RECORD_FIELDS = {
-    "recipe": lambda value: isinstance(value, dict),
-    "precision": lambda value: value in ("bf16", "fp16", "fp32"),
-    "resumed": lambda value: isinstance(value, list),
-    "started": lambda value: isinstance(value, str),
-    "data": lambda value: isinstance(value, dict),
-}
-
-
-def _read_record(folder: Path) -> dict | None:
-    """The folder's run.json, a field missing or of another kind (a file edited by hand or damaged) left out: every
-    process must fail here with the same OSError or ValueError (`_agree`), never a KeyError or TypeError."""
-    try:
-        record = read_json(folder / RUN_FILE)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    return {key: value for key, value in record.items() if key not in _RECORD_FIELDS or _RECORD_FIELDS[key](value)}
-
-
-def _new_record(recipe: dict | None, precision: str | None) -> dict:
-    return {"run_id": uuid.uuid4().hex, "started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
-            "resumed": [], "precision": precision, "recipe": recipe}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _holder(lock_file: Path) -> str:
-    try:
-        holder = json.loads(lock_file.read_text(encoding="utf-8"))
-        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that is starting"  # it holds the lock and has not written its name yet
-
-
-def _checkpoint_recipe(checkpoints: list[Path]) -> dict | None:
-    """The recipe a run without `run.json` (an older version's) saved beside its newest checkpoint."""
-    for checkpoint in checkpoints:
-        try:
-            recipe = read_json(checkpoint / "recipe.json")
-        except (OSError, ValueError):
-            continue
-        return redact_urls(recipe) if isinstance(recipe, dict) else None  # compared with a redacted recipe
-    return None

@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import InputError, RecipeError
 from .jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
-from .recipe import OVERRIDE, Recipe, load_recipe
+from .overrides import OVERRIDE
+from .recipe import Recipe, load_recipe
 from .runs import check_fresh
 
 

@@ -21,7 +21,7 @@ from .resuming import check_finished
 from .saving import SavingMixin
 from .scoring import teacher_forced_inputs, token_nll
 from .threads import cpu_threads
-from .training_args import IA3TrainingArguments
+from .training_args import IA3TrainingArguments, pad_multiple
 
 
 logger = logging.getLogger(__name__)
@@ -122,23 +122,21 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         if getattr(args, "fused_kernels", False):
             kernels.fuse_modules(model)
         self.atomic_checkpoints = AtomicCheckpoints()  # Trainer asks _get_output_dir during __init__ already
-        output_dir = getattr(args, "output_dir", None)
-        made = output_dir is not None and not Path(output_dir).exists()
+        made = args is not None and not Path(args.output_dir).exists()
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or build_collator(processing_class, model, _pad_multiple(args)),
+            data_collator=data_collator or build_collator(processing_class, model, pad_multiple(args)),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            # Never None: Trainer.evaluate gathers no predictions when compute_metrics is None, and the built-in
-            # metrics need them.
+            # Never None: Trainer.evaluate gathers no predictions without compute_metrics; our metrics need them.
             compute_metrics=compute_metrics or no_extra_metrics,
             **kwargs,
         )
         if made:  # Trainer made output_dir; the run's claim makes it (and removes it when the run cannot start)
             with contextlib.suppress(OSError):
-                Path(output_dir).rmdir()
+                Path(args.output_dir).rmdir()
         if getattr(args, "non_finite_loss", "stop") == "skip" and self.is_deepspeed_enabled:
             raise RecipeError(
                 key="training.non_finite_loss",
@@ -396,12 +394,3 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         else:
             encode = f"custom:{preprocess.__module__}.{preprocess.__qualname__}"
         return {"label_names": self.candidate_labels, "max_new_tokens": self.generation_bound(), "encode": encode}
-
-
-def _pad_multiple(args) -> int | None:
-    """Pad to a multiple of 16 with compiled blocks (each new length is a new graph to compile and capture), else of
-    8 on GPU (tensor cores) and under bf16 (CPU: bounds the shapes oneDNN caches kernels for); fp32 on CPU pads to the
-    longest sequence only, as a multiple adds work there (benchmarks/throughput.py)."""
-    if getattr(args, "compile_blocks", False):
-        return 16
-    return 8 if args.device.type == "cuda" or args.bf16 else None

@@ -177,3 +177,12 @@ def default_bf16(use_cpu: bool, compile_blocks: bool = False) -> bool:
     cpu = torch.cpu
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def pad_multiple(args) -> int | None:
+    """Pad to a multiple of 16 with compiled blocks (each new length is a new graph to compile and capture), else of
+    8 on GPU (tensor cores) and under bf16 (CPU: bounds the shapes oneDNN caches kernels for); fp32 on CPU pads to the
+    longest sequence only, as a multiple adds work there (benchmarks/throughput.py)."""
+    if getattr(args, "compile_blocks", False):
+        return 16
+    return 8 if args.device.type == "cuda" or args.bf16 else None

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ia3_trainer import RecipeError, load_recipe
 from ia3_trainer.cli import main
-from ia3_trainer.recipe import SECTIONS, known_keys
+from ia3_trainer.overrides import SECTIONS, known_keys
 
 from conftest import TINY_MODEL_DIR, tiny_recipe
 

@@ -208,7 +208,7 @@ def test_only_keys_that_do_not_change_training_may_change():
 
 
 def test_every_resumable_key_is_a_recipe_key():
-    from ia3_trainer.recipe import known_keys
+    from ia3_trainer.overrides import known_keys
     from ia3_trainer.resuming import RESUMABLE
 
     for key in RESUMABLE:
