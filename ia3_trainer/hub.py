@@ -123,15 +123,10 @@ class PushAdapterToHubCallback(TrainerCallback):
             raise ValueError(f"max_retries: must be 0 or more, got {max_retries}")
         if backoff_seconds < 0:
             raise ValueError(f"backoff_seconds: must be 0 or more, got {backoff_seconds}")
-        self.repo_id = repo_id
-        self.private = private
-        self.strategy = strategy
-        self.endpoint = endpoint
+        self.repo_id, self.private, self.strategy, self.endpoint = repo_id, private, strategy, endpoint
         self.timeout = request_timeout(timeout)
         self.wait_limit = WAIT_FACTOR * self.timeout
-        self.max_retries = max_retries
-        self.backoff_seconds = backoff_seconds
-        self.save_final = save_final
+        self.max_retries, self.backoff_seconds, self.save_final = max_retries, backoff_seconds, save_final
         self._token = token
         self.pushed_commits: list[str] = []
         self.final_commit: str | None = None
