@@ -56,6 +56,12 @@ def test_the_python_api_and_the_command_line_leave_the_same_files(tmp_path, caps
                 "README.md", "base-model", "checkpoint-4"}
     assert expected <= set(names(python_dir / "out"))
     assert names(python_dir / "out") == names(cli_dir / "out")
+    # A sweep trial runs the same lifecycle: its folder holds the same files.
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(tiny_recipe(tmp_path / "sweep", **RUN)))
+    assert main(["sweep", str(sweep), "--grid", "training.seed=42"]) == 0
+    (trial,) = [folder for folder in (tmp_path / "sweep" / "out").iterdir() if (folder / "run.json").is_file()]
+    assert names(trial) == names(python_dir / "out")
     # What the Python call returns is what it wrote, and what the command line printed.
     results = json.loads((python_dir / "out" / "all_results.json").read_text())
     assert output.metrics == pytest.approx(results)
