@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from ia3_trainer.predictor import IA3Predictor
+    from ia3_trainer.inference.predictor import IA3Predictor
 
     sentences = [json.loads(line)["sentence"] for line in TINY_DATA.read_text().splitlines() if line.strip()]
     rng = random.Random(args.seed)

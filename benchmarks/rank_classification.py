@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from ia3_trainer.scoring import candidate_label_ids, score_candidates, score_sequences
+    from ia3_trainer.modeling.scoring import candidate_label_ids, score_candidates, score_sequences
 
     if args.threads:
         torch.set_num_threads(args.threads)

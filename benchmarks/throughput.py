@@ -136,13 +136,14 @@ def prepare(args, work: Path) -> dict:
 
 
 def shared_evaluation(model, tokenizer, eval_file: str) -> dict:
-    """Eval loss, generated-label accuracy and rank accuracy through `IA3Predictor.score` (ia3_trainer.scoring)."""
+    """Eval loss, generated-label accuracy and rank accuracy through `IA3Predictor.score`
+    (ia3_trainer.modeling.scoring)."""
     from datasets import load_dataset
 
     from ia3_trainer import IA3Predictor
-    from ia3_trainer.data import encode_batch, tokenize
-    from ia3_trainer.metrics import eval_metrics
-    from ia3_trainer.recipe import DataSection
+    from ia3_trainer.data.encoding import encode_batch, tokenize
+    from ia3_trainer.evaluation.metrics import eval_metrics
+    from ia3_trainer.recipe.loading import DataSection
 
     data = DataSection(path="json", max_source_length=128, max_target_length=3, label_names=LABELS)
     dataset = tokenize(load_dataset("json", data_files=eval_file, split="train"), tokenizer, data, encode_batch)

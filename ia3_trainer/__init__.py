@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
-from .errors import (
+from ia3_trainer.errors import (
     DataError,
     HubError,
     IA3TrainerError,
@@ -14,35 +14,35 @@ from .errors import (
     RecipeError,
     RunFolderError,
 )
-from .recipe import Recipe, apply_overrides, load_recipe
-from .sections import DataSection, EvalSection, HubSection, ModelSection
+from ia3_trainer.recipe.loading import Recipe, apply_overrides, load_recipe
+from ia3_trainer.recipe.sections import DataSection, EvalSection, HubSection, ModelSection
 
 
 def __getattr__(name):
     # The trainer pulls in torch and transformers; import it only when asked for, so that
     # `ia3-trainer --help` and `ia3-trainer validate` start at once.
     if name == "IA3Seq2SeqTrainer":
-        from .trainer import IA3Seq2SeqTrainer
+        from ia3_trainer.training.trainer import IA3Seq2SeqTrainer
 
         return IA3Seq2SeqTrainer
     if name == "IA3Predictor":
-        from .predictor import IA3Predictor
+        from ia3_trainer.inference.predictor import IA3Predictor
 
         return IA3Predictor
     if name == "merge_adapter":
-        from .merging import merge_adapter
+        from ia3_trainer.inference.merging import merge_adapter
 
         return merge_adapter
     if name == "IA3TrainingArguments":
-        from .training_args import IA3TrainingArguments
+        from ia3_trainer.recipe.training_args import IA3TrainingArguments
 
         return IA3TrainingArguments
     if name == "PreparedData":
-        from .data import PreparedData
+        from ia3_trainer.data.preparation import PreparedData
 
         return PreparedData
     if name == "PushAdapterToHubCallback":
-        from .hub import PushAdapterToHubCallback
+        from ia3_trainer.hub.callback import PushAdapterToHubCallback
 
         return PushAdapterToHubCallback
     raise AttributeError(f"module 'ia3_trainer' has no attribute {name!r}")

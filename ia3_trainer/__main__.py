@@ -4,7 +4,7 @@ import sys
 
 
 try:
-    from .cli import main
+    from ia3_trainer.cli.main import main
 except KeyboardInterrupt:  # Ctrl-C while the CLI itself imports: one line, as `main` says it once it runs
     print("ia3-trainer: interrupted", file=sys.stderr)
     sys.exit(130)

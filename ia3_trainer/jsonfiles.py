@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, PathError, first_line
+from ia3_trainer.errors import InputError, PathError, first_line
 
 
 class _NotFinite(ValueError):

@@ -3,7 +3,7 @@ whole one from a damaged one, reading a `.safetensors` header, and publishing a 
 
 Every layer that reads or writes a run folder (training, the Hub push, inference, the report) uses these, so this
 module sits at the bottom beside `errors` and `jsonfiles` and imports nothing else of the package's; the act of
-checkpointing (staging, barriers, rotation) is `ia3_trainer.checkpoints`'s.
+checkpointing (staging, barriers, rotation) is `ia3_trainer.training.checkpoints`'s.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import first_line
-from .jsonfiles import read_json
+from ia3_trainer.errors import first_line
+from ia3_trainer.jsonfiles import read_json
 
 
 # Written by IA3Seq2SeqTrainer beside every adapter it saves: what training derived from the data (label set,
 # generation bound) and how it encoded sources; IA3Predictor reads it.
 INFERENCE_FILE = "inference.json"
-CARD_FILE = "README.md"  # the model card (`ia3_trainer.model_card` writes it)
+CARD_FILE = "README.md"  # the model card (`ia3_trainer.hub.model_card` writes it)
 # Files that describe the adapter beside them: published after it, in this order (the card, which a Hub push reads,
 # last), so that they never describe what is not there.
 METADATA_FILES = ("recipe.json", INFERENCE_FILE, CARD_FILE)
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N` matches neither Trainer's `^checkpoint-\d+$` nor its `checkpoint-*` glob
-# The evaluation report (`ia3_trainer.report` writes them).
+# The evaluation report (`ia3_trainer.evaluation.report` writes them).
 REPORT_FILE = "eval_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 
-from .errors import InputError, first_line
+from ia3_trainer.errors import InputError, first_line
 
 
 logger = logging.getLogger(__name__)

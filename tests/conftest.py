@@ -186,7 +186,7 @@ def tiny_t5_dir(tmp_path_factory, _tiny_t5_session):
 
 def tiny_recipe(tmp_path, **overrides) -> dict:
     """The shipped tiny recipe as a dict, writing into tmp_path, shortened to a few steps; dotted overrides."""
-    from ia3_trainer.recipe import apply_overrides
+    from ia3_trainer.recipe.loading import apply_overrides
 
     raw = json.loads((REPO / "recipes" / "tiny.json").read_text())
     raw["model"]["name_or_path"] = str(TINY_MODEL_DIR)
@@ -205,8 +205,8 @@ def generate_one_by_one(trainer, dataset=None) -> tuple[list[str], list[str]]:
     evaluation independent of the batched one, to check its metrics against."""
     import torch
 
-    from ia3_trainer.data import longest_labels
-    from ia3_trainer.metrics import decode
+    from ia3_trainer.data.labels import longest_labels
+    from ia3_trainer.evaluation.metrics import decode
 
     model, tokenizer = trainer.model.eval(), trainer.processing_class
     dataset = dataset if dataset is not None else trainer.eval_dataset

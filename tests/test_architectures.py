@@ -4,7 +4,13 @@ import pytest
 import torch
 import transformers
 
-from ia3_trainer.architectures import IA3_TARGETS, PEFT_DEFAULTS, build_ia3_config, ia3_targets, warn_partial_matches
+from ia3_trainer.modeling.architectures import (
+    IA3_TARGETS,
+    PEFT_DEFAULTS,
+    build_ia3_config,
+    ia3_targets,
+    warn_partial_matches,
+)
 
 from conftest import tiny_t5_like
 
@@ -201,7 +207,7 @@ def _tiny(model_type):
 
 def test_build_ia3_config_fills_what_is_null(caplog):
     model = _tiny("mbart")
-    with caplog.at_level("INFO", logger="ia3_trainer.architectures"):
+    with caplog.at_level("INFO", logger="ia3_trainer.modeling.architectures"):
         config = build_ia3_config(model, {"target_modules": None, "feedforward_modules": None, "modules_to_save": []})
     assert (config.target_modules, config.feedforward_modules) == ({"k_proj", "v_proj", "fc2"}, {"fc2"})
     assert config.task_type == "SEQ_2_SEQ_LM"
@@ -298,7 +304,7 @@ def test_recipe_without_targets_takes_the_table(tmp_path):
 
 
 def test_cli_lists_every_family(capsys):
-    from ia3_trainer.cli import main
+    from ia3_trainer.cli.main import main
 
     assert main(["list-architectures"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer.cli import main
-from ia3_trainer.predictor import IA3Predictor
+from ia3_trainer.cli.main import main
+from ia3_trainer.inference.predictor import IA3Predictor
 
 from conftest import TINY_ASSETS, tiny_recipe
 
@@ -25,7 +25,8 @@ def one_line_errors_are_package_errors(monkeypatch):
     bug, shown with its traceback)."""
     import sys
 
-    from ia3_trainer import IA3TrainerError, cli
+    import ia3_trainer.cli.main as cli
+    from ia3_trainer import IA3TrainerError
 
     said = []
     exit_ = cli._Parser.exit
@@ -294,7 +295,7 @@ TRACEBACK_CASES = {
 
 @pytest.mark.parametrize("name", list(TRACEBACK_CASES))
 def test_input_that_ended_in_a_traceback_is_one_line(name, adapter, tiny_t5_dir, tmp_path, capsys, monkeypatch):
-    from ia3_trainer import modeling
+    from ia3_trainer.modeling import loading as modeling
 
     build, *expected = TRACEBACK_CASES[name]
     monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)

@@ -30,10 +30,10 @@ from transformers import (
 )
 
 from ia3_trainer.errors import HubError, PathError
-from ia3_trainer.hub import STRATEGIES, PushAdapterToHubCallback
-from ia3_trainer.model_card import write_model_card
+from ia3_trainer.hub.callback import STRATEGIES, PushAdapterToHubCallback
+from ia3_trainer.hub.model_card import write_model_card
+from ia3_trainer.hub.upload import push_adapter_folder
 from ia3_trainer.network import bound_hub_requests
-from ia3_trainer.upload import push_adapter_folder
 
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub
 
@@ -195,7 +195,7 @@ def test_a_push_that_cannot_be_staged_is_reported_and_training_goes_on(tiny, hub
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / f"gone-{token}"))  # mkdtemp fails, naming it
     callback = PushAdapterToHubCallback(REPO_ID, strategy="epoch", token=token, endpoint=hub.endpoint)
     output_dir = tmp_path / "out"
-    with caplog.at_level(logging.ERROR, logger="ia3_trainer.hub"):
+    with caplog.at_level(logging.ERROR, logger="ia3_trainer.hub.callback"):
         trainer = train(tiny, output_dir, callback, max_steps=-1, num_train_epochs=2)
 
     assert trainer.state.global_step == 8 and (output_dir / "adapter_model.safetensors").is_file()
@@ -367,7 +367,7 @@ def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
     # Any of datasets' builders of files is no Hub dataset: the card and data loading ask the same function.
     recipe = {"data": {"path": "imagefolder", "data_files": "pictures/*.png"}}
     assert huggingface_hub.ModelCard.load(write_model_card(tmp_path, recipe=recipe)).data.datasets is None
-    from ia3_trainer.sources import is_hub_dataset
+    from ia3_trainer.data.sources import is_hub_dataset
 
     paths = ["takala/financial_phrasebank", "csv", "webdataset", "imagefolder", str(tmp_path), None, ""]
     assert [is_hub_dataset(path) for path in paths] == [True, False, False, False, False, False, False]
@@ -568,7 +568,7 @@ def test_an_adapter_download_from_a_hub_that_never_answers_ends_in_bounded_time(
     from huggingface_hub.utils import _http
 
     from ia3_trainer import network
-    from ia3_trainer.adapters import resolve_adapter
+    from ia3_trainer.inference.adapters import resolve_adapter
 
     monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)  # restored after the test
     monkeypatch.setattr(_http, "_GLOBAL_CLIENT", None)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 
 from conftest import tiny_recipe
 
@@ -102,8 +102,8 @@ def test_validate_builds_no_trainer_callback_or_model(tmp_path, monkeypatch, cap
     import peft
     import transformers
 
-    from ia3_trainer.hub import PushAdapterToHubCallback
-    from ia3_trainer.trainer import IA3Seq2SeqTrainer
+    from ia3_trainer.hub.callback import PushAdapterToHubCallback
+    from ia3_trainer.training.trainer import IA3Seq2SeqTrainer
 
     def refuse(self, *args, **kwargs):  # not a ValueError/TypeError, which validate or the CLI would turn into a line
         raise AssertionError(f"validate built a {type(self).__name__}")
@@ -200,7 +200,8 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, key, value, message):
 
 
 def test_package_errors_are_one_redacted_line_in_the_flags_words(tmp_path, capsys, monkeypatch):
-    from ia3_trainer import cli, errors
+    import ia3_trainer.cli.main as cli
+    from ia3_trainer import errors
 
     token = "hf_" + "Q" * 34
     monkeypatch.setenv("HF_TOKEN", token)
@@ -214,7 +215,7 @@ def test_package_errors_are_one_redacted_line_in_the_flags_words(tmp_path, capsy
                   errors.HubError("could not push: Authorization: Bearer abcdefgh1"),
                   errors.RunFolderError(key="training.output_dir", problem="cannot write: No space left on device"),
                   errors.MissingPackageError("the rouge metric needs rouge_score")):
-        monkeypatch.setattr(cli, "_train", fail(error))
+        monkeypatch.setattr(cli, "train_command", fail(error))
         with pytest.raises(SystemExit) as info:
             main(["train", "tiny", "--set", f"training.output_dir={tmp_path / 'out'}"])
         assert info.value.code == 2
@@ -224,7 +225,7 @@ def test_package_errors_are_one_redacted_line_in_the_flags_words(tmp_path, capsy
     # What a Python caller is told by argument (overwrite=True, merged_dir), the command line says by its flags.
     said = errors.PathError(key="merged_dir", problem="m is not empty", fix="pass overwrite=True to replace it")
     assert str(said) == "merged_dir: m is not empty; pass overwrite=True to replace it"
-    monkeypatch.setattr(cli, "_train", fail(said))
+    monkeypatch.setattr(cli, "train_command", fail(said))
     with pytest.raises(SystemExit):
         main(["train", "tiny", "--set", f"training.output_dir={tmp_path / 'out'}"])
     said = "ia3-trainer: error: MERGED_DIR: m is not empty; pass --overwrite to replace it\n"
@@ -240,7 +241,7 @@ def test_package_errors_are_one_redacted_line_in_the_flags_words(tmp_path, capsy
 
 
 def test_a_bug_is_a_traceback_and_how_to_report_it_not_a_bad_input_line(tmp_path, capsys, monkeypatch):
-    from ia3_trainer.recipe import Recipe
+    from ia3_trainer.recipe.loading import Recipe
 
     token = "hf_" + "R" * 34
     monkeypatch.setenv("HF_TOKEN", token)

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from ia3_trainer import RecipeError, load_recipe
-from ia3_trainer.data import check_label_lengths, load_splits, prepare_data
+from ia3_trainer.data.labels import check_label_lengths
+from ia3_trainer.data.preparation import prepare_data
+from ia3_trainer.data.splits import load_splits
 
 from conftest import tiny_recipe
 

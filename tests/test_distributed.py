@@ -15,7 +15,7 @@ import pytest
 from peft import AutoPeftModelForSeq2SeqLM
 
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
-from ia3_trainer.data import prepare_data
+from ia3_trainer.data.preparation import prepare_data
 
 from conftest import free_port, tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer

@@ -11,10 +11,11 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from ia3_trainer import IA3Predictor, IA3Seq2SeqTrainer, IA3TrainingArguments
-from ia3_trainer.cli import main
-from ia3_trainer.data import encode_batch, longest_labels
+from ia3_trainer.cli.main import main
+from ia3_trainer.data.encoding import encode_batch
+from ia3_trainer.data.labels import longest_labels
+from ia3_trainer.evaluation.metrics import decode
 from ia3_trainer.layout import REPORT_FILE
-from ia3_trainer.metrics import decode
 
 from conftest import tiny_recipe
 
@@ -238,7 +239,7 @@ def test_evaluating_another_dataset_bounds_generation_by_its_own_labels(tmp_path
 
 
 def _data():
-    from ia3_trainer.recipe import DataSection
+    from ia3_trainer.recipe.loading import DataSection
 
     return DataSection(path="json", text_column="sentence", label_column="label", max_target_length=32)
 

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ia3_trainer import RecipeError, load_recipe
-from ia3_trainer.cli import main
-from ia3_trainer.overrides import SECTIONS, known_keys
+from ia3_trainer.cli.main import main
+from ia3_trainer.recipe.overrides import SECTIONS, known_keys
 
 from conftest import TINY_MODEL_DIR, tiny_recipe
 
@@ -229,7 +229,7 @@ def test_recipes_hold_no_code(tmp_path):
     for key in ("_component_", "_target_", "__class__"):
         for section in ("model", "data", "training", "ia3", "hub"):
             bad = tiny_recipe(tmp_path)
-            bad.setdefault(section, {})[key] = "ia3_trainer.trainer.IA3Seq2SeqTrainer"
+            bad.setdefault(section, {})[key] = "ia3_trainer.training.trainer.IA3Seq2SeqTrainer"
             with pytest.raises(RecipeError, match=rf": {section}\.{key}: unknown key"):
                 load_recipe(bad)
 

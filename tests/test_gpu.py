@@ -101,7 +101,7 @@ def test_a_nan_step_never_reaches_the_vectors(tmp_path, compile_blocks):
 def test_fused_modules_match_on_cuda():
     from transformers import MT5Config, MT5ForConditionalGeneration
 
-    from ia3_trainer.kernels import fuse_modules
+    from ia3_trainer.modeling.kernels import fuse_modules
 
     torch.manual_seed(0)
     config = MT5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=4, num_decoder_layers=4,

@@ -11,7 +11,7 @@ from peft import IA3Config
 from transformers import TrainerCallback
 
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, apply_overrides, load_recipe
-from ia3_trainer.data import encode_batch
+from ia3_trainer.data.encoding import encode_batch
 
 from conftest import tiny_recipe
 

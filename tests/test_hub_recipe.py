@@ -15,7 +15,7 @@ import pytest
 from transformers import Seq2SeqTrainingArguments
 
 from ia3_trainer import IA3Seq2SeqTrainer, PushAdapterToHubCallback, RecipeError
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 
 from conftest import tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer, closed_endpoint, use_hub

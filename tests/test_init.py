@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
-from ia3_trainer.cli import main
-from ia3_trainer.metrics import label_accuracy
+from ia3_trainer.cli.main import main
+from ia3_trainer.evaluation.metrics import label_accuracy
 
 from conftest import TINY_ASSETS, TINY_MODEL_DIR, generate_one_by_one
 
@@ -128,7 +128,7 @@ def test_init_reads_text_lines_with_a_label_separator(tmp_path, capsys):
     assert (recipe.data.path, recipe.data.label_separator, recipe.data.load_kwargs) == ("text", "@",
                                                                                       {"encoding": "latin-1"})
     assert recipe.data.label_names == ["negative", "neutral", "positive"]
-    from ia3_trainer.data import load_splits
+    from ia3_trainer.data.splits import load_splits
 
     train, _ = load_splits(dataclasses.replace(recipe.data, validation_size=0))
     assert list(zip(train["sentence"], train["label"], strict=True))[:3] == rows  # split at the last @

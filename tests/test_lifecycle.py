@@ -10,10 +10,11 @@ import pytest
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
-from ia3_trainer.cli import main
-from ia3_trainer.data import build_collator, prepare_data
+from ia3_trainer.cli.main import main
+from ia3_trainer.data.encoding import build_collator
+from ia3_trainer.data.preparation import prepare_data
 from ia3_trainer.errors import RunFolderError
-from ia3_trainer.runs import LOCK_FILE, claim_output_dir
+from ia3_trainer.training.runs import LOCK_FILE, claim_output_dir
 
 from conftest import tiny_recipe
 

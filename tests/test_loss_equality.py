@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 
 from conftest import assert_same_adapter, free_port, tiny_recipe
 

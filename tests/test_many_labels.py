@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from ia3_trainer.report import OTHER_CLASSES, most_frequent_classes
+from ia3_trainer.evaluation.report import OTHER_CLASSES, most_frequent_classes
 
 from conftest import REPO, TINY_MODEL_DIR
 
@@ -23,7 +23,7 @@ def png_size(path) -> tuple[int, int]:
 
 RUNNER = r"""
 import json, resource, sys, time
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 
 results = []
 for recipe in sys.argv[1:]:
@@ -107,7 +107,7 @@ def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny
     one label at a time), whatever the chunking."""
     import torch
 
-    from ia3_trainer import scoring
+    from ia3_trainer.modeling import scoring
 
     random.seed(1)
     words = ["positive", "negative", "neutral", "up", "down", "sales rose", "sales fell", "a", "b c d e"]
@@ -148,7 +148,7 @@ def test_every_decoder_gets_the_straightforward_scores(tokenizer):
     import torch
     import transformers
 
-    from ia3_trainer import scoring
+    from ia3_trainer.modeling import scoring
 
     tiny = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                 encoder_ffn_dim=32, decoder_ffn_dim=24, max_position_embeddings=64, dropout=0.0, pad_token_id=0,

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ia3_trainer.metrics import decode, eval_metrics, label_accuracy, perplexity
-from ia3_trainer.scoring import EvalOutputs
+from ia3_trainer.evaluation.metrics import decode, eval_metrics, label_accuracy, perplexity
+from ia3_trainer.modeling.scoring import EvalOutputs
 
 
 def test_perplexity_is_exp_of_token_mean():
@@ -60,7 +60,7 @@ def test_rank_accuracy_compares_candidates_as_the_tokenizer_decodes_them(tokeniz
 def test_on_decoded_gives_a_function_the_texts_of_both_sides(tokenizer):
     from transformers import EvalPrediction
 
-    from ia3_trainer.metrics import on_decoded
+    from ia3_trainer.evaluation.metrics import on_decoded
 
     seen = []
 
@@ -80,11 +80,13 @@ def test_on_decoded_gives_a_function_the_texts_of_both_sides(tokenizer):
 
 
 def test_a_metric_added_to_the_registry_is_validated_and_computed(tokenizer, monkeypatch):
-    from ia3_trainer import RecipeError, metrics, sections
+    from ia3_trainer import RecipeError
+    from ia3_trainer.evaluation import metrics
+    from ia3_trainer.recipe import sections
 
     with pytest.raises(RecipeError, match="unknown metric 'first_word'"):
         sections.EvalSection(metrics=["first_word"])
-    # One entry in sections.METRICS, and its function in ia3_trainer.metrics under the same name.
+    # One entry in sections.METRICS, and its function in ia3_trainer.evaluation.metrics under the same name.
     monkeypatch.setitem(sections.METRICS, "first_word", sections.Metric("share of texts whose first word is right"))
     monkeypatch.setattr(metrics, "first_word", lambda predictions, references: {"first_word": sum(
         p.split()[:1] == r.split()[:1] for p, r in zip(predictions, references, strict=True)) / len(references)},

@@ -1,5 +1,5 @@
-"""Several adapters in one batch (`IA3Predictor.predict/score(..., adapter=[...])`, `ia3_trainer.layers`): the same
-results as each adapter alone, and the installed IA3 forward trains, saves, loads and merges as peft's does."""
+"""Several adapters in one batch (`IA3Predictor.predict/score(..., adapter=[...])`, `ia3_trainer.modeling.layers`): the
+same results as each adapter alone, and the installed IA3 forward trains, saves, loads and merges as peft's does."""
 
 import copy
 import json
@@ -14,12 +14,12 @@ from peft.tuners.ia3 import IA3Layer
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer import predictor as predictor_module
-from ia3_trainer.data import IGNORE_INDEX, build_collator, encode_batch
-from ia3_trainer.layers import IA3Linear, adapter_rows, install, score_rows
-from ia3_trainer.modeling import cast_frozen_weights
-from ia3_trainer.predictor import IA3Predictor
-from ia3_trainer.scoring import candidate_label_ids, score_candidates
+from ia3_trainer.data.encoding import IGNORE_INDEX, build_collator, encode_batch
+from ia3_trainer.inference import predictor as predictor_module
+from ia3_trainer.inference.predictor import IA3Predictor
+from ia3_trainer.modeling.layers import IA3Linear, adapter_rows, install, score_rows
+from ia3_trainer.modeling.loading import cast_frozen_weights
+from ia3_trainer.modeling.scoring import candidate_label_ids, score_candidates
 
 from conftest import TINY_ASSETS, TINY_MODEL_DIR, free_port, tiny_config, tiny_recipe
 

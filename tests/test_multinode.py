@@ -20,8 +20,8 @@ import pytest
 from safetensors.torch import load_file
 
 from ia3_trainer import ProcessesDisagreeError, load_recipe
-from ia3_trainer.checkpoints import last_checkpoint
-from ia3_trainer.data import prepare_data
+from ia3_trainer.data.preparation import prepare_data
+from ia3_trainer.training.checkpoints import last_checkpoint
 
 from conftest import REPO, assert_same_adapter, free_port, tiny_recipe
 from hub_server import FAKE_TOKEN, HubServer

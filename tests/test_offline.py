@@ -17,7 +17,7 @@ from conftest import REPO, TINY_ASSETS, free_port
 # Runs each case through the CLI (or the Python API) in one process whose environment says where the Hub is.
 RUNNER = r"""
 import contextlib, io, json, sys, time
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 from ia3_trainer import IA3Seq2SeqTrainer
 
 results = []

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
-from ia3_trainer.data import load_splits
+from ia3_trainer.data.splits import load_splits
 
 
 def local_overrides(zip_path, tmp_path, tiny_t5_dir):

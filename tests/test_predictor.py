@@ -12,12 +12,14 @@ from peft.tuners.ia3 import IA3Layer
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MT5ForConditionalGeneration
 
 from ia3_trainer import HubError, IA3Seq2SeqTrainer, PathError, RecipeError, load_recipe
-from ia3_trainer.cli import main
-from ia3_trainer.data import encode_batch, label_texts, load_splits
-from ia3_trainer.merging import merge_adapter
-from ia3_trainer.metrics import decode
-from ia3_trainer.predictor import IA3Predictor
-from ia3_trainer.sections import MAX_TOKENS
+from ia3_trainer.cli.main import main
+from ia3_trainer.data.encoding import encode_batch
+from ia3_trainer.data.labels import label_texts
+from ia3_trainer.data.splits import load_splits
+from ia3_trainer.evaluation.metrics import decode
+from ia3_trainer.inference.merging import merge_adapter
+from ia3_trainer.inference.predictor import IA3Predictor
+from ia3_trainer.recipe.sections import MAX_TOKENS
 
 from conftest import TINY_MODEL_DIR, tiny_config, tiny_recipe
 
@@ -132,7 +134,7 @@ def test_long_text_is_truncated_with_one_warning(sentiment, caplog):
     long = " ".join(texts) * 3
     tokenizer = predictor.tokenizer
     assert len(tokenizer("sentiment: " + long)["input_ids"]) > 64
-    with caplog.at_level(logging.WARNING, logger="ia3_trainer.predictor"):
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer.inference.predictor"):
         first = predictor.predict([long, texts[0]])
         predictor.predict([long])
     warnings = [r for r in caplog.records if "source limit" in r.getMessage()]
@@ -266,7 +268,7 @@ def test_a_text_cut_through_a_custom_preprocess_is_reported(tiny_t5, tokenizer, 
     predictor = IA3Predictor(IA3Seq2SeqTrainer.wrap_model_with_ia3(tiny_t5), tokenizer, recipe=recipe,
                              encode=Prompted.preprocess)
     long = "Juniper Retail said its net sales rose by 12 % . " * 20
-    with caplog.at_level(logging.WARNING, logger="ia3_trainer.predictor"):
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer.inference.predictor"):
         predictor.predict(["fine", long], max_new_tokens=2)
     warnings = [r.getMessage() for r in caplog.records if "source limit" in r.getMessage()]
     assert len(warnings) == 1 and "1 of 2 texts are longer than the 64-token source limit" in warnings[0]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import warnings
 
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 
 from conftest import TINY_ASSETS, tiny_recipe
 
@@ -43,7 +43,7 @@ def test_commands_that_load_no_model_import_no_torch(tmp_path):
     (tmp_path / "broken.json").write_text('{"name": "broken",')
     script = (
         "import sys\n"
-        "from ia3_trainer.cli import main\n"
+        "from ia3_trainer.cli.main import main\n"
         "for argv in (['--help'], ['train', '--help'], ['list'], ['train', 'missing.json'],\n"
         "             ['validate', 'broken.json'], ['train', 'tiny', '--set', 'training.seed']):\n"
         "    try:\n"

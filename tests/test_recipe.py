@@ -12,8 +12,8 @@ import pytest
 from ia3_trainer import PathError, RecipeError, apply_overrides, load_recipe
 from ia3_trainer.errors import first_line, one_line, redact
 from ia3_trainer.jsonfiles import read_json
-from ia3_trainer.recipe import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
-from ia3_trainer.sections import ia3_field_types, training_field_types
+from ia3_trainer.recipe.loading import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
+from ia3_trainer.recipe.sections import ia3_field_types, training_field_types
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
 
@@ -461,7 +461,7 @@ def test_no_module_imports_another_modules_private_names():
                 for alias in node.names:
                     if node.module is None:
                         modules.add(alias.asname or alias.name)
-                    elif alias.name.startswith("_"):
+                    elif alias.name.startswith("_") and not alias.name.startswith("__"):
                         offenders.append(f"{path.name}: from {'.' * node.level}{node.module} import {alias.name}")
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")

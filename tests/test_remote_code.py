@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer.cli import main
-from ia3_trainer.modeling import load_model
-from ia3_trainer.recipe import ModelSection
+from ia3_trainer.cli.main import main
+from ia3_trainer.modeling.loading import load_model
+from ia3_trainer.recipe.loading import ModelSection
 
 from conftest import TINY_ASSETS, tiny_recipe
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from ia3_trainer import IA3Seq2SeqTrainer, load_recipe
-from ia3_trainer.cli import main
-from ia3_trainer.data import build_collator, prepare_data
+from ia3_trainer.cli.main import main
+from ia3_trainer.data.encoding import build_collator
+from ia3_trainer.data.preparation import prepare_data
+from ia3_trainer.evaluation.metrics import OTHER_LABEL, confusion_matrix, decode, macro_f1, per_class_scores
+from ia3_trainer.evaluation.report import build_report, read_log_history, write_report
+from ia3_trainer.inference.predictor import IA3Predictor
 from ia3_trainer.layout import REPORT_FILE
-from ia3_trainer.metrics import OTHER_LABEL, confusion_matrix, decode, macro_f1, per_class_scores
-from ia3_trainer.predictor import IA3Predictor
-from ia3_trainer.report import build_report, read_log_history, write_report
-from ia3_trainer.scoring import EvalOutputs
+from ia3_trainer.modeling.scoring import EvalOutputs
 
 from conftest import TINY_MODEL_DIR, tiny_recipe
 
@@ -251,7 +252,7 @@ def test_without_matplotlib_only_the_json_is_written(trained, tmp_path, monkeypa
     outputs = IA3Predictor.from_trainer(trainer).score(trainer.eval_dataset)
     report = build_report(outputs, trainer.processing_class, trainer.candidate_labels)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    with caplog.at_level(logging.WARNING, logger="ia3_trainer.report"):
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer.evaluation.report"):
         paths = write_report(report, tmp_path, trainer.state.log_history)
     assert [p.name for p in paths] == [REPORT_FILE] and sorted(p.name for p in tmp_path.iterdir()) == [REPORT_FILE]
     assert 'pip install "ia3-trainer[plots]"' in caplog.text

@@ -13,8 +13,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ia3_trainer import IA3Seq2SeqTrainer, NonFiniteLossError, RecipeError
-from ia3_trainer.checkpoints import last_checkpoint
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
+from ia3_trainer.training.checkpoints import last_checkpoint
 
 from conftest import signal_at_first_checkpoint, tiny_recipe
 
@@ -279,7 +279,7 @@ def test_skip_leaves_what_a_skipped_step_logged_out_of_the_means(tmp_path, caplo
 def _two_process_guard(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from ia3_trainer.guard import NonFiniteGuard
+    from ia3_trainer.training.guard import NonFiniteGuard
 
     guard = NonFiniteGuard("skip", step=lambda: 1, last_checkpoint=lambda: None)
     param = torch.nn.Parameter(torch.ones(4))
@@ -336,7 +336,7 @@ def test_train_again_after_a_non_finite_stop_starts_with_a_clean_guard(tmp_path,
 def test_the_guard_works_with_a_grad_scaler_and_a_new_optimizer():
     # fp16 on a GPU: accelerate's GradScaler sets the optimizer's found_inf itself, skips overflow steps by design,
     # and deletes found_inf after the step. The guard adds only a non-finite loss to it, and deletes nothing.
-    from ia3_trainer.guard import NonFiniteGuard
+    from ia3_trainer.training.guard import NonFiniteGuard
 
     steps = []
     guard = NonFiniteGuard("stop", step=lambda: len(steps) + 1, last_checkpoint=lambda: None)
@@ -373,7 +373,7 @@ def test_the_guard_works_with_a_grad_scaler_and_a_new_optimizer():
 def test_a_step_the_grad_scaler_skipped_does_not_carry_its_flag_to_the_next_step(caplog):
     # With a non-fused optimizer GradScaler never calls optimizer.step() after an overflow, so the guard's hooks do
     # not run; the step's end (Trainer's on_step_end) closes its record, and the next, finite step is applied.
-    from ia3_trainer.guard import NonFiniteGuard
+    from ia3_trainer.training.guard import NonFiniteGuard
 
     guard = NonFiniteGuard("skip", step=lambda: 99, last_checkpoint=lambda: None)
     param = torch.nn.Parameter(torch.ones(4))

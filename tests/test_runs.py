@@ -17,12 +17,12 @@ from types import SimpleNamespace
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer.checkpoints import last_checkpoint
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 from ia3_trainer.errors import RecipeError, RunFolderError
 from ia3_trainer.layout import checkpoint_damage
-from ia3_trainer.resuming import recipe_changes, resumable
-from ia3_trainer.runs import LOCK_FILE, RUN_FILE, claim_output_dir
+from ia3_trainer.training.checkpoints import last_checkpoint
+from ia3_trainer.training.resuming import recipe_changes, resumable
+from ia3_trainer.training.runs import LOCK_FILE, RUN_FILE, claim_output_dir
 
 from conftest import REPO, TINY_MODEL_DIR, free_port, signal_at_first_checkpoint, tiny_recipe
 
@@ -155,7 +155,7 @@ def test_resume_refuses_a_changed_recipe_naming_the_keys_and_allows_safe_changes
 
 def test_resume_refuses_a_precision_the_machine_resolves_differently(tmp_path, capsys, monkeypatch):
     # bf16 unset defaults by the machine: a resume where it resolves otherwise would mix fp32 and bf16 training.
-    import ia3_trainer.training_args as training_args
+    import ia3_trainer.recipe.training_args as training_args
 
     out = tmp_path / "out"
     raw = tiny_recipe(tmp_path, **SAVES)
@@ -178,7 +178,7 @@ def test_resume_refuses_a_precision_the_machine_resolves_differently(tmp_path, c
 
 def test_precision_checks_where_the_earlier_run_recorded_none():
     # run.json from before precision was recorded, or a folder with checkpoints only: the written flags decide.
-    from ia3_trainer.resuming import check_same_precision, run_precision
+    from ia3_trainer.training.resuming import check_same_precision, run_precision
 
     where = Path("/runs/a")
     unset, fp32, bf16 = ({"training": {}}, {"training": {"bf16": False}}, {"training": {"bf16": True}})
@@ -208,8 +208,8 @@ def test_only_keys_that_do_not_change_training_may_change():
 
 
 def test_every_resumable_key_is_a_recipe_key():
-    from ia3_trainer.overrides import known_keys
-    from ia3_trainer.resuming import RESUMABLE
+    from ia3_trainer.recipe.overrides import known_keys
+    from ia3_trainer.training.resuming import RESUMABLE
 
     for key in RESUMABLE:
         section, _, field = key.partition(".")
@@ -222,7 +222,7 @@ def test_every_resumable_key_is_a_recipe_key():
 HOLD = """
 import sys, time
 from types import SimpleNamespace
-from ia3_trainer.runs import claim_output_dir
+from ia3_trainer.training.runs import claim_output_dir
 with claim_output_dir(SimpleNamespace(output_dir=sys.argv[1], should_save=True, world_size=1)):
     print("locked", flush=True)
     time.sleep(120)
@@ -342,7 +342,7 @@ def test_merge_refuses_folders_it_does_not_own_and_replaces_only_an_earlier_merg
 
 
 def test_the_final_save_publishes_the_adapter_first_and_the_card_last(tmp_path, monkeypatch):
-    import ia3_trainer.checkpoints as checkpoints
+    import ia3_trainer.training.checkpoints as checkpoints
 
     published, publish = [], checkpoints.publish
 
@@ -396,7 +396,7 @@ def test_a_full_disk_during_the_final_save_leaves_the_previous_adapter_whole(tmp
 
 WRITE_PAST_THE_LIMIT = """
 import sys, torch
-from ia3_trainer.checkpoints import saving
+from ia3_trainer.training.checkpoints import saving
 try:
     with saving(sys.argv[1]):
         torch.save(torch.zeros(10_000), sys.argv[1] + "/optimizer.pt")
@@ -470,7 +470,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(tmp_path, capsys, ca
                                                        "resumed": 3}])
 def test_resume_reads_a_run_json_without_its_recipe_from_the_checkpoint(tmp_path, record):
     # record["recipe"] raised KeyError, which _agree does not gather: the other processes of a launch would wait.
-    from ia3_trainer.runs import RunFolder
+    from ia3_trainer.training.runs import RunFolder
 
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)

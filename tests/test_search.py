@@ -1,5 +1,5 @@
 """ia3-trainer sweep on Optuna: searched ranges checked before any trial, trials pruned at evaluations, several
-workers sharing one study, and a study that survives Ctrl-C and SIGKILL (`ia3_trainer.search`)."""
+workers sharing one study, and a study that survives Ctrl-C and SIGKILL (`ia3_trainer.training.search`)."""
 
 import json
 import os
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ia3_trainer import RecipeError
-from ia3_trainer.cli import main
-from ia3_trainer.search import run_search
-from ia3_trainer.sweep import SearchParam, parse_search, point_name
+from ia3_trainer.cli.main import main
+from ia3_trainer.training.search import run_search
+from ia3_trainer.training.sweep import SearchParam, parse_search, point_name
 
 from conftest import REPO, tiny_recipe
 

@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import MT5Config, MT5ForConditionalGeneration, set_seed
 
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments
-from ia3_trainer.kernels import compile_blocks, fuse_modules
+from ia3_trainer.modeling.kernels import compile_blocks, fuse_modules
 
 from conftest import REPO, tiny_recipe
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ia3_trainer import InputError, RecipeError
-from ia3_trainer.cli import main
-from ia3_trainer.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name, point_names
+from ia3_trainer.cli.main import main
+from ia3_trainer.training.sweep import format_table, grid_points, parse_grid, plan_sweep, point_name, point_names
 
 from conftest import tiny_recipe
 
@@ -173,7 +173,7 @@ def test_a_sweep_of_another_search_is_refused_unless_overwrite(tmp_path, capsys)
 def test_sweep_json_writes_non_finite_metrics_as_null(tmp_path):
     from ia3_trainer import IA3Seq2SeqTrainer
     from ia3_trainer.jsonfiles import read_json
-    from ia3_trainer.search import run_search
+    from ia3_trainer.training.search import run_search
 
     class Overflowing(IA3Seq2SeqTrainer):  # a perplexity of a loss over 709 is inf; a ROUGE of no text is NaN
         def final_eval_metrics(self):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, load_recipe
-from ia3_trainer.data import prepare_data
-from ia3_trainer.metrics import (
+from ia3_trainer.data.preparation import prepare_data
+from ia3_trainer.evaluation.metrics import (
     check_metrics,
     chrf,
     eval_metrics,
@@ -21,7 +21,7 @@ from ia3_trainer.metrics import (
     sacrebleu,
     text_metric,
 )
-from ia3_trainer.scoring import EvalOutputs
+from ia3_trainer.modeling.scoring import EvalOutputs
 
 from conftest import TINY_ASSETS, generate_one_by_one, tiny_recipe
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from ia3_trainer import IA3Seq2SeqTrainer, threads
-from ia3_trainer.threads import cpu_threads, default_threads
+from ia3_trainer import IA3Seq2SeqTrainer
+from ia3_trainer.modeling import threads
+from ia3_trainer.modeling.threads import cpu_threads, default_threads
 
 from conftest import tiny_recipe
 

@@ -15,8 +15,9 @@ from transformers import (
 )
 
 from ia3_trainer import IA3Seq2SeqTrainer, IA3TrainingArguments, load_recipe
-from ia3_trainer.data import build_collator, prepare_data
-from ia3_trainer.metrics import decode, label_accuracy
+from ia3_trainer.data.encoding import build_collator
+from ia3_trainer.data.preparation import prepare_data
+from ia3_trainer.evaluation.metrics import decode, label_accuracy
 
 from conftest import TINY_MODEL_DIR, generate_one_by_one, rank_one_by_one, tiny_config, tiny_recipe
 
@@ -354,7 +355,7 @@ def test_a_compute_loss_func_replaces_the_cross_entropy(tmp_path, tiny_t5, token
 
 
 def test_saves_pass_peft_their_option_and_leave_the_model_as_peft_made_it(tmp_path):
-    from ia3_trainer.modeling import saving_adapter_only
+    from ia3_trainer.modeling.loading import saving_adapter_only
 
     trainer = IA3Seq2SeqTrainer.from_recipe(tiny_recipe(tmp_path, **{"training.max_steps": 1}))
     trainer.train()

@@ -15,7 +15,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import huggingface_hub.constants  # noqa: F401 - hub_server.use_hub patches it; the lazy package loads it late
 import pytest
 
-from ia3_trainer.cli import main
+from ia3_trainer.cli.main import main
 from ia3_trainer.errors import redact, redact_urls
 
 from conftest import TINY_ASSETS, tiny_recipe
@@ -149,13 +149,13 @@ def test_push_skips_symbolic_links_and_says_so(hub, tmp_path, caplog, staging_ro
     (out / "spiece.model").symlink_to(private / "id_rsa")  # allow-listed name, private target
     (out / "vocab.txt").symlink_to(out / "tokenizer.json")  # even a link that stays inside the folder
     (out / "merges.txt").symlink_to(private)  # a folder
-    with caplog.at_level(logging.WARNING, logger="ia3_trainer.upload"):
+    with caplog.at_level(logging.WARNING, logger="ia3_trainer.hub.upload"):
         assert main(["push", str(out), REPO_ID]) == 0
     files = hub.repo_files(REPO_ID)
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.json"} <= set(files)
     assert not {"spiece.model", "vocab.txt", "merges.txt"} & set(files)
     assert_no_secret(files, REPO_ID)
-    [line] = [record.getMessage() for record in caplog.records if record.name == "ia3_trainer.upload"]
+    [line] = [record.getMessage() for record in caplog.records if record.name == "ia3_trainer.hub.upload"]
     assert line.startswith(f"Not pushed from {out}: merges.txt, spiece.model, vocab.txt (only regular files")
     assert (private / "id_rsa").read_text() == "PRIVATE KEY ann-the-user\n"
     assert not list(staging_root.glob("ia3-trainer-push-*"))  # every staging copy removed
@@ -199,7 +199,7 @@ def test_overwrite_never_replaces_a_checkpoint_or_a_folder_inside_a_run(tmp_path
 @pytest.mark.parametrize("name", ["../../../x", "a\nb", "a/b", "..", ".hidden", "-rf", "x y", "C:\\x", "x" * 101])
 def test_a_recipe_name_is_one_folder_name_of_safe_characters(tmp_path, capsys, name):
     from ia3_trainer import RecipeError, load_recipe
-    from ia3_trainer.recipe import safe_name
+    from ia3_trainer.recipe.loading import safe_name
 
     raw = tiny_recipe(tmp_path)
     raw["name"] = name
@@ -245,7 +245,7 @@ def write_labelled(tmp_path, labels) -> str:
 def test_labels_the_model_cannot_tell_apart_are_refused_before_training(tmp_path, tokenizer, capsys, labels,
                                                                          message):
     from ia3_trainer import RecipeError, load_recipe
-    from ia3_trainer.data import prepare_data
+    from ia3_trainer.data.preparation import prepare_data
 
     raw = tiny_recipe(tmp_path, **{"data.data_files": {"train": write_labelled(tmp_path, labels)}})
     del raw["data"]["label_names"]  # the labels the data holds

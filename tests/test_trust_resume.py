@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from ia3_trainer import RecipeError
-from ia3_trainer.cli import main
-from ia3_trainer.fingerprint import METHOD, check_same_data
+from ia3_trainer.cli.main import main
+from ia3_trainer.data.fingerprint import METHOD, check_same_data
 
 from conftest import TINY_ASSETS, assert_same_adapter, tiny_recipe
 
@@ -175,14 +175,14 @@ def test_a_checkpoint_with_a_damaged_file_is_skipped_for_the_one_before(tmp_path
 # --- Ctrl-C ---------------------------------------------------------------------------------------------------------
 
 def test_ctrl_c_during_the_end_of_run_report_says_the_run_is_complete(tmp_path, capsys, monkeypatch):
-    import ia3_trainer.lifecycle
+    import ia3_trainer.training.lifecycle
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
-    monkeypatch.setattr(ia3_trainer.lifecycle, "write_results", interrupted)
+    monkeypatch.setattr(ia3_trainer.training.lifecycle, "write_results", interrupted)
     recipe, _ = write_recipe(tmp_path, "run")
     assert main(["train", recipe]) == 130
     out = tmp_path / "run"
@@ -193,13 +193,13 @@ def test_ctrl_c_during_the_end_of_run_report_says_the_run_is_complete(tmp_path, 
 
 
 def test_ctrl_c_while_the_cli_starts_is_one_line(capsys, monkeypatch):
-    import ia3_trainer.training_args
+    import ia3_trainer.recipe.training_args
 
     def interrupted():
         raise KeyboardInterrupt  # where the start-up imports datasets, huggingface_hub and transformers
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("IA3_TRAINER_DEBUG", raising=False)
-    monkeypatch.setattr(ia3_trainer.training_args, "stderr_is_terminal", interrupted)
+    monkeypatch.setattr(ia3_trainer.recipe.training_args, "stderr_is_terminal", interrupted)
     assert main(["train", "tiny"]) == 130
     assert capsys.readouterr().err == "ia3-trainer: interrupted\n"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ia3_trainer import IA3Seq2SeqTrainer
-from ia3_trainer.scoring import candidate_label_ids
+from ia3_trainer.modeling.scoring import candidate_label_ids
 
 
 @dataclass
@@ -94,7 +94,7 @@ class TFewTrainer(IA3Seq2SeqTrainer):
         return (loss, terms) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        from ia3_trainer.metrics import perplexity
+        from ia3_trainer.evaluation.metrics import perplexity
 
         if "loss" in logs and self._since_log:
             for key, values in self._since_log.items():
@@ -121,7 +121,7 @@ def candidate_token_log_probs(model, inputs: dict, candidate_ids: torch.Tensor) 
     """Log-probability of every token of every candidate label for every example: `(B, K, L)`, and its mask.
 
     One forward pass over B x K rows. Each source is repeated K times rather than encoded once and reused
-    (as `ia3_trainer.scoring.score_candidates` does in evaluation) so that the pass goes through the model as
+    (as `ia3_trainer.modeling.scoring.score_candidates` does in evaluation) so that the pass goes through the model as
     given, which keeps DDP's gradient hooks in the loop; with a handful of labels the extra encoder work is small.
     """
     batch, num_candidates = inputs["input_ids"].shape[0], candidate_ids.shape[0]
