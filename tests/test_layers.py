@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import grimp
-import pytest
 
 import ia3_trainer
 
@@ -29,10 +28,7 @@ def modules() -> dict[str, Path]:
 
 
 def test_the_layer_contract_holds(tmp_path):
-    if not CONFIG.is_file():
-        if (PACKAGE / "cli.py").is_file():
-            pytest.skip("flat layout: scripts/relayout.py writes .importlinter when it moves the modules")
-        pytest.fail(f"{CONFIG} is missing: it holds the layer contract")
+    assert CONFIG.is_file(), f"{CONFIG} is missing: it holds the layer contract"
     # In a process of its own: import-linter configures logging (dictConfig disables the loggers that exist), and
     # without --no-cache it writes a cache into the current folder.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
@@ -108,8 +104,6 @@ def test_no_module_imports_a_private_name_of_another():
 
 
 def test_no_module_is_over_400_lines():
-    if (PACKAGE / "cli.py").is_file():
-        pytest.skip("flat layout: scripts/relayout.py splits cli.py (over 400 lines) into one module per command")
     lengths = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()}
     long = [f"{name}: {count} lines" for name, count in sorted(lengths.items()) if count > MAX_LINES]
     assert not long, f"modules over {MAX_LINES} lines (split them by responsibility):\n" + "\n".join(long)
