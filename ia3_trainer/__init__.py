@@ -45,6 +45,14 @@ def __getattr__(name):
         from ia3_trainer.hub.callback import PushAdapterToHubCallback
 
         return PushAdapterToHubCallback
+    if name == "RunOutput":
+        from ia3_trainer.training.lifecycle import RunOutput
+
+        return RunOutput
+    if name == "run_search":
+        from ia3_trainer.training.search import run_search
+
+        return run_search
     raise AttributeError(f"module 'ia3_trainer' has no attribute {name!r}")
 
 
@@ -69,8 +77,15 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RunFolderError",
+    "RunOutput",
     "__version__",
     "apply_overrides",
     "load_recipe",
     "merge_adapter",
+    "run_search",
 ]
+
+
+def __dir__():
+    # The lazily imported names too, so that completion and `help(ia3_trainer)` show the whole public API.
+    return sorted(__all__)

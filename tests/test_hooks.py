@@ -10,7 +10,7 @@ import pytest
 from peft import IA3Config
 from transformers import TrainerCallback
 
-from ia3_trainer import IA3Seq2SeqTrainer, RecipeError, apply_overrides, load_recipe
+from ia3_trainer import IA3Seq2SeqTrainer, Recipe, RecipeError, apply_overrides, load_recipe
 from ia3_trainer.data.encoding import encode_batch
 
 from conftest import tiny_recipe
@@ -43,9 +43,10 @@ def test_from_recipe_runs_the_hooks_in_the_documented_order(tmp_path, no_dataset
 
     class Recording(IA3Seq2SeqTrainer):
         @classmethod
-        def load_tokenizer(cls, model):
+        def load_tokenizer(cls, recipe):
+            assert isinstance(recipe, Recipe)  # every hook receives the whole recipe
             record("load_tokenizer")
-            return super().load_tokenizer(model)
+            return super().load_tokenizer(recipe)
 
         @classmethod
         def load_datasets(cls, recipe, tokenizer):
@@ -63,9 +64,10 @@ def test_from_recipe_runs_the_hooks_in_the_documented_order(tmp_path, no_dataset
             return super().build_compute_metrics(recipe, tokenizer, candidate_labels)
 
         @classmethod
-        def load_model(cls, model, seed=42):
+        def load_model(cls, recipe, seed=42):
+            assert isinstance(recipe, Recipe)
             record("load_model")
-            return super().load_model(model, seed=seed)
+            return super().load_model(recipe, seed=seed)
 
         @classmethod
         def build_ia3_config(cls, recipe, model):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 import ia3_trainer
 
@@ -107,3 +108,11 @@ def test_no_module_is_over_400_lines():
     lengths = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()}
     long = [f"{name}: {count} lines" for name, count in sorted(lengths.items()) if count > MAX_LINES]
     assert not long, f"modules over {MAX_LINES} lines (split them by responsibility):\n" + "\n".join(long)
+
+
+def test_the_public_api_is_all_of_it_and_every_name_resolves():
+    assert dir(ia3_trainer) == sorted(ia3_trainer.__all__)
+    assert all(getattr(ia3_trainer, name) is not None for name in ia3_trainer.__all__)
+    assert (PACKAGE / "py.typed").is_file()
+    with pytest.raises(AttributeError, match="no attribute 'trainer'"):
+        ia3_trainer.trainer  # noqa: B018 - modules are reached by their subpackage path, not from the top

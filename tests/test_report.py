@@ -318,8 +318,8 @@ def test_results_and_trainer_state_are_written_whole(tmp_path, monkeypatch):
 def test_teacher_forced_accuracy_is_high_for_an_untrained_model(tmp_path):
     # Why the report labels it: the shipped tiny T5 (tied embeddings) scores well on it before any training.
     recipe = load_recipe(tiny_recipe(tmp_path))
-    tokenizer = IA3Seq2SeqTrainer.load_tokenizer(recipe.model)
-    model = IA3Seq2SeqTrainer.wrap_model_with_ia3(IA3Seq2SeqTrainer.load_model(recipe.model), recipe.ia3_config())
+    tokenizer = IA3Seq2SeqTrainer.load_tokenizer(recipe)
+    model = IA3Seq2SeqTrainer.wrap_model_with_ia3(IA3Seq2SeqTrainer.load_model(recipe), recipe.ia3_config())
     prepared = prepare_data(recipe.data, tokenizer)
     report = build_report(IA3Predictor(model, tokenizer, recipe=recipe).score(prepared.eval_dataset), tokenizer,
                           prepared.label_names)

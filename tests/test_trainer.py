@@ -166,7 +166,7 @@ def test_untied_head_survives_tie_weights_and_save(tmp_path, tokenizer):
     # layers, while a head re-tied to the input embeddings would change the logits entirely (differences of order 1).
     torch.testing.assert_close(logits(trainer.model), expected, rtol=1e-5, atol=1e-5)
 
-    base = IA3Seq2SeqTrainer.load_model(load_recipe(raw).model)
+    base = IA3Seq2SeqTrainer.load_model(load_recipe(raw))
     assert base.config.tie_word_embeddings is False
     assert torch.equal(logits(base), expected)
     base.tie_weights()

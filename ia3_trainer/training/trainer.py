@@ -18,7 +18,7 @@ from ia3_trainer.modeling import kernels, layers
 from ia3_trainer.modeling import loading as modeling
 from ia3_trainer.modeling.scoring import teacher_forced_inputs, token_nll
 from ia3_trainer.modeling.threads import cpu_threads
-from ia3_trainer.recipe.loading import DataSection, ModelSection, Recipe, load_recipe
+from ia3_trainer.recipe.loading import DataSection, Recipe, load_recipe
 from ia3_trainer.recipe.training_args import IA3TrainingArguments, pad_multiple
 from ia3_trainer.training import lifecycle
 from ia3_trainer.training.checkpoints import AtomicCheckpoints, last_checkpoint
@@ -184,12 +184,12 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
             raw = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
             recipe = load_recipe(raw, overrides, extra_sections=cls.recipe_sections)
         args = recipe.training_args()
-        tokenizer = cls.load_tokenizer(recipe.model)
+        tokenizer = cls.load_tokenizer(recipe)
         # Under accelerate launch every process prepares the data; the main one fills the datasets cache first.
         with args.main_process_first(desc="preparing data"):
             prepared = cls.load_datasets(recipe, tokenizer)
         compute_metrics = cls.build_compute_metrics(recipe, tokenizer, prepared.label_names)
-        model = cls.load_model(recipe.model, seed=args.seed)
+        model = cls.load_model(recipe, seed=args.seed)
         peft_config = cls.build_ia3_config(recipe, model)
         callbacks = [*cls.build_callbacks(recipe), *(kwargs.pop("callbacks", None) or [])]
         return cls(
@@ -250,7 +250,6 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
         except ValueError as error:  # a family without defaults: the recipe must name the modules
             raise RecipeError(str(error)) from error
 
-
     @classmethod
     def build_callbacks(cls, recipe: Recipe) -> list:
         """Callbacks the recipe asks for: a [`PushAdapterToHubCallback`] when `hub.repo_id` is set."""
@@ -263,15 +262,15 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
                                          save_final=False)]
 
     @classmethod
-    def load_tokenizer(cls, model: ModelSection):
-        """Load the tokenizer named by the `model` section (`ia3_trainer.modeling.loading.load_tokenizer`)."""
-        return modeling.load_tokenizer(model)
+    def load_tokenizer(cls, recipe: Recipe):
+        """Load the tokenizer the recipe's `model` section names (`ia3_trainer.modeling.loading.load_tokenizer`)."""
+        return modeling.load_tokenizer(recipe.model)
 
     @classmethod
-    def load_model(cls, model: ModelSection, seed: int = 42) -> PreTrainedModel:
-        """Load (or, with `init: random`, build from its config) the base model, with the untied-head guard
-        (`ia3_trainer.modeling.loading.load_model`)."""
-        return modeling.load_model(model, seed=seed)
+    def load_model(cls, recipe: Recipe, seed: int = 42) -> PreTrainedModel:
+        """Load (or, with `init: random`, build from its config and `seed`) the base model the recipe's `model`
+        section names, with the untied-head guard (`ia3_trainer.modeling.loading.load_model`)."""
+        return modeling.load_model(recipe.model, seed=seed)
 
     @classmethod
     def wrap_model_with_ia3(cls, model, peft_config=None):
