@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ia3_trainer import RecipeError
+from ia3_trainer import NonFiniteLossError, RecipeError
 from ia3_trainer.cli.main import main
 from ia3_trainer.training.search import run_search
 from ia3_trainer.training.sweep import SearchParam, parse_search, point_name
@@ -162,7 +162,8 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path):
     class Diverging(IA3Seq2SeqTrainer):  # what the non-finite guard raises at a hopeless learning rate
         def train(self, *args, **kwargs):
             if Path(self.args.output_dir).name == "trial-0":
-                raise RecipeError("training.non_finite_loss: loss is nan at step 1; lower training.learning_rate")
+                raise NonFiniteLossError(key="training.non_finite_loss", problem="loss is nan at step 1",
+                                         fix="lower training.learning_rate")
             return super().train(*args, **kwargs)
 
     raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})

@@ -176,8 +176,10 @@ def test_sweep_json_writes_non_finite_metrics_as_null(tmp_path):
     from ia3_trainer.training.search import run_search
 
     class Overflowing(IA3Seq2SeqTrainer):  # a perplexity of a loss over 709 is inf; a ROUGE of no text is NaN
-        def final_eval_metrics(self):
-            return {**super().final_eval_metrics(), "eval_perplexity": float("inf"), "eval_rouge1": float("nan")}
+        def train(self, *args, **kwargs):
+            output = super().train(*args, **kwargs)
+            output.metrics.update(eval_perplexity=float("inf"), eval_rouge1=float("nan"))
+            return output
 
     raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
     rows = run_search(raw, grid={"training.seed": [1]}, trainer_cls=Overflowing)

@@ -190,8 +190,8 @@ def test_overwrite_never_replaces_a_checkpoint_or_a_folder_inside_a_run(tmp_path
             err = capsys.readouterr().err
             assert info.value.code == 2 and err == (
                 f"ia3-trainer: error: training.output_dir: {target} is {what}; a run trains into a folder of its own, "
-                "never a checkpoint or a folder inside another run (--overwrite applies to a run's own output folder "
-                "only): choose another training.output_dir\n")
+                "never a checkpoint or a folder inside another run (overwriting applies to a run's own output folder "
+                "only); choose another training.output_dir\n")
     shutil.rmtree(out / "sub")
     assert snapshot(out) == before
 

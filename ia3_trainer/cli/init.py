@@ -22,8 +22,7 @@ def init_command(args) -> int:
     # What init writes must validate, as the file it will be (relative paths resolve against it), before it replaces
     # anything with --force.
     Recipe.from_dict(json.loads(text), source=output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(output, text)
+    write_text(output, text)  # makes the folder; a file in the way is one line
     print(f"Wrote {output}")
     print("\n".join(f"  - {note}" for note in notes))
     print("  - training: the PEFT IA3 guide's settings (lr 8e-3, 3 epochs, batch 8); see README 'Recipes'")

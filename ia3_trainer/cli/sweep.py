@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def sweep_command(args) -> int:
-    from ia3_trainer.training.search import require_optuna, run_search
+    from ia3_trainer.training.search import run_search
+    from ia3_trainer.training.storage import require_optuna
     from ia3_trainer.training.sweep import summary_text
 
     optuna = require_optuna()

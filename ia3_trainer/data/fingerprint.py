@@ -74,23 +74,21 @@ def check_same_data(saved: dict | None, new: dict | None, recipe: dict | None, w
         return
     data = (recipe or {}).get("data") or {}
     fix = (f"resuming would train on other data than the steps before it: restore the data the run of {where} "
-           "trained on, or pass --overwrite to start over (train into a new training.output_dir to keep that run)")
+           "trained on, or set training.overwrite_output_dir to start over (train into a new training.output_dir to "
+           "keep that run)")
     if saved.get("labels") != new.get("labels"):
         raise RecipeError(
-            f"{_source(data, 'train')}: the label set changed since the checkpoint in {where} "
-            f"({_labels(saved.get('labels'))} -> {_labels(new.get('labels'))}); {fix}"
-        )
+            key=_source(data, "train"), fix=fix, problem=f"the label set changed since the checkpoint in {where} "
+            f"({_labels(saved.get('labels'))} -> {_labels(new.get('labels'))})")
     if saved.get("method") != new.get("method"):
         return
     if _differ(saved.get("train"), new.get("train")):
-        raise RecipeError(
-            f"{_source(data, 'train')}: the training data changed since the checkpoint in {where}; {fix}"
-        )
+        raise RecipeError(key=_source(data, "train"), fix=fix,
+                          problem=f"the training data changed since the checkpoint in {where}")
     if _differ(saved.get("validation"), new.get("validation")) \
             and saved.get("max_eval_samples") == new.get("max_eval_samples"):
-        raise RecipeError(
-            f"{_source(data, 'validation')}: the validation data changed since the checkpoint in {where}; {fix}"
-        )
+        raise RecipeError(key=_source(data, "validation"), fix=fix,
+                          problem=f"the validation data changed since the checkpoint in {where}")
 
 
 def _differ(old: str | None, new: str | None) -> bool:

@@ -28,7 +28,7 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
     adapter's own `recipe.json` asks for it.
     """
     merged_dir = Path(merged_dir).expanduser()
-    target = resolved(merged_dir, "MERGED_DIR")
+    target = resolved(merged_dir, "merged_dir")
     adapter = read_adapter(dir_or_repo, revision)
     folder, base = adapter.folder, adapter.base_model
     # (folder, what merged_dir is when it is that folder, when it holds it, when it is inside it; None: allowed)
@@ -55,13 +55,17 @@ def merge_adapter(dir_or_repo: str | Path, merged_dir: str | Path, *, revision: 
                             problem=f"{merged_dir} holds files that are not a saved model (no config.json)",
                             fix="overwrite=True replaces only an earlier merge: give a new folder")
     # Merging encodes no text: an adapter trained with a custom preprocess merges like any other.
+    try:  # before the model loads: a parent that cannot hold the merged model fails at once
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathError(key="merged_dir", problem=f"cannot make {target.parent}: {error.strerror or error}",
+                        fix="give a folder whose parent can be written") from None
     model, tokenizer = load_adapter_model(adapter, dir_or_repo, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload(safe_merge=True)
     modeling.untie_separate_lm_head(merged)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     try:
+        staging.mkdir()
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         publish(staging, target)

@@ -55,8 +55,8 @@ def resolved(path: str | Path, key: str) -> Path:
     except (RuntimeError, OSError) as error:
         if isinstance(error, OSError) and error.errno != errno.ELOOP:
             raise
-        raise RecipeError(f"{key}: {path} is a symlink loop (a link that leads back to itself); replace the link "
-                          "with the file or folder it should name") from error
+        raise RecipeError(key=key, problem=f"{path} is a symlink loop (a link that leads back to itself)",
+                          fix="replace the link with the file or folder it should name") from error
 
 
 def _saved_by_run(recipe_file: Path, out: Path) -> bool:

@@ -93,10 +93,8 @@ def check_finished(checkpoint: str, step: int, max_steps: int, speak: bool, by_e
         length = (f"the {max_steps} steps of training.num_train_epochs" if by_epochs
                   else f"training.max_steps {max_steps}")
         fix = "raise training.num_train_epochs" if by_epochs else f"set training.max_steps to {step} or more"
-        raise RecipeError(
-            f"{key}: the checkpoint {checkpoint} is at step {step}, past {length}; {fix} to continue the run, or pass "
-            "--overwrite to start over"
-        )
+        raise RecipeError(key=key, problem=f"the checkpoint {checkpoint} is at step {step}, past {length}",
+                          fix=f"{fix} to continue the run, or set training.overwrite_output_dir to start over")
     if speak:
         print(f"{checkpoint} is at step {step}, the run's last: finishing the run without training")
 

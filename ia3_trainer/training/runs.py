@@ -297,10 +297,9 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
     owner = _owning_run(folder)
     if owner is not None:
         raise RunFolderError(
-            f"training.output_dir: {folder} is {owner}; a run trains into a folder of its own, never a checkpoint or "
-            "a folder inside another run (--overwrite applies to a run's own output folder only): choose another "
-            "training.output_dir"
-        )
+            key="training.output_dir", problem=f"{folder} is {owner}; a run trains into a folder of its own, never a "
+            "checkpoint or a folder inside another run (overwriting applies to a run's own output folder only)",
+            fix="choose another training.output_dir")
     ours, others = run_entries(folder)
     holds_run = any(_RUN_MARKS.match(name) for name in ours)
     if not holds_run and (ours or others):

@@ -27,69 +27,31 @@ import math
 import os
 import socket
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from ia3_trainer.errors import InputError, RecipeError, first_line
+from ia3_trainer.errors import (
+    IA3TrainerError,
+    InputError,
+    NonFiniteLossError,
+    RecipeError,
+    RunFolderError,
+    redact,
+    redact_urls,
+)
 from ia3_trainer.recipe.loading import Recipe
 from ia3_trainer.training import sweep
+from ia3_trainer.training.storage import open_storage, require_optuna
 from ia3_trainer.training.sweep import SearchParam, study_rows, trial_recipe, write_results
-
-
-HEARTBEAT_S = 60  # how often a running trial tells an RDB storage it is alive
-HEARTBEAT_GRACE_S = 180  # unheard of this long, it is failed and queued again
-
-
-def _shown(url: str) -> str:
-    """A storage URL as printed: any password masked."""
-    scheme, sep, rest = url.partition("://")
-    user, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{user.split(':', 1)[0]}:***@{host}" if sep and at and ":" in user else url
 
 
 def _describe(spec: dict) -> str:
     parts = [f"--grid {key}={','.join(values)}" for key, values in spec.get("grid", {}).items()]
     parts += [f"--search {item}" for item in spec.get("search", [])]
     return " ".join(parts) + f", objective {spec.get('objective')} ({spec.get('direction')})"
-
-
-def require_optuna():
-    """The `optuna` module, or an `ImportError` naming the extra that installs it."""
-    try:
-        import optuna
-    except ImportError as error:
-        raise ImportError('ia3-trainer sweep needs Optuna: pip install "ia3-trainer[search]"') from error
-    return optuna
-
-
-def open_storage(url: str, attempts: int = 5):
-    """An Optuna storage for `url`: `journal:PATH` (a journal file) or an SQLAlchemy URL (with a heartbeat). Workers
-    started together race to create a new database's tables; the loser tries again (up to `attempts` times)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-    from sqlalchemy.exc import DBAPIError
-
-    for attempt in range(attempts):
-        try:
-            if url.startswith("journal:"):
-                return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-                    heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_GRACE_S,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-                )
-        except Exception as error:  # SQLAlchemy's URL and driver errors, a missing driver, an unreadable file
-            if isinstance(error, DBAPIError) and attempt + 1 < attempts:
-                time.sleep(0.2 * (attempt + 1))  # another worker is creating the tables
-                continue
-            raise InputError(f"--storage {_shown(url)}: {first_line(error)}; give an SQLAlchemy URL "
-                             "(sqlite:///path/study.db, postgresql://user@host/db) or journal:PATH") from error
 
 
 def run_search(
@@ -125,7 +87,11 @@ def run_search(
     rank = base.training_args().process_index  # sets up the process group under accelerate launch
     if rank != 0:
         return _follow(plan, trainer_cls)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file there, or a folder this user cannot write in
+        raise RunFolderError(key="training.output_dir", problem=f"cannot make {root}: {error.strerror or error}",
+                             fix="choose another training.output_dir") from None
     storage = storage or f"sqlite:///{root.resolve() / 'study.db'}"
     study_name = study_name or base.name or "sweep"
     backend = open_storage(storage)
@@ -146,7 +112,7 @@ def run_search(
         study.set_user_attr("spec", plan.spec)
     elif recorded != plan.spec:
         raise InputError(
-            f"--study {study_name}: {_shown(storage)} holds study {study_name!r} of another search "
+            f"--study {study_name}: {redact_urls(storage)} holds study {study_name!r} of another search "
             f"({_describe(recorded)}); pass --overwrite to replace it, --study NAME for a new study, or "
             "choose another training.output_dir"
         )
@@ -205,9 +171,7 @@ def _broadcast(value):
 def _train(trainer_cls, recipe: Recipe, callback: PruneTrial) -> dict[str, float]:
     """One trial's run, start to end; its train and final eval metrics."""
     trainer = trainer_cls.from_recipe(recipe, callbacks=[callback])
-    metrics = dict(trainer.train().metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.final_eval_metrics())
+    metrics = dict(trainer.train().metrics)  # the run's results: train and last eval_* metrics, as all_results.json
     del trainer
     gc.collect()  # free the model before the next trial loads its own
     return metrics
@@ -278,8 +242,9 @@ class _Search:
                 self.give_back(trial)
                 raise
             except Exception as error:
-                self.fail(trial, str(error) if isinstance(error, RecipeError) else f"{type(error).__name__}: {error}")
-                if not str(error).startswith("training.non_finite_loss:"):
+                said = str(error) if isinstance(error, IA3TrainerError) else f"{type(error).__name__}: {error}"
+                self.fail(trial, said)
+                if not isinstance(error, NonFiniteLossError):
                     raise
                 return  # diverged: the search goes on
         trial.set_user_attr("metrics", metrics)  # Optuna's JSON keeps inf and NaN; sweep.json writes them as null
@@ -301,7 +266,7 @@ class _Search:
     def fail(self, trial, error: str) -> None:
         from optuna.trial import TrialState
 
-        trial.set_user_attr("error", error.splitlines()[0])
+        trial.set_user_attr("error", redact(error.splitlines()[0]))  # kept in the storage and in sweep.json
         self.study.tell(trial, state=TrialState.FAIL)
 
     def give_back(self, trial) -> None:

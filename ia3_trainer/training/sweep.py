@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ia3_trainer.errors import InputError, RecipeError
+from ia3_trainer.errors import InputError, RecipeError, redact_urls
 from ia3_trainer.jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
 from ia3_trainer.recipe.loading import Recipe, load_recipe
 from ia3_trainer.recipe.overrides import OVERRIDE
@@ -135,7 +135,7 @@ def point_name(point: dict[str, Any]) -> str:
             return "+".join(text(item) for item in value)
         return value if isinstance(value, str) else json.dumps(value)
 
-    name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items())
+    name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(redact_urls(value))}" for key, value in point.items())
     safe = re.sub(r"[^\w.=,+-]", "_", name)
     return name if safe == name else f"{safe}-{_digest(point)}"
 
@@ -394,7 +394,7 @@ def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def write_results(rows: list[dict[str, Any]], root: Path, params: list[SearchParam], objective: str,
                   plot: bool = True) -> list[Path]:
     """`sweep.json` (the rows, strict JSON), `results.csv` and, with `plot` and searched ranges, `search.png`."""
-    paths = [write_json(root / SWEEP_FILE, finite(json.loads(json.dumps(rows, default=str)))),
-             write_csv(rows, root / RESULTS_CSV)]
+    rows = redact_urls(json.loads(json.dumps(rows, default=str)))  # a grid over data URLs: no credential on disk
+    paths = [write_json(root / SWEEP_FILE, finite(rows)), write_csv(rows, root / RESULTS_CSV)]
     picture = plot_objective(rows, params, objective, root / PLOT_FILE) if plot and params and rows else None
     return paths + [picture] * (picture is not None)
