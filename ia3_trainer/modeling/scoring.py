@@ -92,9 +92,10 @@ def score_candidates(
     With `length_normalize` (the default, as in T-Few) the score is the mean token log-probability, so a label of
     more tokens is not penalised for its length. The candidates form a prefix tree: the decoder runs once per example
     for the start token (whose logits score every candidate's first token, and whose cache holds the cross-attention
-    keys and values, computed once), then one step per distinct prefix, from its parent's cache. The cost grows with
-    the distinct label prefixes, not with labels x tokens, and no encoder output is projected again per candidate. A
-    pass has at most `chunk_rows` (example, prefix) rows and `chunk_logits` logits, and the caches of a pass stay
+    keys and values, computed once), then one step per distinct prefix, from its parent's cache
+    ([`prefix_tree.score_tree`]: an example's prefixes share its cross-attention keys and values as a view). The cost
+    grows with the distinct label prefixes, not with labels x tokens, and no encoder output is projected again per
+    candidate. A pass has at most `chunk_rows` (example, prefix) rows and `chunk_logits` logits, and its caches stay
     within `RANK_CACHE_BYTES`, so memory stays bounded with thousands of labels and a large vocabulary. A model
     whose decoder returns no such cache is scored a chunk of whole candidate sequences at a time.
     """
