@@ -19,6 +19,16 @@ from conftest import TINY_ASSETS, tiny_recipe
 ROWS = [json.loads(line) for line in (TINY_ASSETS / "tiny-sentiment.jsonl").read_text().splitlines()]
 
 
+def one_line_error(argv: list[str], capsys, expected) -> None:
+    """`main(argv)` exits 2 with one `ia3-trainer: error:` line holding each of `expected`, and no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured
+    assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
+
+
 @pytest.fixture(autouse=True)
 def one_line_errors_are_package_errors(monkeypatch):
     """Every `ia3-trainer: error:` line of these tests was made from an IA3TrainerError (anything else would be a
@@ -188,12 +198,7 @@ def test_bad_input_is_one_line_and_exit_2(name, adapter, tmp_path, capsys, monke
         # Argument problems are found before the model loads, which can take minutes.
         monkeypatch.setattr(IA3Predictor, "from_pretrained", lambda *args, **kwargs: pytest.fail("model loaded"))
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    captured = capsys.readouterr()
-    assert info.value.code == 2, captured
-    assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
-    assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
+    one_line_error(argv, capsys, expected)
     if name.startswith("output"):  # nothing half-written, nothing replaced
         assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
 
@@ -302,12 +307,7 @@ def test_input_that_ended_in_a_traceback_is_one_line(name, adapter, tiny_t5_dir,
     argv = build(tmp_path, adapter, tiny_t5_dir, monkeypatch)
     if name.startswith(("inference-json", "adapter-config")):  # found before the model loads
         monkeypatch.setattr(modeling, "load_model", lambda *args, **kwargs: pytest.fail("model loaded"))
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    captured = capsys.readouterr()
-    assert info.value.code == 2, captured
-    assert captured.err.startswith("ia3-trainer: error: ") and captured.err.count("\n") == 1, captured.err
-    assert "Traceback" not in captured.err and all(part in captured.err for part in expected), captured.err
+    one_line_error(argv, capsys, expected)
     if name == "disk-full-at-start":  # a run that could not start leaves no run.lock (nor the folder it made)
         assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
 
