@@ -245,7 +245,7 @@ class Recipe:
         }
 
     def saved_dict(self) -> dict:
-        """What a run saves and a push uploads of the recipe (`recipe.json`, `run.json`, the model card): `to_dict()`
+        """What a run saves and a push uploads of the recipe (`recipe.json`, the model card): `to_dict()`
         with the credentials taken out of every URL in it (`errors.redact_urls`), so that it says where the data came
         from without the secret. The recipe file itself keeps working."""
         return redact_urls(self.to_dict())

@@ -1,4 +1,4 @@
-"""The mechanics of checking JSON data against dataclasses: what `recipe.py` builds its schema from.
+"""The mechanics of checking JSON data against dataclasses: what `ia3_trainer.recipe.loading` builds its schema from.
 
 `check_type` tells whether a JSON value fits a type annotation; `check_section` checks a JSON object against a
 dataclass's fields; [`Problems`] collects every problem as one line naming the key, and says where it came from (the

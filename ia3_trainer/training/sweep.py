@@ -85,7 +85,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 def parse_search(items: list[str]) -> list[SearchParam]:
     """`["training.learning_rate=log:1e-4:3e-2"]` -> `[SearchParam("training.learning_rate", "log", 1e-4, 3e-2)]`;
-    see the module docstring for the syntax. A malformed item is a `ValueError` naming it and the syntax."""
+    `SEARCH_HELP` gives the syntax. A malformed item is an `InputError` naming it and the syntax."""
     params: dict[str, SearchParam] = {}
     for item in items:
         key, sep, spec = item.partition("=")

@@ -210,7 +210,8 @@ class IA3Seq2SeqTrainer(EvaluationMixin, SavingMixin, Seq2SeqTrainer):
 
     @classmethod
     def load_datasets(cls, recipe: Recipe, tokenizer) -> PreparedData:
-        """Load, check and tokenize the recipe's data (`data.prepare_data`), mapping `preprocess` over batches.
+        """Load, check and tokenize the recipe's data (`data.preparation.prepare_data`), mapping `preprocess` over
+        batches.
 
         Override to add splits or filter examples; return a [`PreparedData`] (`train_dataset`, `eval_dataset`,
         `label_names`, `max_label_tokens`).
