@@ -52,7 +52,9 @@ RUN_FILES = frozenset({
 })
 RUN_FOLDERS = re.compile(rf"^(checkpoint-\d+|{STAGING_PREFIX}.+|base-model|runs)$")  # runs/: TensorBoard's logs
 # Entries that mean "this folder holds a run".
-_RUN_MARKS = re.compile(r"^(run\.json|recipe\.json|adapter_config\.json|adapter_model\..+|(tmp-)?checkpoint-\d+)$")
+# A checkpoint folder, whole or still being staged (`layout.STAGING_PREFIX`).
+_CHECKPOINT_FOLDER = rf"(?:{re.escape(STAGING_PREFIX)})?checkpoint-\d+"
+_RUN_MARKS = re.compile(rf"^(run\.json|recipe\.json|adapter_config\.json|adapter_model\..+|{_CHECKPOINT_FOLDER})$")
 
 
 @contextlib.contextmanager
@@ -320,7 +322,7 @@ def _owning_run(folder: Path) -> str | None:
     """What makes `folder` part of another run rather than a run's own output folder (a `checkpoint-N` folder of a
     run, or a folder inside a folder that holds a run's `run.json`), or None."""
     folder = folder.resolve()
-    if re.match(r"^(tmp-)?checkpoint-\d+$", folder.name) and (
+    if re.fullmatch(_CHECKPOINT_FOLDER, folder.name) and (
             (folder / "trainer_state.json").is_file() or any(_RUN_MARKS.match(name) for name in run_entries(
                 folder.parent)[0])):
         return f"a checkpoint folder of the run in {folder.parent}"
