@@ -6,6 +6,7 @@ from __future__ import annotations
 def train_command(recipe, resume: bool = False, overwrite: bool = False) -> int:
     """`train`: the run is `IA3Seq2SeqTrainer.from_recipe(recipe).train()` (`ia3_trainer.training.lifecycle`); this
     prints what it returns."""
+    from ia3_trainer.evaluation.report import summary_text
     from ia3_trainer.training.runs import check_output_dir
     from ia3_trainer.training.trainer import IA3Seq2SeqTrainer
 
@@ -23,7 +24,7 @@ def train_command(recipe, resume: bool = False, overwrite: bool = False) -> int:
     def print_results(output) -> None:
         print(_summary(output.metrics, trainer.args.output_dir))
         if output.report_paths:
-            print(_report_summary(output.report, output.report_paths))
+            print(summary_text(output.report, output.report_paths))
 
     trainer.train(resume_from_checkpoint=resume_from, on_results=print_results)
     return 0
@@ -36,8 +37,3 @@ def _summary(metrics: dict, output_dir: str) -> str:
     shown = "  ".join(f"{key}={metrics[key]:.4f}" for key in keys if key in metrics)
     return f"{shown}\nadapter, tokenizer and recipe.json saved to {output_dir}"
 
-
-def _report_summary(report: dict, paths) -> str:
-    from ia3_trainer.evaluation.report import summary_text
-
-    return summary_text(report, paths)
