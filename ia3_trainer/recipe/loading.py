@@ -21,6 +21,7 @@ from typing import Any
 
 from ia3_trainer.errors import RecipeError, first_line, redact_urls
 from ia3_trainer.jsonfiles import read_json, write_json
+from ia3_trainer.recipe.field_types import ia3_field_types, training_field_types
 from ia3_trainer.recipe.output_dir import check_output_dir
 from ia3_trainer.recipe.overrides import OVERRIDE, SECTION_CLASSES, SECTIONS, check_extra_sections, override_pairs
 from ia3_trainer.recipe.overrides import apply_overrides as apply_overrides
@@ -46,8 +47,6 @@ from ia3_trainer.recipe.sections import (
     ModelSection,
     check_ia3_values,
     check_training_values,
-    ia3_field_types,
-    training_field_types,
 )
 from ia3_trainer.recipe.sections import check_repo_id as check_repo_id
 from ia3_trainer.recipe.shipped import list_shipped_recipes as list_shipped_recipes
