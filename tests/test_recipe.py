@@ -101,6 +101,21 @@ def test_training_arguments_own_check_is_reported_under_training():
     assert len(errors) == 1 and errors[0].startswith("<recipe>: training: ")
 
 
+def test_library_checks_false_leaves_out_only_what_transformers_and_peft_check_themselves():
+    # What `ia3-trainer validate` checks: the combination above is left to `train`, which builds the arguments ...
+    raw = {"model": {"name_or_path": "x"}, "data": {"path": "csv"},
+           "training": {"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "steps"}}
+    assert Recipe.from_dict(raw, library_checks=False).training["save_strategy"] == "steps"
+    # ... and the rest is checked as before, the cross-section checks read off the training section itself.
+    raw["data"]["validation_size"] = 0
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict(raw, library_checks=False)
+    assert info.value.errors == [
+        "<recipe>: training.eval_strategy: is 'epoch' but there is no validation data; set data.validation_split "
+        "or data.validation_size > 0, or eval_strategy 'no'",
+        "<recipe>: training.load_best_model_at_end: needs validation data; set data.validation_size > 0"]
+
+
 # JSON values, each of which some field type takes and others refuse.
 SAMPLE_VALUES = [None, True, False, 0, -1, 1.5, "", "x", "steps", "STEPS", "adamw_torch", "linear", "stop", "no",
                  "underflow_overflow", "SEQ_2_SEQ_LM", "/tmp/x", [], ["x"], [1], {}, {"a": 1}, {"a": True}]
