@@ -122,6 +122,22 @@ def test_validate_builds_no_trainer_callback_or_model(tmp_path, monkeypatch, cap
                                        "'user/name', e.g. 'alice/no-namespace'\n")
 
 
+def test_validate_leaves_what_transformers_checks_itself_to_train(tmp_path, capsys):
+    # validate imports no transformers (test_quiet.py); train builds the arguments before anything loads or is written.
+    raw = tiny_recipe(tmp_path, **{"training.eval_strategy": "epoch", "training.save_strategy": "steps",
+                                   "training.load_best_model_at_end": True})
+    path = write(tmp_path, raw)
+    assert main(["validate", path]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["train", path])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ia3-trainer: error: {path}: training: --load_best_model_at_end requires the save and eval "
+                          "strategy to match"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_problems_are_blamed_on_the_file_or_on_set(tmp_path, capsys):
     path = write(tmp_path, tiny_recipe(tmp_path))
     with pytest.raises(SystemExit) as info:

@@ -38,21 +38,28 @@ def test_the_shipped_tiny_data_has_no_duplicate_text():
 
 
 def test_commands_that_load_no_model_import_no_torch(tmp_path):
-    # `validate` itself builds IA3TrainingArguments and peft's IA3Config (they check their own values): it imports
-    # them. Help, the list and the errors found before any section is checked answer at once.
+    # Help, the list, `validate` (it leaves out the checks transformers makes itself: `train` makes them) and every
+    # problem of a recipe or an override answer at once: importing torch and transformers takes seconds.
     (tmp_path / "broken.json").write_text('{"name": "broken",')
     script = (
         "import sys\n"
         "from ia3_trainer.cli.main import main\n"
-        "for argv in (['--help'], ['train', '--help'], ['list'], ['train', 'missing.json'],\n"
-        "             ['validate', 'broken.json'], ['train', 'tiny', '--set', 'training.seed']):\n"
+        "for argv in (['--help'], ['train', '--help'], ['list'], ['train', 'missing.json'], ['validate', 'tiny'],\n"
+        "             ['validate', 'broken.json'], ['train', 'tiny', '--set', 'training.seed'],\n"
+        "             ['validate', 'tiny', '--set', 'training.learning_rate=-1'],\n"
+        "             ['validate', 'tiny', '--set', 'training.learnin_rate=1e-2'],\n"
+        "             ['train', 'tiny', '--set', 'ia3.target_modules=[]']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
         "        pass\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1] == "[]", result.stderr[-2000:]
-    assert result.stderr.count("ia3-trainer: error: ") == 3, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["Recipe OK: tiny", "[]"], result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.count("ia3-trainer: error: ") == 6, result.stderr
+    assert "--set: training.learning_rate: must be > 0, got -1" in result.stderr
+    assert "--set: training.learnin_rate: unknown key; did you mean 'training.learning_rate'?" in result.stderr
+    assert "--set: ia3.target_modules: is empty" in result.stderr

@@ -12,8 +12,10 @@ import pytest
 from ia3_trainer import PathError, RecipeError, apply_overrides, load_recipe
 from ia3_trainer.errors import first_line, one_line, redact
 from ia3_trainer.jsonfiles import read_json
+from ia3_trainer.recipe import field_types
+from ia3_trainer.recipe.field_types import ia3_field_types, training_field_types
 from ia3_trainer.recipe.loading import HubSection, Recipe, check_repo_id, list_shipped_recipes, load_saved_recipe
-from ia3_trainer.recipe.sections import ia3_field_types, training_field_types
+from ia3_trainer.recipe.schema import check_type, describe
 
 from conftest import REPO, TINY_MODEL_DIR, tiny_recipe
 
@@ -97,6 +99,47 @@ def test_training_arguments_own_check_is_reported_under_training():
            "training": {"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "steps"}}
     errors = errors_of(raw)
     assert len(errors) == 1 and errors[0].startswith("<recipe>: training: ")
+
+
+def test_library_checks_false_leaves_out_only_what_transformers_and_peft_check_themselves():
+    # What `ia3-trainer validate` checks: the combination above is left to `train`, which builds the arguments ...
+    raw = {"model": {"name_or_path": "x"}, "data": {"path": "csv"},
+           "training": {"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "steps"}}
+    assert Recipe.from_dict(raw, library_checks=False).training["save_strategy"] == "steps"
+    # ... and the rest is checked as before, the cross-section checks read off the training section itself.
+    raw["data"]["validation_size"] = 0
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict(raw, library_checks=False)
+    assert info.value.errors == [
+        "<recipe>: training.eval_strategy: is 'epoch' but there is no validation data; set data.validation_split "
+        "or data.validation_size > 0, or eval_strategy 'no'",
+        "<recipe>: training.load_best_model_at_end: needs validation data; set data.validation_size > 0"]
+
+
+# JSON values, each of which some field type takes and others refuse.
+SAMPLE_VALUES = [None, True, False, 0, -1, 1.5, "", "x", "steps", "STEPS", "adamw_torch", "linear", "stop", "no",
+                 "underflow_overflow", "SEQ_2_SEQ_LM", "/tmp/x", [], ["x"], [1], {}, {"a": 1}, {"a": True}]
+
+
+def test_the_stored_field_types_are_the_classes_own():
+    """`field_types.json` (what the `ia3` and `training` sections are checked against without importing peft or
+    transformers) says what the classes say, and reads back as `check_type` reads the classes' own types."""
+    from peft import IA3Config
+
+    from ia3_trainer.recipe.training_args import IA3TrainingArguments
+
+    fix = "the stored field types are stale: run python scripts/store_field_types.py"
+    stored = json.loads(field_types.STORED.read_text(encoding="utf-8"))
+    assert stored["versions"] == field_types.library_versions(), fix
+    assert field_types.stored_field_types() is not None, fix
+    for section, cls in (("ia3", IA3Config), ("training", IA3TrainingArguments)):
+        types = field_types.read_field_types(cls)
+        assert stored[section] == {name: field_types.to_json(annotation) for name, annotation in types.items()}, fix
+        read_back = field_types.stored_field_types()[section]
+        for name, annotation in types.items():
+            assert describe(read_back[name]) == describe(annotation), name
+            for value in SAMPLE_VALUES:
+                assert check_type(value, read_back[name]) == check_type(value, annotation), (name, value)
 
 
 def test_eval_needs_validation_data():
@@ -380,7 +423,7 @@ def test_200000_unknown_keys_give_ten_lines_and_a_count_fast(tmp_path):
     raw["training"].update({f"unknown_key_{i}": i for i in range(200_000)})
     path = tmp_path / "r.json"
     path.write_text(json.dumps(raw))
-    training_field_types(), ia3_field_types()  # their first call imports transformers and peft: not what is timed
+    training_field_types(), ia3_field_types()  # their first call reads field_types.json: not what is timed
     start = time.perf_counter()
     with pytest.raises(RecipeError) as info:
         load_recipe(path)

@@ -6,8 +6,8 @@ A recipe has one section per object it feeds: `model` (the base model and tokeni
 [`PushAdapterToHubCallback`]); a trainer subclass may declare more (`recipe_sections`). `Recipe.from_dict` collects
 every problem and raises one [`RecipeError`] that lists them, each as `<where>: <dotted.key>: <problem>; <fix>`,
 where `<where>` is the recipe file, or `--set` for a value an override gave. A recipe describes a run: checking it
-builds the value objects its sections feed (`IA3TrainingArguments`, `peft.IA3Config`), never a model, trainer or
-callback.
+builds the value objects its sections feed (`IA3TrainingArguments`, `peft.IA3Config`; not with `library_checks=False`,
+which imports no library), never a model, trainer or callback.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from ia3_trainer.errors import RecipeError, first_line, redact_urls
 from ia3_trainer.jsonfiles import read_json, write_json
+from ia3_trainer.recipe.field_types import ia3_field_types, training_field_types
 from ia3_trainer.recipe.output_dir import check_output_dir
 from ia3_trainer.recipe.overrides import OVERRIDE, SECTION_CLASSES, SECTIONS, check_extra_sections, override_pairs
 from ia3_trainer.recipe.overrides import apply_overrides as apply_overrides
@@ -46,8 +47,6 @@ from ia3_trainer.recipe.sections import (
     ModelSection,
     check_ia3_values,
     check_training_values,
-    ia3_field_types,
-    training_field_types,
 )
 from ia3_trainer.recipe.sections import check_repo_id as check_repo_id
 from ia3_trainer.recipe.shipped import list_shipped_recipes as list_shipped_recipes
@@ -96,7 +95,7 @@ class Recipe:
     @classmethod
     def from_dict(
         cls, raw: dict, source: str | Path | None = None, extra_sections: dict[str, type] | None = None, *,
-        overridden: dict[str, str] | None = None, portable: bool = False,
+        overridden: dict[str, str] | None = None, portable: bool = False, library_checks: bool = True,
     ) -> Recipe:
         """Check `raw` against the schema and return a `Recipe`, or raise one `RecipeError` listing every problem.
 
@@ -105,7 +104,10 @@ class Recipe:
         `overridden` maps the dotted keys that overrides set to where they came from (`"--set"`), so that their
         problems are blamed there and not on `source`. `portable=True` leaves out the checks that depend on this
         machine (building `IA3TrainingArguments`: bf16 support, DeepSpeed, config files), for a `recipe.json`
-        written elsewhere.
+        written elsewhere. `library_checks=False` leaves out the checks that transformers and peft make themselves
+        when `IA3TrainingArguments` and `peft.IA3Config` are built (combinations such as `load_best_model_at_end`
+        with different save and eval strategies, and the machine's), so that nothing imports torch, transformers or
+        peft: `ia3-trainer validate` checks this way, and `train` makes the rest of the checks before any model loads.
         """
         extra_sections = check_extra_sections(extra_sections)
         sections = (*SECTIONS, *extra_sections)
@@ -158,7 +160,7 @@ class Recipe:
             extra={key: value or extra_sections[key]() for key, value in extra.items()},
             source=None if source is None else str(source),
         )
-        recipe._check(problems, portable=portable)
+        recipe._check(problems, portable=portable, library_checks=library_checks)
         return recipe
 
     def validate(self) -> None:
@@ -166,10 +168,11 @@ class Recipe:
         `peft.IA3Config`) so that they check their own values; no model, trainer or callback is built."""
         self._check(Problems(self.source or "<recipe>"))
 
-    def _check(self, problems: Problems, portable: bool = False) -> None:
+    def _check(self, problems: Problems, portable: bool = False, library_checks: bool = True) -> None:
         args = None
+        build_args = library_checks and not portable
         unreadable = self._check_settings_files(problems) if not portable else False
-        if not portable and not unreadable:
+        if build_args and not unreadable:
             try:
                 args = self.training_args()
             except RecipeError:  # not the recipe's problem (a launcher's environment variable): said as it is
@@ -183,11 +186,12 @@ class Recipe:
                 keys = [key for key, value in self.training.items() if value == error.filename]
                 problems.add("training" + (f".{keys[0]}" if keys else ""), f"cannot read {error.filename!r} "
                              f"({error.strerror}); give the path of a JSON file, or the settings as an object")
-        try:
-            self.ia3_config()
-        except (ValueError, TypeError) as error:
-            problems.add_to_section("ia3", first_line(error))
-        if args is not None or portable:  # else the training section's own problem is reported, and is enough
+        if library_checks:
+            try:
+                self.ia3_config()
+            except (ValueError, TypeError) as error:
+                problems.add_to_section("ia3", first_line(error))
+        if args is not None or not build_args:  # else the training section's own problem is reported, and is enough
             strategy = getattr(args, "eval_strategy", self.training.get("eval_strategy", "no"))
             strategy = str(getattr(strategy, "value", strategy))
             best = getattr(args, "load_best_model_at_end", self.training.get("load_best_model_at_end", False))
@@ -260,13 +264,16 @@ def load_recipe(
     name_or_path: str | Path | dict,
     overrides: dict[str, Any] | list[str] | None = None,
     extra_sections: dict[str, type] | None = None,
+    *,
+    library_checks: bool = True,
 ) -> Recipe:
     """Load a recipe by shipped name (`"phrasebank"`), file path, or dict; apply `overrides`; validate it.
 
     `overrides` is a `{"training.learning_rate": 1e-2}` mapping or a list of `"key=value"` strings as given on the
     command line (each value parsed as JSON, else kept as a string). A problem in an override's value is blamed on
     `--set`, not on the file. `extra_sections` declares more sections (see `Recipe.from_dict`); a trainer subclass
-    passes its `recipe_sections`.
+    passes its `recipe_sections`. `library_checks=False` leaves out what transformers and peft check themselves and
+    imports none of them (see `Recipe.from_dict`).
     """
     if isinstance(name_or_path, dict):
         raw, source = copy.deepcopy(name_or_path), None
@@ -278,7 +285,8 @@ def load_recipe(
         overrides = dict(override_pairs(overrides))  # parsed once; the last value of a key given twice wins
         raw = apply_overrides(raw, overrides, source=source, extra_sections=extra_sections)
         overridden = dict.fromkeys(overrides, OVERRIDE)
-    return Recipe.from_dict(raw, source=source, extra_sections=extra_sections, overridden=overridden)
+    return Recipe.from_dict(raw, source=source, extra_sections=extra_sections, overridden=overridden,
+                            library_checks=library_checks)
 
 
 def load_saved_recipe(folder: str | Path, extra_sections: dict[str, type] | None = None) -> Recipe | None:

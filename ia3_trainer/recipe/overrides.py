@@ -10,14 +10,9 @@ from typing import Any
 
 from ia3_trainer.errors import RecipeError
 from ia3_trainer.jsonfiles import parse_value
+from ia3_trainer.recipe.field_types import ia3_field_types, training_field_types
 from ia3_trainer.recipe.schema import Problems, check_json_data, did_you_mean, path_fields, resolve_path, type_name
-from ia3_trainer.recipe.sections import (
-    IA3_RESERVED,
-    RECIPE_SECTIONS,
-    TRAINING_PATH_FIELDS,
-    ia3_field_types,
-    training_field_types,
-)
+from ia3_trainer.recipe.sections import IA3_RESERVED, RECIPE_SECTIONS, TRAINING_PATH_FIELDS
 
 
 SECTIONS = ("name", "description", *RECIPE_SECTIONS)  # every key a recipe may have at its top

@@ -2,16 +2,13 @@
 
 `model`, `data`, `eval` and `hub` are dataclasses whose `__post_init__` checks their values and raises one line per
 problem as `field: problem; fix`. `ia3` and `training` are the keyword arguments of `peft.IA3Config` and
-[`IA3TrainingArguments`]: their keys and types come from those classes, and `check_training_values` adds the ranges
-that `TrainingArguments` accepts but training then crashes on.
+[`IA3TrainingArguments`]: their keys and types come from those classes (`field_types`, which stores them), and
+`check_training_values` adds the ranges that `TrainingArguments` accepts but training then crashes on.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -352,8 +349,8 @@ class Section:
     """One section of a recipe.
 
     checked_by (`type`, *optional*): the dataclass that holds and checks it; None for `ia3` and `training`, the
-    keyword arguments of `peft.IA3Config` and [`IA3TrainingArguments`] ([`ia3_field_types`],
-    [`training_field_types`]). required (`bool`): a recipe must have it. resumable (`bool`): it may change when a run
+    keyword arguments of `peft.IA3Config` and [`IA3TrainingArguments`] (`field_types.ia3_field_types`,
+    `training_field_types`). required (`bool`): a recipe must have it. resumable (`bool`): it may change when a run
     is resumed (nothing it holds changes what is trained).
     """
 
@@ -372,26 +369,3 @@ RECIPE_SECTIONS = {
     "eval": Section(EvalSection, resumable=True),
     "hub": Section(HubSection, resumable=True),
 }
-
-@functools.cache
-def ia3_field_types() -> dict[str, Any]:
-    """`peft.IA3Config`'s keyword arguments and their types: what the `ia3` section may hold."""
-    from peft import IA3Config
-
-    return _init_field_types(IA3Config)
-
-
-@functools.cache
-def training_field_types() -> dict[str, Any]:
-    """[`IA3TrainingArguments`]' keyword arguments and their types: what the `training` section may hold."""
-    from ia3_trainer.recipe.training_args import IA3TrainingArguments
-
-    return _init_field_types(IA3TrainingArguments)
-
-
-def _init_field_types(cls) -> dict[str, Any]:
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that does not resolve: accept any JSON value, the class checks it
-        hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
