@@ -25,7 +25,8 @@ from ia3_trainer.errors import InputError, first_line
 from ia3_trainer.evaluation.metrics import decode
 from ia3_trainer.inference.adapters import AdapterFolder, check_loaded, check_weights, read_adapter, same_base
 from ia3_trainer.modeling import loading as modeling
-from ia3_trainer.modeling.layers import check_adapter_names, install, score_rows
+from ia3_trainer.modeling.layers import check_adapter_names, install
+from ia3_trainer.modeling.mixed import score_rows
 from ia3_trainer.modeling.scoring import EvalOutputs, candidate_label_ids, score_batch
 from ia3_trainer.modeling.threads import cpu_threads
 from ia3_trainer.recipe.loading import DataSection, ModelSection, Recipe
@@ -245,7 +246,7 @@ class IA3Predictor:
 
     def _score_batch(self, batch, rows: list[str], per_row: bool, max_new_tokens: int | None, candidates=None):
         """One `score_batch`; with `per_row`, each row through its own adapter
-        ([`ia3_trainer.modeling.layers.score_rows`])."""
+        ([`ia3_trainer.modeling.mixed.score_rows`])."""
         bounds = [self._bound(name, max_new_tokens) for name in rows]
         with cpu_threads(self.model, self.model.device):  # one thread for a small model on the CPU
             if per_row:

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 from peft.tuners.ia3 import IA3Layer, Linear
 
 from ia3_trainer.errors import InputError
-from ia3_trainer.modeling.scoring import BatchScores, score_batch, score_candidates
 
 
 class IA3Forward:
@@ -175,6 +173,27 @@ class _Rows:
             self._scales[key] = scale
         return scale
 
+    def narrow(self, start: int, stop: int) -> _Rows:
+        """The adapters of examples `start..stop` only (the same table when one adapter serves every row)."""
+        return self if self.single is not None else _Rows(self.names, self.index[start:stop], None)
+
+
+@contextmanager
+def example_rows(model, start: int, stop: int):
+    """Within the block, a batch that reaches the IA3 layers of `model` holds the rows of examples `start..stop` of
+    the open [`adapter_rows`] block only (`k` rows each, example-major), so each row still gets its own adapter:
+    what a pass that scores a few examples at a time (the prefix-tree walk of rank classification) opens around
+    its forward. Outside an `adapter_rows` block, or in one that names one adapter for every row, nothing changes."""
+    layers = [module for module in model.modules() if getattr(module, "_ia3_rows", None) is not None]
+    previous = [layer._ia3_rows for layer in layers]
+    for layer in layers:
+        layer._ia3_rows = layer._ia3_rows.narrow(start, stop)
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, previous, strict=True):
+            layer._ia3_rows = state
+
 
 def adapter_table(layer, names: Sequence[str]) -> torch.Tensor:
     """The IA3 vectors of `names` in `layer`, stacked: shape (A, d), ones for an adapter the layer does not have.
@@ -197,46 +216,3 @@ def adapter_table(layer, names: Sequence[str]) -> torch.Tensor:
     if not tracked:
         layer._ia3_table = (key, table)
     return table
-
-
-def score_rows(model, batch: dict[str, torch.Tensor], adapters: Sequence[str], *,
-               bounds: Sequence[int | None] | None = None, candidates: dict[str, torch.Tensor] | None = None,
-               pad_token_id: int = 0) -> BatchScores:
-    """[`~ia3_trainer.modeling.scoring.score_batch`] of a batch whose row `i` uses adapter `adapters[i]`, in one
-    forward.
-
-    Each row is ranked against the candidate labels of its own adapter (`candidates`: adapter name -> ids as
-    [`~ia3_trainer.modeling.scoring.candidate_label_ids`] makes them; `rank_choice` is -1 for a row whose adapter has
-    none), and generation runs up to the longest of the rows' `bounds`, each row then cut to its own: greedy decoding
-    is per row, so generating longer never changes a row's first tokens. Positions past a row's bound hold
-    `pad_token_id`, as generate pads a row that has finished.
-    """
-    adapters, candidates = list(adapters), candidates or {}
-    bounds = list(bounds) if bounds is not None else [None] * len(adapters)
-    names = list(dict.fromkeys(adapters))
-    mixed = len(names) > 1
-    # Rows of one adapter with a label set: plain rank classification; otherwise per adapter, -1 for rows without.
-    per_adapter = candidates and (mixed or names[0] not in candidates)
-    rank_fn = partial(_rank_rows, adapters, candidates) if per_adapter else None
-    with adapter_rows(model, adapters if mixed else names[0]):
-        scores = score_batch(model, batch, candidate_ids=None if rank_fn else candidates.get(names[0]),
-                             rank_fn=rank_fn, max_new_tokens=None if None in bounds else max(bounds))
-    generated = scores.generated
-    if generated is not None and len(set(bounds)) > 1:
-        # Keep the decoder start token (the one-token decoder prompt of a seq2seq generate) and the row's own bound.
-        keep = torch.tensor([1 + bound if bound else generated.shape[1] for bound in bounds])
-        beyond = torch.arange(generated.shape[1])[None, :] >= keep[:, None]
-        generated.masked_fill_(beyond.to(generated.device), pad_token_id)
-    return scores
-
-
-def _rank_rows(adapters: list[str], candidates: dict, model, encoded, attention_mask) -> torch.Tensor:
-    """`rank_choice` of rows that use different adapters: the rows of each adapter against its own label set."""
-    choice = torch.full((len(adapters),), -1, dtype=torch.long, device=attention_mask.device)
-    for name, candidate_ids in candidates.items():
-        index = torch.tensor([i for i, row in enumerate(adapters) if row == name], device=attention_mask.device)
-        if len(index):
-            with adapter_rows(model, name):
-                scores = score_candidates(model, (encoded[0][index],), attention_mask[index], candidate_ids)
-            choice[index] = scores.argmax(dim=-1)
-    return choice

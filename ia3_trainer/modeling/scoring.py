@@ -11,7 +11,6 @@ metrics and the report are computed from.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ia3_trainer.data.encoding import IGNORE_INDEX
+from ia3_trainer.modeling.prefix_tree import score_tree
 
 
 # Candidate rows scored in one decoder pass: 2000 labels x batch 32 would otherwise be 64,000 rows at once.
@@ -92,9 +92,10 @@ def score_candidates(
     With `length_normalize` (the default, as in T-Few) the score is the mean token log-probability, so a label of
     more tokens is not penalised for its length. The candidates form a prefix tree: the decoder runs once per example
     for the start token (whose logits score every candidate's first token, and whose cache holds the cross-attention
-    keys and values, computed once), then one step per distinct prefix, from its parent's cache. The cost grows with
-    the distinct label prefixes, not with labels x tokens, and no encoder output is projected again per candidate. A
-    pass has at most `chunk_rows` (example, prefix) rows and `chunk_logits` logits, and the caches of a pass stay
+    keys and values, computed once), then one step per distinct prefix, from its parent's cache
+    ([`prefix_tree.score_tree`]: an example's prefixes share its cross-attention keys and values as a view). The cost
+    grows with the distinct label prefixes, not with labels x tokens, and no encoder output is projected again per
+    candidate. A pass has at most `chunk_rows` (example, prefix) rows and `chunk_logits` logits, and its caches stay
     within `RANK_CACHE_BYTES`, so memory stays bounded with thousands of labels and a large vocabulary. A model
     whose decoder returns no such cache is scored a chunk of whole candidate sequences at a time.
     """
@@ -115,20 +116,10 @@ def score_candidates(
     keyword = "cache" if getattr(outputs, "cache", None) is not None else "past_key_values"  # transformers 5 / 4
     first = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)  # (B, V): every candidate's first token
     per_example = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / max(batch, 1)
-    budget = max(1, min(chunk_rows, chunk_logits // vocab_size(model), int(RANK_CACHE_BYTES // max(per_example, 1))))
-    scores = torch.empty(batch, len(sequences), device=attention_mask.device)
-    order = sorted(range(len(sequences)), key=lambda k: sequences[k])  # shared prefixes side by side
-    for e0 in range(0, batch, budget):
-        rows = slice(e0, min(batch, e0 + budget))
-        count = rows.stop - rows.start
-        k0 = 0
-        while k0 < len(order):
-            chunk = _prefix_chunk(sequences, order, k0, max(1, budget // count))
-            example_cache = copy.deepcopy(cache)
-            example_cache.batch_select_indices(torch.arange(rows.start, rows.stop, device=attention_mask.device))
-            scores[rows, chunk] = _score_tree(model, hidden[rows], attention_mask[rows], first[rows], example_cache,
-                                              [sequences[k] for k in chunk], length_normalize, keyword)
-            k0 += len(chunk)
+    limit = max(1, min(chunk_rows, chunk_logits // vocab_size(model), int(RANK_CACHE_BYTES // max(per_example, 1))))
+    scores = score_tree(model, hidden, attention_mask, first, cache, sequences, limit, keyword)
+    if length_normalize:
+        scores = scores / torch.tensor([len(sequence) for sequence in sequences], device=scores.device)
     # A decoder whose steps from a cache do not give what a whole sequence gives (FSMT places positions by the
     # tokens it is given) is scored the straightforward way; the longest candidate, decoded whole, tells.
     longest = max(range(len(sequences)), key=lambda k: len(sequences[k]))
@@ -169,59 +160,6 @@ def _cache_tensors(cache):
         for layer in part.layers:
             yield from (tensor for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
                         if isinstance(tensor, torch.Tensor))
-
-
-def _prefix_chunk(sequences: list[list[int]], order: list[int], k0: int, limit: int) -> list[int]:
-    """The candidates `order[k0:k]` for the largest `k` whose prefix tree has at most `limit` prefixes at any depth
-    (at least one candidate)."""
-    levels: list[set] = []
-    k = k0
-    while k < len(order):
-        sequence = sequences[order[k]]
-        new = [tuple(sequence[:depth + 1]) for depth in range(len(sequence) - 1)]
-        grown = [len(levels[d]) + (prefix not in levels[d]) if d < len(levels) else 1 for d, prefix in enumerate(new)]
-        if k > k0 and max(grown, default=0) > limit:
-            break
-        for depth, prefix in enumerate(new):
-            if depth == len(levels):
-                levels.append(set())
-            levels[depth].add(prefix)
-        k += 1
-    return order[k0:k]
-
-
-def _score_tree(model, hidden, attention_mask, first, cache, sequences, length_normalize, keyword):
-    """Scores (B, K) of `sequences` by one decoder step per distinct prefix, level by level, each from its parent's
-    rows of `cache` (which holds the start token's step of these B examples). Each level's distributions are read
-    for the tokens that follow its prefixes, then dropped: memory holds one level's logits at a time."""
-    device, batch = attention_mask.device, attention_mask.shape[0]
-    total = torch.zeros(batch, len(sequences), device=device)
-    level: dict = {(): 0}  # the prefixes of this depth -> their index among them
-    log_probs = first  # (B * prefixes, V), example-major: the distribution after each prefix
-    for depth in range(max(len(sequence) for sequence in sequences)):
-        reading = [k for k, sequence in enumerate(sequences) if len(sequence) > depth]
-        at = torch.tensor([level[tuple(sequences[k][:depth])] for k in reading], device=device)
-        token = torch.tensor([sequences[k][depth] for k in reading], device=device)
-        total[:, reading] += log_probs.view(batch, len(level), -1)[:, at, token]
-        following = {}
-        for k in reading:
-            if len(sequences[k]) > depth + 1:
-                following.setdefault(tuple(sequences[k][:depth + 1]), len(following))
-        if not following:
-            break
-        parents = torch.tensor([level[prefix[:-1]] for prefix in following], device=device)
-        rows = (torch.arange(batch, device=device)[:, None] * len(level) + parents).flatten()
-        cache.batch_select_indices(rows)
-        example = rows // len(level)
-        tokens = torch.tensor([prefix[-1] for prefix in following], device=device).repeat(batch)[:, None]
-        outputs = model(encoder_outputs=(hidden.index_select(0, example),),
-                        attention_mask=attention_mask.index_select(0, example), decoder_input_ids=tokens,
-                        **{keyword: cache}, use_cache=True)
-        cache = _decoder_cache(outputs)
-        log_probs = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
-        level = following
-    lengths = torch.tensor([len(sequence) for sequence in sequences], device=device)
-    return total / lengths if length_normalize else total
 
 
 def score_sequences(
