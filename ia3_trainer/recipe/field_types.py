@@ -3,8 +3,8 @@
 
 Reading them off the classes imports peft, transformers and torch: about 4 s on a 2-core CPU, most of what
 `ia3-trainer validate` took (issue #18). So they are also stored in `field_types.json`, with the versions of peft and
-transformers they were read from, and read from there when those versions are the installed ones; with any other
-version the classes themselves are read. `python scripts/store_field_types.py` writes the file again, and
+transformers they were read from, and read from there when the installed ones are the same minor releases (the
+range `pyproject.toml` allows); with any other version the classes themselves are read. `python scripts/store_field_types.py` writes the file again, and
 `tests/test_recipe.py` checks that it says what the classes say.
 
 The file holds each type as JSON that `check_type` reads the same way: `"int"`, `{"union": [...]}`,
@@ -71,7 +71,7 @@ def stored_field_types() -> dict[str, dict[str, Any]] | None:
     libraries than the installed ones (or cannot be read)."""
     try:
         stored = json.loads(STORED.read_text(encoding="utf-8"))
-        if stored["versions"] != library_versions():
+        if releases(stored["versions"]) != releases(library_versions()):
             return None
         return {section: {name: from_json(item) for name, item in stored[section].items()}
                 for section in ("ia3", "training")}
@@ -82,6 +82,11 @@ def stored_field_types() -> dict[str, dict[str, Any]] | None:
 def library_versions() -> dict[str, str]:
     """The installed versions of the libraries whose classes the types are read from (`LIBRARIES`)."""
     return {name: version(name) for name in LIBRARIES}
+
+
+def releases(versions: dict[str, str]) -> dict[str, str]:
+    """The minor release of each version (`5.24.1` -> `5.24`): a patch release keeps the stored types."""
+    return {name: ".".join(text.split(".")[:2]) for name, text in versions.items()}
 
 
 def store_field_types() -> Path:
