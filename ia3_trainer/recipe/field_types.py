@@ -4,8 +4,9 @@
 Reading them off the classes imports peft, transformers and torch: about 4 s on a 2-core CPU, most of what
 `ia3-trainer validate` took (issue #18). So they are also stored in `field_types.json`, with the versions of peft and
 transformers they were read from, and read from there when the installed ones are the same minor releases (the
-range `pyproject.toml` allows); with any other version the classes themselves are read. `python scripts/store_field_types.py` writes the file again, and
-`tests/test_recipe.py` checks that it says what the classes say.
+range `pyproject.toml` allows); with any other version the classes themselves are read.
+`python scripts/store_field_types.py` writes the file again, and `tests/test_recipe.py` checks that it says what the
+classes say.
 
 The file holds each type as JSON that `check_type` reads the same way: `"int"`, `{"union": [...]}`,
 `{"literal": [...]}`, `{"list": item}`, `{"dict": value}`, `{"enum": name, "members": {name: value}}`, `"path"`, and
