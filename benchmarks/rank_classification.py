@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     words = "sales profit rose fell market shares quarter revenue company board said percent".split()
     texts = [" ".join(random.choices(words, k=10)) + f" item {i}" for i in range(args.texts)]
 
-    def timed(name, function, threads):
+    def timed(name, threads, function, *arguments):
         torch.set_num_threads(threads)
         began = time.perf_counter()
-        result = function()
+        result = function(*arguments)
         seconds[name] += time.perf_counter() - began
         return result
 
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             batch = tokenizer(texts[start:start + args.batch_size], return_tensors="pt", padding=True)
             hidden = model.get_encoder()(**batch).last_hidden_state
             mask = batch["attention_mask"]
-            old = timed(names[0], lambda: score_sequences(model, hidden, mask, candidates), torch_threads)
-            timed(names[1], lambda: score_sequences(model, hidden, mask, candidates), 1)
-            timed(names[2], lambda: score_candidates(model, (hidden,), mask, candidates), 1)
-            new = timed(names[3], lambda: now(hidden, mask), torch_threads)
+            old = timed(names[0], torch_threads, score_sequences, model, hidden, mask, candidates)
+            timed(names[1], 1, score_sequences, model, hidden, mask, candidates)
+            timed(names[2], 1, score_candidates, model, (hidden,), mask, candidates)
+            new = timed(names[3], torch_threads, now, hidden, mask)
             same += int((old.argmax(dim=-1) == new.argmax(dim=-1)).sum())
             largest = max(largest, float((old - new).abs().max()))
     torch.set_num_threads(torch_threads)

@@ -18,8 +18,8 @@ from ia3_trainer.data.encoding import IGNORE_INDEX, build_collator, encode_batch
 from ia3_trainer.inference import predictor as predictor_module
 from ia3_trainer.inference.predictor import IA3Predictor
 from ia3_trainer.modeling.layers import IA3Linear, adapter_rows, install
-from ia3_trainer.modeling.mixed import score_rows
 from ia3_trainer.modeling.loading import cast_frozen_weights
+from ia3_trainer.modeling.mixed import score_rows
 from ia3_trainer.modeling.scoring import candidate_label_ids, score_candidates
 
 from conftest import TINY_ASSETS, TINY_MODEL_DIR, free_port, tiny_config, tiny_recipe

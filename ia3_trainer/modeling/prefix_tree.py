@@ -108,8 +108,9 @@ def score_tree(model, hidden, attention_mask, first, cache, sequences, limit: in
     k0 = 0
     while k0 < len(order):
         chunk = prefix_chunk(sequences, order, k0, limit)
-        walk = Walk(model, hidden, attention_mask, cross, tree_levels([sequences[k] for k in chunk], hidden.device),
-                    torch.zeros(batch, len(chunk), device=hidden.device), keyword, min(limit, GROUP_ROWS), example_rows)
+        levels = tree_levels([sequences[k] for k in chunk], hidden.device)
+        walk = Walk(model, hidden, attention_mask, cross, levels, torch.zeros(batch, len(chunk), device=hidden.device),
+                    keyword, min(limit, GROUP_ROWS), example_rows)
         _read(walk, cache, 0, batch, first, start, 0)
         scores[:, chunk] = walk.total
         k0 += len(chunk)
