@@ -20,6 +20,7 @@ import warnings
 
 RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 # What the other processes of a launch set for the libraries before they load, unless the user set it: their
 # warnings to errors only (torch's C++ warnings too, e.g. DDP's unused-parameter one), and no progress bars.
@@ -67,3 +68,19 @@ def quiet_other_processes(environ=None) -> bool:
     warnings.simplefilter("ignore")
     return True
 
+
+def single_process_note(environ=None) -> str | None:
+    """The line that says `accelerate launch` started one process where several were asked for, else None.
+
+    Without `--multi_gpu` (or a config file that sets it), `accelerate launch --cpu --num_processes 2` runs its
+    simple launcher, which starts one process: several CPU processes need mpirun there. That launcher alone sets
+    `ACCELERATE_USE_CPU`, and it sets `MASTER_ADDR` only when more than one process or machine was asked for;
+    torchrun and mpirun set the rank and world size, which it does not."""
+    environ = os.environ if environ is None else environ
+    if "ACCELERATE_USE_CPU" not in environ or "MASTER_ADDR" not in environ:
+        return None
+    if any(name in environ for name in (*RANK_VARIABLES, *LOCAL_RANK_VARIABLES, *WORLD_SIZE_VARIABLES)):
+        return None
+    return ("ia3-trainer: accelerate launch started 1 process, not --num_processes: without --multi_gpu it starts "
+            "one (several CPU processes need mpirun); for N processes run accelerate launch --multi_gpu "
+            "--num_processes N, without --cpu (set training.use_cpu: true on a machine without GPUs)")

@@ -24,7 +24,7 @@ from ia3_trainer.cli.push import push_command
 from ia3_trainer.cli.sweep import sweep_command
 from ia3_trainer.cli.train import train_command
 from ia3_trainer.errors import IA3TrainerError, redact
-from ia3_trainer.processes import is_main_process, quiet_other_processes
+from ia3_trainer.processes import is_main_process, quiet_other_processes, single_process_note
 from ia3_trainer.recipe.loading import load_recipe
 
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.command in ("train", "sweep") and (note := single_process_note()):
+            print(note, file=sys.stderr)
         # train switches the bars once its recipe is read: a bad recipe or --set answers before any library loads.
         with _progress_bars_on_terminals_only(args.command not in (*_QUICK_COMMANDS, "train")):
             return _run(parser, args)
