@@ -123,6 +123,33 @@ def test_credentials_in_a_data_url_are_in_no_saved_or_pushed_file(hub, data_serv
     assert not list(staging_root.glob("ia3-trainer-push-*"))  # every staging copy removed
 
 
+def test_a_sweep_over_data_urls_stores_no_credential_in_its_study(data_server, tmp_path, capsys):
+    # Optuna keeps what it is given in its storage (study.db here, a shared database with --storage): a choice's
+    # index, never its text, and the study's spec redacted. Each run still reads its data with the credentials.
+    from ia3_trainer.training.sweep import plan_search
+
+    port, seen = data_server
+    urls = [f"http://ann-the-user:pa55word-Q7@127.0.0.1:{port}/train.jsonl?token=s3cr3t-t0ken",
+            f"http://127.0.0.1:{port}/train.jsonl?X-Amz-Signature=deadbeef5ig"]
+    raw = tiny_recipe(tmp_path, **{"training.max_steps": 1, "data.max_eval_samples": 8})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    argv = ["sweep", str(path), "--grid", "data.data_files=" + json.dumps([{"train": url} for url in urls])]
+    assert main(argv) == 0
+    assert any(auth == "Basic YW5uLXRoZS11c2VyOnBhNTV3b3JkLVE3" for _, auth in seen)  # ann-the-user:pa55word-Q7
+    assert any("X-Amz-Signature=deadbeef5ig" in request for request, _ in seen)
+    assert main(argv) == 0  # the same command continues the study (done): its redacted spec matches
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [row["data.data_files"] for row in rows] == [{"train": redact_urls(url)} for url in urls]
+    assert {row["state"] for row in rows} == {"COMPLETE"}
+    files = all_bytes(tmp_path / "out")
+    assert "study.db" in files and "results.csv" in files
+    assert_no_secret(files, "the sweep folder")
+    assert_no_secret({"stdout+stderr": "".join(capsys.readouterr()).encode()}, "the console")  # the table too
+    # A searched choice's text is in the spec the study records, redacted there too.
+    plan = plan_search(raw, search=["data.data_files=choice:" + json.dumps(urls)])
+    assert_no_secret({"spec": json.dumps(plan.spec).encode()}, "the spec")
+
 def test_an_older_runs_recipe_json_is_pushed_without_its_credentials(hub, tmp_path, staging_root):
     from ia3_trainer import IA3Seq2SeqTrainer
 

@@ -24,6 +24,7 @@ from ia3_trainer.cli.push import push_command
 from ia3_trainer.cli.sweep import sweep_command
 from ia3_trainer.cli.train import train_command
 from ia3_trainer.errors import IA3TrainerError, redact
+from ia3_trainer.processes import is_main_process, quiet_other_processes, single_process_note
 from ia3_trainer.recipe.loading import load_recipe
 
 
@@ -119,16 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_other_processes()  # under a launcher, before any library loads: they read the levels it sets
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.command in ("train", "sweep") and (note := single_process_note()):
+            print(note, file=sys.stderr)
         # train switches the bars once its recipe is read: a bad recipe or --set answers before any library loads.
         with _progress_bars_on_terminals_only(args.command not in (*_QUICK_COMMANDS, "train")):
             return _run(parser, args)
     except KeyboardInterrupt:  # Ctrl-C while the libraries import, before a command runs (`_run` handles the rest)
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print("ia3-trainer: interrupted", file=sys.stderr)
         return 130
 
@@ -160,7 +164,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, and how to go on
         if os.environ.get("IA3_TRAINER_DEBUG", "") not in ("", "0"):
             raise
-        if os.environ.get("RANK", "0") == "0":  # under a launcher, the first process speaks for all
+        if is_main_process():  # under a launcher, the first process speaks for all
             _close_progress_bars()
             # An interrupt that says what it stopped (the wait for the Hub: lifecycle.wait_for_pushes) says it.
             line = f"ia3-trainer: {interrupt}" if str(interrupt) else _interrupted(args, recipe, interrupt)

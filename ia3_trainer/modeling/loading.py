@@ -9,11 +9,11 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import warnings
 
 from ia3_trainer import network
 from ia3_trainer.errors import RecipeError, first_line, one_line
+from ia3_trainer.processes import is_main_process
 from ia3_trainer.recipe.loading import ModelSection
 
 
@@ -187,7 +187,7 @@ def wrap_with_ia3(model, peft_config=None):
     with peft_wrapping():
         wrapped = get_peft_model(model, peft_config)
     warn_partial_matches(wrapped)
-    if os.environ.get("RANK", "0") == "0":  # launchers set RANK for every process; print once per run
+    if is_main_process():  # launchers start the same command in every process; print once per run
         print(f"{describe(peft_config)} ({model.config.model_type})")
     return wrapped
 

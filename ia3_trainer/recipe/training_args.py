@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import Seq2SeqTrainingArguments
+from transformers.training_args import trainer_log_levels
 
 from ia3_trainer.errors import RecipeError
 
@@ -78,6 +79,10 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         `None` turns the progress bars off when stderr is not a terminal (redirected to a log file, each bar
         update is a carriage-return line: hundreds a run) and the logs are printed as lines instead; on a
         terminal it follows the parent's rule (off only when the log level is above warning).
+    log_level_replica (`str`, *optional*, defaults to `"passive"`):
+        transformers' log level on the processes of a launch that do not log (not local rank 0): kept as it is. The
+        command line sets it to `error` there before transformers loads (`ia3_trainer.processes`), so a warning
+        prints once per machine; the parent's `"warning"` would set it back when the trainer starts.
     """
 
     overwrite_output_dir: bool = field(
@@ -124,6 +129,11 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
         default=None,
         metadata={"help": "Disable tqdm progress bars; None = off when stderr is not a terminal (a log file), else "
                           "the parent's rule (off when the log level is above warning)."},
+    )
+    log_level_replica: str = field(
+        default="passive",
+        metadata={"help": "transformers' log level on the processes that do not log; 'passive' keeps it (the command "
+                          "line sets error there).", "choices": trainer_log_levels.keys()},
     )
 
     def __post_init__(self):

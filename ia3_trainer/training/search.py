@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import socket
@@ -103,7 +102,7 @@ def run_search(
                 raise InputError(f"--overwrite: study {study_name!r} has trials {running} running; stop their workers")
             optuna.delete_study(study_name=study_name, storage=backend)
     if sampler is None:
-        sampler = _grid_sampler(plan.spec["grid"]) if plan.names else optuna.samplers.TPESampler()
+        sampler = _grid_sampler(plan.params) if plan.names else optuna.samplers.TPESampler()
     pruner = pruner or optuna.pruners.MedianPruner()
     study = optuna.create_study(storage=backend, study_name=study_name, direction=plan.direction, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
@@ -127,16 +126,16 @@ def run_search(
     return rows
 
 
-def _grid_sampler(grid: dict[str, list[str]]):
-    """Optuna's `GridSampler` over the values' JSON texts (it takes no lists, and `["none"]` and `"none"` stay two);
-    the search loop decides when the grid is done (`after_trial` may stop only an `optimize` loop)."""
+def _grid_sampler(params: list[SearchParam]):
+    """Optuna's `GridSampler` over each grid value's index ([`sample`]); the search loop decides when the grid is
+    done (`after_trial` may stop only an `optimize` loop)."""
     import optuna
 
     class GridSampler(optuna.samplers.GridSampler):
         def after_trial(self, study, trial, state, values):
             pass
 
-    return GridSampler(grid, seed=0)
+    return GridSampler({param.key: list(range(len(param.choices))) for param in params}, seed=0)
 
 
 class PruneTrial(TrainerCallback):
@@ -305,9 +304,11 @@ def _queue_again(study, failed) -> None:
 
 
 def sample(trial, param: SearchParam) -> Any:
-    """`trial`'s value of one searched key."""
+    """`trial`'s value of one searched key. Of a choice (a grid's values too) Optuna gets the index only: the value
+    may be a data URL with a password or token, and the study storage (`study.db`, a shared database) keeps what it
+    gets; every worker has the values from its own command line (`sweep.study_rows` reads them back the same way)."""
     if param.kind == "choice":
-        return json.loads(trial.suggest_categorical(param.key, [sweep.value_text(value) for value in param.choices]))
+        return param.choices[trial.suggest_categorical(param.key, list(range(len(param.choices))))]
     if param.kind == "int":
         return trial.suggest_int(param.key, param.low, param.high)
     return trial.suggest_float(param.key, param.low, param.high, log=param.kind == "log")

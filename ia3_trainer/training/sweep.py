@@ -293,9 +293,9 @@ def plan_search(recipe, grid=None, search=None, overrides=None, n_trials: int | 
     if objective.startswith("eval_") and base.data.validation_split is None and not base.data.validation_size:
         raise InputError(f"--objective {objective}: the recipe has no validation data; set data.validation_size > 0 "
                          "or choose train_loss")
-    spec = {"grid": {key: [value_text(value) for value in values] for key, values in grid.items()},
-            "search": sorted(param.text for param in params if param.text), "objective": objective,
-            "direction": direction}
+    spec = redact_urls({"grid": {key: [value_text(value) for value in values] for key, values in grid.items()},
+                        "search": sorted(param.text for param in params if param.text), "objective": objective,
+                        "direction": direction})  # what the study stores: URLs without their credentials
     return SearchPlan(base, params, names, n_trials, objective, direction, spec)
 
 
@@ -366,8 +366,8 @@ def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.user_attrs.get("surplus"):
             continue
-        values = {p.key: json.loads(trial.params[p.key]) if p.kind == "choice" else trial.params[p.key]
-                  for p in params if p.key in trial.params}
+        values = {p.key: p.choices[trial.params[p.key]] if p.kind == "choice" else trial.params[p.key]
+                  for p in params if p.key in trial.params}  # a choice by its index (`search.sample`)
         objective = trial.value if trial.values else (
             trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
         row = {**values, "output_dir": trial.user_attrs.get("folder"), **trial.user_attrs.get("metrics", {}),
