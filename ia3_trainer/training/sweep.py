@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ia3_trainer.errors import InputError, RecipeError, redact_urls
-from ia3_trainer.jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
+from ia3_trainer.jsonfiles import finite, parse_value, read_json, write_json, write_text
 from ia3_trainer.recipe.loading import Recipe, load_recipe
 from ia3_trainer.recipe.overrides import OVERRIDE
 from ia3_trainer.training.runs import check_fresh
@@ -328,36 +328,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return write_text(path, buffer.getvalue())
 
 
-def plot_objective(rows: list[dict[str, Any]], params: list[SearchParam], objective: str, path: Path) -> Path | None:
-    """One PNG: the objective against each searched key (pruned trials hollow, at their last reported value). None
-    without matplotlib (`pip install "ia3-trainer[plots]"`), as the report's plots."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4 * len(params), 3.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)  # files only: no window, and pyplot's global backend is left alone
-    for index, param in enumerate(params):
-        axes = figure.add_subplot(1, len(params), index + 1)
-        for state, fill in (("COMPLETE", "C0"), ("PRUNED", "none")):
-            shown = [row for row in rows if row["state"] == state and isinstance(row.get("objective"), (int, float))
-                     and row.get(param.key) is not None]
-            x = [row[param.key] if param.kind != "choice" else json.dumps(row[param.key]) for row in shown]
-            axes.scatter(x, [row["objective"] for row in shown], facecolors=fill, edgecolors="C0",
-                         label=state.lower())
-        if param.kind == "log":
-            axes.set_xscale("log")
-        axes.set_xlabel(param.key.rsplit(".", 1)[-1])
-        axes.set_ylabel(objective)
-        axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return write_bytes(path, buffer.getvalue())
-
-
 def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[dict[str, Any]]:
     """One row per trial, by number (a grid's in the `order` of its point keys): its values (dotted keys),
     `output_dir`, its metrics, then `trial`, `state` (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), `objective` (a
@@ -394,6 +364,8 @@ def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def write_results(rows: list[dict[str, Any]], root: Path, params: list[SearchParam], objective: str,
                   plot: bool = True) -> list[Path]:
     """`sweep.json` (the rows, strict JSON), `results.csv` and, with `plot` and searched ranges, `search.png`."""
+    from ia3_trainer.evaluation.report import plot_objective
+
     rows = redact_urls(json.loads(json.dumps(rows, default=str)))  # a grid over data URLs: no credential on disk
     paths = [write_json(root / SWEEP_FILE, finite(rows)), write_csv(rows, root / RESULTS_CSV)]
     picture = plot_objective(rows, params, objective, root / PLOT_FILE) if plot and params and rows else None
