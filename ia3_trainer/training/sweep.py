@@ -119,16 +119,19 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def _digest(point: dict[str, Any]) -> str:
-    exact = json.dumps(point, sort_keys=True, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
-    return hashlib.sha256(exact).hexdigest()[:8]
+def _digest(point: dict[str, Any], index: int | None = None) -> str:
+    # Of the redacted values: a hash of a password in a folder name, sweep.json and the study would confirm a guess
+    # offline, and a new password would rename the folder. `index`: the point's place in its grid (`point_names`).
+    text = json.dumps(redact_urls(point), sort_keys=True, ensure_ascii=False) + ("" if index is None else f"#{index}")
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:8]
 
 
-def point_name(point: dict[str, Any]) -> str:
+def point_name(point: dict[str, Any], digest: str | None = None) -> str:
     """Folder name of a point: `learning_rate=0.003,seed=1`, `target_modules=k+v` (the last part of each key; a list
-    joined with `+`). Characters unsafe in a file name become `_`, and then a short hash of the exact values is
-    added (`name_or_path=org_model-1a2b3c4d`), so that points whose values differ only in those characters
-    (`a b` and `a_b`) never share a folder. See [`point_names`] for values that share a text form."""
+    joined with `+`), from its values with their URLs' credentials taken out. Characters unsafe in a file name become
+    `_`, and then `digest` (a short hash of the values so redacted) is added (`name_or_path=org_model-1a2b3c4d`), so
+    that points whose values differ only in those characters (`a b` and `a_b`) never share a folder. See
+    [`point_names`] for values that share a text form."""
 
     def text(value: Any) -> str:
         if isinstance(value, list):
@@ -137,17 +140,22 @@ def point_name(point: dict[str, Any]) -> str:
 
     name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(redact_urls(value))}" for key, value in point.items())
     safe = re.sub(r"[^\w.=,+-]", "_", name)
-    return name if safe == name else f"{safe}-{_digest(point)}"
+    return name if safe == name else f"{safe}-{digest or _digest(point)}"
 
 
 def point_names(points: list[dict[str, Any]]) -> list[str]:
-    """The folder names of a grid's points: [`point_name`], plus the hash of the exact values where two points
-    would share a name, also on a file system that ignores letter case (`["none"]` and `"none"` both read `none`;
-    `Review` and `review` are one folder on macOS and Windows)."""
-    names = [point_name(point) for point in points]
+    """The folder names of a grid's points: [`point_name`], plus the hash where two points would share a name, also
+    on a file system that ignores letter case (`["none"]` and `"none"` both read `none`; `Review` and `review` are
+    one folder on macOS and Windows). Points whose values differ only in credentials hash alike once redacted: their
+    place in the grid, the same on every run of the command, goes into their hash."""
+    digests = [_digest(point) for point in points]
+    alike = Counter(digests)
+    digests = [_digest(point, index) if alike[digest] > 1 else digest for index, (point, digest) in enumerate(
+        zip(points, digests, strict=True))]
+    names = [point_name(point, digest) for point, digest in zip(points, digests, strict=True)]
     counts = Counter(name.casefold() for name in names)
-    return [name if counts[name.casefold()] == 1 else f"{name}-{_digest(point)}"
-            for name, point in zip(names, points, strict=True)]
+    return [name if counts[name.casefold()] == 1 else f"{name}-{digest}"
+            for name, digest in zip(names, digests, strict=True)]
 
 
 def base_recipe(recipe, overrides=None, extra_sections: dict[str, type] | None = None) -> Recipe:
