@@ -5,6 +5,7 @@ Every Hub call goes to `tests/hub_server.py`, every data download to a file serv
 """
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -149,6 +150,24 @@ def test_a_sweep_over_data_urls_stores_no_credential_in_its_study(data_server, t
     # A searched choice's text is in the spec the study records, redacted there too.
     plan = plan_search(raw, search=["data.data_files=choice:" + json.dumps(urls)])
     assert_no_secret({"spec": json.dumps(plan.spec).encode()}, "the spec")
+
+    # A point's folder is named from its redacted values: no 32-bit hash of a password in a folder name, sweep.json
+    # or the study (it would confirm a guess offline), and a new password keeps the folders.
+    for url in urls:
+        raw_hash = hashlib.sha256(json.dumps({"data.data_files": {"train": url}}).encode()).hexdigest()[:8]
+        assert not [name for name, content in files.items() if raw_hash in name or raw_hash.encode() in content]
+
+    def folders(values):
+        grid = "data.data_files=" + json.dumps([{"train": url} for url in values])
+        return list(plan_search(raw, grid=[grid]).names.values())
+
+    renamed = [url.replace("pa55word", "n3w-pa55").replace("s3cr3t", "n3w").replace("deadbeef", "n3w") for url in urls]
+    assert folders(renamed) == folders(urls)
+    assert sorted(folders(urls)) == sorted(path.name for path in (tmp_path / "out").iterdir() if path.is_dir())
+    # Points that differ only in their credentials still get a folder each, the same ones whatever the passwords.
+    twins = [urls[0], urls[0].replace("pa55word-Q7", "other-pa55")]
+    assert len(set(folders(twins))) == 2
+    assert folders(twins) == folders([url.replace("pa55", "new-pa55") for url in twins])
 
 def test_an_older_runs_recipe_json_is_pushed_without_its_credentials(hub, tmp_path, staging_root):
     from ia3_trainer import IA3Seq2SeqTrainer

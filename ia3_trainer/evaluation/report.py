@@ -1,12 +1,13 @@
 """Evaluation report: the numbers as `eval_report.json`, and PNG plots a person would rather look at than read.
 
 The report holds the generated-label accuracy, macro-F1 and per-class precision/recall/F1 with the confusion
-matrix, perplexity, and, for comparison with the PEFT IA3 guide, its teacher-forced argmax accuracy. Plots need
-matplotlib (`pip install "ia3-trainer[plots]"`); without it only the JSON is written.
+matrix, perplexity, and, for comparison with the PEFT IA3 guide, its teacher-forced argmax accuracy. Plots (these,
+and a sweep's objective) need matplotlib (`pip install "ia3-trainer[plots]"`); without it only the JSON is written.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -217,6 +218,31 @@ def plot_training_curves(log_history: list[dict], path: Path) -> Path:
         accuracy_axes.set(xlabel="step", ylabel="eval accuracy", title="Accuracy", ylim=(-0.02, 1.02))
         accuracy_axes.legend()
         accuracy_axes.grid(alpha=0.3)
+    _save_figure(figure, path)
+    return path
+
+
+def plot_objective(rows: list[dict], params: list, objective: str, path: Path) -> Path | None:
+    """A search's objective against each searched key (`params`: its `ia3_trainer.training.sweep.SearchParam`s),
+    pruned trials hollow, at their last reported value. None without matplotlib, as the report's plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    figure = _agg_figure(figsize=(4 * len(params), 3.2), dpi=100, layout="constrained")
+    for index, param in enumerate(params):
+        axes = figure.add_subplot(1, len(params), index + 1)
+        for state, fill in (("COMPLETE", "C0"), ("PRUNED", "none")):
+            shown = [row for row in rows if row["state"] == state and isinstance(row.get("objective"), (int, float))
+                     and row.get(param.key) is not None]
+            x = [row[param.key] if param.kind != "choice" else json.dumps(row[param.key]) for row in shown]
+            axes.scatter(x, [row["objective"] for row in shown], facecolors=fill, edgecolors="C0",
+                         label=state.lower())
+        if param.kind == "log":
+            axes.set_xscale("log")
+        axes.set_xlabel(param.key.rsplit(".", 1)[-1])
+        axes.set_ylabel(objective)
+        axes.legend(fontsize="small")
     _save_figure(figure, path)
     return path
 

@@ -66,11 +66,12 @@ def resumable(key: str) -> bool:
     return key in RESUMABLE or key.split(".", 1)[0] in RESUMABLE_SECTIONS
 
 
-def check_same_recipe(saved: dict | None, new: dict | None, where: Path) -> None:
+def check_same_recipe(saved: dict | None, new: dict | None, where: Path) -> str | None:
     """Refuse resuming the run of `where` (recipe `saved`) with recipe `new` when a key that is not `resumable`
-    changed; print the resumable changes."""
+    changed; else return the line that names the resumable changes (None when there are none), for the run that
+    claims the folder to print once (the folder is checked more than once per run)."""
     if saved is None or new is None:
-        return
+        return None
     changes = recipe_changes(saved, new)
     refused = {key: values for key, values in changes.items() if not resumable(key)}
     if refused:
@@ -81,8 +82,7 @@ def check_same_recipe(saved: dict | None, new: dict | None, where: Path) -> None
         )
     shown = {key: values for key, values in changes.items()
              if key not in ("training.output_dir", "training.resume_from_checkpoint")}
-    if shown:
-        print(f"Resuming {where} with {_listed(shown)}")
+    return f"Resuming {where} with {_listed(shown)}" if shown else None
 
 
 def check_finished(checkpoint: str, step: int, max_steps: int, speak: bool, by_epochs: bool = False) -> None:

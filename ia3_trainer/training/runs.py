@@ -131,17 +131,22 @@ class RunFolder:
 
     def open(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
              precision: str | None = None) -> None:
-        """Check the folder for this run and lock it; nothing is written into it before the checks pass."""
+        """Check the folder for this run and lock it; nothing is written into it before the checks pass. Print the
+        resumable keys the recipe changed, once per run (the checks before it print nothing)."""
         self.check(recipe, resume=resume, overwrite=overwrite, precision=precision)
         self._acquire()
         # Again under the lock: another run may have started in between.
-        self._record, continuing = self.check(recipe, resume=resume, overwrite=overwrite, precision=precision)
+        self._record, continuing, notice = self.check(recipe, resume=resume, overwrite=overwrite,
+                                                      precision=precision)
         self._replace, self._continuing = overwrite and not continuing, continuing
+        if notice is not None:
+            print(notice)
 
     def check(self, recipe: dict | None, *, resume: bool | str | None = None, overwrite: bool = False,
-              precision: str | None = None) -> tuple[dict, bool]:
+              precision: str | None = None) -> tuple[dict, bool, str | None]:
         """Every rule of this module, read-only: raise when this run may not use the folder; else return the
-        `run.json` to write and whether the run continues the folder's own."""
+        `run.json` to write, whether the run continues the folder's own, and the line naming the resumable keys the
+        recipe changed (None when none did; `open` prints it)."""
         folder = self.path
         recipe = redact_urls(recipe)  # run.json keeps no credential of a data URL (compared redacted on resume)
         if folder.exists() and not folder.is_dir():
@@ -161,19 +166,20 @@ class RunFolder:
             saved = redact_urls(record.get("recipe")) if record else None  # a run.json may lack it (_read_record)
             if saved is None:
                 saved = checkpoint_recipe(checkpoint_folders(folder))
-            # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe prints as changed.
+            # The precision first: bf16 and fp16 are resumable keys, which check_same_recipe names as changed.
             check_same_precision(run_precision(record, saved), precision, saved, recipe, folder)
-            check_same_recipe(saved, recipe, folder)
+            notice = check_same_recipe(saved, recipe, folder)
             record = {**(record or new_record(None, precision)), "recipe": recipe}
             record.setdefault("precision", precision)  # a run.json from before precision was recorded
             record["resumed"] = [*record.get("resumed", []), now()]
-            return record, True
+            return record, True, notice
+        notice = None
         if checkpoint is not None:  # a new run that starts from another run's checkpoint: the same rules
             saved = checkpoint_recipe([Path(checkpoint)])
             earlier = run_precision(read_record(Path(checkpoint).parent), saved)
             check_same_precision(earlier, precision, saved, recipe, Path(checkpoint))
-            check_same_recipe(saved, recipe, Path(checkpoint))
-        return new_record(recipe, precision), False
+            notice = check_same_recipe(saved, recipe, Path(checkpoint))
+        return new_record(recipe, precision), False, notice
 
     def begin(self, args, data=None) -> None:
         """Right before training (once the data and the model loaded): refuse continuing the run on other data than

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ia3_trainer.errors import InputError, RecipeError, redact_urls
-from ia3_trainer.jsonfiles import finite, parse_value, read_json, write_bytes, write_json, write_text
+from ia3_trainer.jsonfiles import finite, parse_value, read_json, write_json, write_text
 from ia3_trainer.recipe.loading import Recipe, load_recipe
 from ia3_trainer.recipe.overrides import OVERRIDE
 from ia3_trainer.training.runs import check_fresh
@@ -119,16 +119,19 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def _digest(point: dict[str, Any]) -> str:
-    exact = json.dumps(point, sort_keys=True, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
-    return hashlib.sha256(exact).hexdigest()[:8]
+def _digest(point: dict[str, Any], index: int | None = None) -> str:
+    # Of the redacted values: a hash of a password in a folder name, sweep.json and the study would confirm a guess
+    # offline, and a new password would rename the folder. `index`: the point's place in its grid (`point_names`).
+    text = json.dumps(redact_urls(point), sort_keys=True, ensure_ascii=False) + ("" if index is None else f"#{index}")
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:8]
 
 
-def point_name(point: dict[str, Any]) -> str:
+def point_name(point: dict[str, Any], digest: str | None = None) -> str:
     """Folder name of a point: `learning_rate=0.003,seed=1`, `target_modules=k+v` (the last part of each key; a list
-    joined with `+`). Characters unsafe in a file name become `_`, and then a short hash of the exact values is
-    added (`name_or_path=org_model-1a2b3c4d`), so that points whose values differ only in those characters
-    (`a b` and `a_b`) never share a folder. See [`point_names`] for values that share a text form."""
+    joined with `+`), from its values with their URLs' credentials taken out. Characters unsafe in a file name become
+    `_`, and then `digest` (a short hash of the values so redacted) is added (`name_or_path=org_model-1a2b3c4d`), so
+    that points whose values differ only in those characters (`a b` and `a_b`) never share a folder. See
+    [`point_names`] for values that share a text form."""
 
     def text(value: Any) -> str:
         if isinstance(value, list):
@@ -137,17 +140,22 @@ def point_name(point: dict[str, Any]) -> str:
 
     name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(redact_urls(value))}" for key, value in point.items())
     safe = re.sub(r"[^\w.=,+-]", "_", name)
-    return name if safe == name else f"{safe}-{_digest(point)}"
+    return name if safe == name else f"{safe}-{digest or _digest(point)}"
 
 
 def point_names(points: list[dict[str, Any]]) -> list[str]:
-    """The folder names of a grid's points: [`point_name`], plus the hash of the exact values where two points
-    would share a name, also on a file system that ignores letter case (`["none"]` and `"none"` both read `none`;
-    `Review` and `review` are one folder on macOS and Windows)."""
-    names = [point_name(point) for point in points]
+    """The folder names of a grid's points: [`point_name`], plus the hash where two points would share a name, also
+    on a file system that ignores letter case (`["none"]` and `"none"` both read `none`; `Review` and `review` are
+    one folder on macOS and Windows). Points whose values differ only in credentials hash alike once redacted: their
+    place in the grid, the same on every run of the command, goes into their hash."""
+    digests = [_digest(point) for point in points]
+    alike = Counter(digests)
+    digests = [_digest(point, index) if alike[digest] > 1 else digest for index, (point, digest) in enumerate(
+        zip(points, digests, strict=True))]
+    names = [point_name(point, digest) for point, digest in zip(points, digests, strict=True)]
     counts = Counter(name.casefold() for name in names)
-    return [name if counts[name.casefold()] == 1 else f"{name}-{_digest(point)}"
-            for name, point in zip(names, points, strict=True)]
+    return [name if counts[name.casefold()] == 1 else f"{name}-{digest}"
+            for name, digest in zip(names, digests, strict=True)]
 
 
 def base_recipe(recipe, overrides=None, extra_sections: dict[str, type] | None = None) -> Recipe:
@@ -328,36 +336,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return write_text(path, buffer.getvalue())
 
 
-def plot_objective(rows: list[dict[str, Any]], params: list[SearchParam], objective: str, path: Path) -> Path | None:
-    """One PNG: the objective against each searched key (pruned trials hollow, at their last reported value). None
-    without matplotlib (`pip install "ia3-trainer[plots]"`), as the report's plots."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4 * len(params), 3.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)  # files only: no window, and pyplot's global backend is left alone
-    for index, param in enumerate(params):
-        axes = figure.add_subplot(1, len(params), index + 1)
-        for state, fill in (("COMPLETE", "C0"), ("PRUNED", "none")):
-            shown = [row for row in rows if row["state"] == state and isinstance(row.get("objective"), (int, float))
-                     and row.get(param.key) is not None]
-            x = [row[param.key] if param.kind != "choice" else json.dumps(row[param.key]) for row in shown]
-            axes.scatter(x, [row["objective"] for row in shown], facecolors=fill, edgecolors="C0",
-                         label=state.lower())
-        if param.kind == "log":
-            axes.set_xscale("log")
-        axes.set_xlabel(param.key.rsplit(".", 1)[-1])
-        axes.set_ylabel(objective)
-        axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return write_bytes(path, buffer.getvalue())
-
-
 def study_rows(study, params: list[SearchParam], order: list[str] = ()) -> list[dict[str, Any]]:
     """One row per trial, by number (a grid's in the `order` of its point keys): its values (dotted keys),
     `output_dir`, its metrics, then `trial`, `state` (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), `objective` (a
@@ -394,6 +372,8 @@ def summary_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def write_results(rows: list[dict[str, Any]], root: Path, params: list[SearchParam], objective: str,
                   plot: bool = True) -> list[Path]:
     """`sweep.json` (the rows, strict JSON), `results.csv` and, with `plot` and searched ranges, `search.png`."""
+    from ia3_trainer.evaluation.report import plot_objective
+
     rows = redact_urls(json.loads(json.dumps(rows, default=str)))  # a grid over data URLs: no credential on disk
     paths = [write_json(root / SWEEP_FILE, finite(rows)), write_csv(rows, root / RESULTS_CSV)]
     picture = plot_objective(rows, params, objective, root / PLOT_FILE) if plot and params and rows else None
