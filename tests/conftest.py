@@ -30,8 +30,14 @@ for _variable, _sub in (("HF_HUB_CACHE", "hub"), ("HUGGINGFACE_HUB_CACHE", "hub"
 # it themselves), no token, the default endpoint and timeouts, no debug tracebacks.
 for _variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN",
                   "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_DISABLE_XET", "IA3_TRAINER_DEBUG",
-                  "IA3_TRAINER_HUB_TIMEOUT", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION"):
+                  "IA3_TRAINER_HUB_TIMEOUT", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "RANK", "LOCAL_RANK",
+                  "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
     os.environ.pop(_variable, None)
+# A thread count that is no positive number (`OMP_NUM_THREADS=`) is ignored by OpenMP but breaks accelerate's
+# int(): leave such a value out (a real choice is kept, and the tests of the thread choice set their own).
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    if _variable in os.environ and not os.environ[_variable].strip().isdigit():
+        os.environ.pop(_variable)
 # Hypothesis keeps its example database and constants under .hypothesis/ in the folder the suite starts from (the
 # repo): keep them with the caches instead.
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
