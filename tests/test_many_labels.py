@@ -101,6 +101,17 @@ def test_the_plot_keeps_the_most_frequent_classes_and_sums_the_rest():
     assert most_frequent_classes(matrix, rows, columns, limit=4)[0] is matrix  # few enough: as given
 
 
+class Counted:
+    """A function that counts its calls."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
 def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny_t5, tokenizer, monkeypatch):
     """Rank classification scores each distinct label prefix once (`score_candidates`); the scores and the ranking
     are those of decoding every label's whole sequence for every text (`score_sequences`, and the model's own loss,
@@ -120,6 +131,10 @@ def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny
     with torch.no_grad():
         hidden = model.get_encoder()(**batch).last_hidden_state
         reference = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates)
+        # rank_candidates' branch and bound finds what argmax over every score finds, ties (a label given twice:
+        # the first) included, without falling back to scoring every label.
+        twice = torch.cat([candidates, candidates[reference.argmax(dim=-1)]])
+        monkeypatch.setattr(scoring, "score_sequences", fallback := Counted(scoring.score_sequences))
         for normalize in (True, False):
             expected = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates, normalize)
             for rows in (4096, 40):
@@ -127,6 +142,11 @@ def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny
                                                chunk_rows=rows)
                 torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
                 assert torch.equal(got.argmax(dim=-1), expected.argmax(dim=-1))
+                before = fallback.calls
+                chosen = scoring.rank_candidates(model, (hidden,), batch["attention_mask"], twice, normalize,
+                                                 chunk_rows=rows)
+                assert fallback.calls == before, "rank_candidates fell back to scoring every label"
+                assert torch.equal(chosen, expected.argmax(dim=-1)), (normalize, rows)
         got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates)
         monkeypatch.setattr(scoring, "RANK_CACHE_BYTES", 1)  # one example and one prefix per pass
         few = candidates[::20]
@@ -166,4 +186,6 @@ def test_every_decoder_gets_the_straightforward_scores(tokenizer):
             hidden = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
             expected = scoring.score_sequences(model, hidden, batch["attention_mask"], candidates)
             got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates)
+            chosen = scoring.rank_candidates(model, (hidden,), batch["attention_mask"], candidates)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=0, msg=config.model_type)
+        assert torch.equal(chosen, expected.argmax(dim=-1)), config.model_type

@@ -17,10 +17,11 @@ from ia3_trainer import IA3Seq2SeqTrainer
 from ia3_trainer.data.encoding import IGNORE_INDEX, build_collator, encode_batch
 from ia3_trainer.inference import predictor as predictor_module
 from ia3_trainer.inference.predictor import IA3Predictor
+from ia3_trainer.modeling import scoring
 from ia3_trainer.modeling.layers import IA3Linear, adapter_rows, install
 from ia3_trainer.modeling.loading import cast_frozen_weights
 from ia3_trainer.modeling.mixed import score_rows
-from ia3_trainer.modeling.scoring import candidate_label_ids, score_candidates
+from ia3_trainer.modeling.scoring import candidate_label_ids, rank_candidates, score_candidates
 
 from conftest import TINY_ASSETS, TINY_MODEL_DIR, free_port, tiny_config, tiny_recipe
 
@@ -88,7 +89,10 @@ def generated(ids, eos=1):
     return ids[:ids.index(eos, 1) + 1] if eos in ids[1:] else ids
 
 
-def test_a_mixed_forward_gives_each_row_its_adapters_logits(predictor):
+def test_a_mixed_forward_gives_each_row_its_adapters_logits(predictor, monkeypatch):
+    fallbacks = []  # rank_candidates falls back to scoring every label only when its walk disagrees with a decode
+    score_sequences = scoring.score_sequences
+    monkeypatch.setattr(scoring, "score_sequences", lambda *a, **k: fallbacks.append(1) or score_sequences(*a, **k))
     model, names = predictor.model, ["mood", "sentiment", "news", "news", "mood"]
     texts = texts_of(len(names))
     collated = build_collator(predictor.tokenizer)(predictor.encode(texts, names))
@@ -107,13 +111,17 @@ def test_a_mixed_forward_gives_each_row_its_adapters_logits(predictor):
         torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)
     assert not torch.allclose(alone["mood"], alone["news"], atol=1e-3), "the adapters agree; the test is empty"
 
-    # Rank classification repeats each example once per candidate (B * K rows), beam search once per beam.
-    candidates = candidate_label_ids(predictor.tokenizer, ["bad news today", "meh", "positive"])
+    # Rank classification repeats each example once per candidate (B * K rows), or holds some examples' label
+    # prefixes (rank_candidates' walk: rows of some examples only); beam search repeats each example once per beam.
+    candidates = candidate_label_ids(predictor.tokenizer, ["bad news today", "meh", "positive", "bad news", "me"])
     predictor.set_adapter("sentiment")
     with torch.no_grad():
         with adapter_rows(model, names):
             encoded = model.get_encoder()(**batch)
             ranked = score_candidates(model, encoded, batch["attention_mask"], candidates, chunk_rows=10)
+            calls = len(fallbacks)
+            chosen = rank_candidates(model, encoded, batch["attention_mask"], candidates, chunk_rows=2)
+            assert len(fallbacks) == calls, "rank_candidates fell back to scoring every label"
             beams = model.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False)
         assert model.active_adapter == "sentiment", "adapter_rows changed the active adapter"
         for name in TASKS:
@@ -122,6 +130,7 @@ def test_a_mixed_forward_gives_each_row_its_adapters_logits(predictor):
             alone_encoded = (model.get_encoder()(**batch)[0][rows],)
             expected = score_candidates(model, alone_encoded, batch["attention_mask"][rows], candidates)
             torch.testing.assert_close(ranked[rows], expected, rtol=0, atol=1e-5)
+            assert torch.equal(chosen[rows], expected.argmax(dim=-1))
             alone_beams = model.generate(**{k: v[rows] for k, v in batch.items()}, max_new_tokens=4, num_beams=2,
                                          do_sample=False)
             assert [generated(ids) for ids in beams[rows]] == [generated(ids) for ids in alone_beams]

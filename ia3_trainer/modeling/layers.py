@@ -173,21 +173,25 @@ class _Rows:
             self._scales[key] = scale
         return scale
 
-    def narrow(self, start: int, stop: int) -> _Rows:
-        """The adapters of examples `start..stop` only (the same table when one adapter serves every row)."""
-        return self if self.single is not None else _Rows(self.names, self.index[start:stop], None)
+    def narrow(self, examples: torch.Tensor) -> _Rows:
+        """The adapters of `examples` (indices into this block's rows) only; the same table when one adapter serves
+        every row."""
+        if self.single is not None:
+            return self
+        return _Rows(self.names, self.index.index_select(0, examples.to(self.index.device)), None)
 
 
 @contextmanager
-def example_rows(model, start: int, stop: int):
-    """Within the block, a batch that reaches the IA3 layers of `model` holds the rows of examples `start..stop` of
-    the open [`adapter_rows`] block only (`k` rows each, example-major), so each row still gets its own adapter:
-    what a pass that scores a few examples at a time (the prefix-tree walk of rank classification) opens around
-    its forward. Outside an `adapter_rows` block, or in one that names one adapter for every row, nothing changes."""
+def example_rows(model, examples: torch.Tensor):
+    """Within the block, a batch that reaches the IA3 layers of `model` holds rows of the examples `examples` (indices
+    into the rows of the open [`adapter_rows`] block), `k` rows each, example-major, so each row still gets its own
+    adapter: what rank classification opens around a pass that holds some examples' label prefixes (one row per
+    example in `examples`, or `k` per example). Outside an `adapter_rows` block, or in one that names one adapter for
+    every row, nothing changes."""
     layers = [module for module in model.modules() if getattr(module, "_ia3_rows", None) is not None]
     previous = [layer._ia3_rows for layer in layers]
     for layer in layers:
-        layer._ia3_rows = layer._ia3_rows.narrow(start, stop)
+        layer._ia3_rows = layer._ia3_rows.narrow(examples)
     try:
         yield
     finally:

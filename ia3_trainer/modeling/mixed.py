@@ -11,7 +11,7 @@ from functools import partial
 import torch
 
 from ia3_trainer.modeling.layers import adapter_rows
-from ia3_trainer.modeling.scoring import BatchScores, score_batch, score_candidates
+from ia3_trainer.modeling.scoring import BatchScores, rank_candidates, score_batch
 
 
 def score_rows(model, batch: dict[str, torch.Tensor], adapters: Sequence[str], *,
@@ -52,6 +52,5 @@ def _rank_rows(adapters: list[str], candidates: dict, model, encoded, attention_
         index = torch.tensor([i for i, row in enumerate(adapters) if row == name], device=attention_mask.device)
         if len(index):
             with adapter_rows(model, name):
-                scores = score_candidates(model, (encoded[0][index],), attention_mask[index], candidate_ids)
-            choice[index] = scores.argmax(dim=-1)
+                choice[index] = rank_candidates(model, (encoded[0][index],), attention_mask[index], candidate_ids)
     return choice

@@ -150,7 +150,7 @@ def _step(walk: Walk, cache, e0: int, e1: int, state, depth: int) -> None:
             return tensor[e0:e1].repeat_interleave(rows, dim=0)
     for layer, (keys, values) in zip(cache.cross_attention_cache.layers, walk.cross, strict=True):
         layer.keys, layer.values = share(keys), share(values)
-    with walk.example_rows(walk.model, e0, e1):
+    with walk.example_rows(walk.model, torch.arange(e0, e1, device=level.parents.device)):
         outputs = walk.model(encoder_outputs=(share(walk.hidden),), attention_mask=share(walk.attention_mask),
                              decoder_input_ids=level.tokens.repeat(count, 1), **{walk.keyword: cache}, use_cache=True)
     cache = getattr(outputs, "cache", None) or outputs.past_key_values

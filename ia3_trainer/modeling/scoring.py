@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ia3_trainer.data.encoding import IGNORE_INDEX
+from ia3_trainer.modeling.label_search import best_candidates
 from ia3_trainer.modeling.prefix_tree import score_tree
 
 
@@ -99,24 +100,14 @@ def score_candidates(
     within `RANK_CACHE_BYTES`, so memory stays bounded with thousands of labels and a large vocabulary. A model
     whose decoder returns no such cache is scored a chunk of whole candidate sequences at a time.
     """
-    hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+    hidden = _hidden(encoder_outputs)
     candidate_ids = candidate_ids.to(attention_mask.device)
     sequences = [[token for token in row if token != IGNORE_INDEX] for row in candidate_ids.tolist()]
-    start = _shared_start(model, candidate_ids, sequences)
-    if start is None:
+    started = _start_step(model, hidden, attention_mask, candidate_ids, sequences, chunk_rows, chunk_logits)
+    if started is None:
         return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
                                chunk_logits)
-    batch = attention_mask.shape[0]
-    outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask,
-                    decoder_input_ids=torch.full((batch, 1), start, device=attention_mask.device), use_cache=True)
-    cache = _decoder_cache(outputs)
-    if cache is None:
-        return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
-                                chunk_logits)
-    keyword = "cache" if getattr(outputs, "cache", None) is not None else "past_key_values"  # transformers 5 / 4
-    first = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)  # (B, V): every candidate's first token
-    per_example = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / max(batch, 1)
-    limit = max(1, min(chunk_rows, chunk_logits // vocab_size(model), int(RANK_CACHE_BYTES // max(per_example, 1))))
+    first, cache, limit, keyword = started
     scores = score_tree(model, hidden, attention_mask, first, cache, sequences, limit, keyword)
     if length_normalize:
         scores = scores / torch.tensor([len(sequence) for sequence in sequences], device=scores.device)
@@ -128,6 +119,63 @@ def score_candidates(
         return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
                                chunk_logits)
     return scores
+
+
+def rank_candidates(
+    model, encoder_outputs, attention_mask: torch.Tensor, candidate_ids: torch.Tensor, length_normalize: bool = True,
+    chunk_rows: int = RANK_CHUNK_ROWS, chunk_logits: int = RANK_CHUNK_LOGITS,
+) -> torch.Tensor:
+    """The index of the most likely candidate for each example, shape (B,): `score_candidates(...).argmax(-1)`,
+    without scoring every candidate.
+
+    A branch-and-bound walk of the labels' prefix tree ([`label_search.best_candidates`]) steps a prefix only while
+    some label below it can still beat the best label found for that example (a token's log-probability is at most
+    0), so every label that can win is scored exactly and the rest never are. The winners are then decoded whole and
+    compared with their scores from the walk; a decoder whose cached steps differ from a whole sequence, or that
+    returns no cache, is ranked the straightforward way, as in [`score_candidates`]."""
+    hidden = _hidden(encoder_outputs)
+    candidate_ids = candidate_ids.to(attention_mask.device)
+    sequences = [[token for token in row if token != IGNORE_INDEX] for row in candidate_ids.tolist()]
+    started = _start_step(model, hidden, attention_mask, candidate_ids, sequences, chunk_rows, chunk_logits)
+    if started is not None:
+        first, cache, limit, keyword = started
+        choice, best = best_candidates(model, hidden, attention_mask, first, cache, sequences, limit, keyword,
+                                       length_normalize)
+        labels = candidate_ids[choice]
+        labels = labels[:, :max(1, int((labels != IGNORE_INDEX).sum(dim=1).max()))]
+        outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask, use_cache=False,
+                        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
+        nll, tokens = token_nll(outputs.logits, labels)
+        if torch.allclose(best, -(nll / tokens) if length_normalize else -nll, atol=1e-3, rtol=1e-3):
+            return choice
+    return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
+                           chunk_logits).argmax(dim=-1)
+
+
+def _hidden(encoder_outputs) -> torch.Tensor:
+    return encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+
+
+def _start_step(model, hidden, attention_mask, candidate_ids, sequences, chunk_rows: int, chunk_logits: int):
+    """The decoder's start step for the batch, what a walk of the prefix tree starts from: `(first, cache, limit,
+    keyword)`: the log-probabilities (B, V) of every candidate's first token, the encoder-decoder cache (which holds
+    the cross-attention keys and values, computed once), the rows a pass may have (`chunk_rows`, `chunk_logits`
+    logits and `RANK_CACHE_BYTES` of caches) and the cache's keyword. None when the candidates do not share the
+    start token or the decoder returns no cache whose rows can be selected."""
+    start = _shared_start(model, candidate_ids, sequences)
+    if start is None:
+        return None
+    batch = attention_mask.shape[0]
+    outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask,
+                    decoder_input_ids=torch.full((batch, 1), start, device=attention_mask.device), use_cache=True)
+    cache = _decoder_cache(outputs)
+    if cache is None:
+        return None
+    keyword = "cache" if getattr(outputs, "cache", None) is not None else "past_key_values"  # transformers 5 / 4
+    first = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
+    per_example = sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / max(batch, 1)
+    limit = max(1, min(chunk_rows, chunk_logits // vocab_size(model), int(RANK_CACHE_BYTES // max(per_example, 1))))
+    return first, cache, limit, keyword
 
 
 # The decoder caches of one rank-classification pass (self- and cross-attention keys and values of every row).
@@ -252,8 +300,7 @@ def score_batch(
                 if rank_fn is not None:
                     result.rank_choice = rank_fn(model, encoded, batch["attention_mask"])
                 else:
-                    scores = score_candidates(model, encoded, batch["attention_mask"], candidate_ids)
-                    result.rank_choice = scores.argmax(dim=-1)
+                    result.rank_choice = rank_candidates(model, encoded, batch["attention_mask"], candidate_ids)
                 result.seconds["rank"] = time.perf_counter() - started
         if generate:
             started = time.perf_counter()
