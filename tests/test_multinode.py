@@ -131,7 +131,7 @@ def test_two_machines_train_as_one_and_only_machine_0_saves_and_pushes(tmp_path,
         codes = run_machines([launch(recipe, machine, port, env=env) for machine in machines])
         assert codes == [0, 0], output(machines[0])[-3000:] + output(machines[1])[-3000:]
 
-        # The same adapter as one machine with two processes.
+        # The same adapter as one process with the same steps (as one machine with two processes gives).
         out = machines[0] / "out"
         assert_same_adapter(adapter(out), one_machine)
         # Both processes trained, each on its half: every example once an epoch (twelve epochs of 64).
