@@ -226,9 +226,9 @@ def test_cli_push_to_a_hub_that_never_answers_ends_in_bounded_time(hub, run, mon
 
 def test_cli_train_writes_its_results_then_waits_a_bounded_time_for_the_push(hub, tmp_path, monkeypatch, capsys):
     # The repo is created and no upload ever ends. Training starts once the repo is created, whatever the machine's
-    # speed: what the wait lists is decided here, not by a race between training and the 1 s request timeout.
+    # speed: what the wait lists is decided here, not by a race between training and the 0.4 s request timeout.
     hub.hang = "/preupload/"
-    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("IA3_TRAINER_HUB_TIMEOUT", "0.4")
     begin = PushAdapterToHubCallback.on_train_begin
 
     def on_train_begin(self, *args, **kwargs):
@@ -240,19 +240,19 @@ def test_cli_train_writes_its_results_then_waits_a_bounded_time_for_the_push(hub
                                    "data.max_train_samples": 16})
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(raw))
-    assert main(["train", str(path)]) == 0  # the wait is bounded: 5 request timeouts (the line below)
+    assert main(["train", str(path)]) == 0  # the wait is bounded: 5 request timeouts, 2 s (the line below)
 
     out = tmp_path / "out"
     assert (out / "all_results.json").is_file() and (out / "eval_report.json").is_file()
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    waiting = next(i for i, line in enumerate(lines) if line.startswith("ia3-trainer: waiting up to 5 s"))
-    assert lines[waiting] == (f"ia3-trainer: waiting up to 5 s for Hub repo {REPO_ID}: Upload final adapter (step 2) "
+    waiting = next(i for i, line in enumerate(lines) if line.startswith("ia3-trainer: waiting up to 2 s"))
+    assert lines[waiting] == (f"ia3-trainer: waiting up to 2 s for Hub repo {REPO_ID}: Upload final adapter (step 2) "
                               "(Ctrl-C stops waiting)")
     assert REPO_ID in hub.repos
     assert any(line.startswith("report: ") for line in lines[:waiting])  # the results came first
     stopped = [line for line in captured.err.splitlines() if line.startswith("ia3-trainer: ")]
-    assert len(stopped) == 1 and stopped[0].startswith(f"ia3-trainer: Stopped waiting after 5 s: 1 push(es) to Hub "
+    assert len(stopped) == 1 and stopped[0].startswith(f"ia3-trainer: Stopped waiting after 2 s: 1 push(es) to Hub "
                                                        f"repo {REPO_ID} did not finish")
     assert stopped[0].endswith(f"push it later with: ia3-trainer push {out} {REPO_ID}")
 

@@ -383,48 +383,47 @@ def _half(rank):
     return ids[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]
 
 
-def _train_in_process_group(rank, world, port, wrap, out):
+def _train_in_process_group(rank, world, port, wraps, out):
     import os
 
     import torch.distributed as dist
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = _installed_tiny_model()
-    if wrap == "fsdp2":  # the IA3 vectors become DTensors between steps
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    for wrap in wraps:
+        model = _installed_tiny_model()
+        if wrap == "fsdp2":  # the IA3 vectors become DTensors between steps
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
-        for block in [*model.base_model.model.encoder.block, *model.base_model.model.decoder.block]:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    else:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    ids, labels = _half(rank)
-    for _ in range(3):
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    vectors = {name.removeprefix("module."): getattr(value, "full_tensor", lambda v=value: v)().detach()
-               for name, value in model.state_dict().items() if "ia3_l" in name}
-    if rank == 0:
-        torch.save(vectors, out)
-    dist.barrier()
+            mesh = init_device_mesh("cpu", (world,))
+            for block in [*model.base_model.model.encoder.block, *model.base_model.model.decoder.block]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        ids, labels = _half(rank)
+        for _ in range(3):
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        vectors = {name.removeprefix("module."): getattr(value, "full_tensor", lambda v=value: v)().detach()
+                   for name, value in model.state_dict().items() if "ia3_l" in name}
+        if rank == 0:
+            torch.save(vectors, out / f"{wrap}.pt")
+        dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # done: never wait on the interpreter's shutdown, where gloo's threads can hang
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
-def test_installed_forward_trains_under_ddp_and_fsdp2(wrap, tmp_path):
+def test_installed_forward_trains_under_ddp_and_fsdp2(tmp_path):
     import time
 
-    context = torch.multiprocessing.start_processes(
-        _train_in_process_group, args=(2, free_port(), wrap, tmp_path / "v.pt"), nprocs=2, join=False,
-        start_method="spawn")
+    wraps = ["ddp", "fsdp2"]  # one after the other in the same two processes
+    context = torch.multiprocessing.start_processes(_train_in_process_group, args=(2, free_port(), wraps, tmp_path),
+                                                    nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 180
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -437,9 +436,10 @@ def test_installed_forward_trains_under_ddp_and_fsdp2(wrap, tmp_path):
         (sum(model(input_ids=ids, labels=labels).loss for ids, labels in map(_half, range(2))) / 2).backward()
         optimizer.step()
         optimizer.zero_grad()
-    got = torch.load(tmp_path / "v.pt")
     expected = {name: value for name, value in model.state_dict().items() if "ia3_l" in name}
-    assert got.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
     assert any((value != 1).any() for value in expected.values())
+    for wrap in wraps:
+        got = torch.load(tmp_path / f"{wrap}.pt")
+        assert got.keys() == expected.keys(), wrap
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=lambda m, w=wrap: f"{w}: {m}")

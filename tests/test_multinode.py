@@ -20,6 +20,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ia3_trainer import ProcessesDisagreeError, load_recipe
+from ia3_trainer.cli.main import main
 from ia3_trainer.data.preparation import prepare_data
 from ia3_trainer.training.checkpoints import last_checkpoint
 
@@ -43,8 +44,8 @@ REPO_ID = "alice/tiny-ia3-two-machines"
 
 
 def write_recipe(tmp_path, name, **overrides):
-    raw = tiny_recipe(tmp_path, **{**RUN, **overrides})
-    raw["training"]["output_dir"] = "out"  # relative: each machine's working folder stands for its own disk
+    # A relative training.output_dir: each machine's working folder stands for its own disk.
+    raw = tiny_recipe(tmp_path, **{**RUN, "training.output_dir": "out", **overrides})
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(raw))
     return path
@@ -110,13 +111,14 @@ def env():
 
 
 @pytest.fixture(scope="module")
-def one_machine(tmp_path_factory, env):
-    """The adapter of the same run on one machine with two processes (no Hub)."""
-    tmp_path = tmp_path_factory.mktemp("one-machine")
-    recipe = write_recipe(tmp_path, "recipe")
-    machine = tmp_path / "machine0"
-    assert run_machines([launch(recipe, machine, free_port(), machines=1, env=env)]) == [0], output(machine)
-    return adapter(machine / "out")
+def one_machine(tmp_path_factory):
+    """The adapter of the same run in one process accumulating two batches a step (no Hub): the same steps as two
+    processes, each batch padded alike (see test_loss_equality.py), trained here rather than launched."""
+    tmp_path = tmp_path_factory.mktemp("one-process")
+    recipe = write_recipe(tmp_path, "recipe", **{"training.gradient_accumulation_steps": 2,
+                                                 "training.output_dir": str(tmp_path / "out")})
+    assert main(["train", str(recipe)]) == 0
+    return adapter(tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -129,7 +131,7 @@ def test_two_machines_train_as_one_and_only_machine_0_saves_and_pushes(tmp_path,
         codes = run_machines([launch(recipe, machine, port, env=env) for machine in machines])
         assert codes == [0, 0], output(machines[0])[-3000:] + output(machines[1])[-3000:]
 
-        # The same adapter as one machine with two processes.
+        # The same adapter as one process with the same steps (as one machine with two processes gives).
         out = machines[0] / "out"
         assert_same_adapter(adapter(out), one_machine)
         # Both processes trained, each on its half: every example once an epoch (twelve epochs of 64).

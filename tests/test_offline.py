@@ -110,12 +110,14 @@ def test_network_down_fails_fast_with_one_line(tmp_path, tiny_t5_dir):
 
 
 def test_offline_mode_fails_with_one_line_naming_the_key(tmp_path, tiny_t5_dir):
-    model, data, cached = run_cases([
+    model, data, adapter, cached = run_cases([
         ["train", "phrasebank"],
         ["train", "phrasebank", "--set", f"model.name_or_path={tiny_t5_dir}"],
+        ["predict", "someone/no-such-adapter", "some text"],
         ["train", cached_tiny_model(tmp_path, tiny_t5_dir)],
     ], tmp_path, offline=True)
     one_line(model, "model.name_or_path: cannot load a tokenizer from 'bigscience/mt0-large' (HF_HUB_OFFLINE is set")
     one_line(data, "data.data_files: cannot load 'zip://FinancialPhraseBank-v1.0/Sentences_AllAgree.txt::hf://",
              "HF_HUB_OFFLINE is set")
+    one_line(adapter, "someone/no-such-adapter: no such local folder")
     trained_from_the_cache(cached)

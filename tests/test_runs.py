@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shlex
 import signal
 import socket
@@ -357,60 +356,6 @@ def test_the_final_save_publishes_the_adapter_first_and_the_card_last(tmp_path, 
     trainer.save_model()
     assert published[-3:] == ["recipe.json", "inference.json", "README.md"], published
     assert published.index("adapter_model.safetensors") < published.index("recipe.json")
-
-
-# --- a full disk ---------------------------------------------------------------------------------------------------
-
-
-def limit_file_size(limit):
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
-@pytest.mark.parametrize("init, limit", [("random", 100_000), ("pretrained", 20_000)],
-                         ids=["base-model-too-large", "tokenizer-too-large"])
-def test_a_full_disk_during_the_final_save_leaves_the_previous_adapter_whole(tmp_path, tiny_t5_dir, capsys, init,
-                                                                             limit):
-    # The tiny base model is 400 kB and its tokenizer.json 32 kB; every other file of a save is under 20 kB.
-    model = {"model.init": "random"} if init == "random" else {"model.init": "pretrained",
-                                                               "model.name_or_path": str(tiny_t5_dir)}
-    out = tmp_path / "out"
-    path = write(tmp_path, tiny_recipe(tmp_path, **SAVES, **model))
-    assert main(["train", path]) == 0
-    before = snapshot(out)
-    capsys.readouterr()
-
-    resume = ["train", path, "--resume", "--set", "training.max_steps=6", "--set", "training.save_strategy=no"]
-    result = subprocess.run([sys.executable, "-m", "ia3_trainer", *resume], cwd=tmp_path, env=ENV, text=True,
-                            capture_output=True, timeout=300, preexec_fn=limit_file_size(limit))
-    assert result.returncode == 2, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ia3-trainer: error: could not save to {out}: ") and "File too large" in last
-    assert last.endswith("what was there before is unchanged: free some disk space, then resume the run "
-                         "(pass --resume)")
-    assert "Traceback" not in result.stderr
-    assert snapshot(out) == before  # the adapter, its base, recipe.json, inference.json, README.md: as they were
-    assert not list(out.glob("tmp-*"))
-
-
-WRITE_PAST_THE_LIMIT = """
-import sys, torch
-from ia3_trainer.training.checkpoints import saving
-try:
-    with saving(sys.argv[1]):
-        torch.save(torch.zeros(10_000), sys.argv[1] + "/optimizer.pt")
-except OSError as error:
-    print(error)
-"""
-
-
-def test_a_write_failure_of_torch_save_is_one_oserror(tmp_path):
-    # torch reports a failed write as a RuntimeError of its zip writer; a save must say what happened in one line.
-    result = subprocess.run([sys.executable, "-c", WRITE_PAST_THE_LIMIT, str(tmp_path)], env=ENV, text=True,
-                            capture_output=True, timeout=120, preexec_fn=limit_file_size(10_000))
-    assert result.stdout.startswith(f"could not save to {tmp_path}: [enforce fail at inline_container.cc"), result
 
 
 # --- Ctrl-C and damaged checkpoints --------------------------------------------------------------------------------
