@@ -149,7 +149,7 @@ class AtomicCheckpoints:
             # machine lost before its rename leaves an older step that every machine still has, for `--resume`.
             rotate_checkpoints(
                 output_dir=run_dir, save_total_limit=args.save_total_limit,
-                best_model_checkpoint=state.best_model_checkpoint, use_mtime=True,
+                best_model_checkpoint=state.best_model_checkpoint, use_mtime=_mtimes_order(run_dir),
             )
         else:
             # Every process wrote its RNG state into the staging folder. On a shared disk the saving process has
@@ -202,3 +202,12 @@ def saving(folder: str | Path) -> Iterator[None]:
                 "(train(resume_from_checkpoint=True))",
         ) from error
 
+
+def _mtimes_order(run_dir: str) -> bool:
+    """Whether the checkpoints' modification times order them, as Trainer orders them before it rotates: when they
+    span a second or more. Saves closer together than that (a small model) are ordered by step, which Trainer also
+    falls back to, there with a warning the user can do nothing about."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    times = [os.path.getmtime(path) for path in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    return len(times) > 1 and max(times) - min(times) >= 1.0
