@@ -148,10 +148,22 @@ def test_prefix_tree_scoring_gives_the_scores_of_decoding_every_label_whole(tiny
                 assert fallback.calls == before, "rank_candidates fell back to scoring every label"
                 assert torch.equal(chosen, expected.argmax(dim=-1)), (normalize, rows)
         got = scoring.score_candidates(model, (hidden,), batch["attention_mask"], candidates)
+        # Weights gathered module by module (FSDP, ZeRO-3): every label decoded whole, the same choice.
+        inputs = {**batch, "labels": candidates[:3]}
+        assert torch.equal(scoring.score_batch(model, inputs, candidate_ids=candidates, generate=False,
+                                               sharded=True).rank_choice, reference.argmax(dim=-1))
+        # A text whose scores are no numbers gets an index, and the others their own choice.
+        broken = hidden.clone()
+        broken[1] = float("nan")
+        chosen = scoring.rank_candidates(model, (broken,), batch["attention_mask"], candidates)
+        assert chosen.shape == (3,) and chosen[[0, 2]].tolist() == reference.argmax(dim=-1)[[0, 2]].tolist()
         monkeypatch.setattr(scoring, "RANK_CACHE_BYTES", 1)  # one example and one prefix per pass
         few = candidates[::20]
         torch.testing.assert_close(scoring.score_candidates(model, (hidden,), batch["attention_mask"], few),
                                    reference[:, ::20], atol=2e-5, rtol=0)
+        # The branch and bound gives up when a level's prefixes would hold more cache than allowed: the same choice.
+        assert torch.equal(scoring.rank_candidates(model, (hidden,), batch["attention_mask"], few),
+                           reference[:, ::20].argmax(dim=-1))
         # The model's own loss, one text and one label at a time, for a sample of labels.
         for k in range(0, len(labels), 37):
             target = tokenizer(text_target=labels[k], return_tensors="pt").input_ids

@@ -108,7 +108,7 @@ class EvaluationMixin:
             generate=not prediction_loss_only and (
                 labels is None or getattr(self, "_predicting", False) or needs_generation(self.metrics)
                 or getattr(self, "_user_metrics", None) is not None),
-            generate_fn=self._generate, **self._generation_kwargs(gen_kwargs),
+            generate_fn=self._generate, sharded=self._sharded(), **self._generation_kwargs(gen_kwargs),
         )
         for name, seconds in scores.seconds.items():
             self._eval_runtimes[name] += seconds
@@ -124,13 +124,18 @@ class EvaluationMixin:
             kwargs["max_new_tokens"] = self._eval_bound
         return kwargs
 
-    def _generate(self, **kwargs):
+    def _sharded(self) -> bool:
+        """Whether the weights are gathered module by module across processes (FSDP, ZeRO-3): every process must
+        then run the same decoder passes."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         from transformers.integrations.fsdp import is_fsdp_managed_module
 
+        return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model)
+
+    def _generate(self, **kwargs):
         # Every process must keep stepping while any still generates when weights are sharded; FSDP1 gathers its
         # flat parameters around generate (as Seq2SeqTrainer does), FSDP2 and ZeRO-3 gather per module.
-        kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model))
+        kwargs.setdefault("synced_gpus", self._sharded())
         gathered = contextlib.nullcontext()
         if torch.distributed.is_available():
             from torch.distributed.fsdp import FullyShardedDataParallel

@@ -7,10 +7,11 @@ prefix whose tokens sum to `S` bounds every label below it: by `S / n`, `n` the 
 example first follows its most likely token down to a label (a few passes of one row per example), which gives a
 score to beat; then the tree is walked level by level, and a prefix gets a decoder step only while its bound can
 still reach the best label found so far for its example. Every label that can win is scored exactly, so the winner
-is the label [`score_candidates`] ranks first (ties to the lowest index, as `argmax`); a label left out had a bound
-below a score already found. How much is left out depends on the model: a trained adapter that is sure of its label
-leaves out nearly all of the tree, a flat distribution nearly nothing (the walk then steps what
-[`prefix_tree.score_tree`] steps, a pass of at most `limit` rows at a time).
+is the label [`score_candidates`] ranks first (ties to the lowest index, as `argmax`), up to float rounding between
+passes of different sizes; a label left out had a bound below a score already found. How much is left out depends
+on the model: a trained adapter that is sure of its label leaves out nearly all of the tree, a flat distribution
+nearly nothing: when one level's prefixes would hold more cache than allowed, the search gives up and every label is
+scored the bounded way ([`prefix_tree.score_tree`]).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 
-# A prefix is stepped while its bound is within this much of the best score found (log-probability units): float
-# rounding in passes of different sizes can never leave out a label that ties the winner.
+# A prefix is stepped while its bound is within this much of the best score found (log-probability units), so that
+# fp32 rounding in passes of different sizes does not leave out a label that ties the winner.
 TOLERANCE = 1e-4
 
 
@@ -106,6 +107,7 @@ class Search:
     best: torch.Tensor
     choice: torch.Tensor
     cache: object  # the encoder-decoder cache each pass reads its rows from
+    cache_bytes: int  # the most the self-attention caches of one level may hold
 
     def record(self, examples: torch.Tensor, values: torch.Tensor, candidates: torch.Tensor) -> None:
         """Take `values` of `candidates` (for `examples`) where they beat the best so far (ties: lowest index)."""
@@ -156,6 +158,9 @@ class Search:
         frontier = self.read(examples, torch.zeros_like(examples), torch.zeros(batch, device=first.device), first,
                              greedy)
         while len(frontier[0]):
+            row_bytes = sum(keys[:1].numel() * keys.element_size() * 2 for keys, _ in state)  # keys and values
+            if len(frontier[0]) * row_bytes * 2 > self.cache_bytes:  # this level's caches, and their joining
+                raise TooManyPrefixes
             parts, states = [], []
             stepped = 0
             for c0 in range(0, len(frontier[0]), self.limit):
@@ -165,6 +170,7 @@ class Search:
                 parts.append((parent + stepped, *rest))
                 states.append(chunk_state)
                 stepped += len(parents)
+                del log_probs  # (rows, V): not alive during the next pass
             frontier = tuple(torch.cat(column) for column in zip(*parts, strict=True))
             state = [tuple(torch.cat(tensors) for tensors in zip(*layer, strict=True))
                      for layer in zip(*states, strict=True)]
@@ -188,10 +194,16 @@ class Search:
         return torch.log_softmax(outputs.logits[:, -1].float(), dim=-1), state
 
 
+class TooManyPrefixes(Exception):
+    """The prefixes still worth a step at one level would hold more cache than allowed (little could be pruned)."""
+
+
 def best_candidates(model, hidden, attention_mask, first, cache, sequences, limit: int, keyword: str,
-                    length_normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    length_normalize: bool = True, cache_bytes: int = 2**30):
     """The most likely of `sequences` for each of the B examples of `hidden` and its score, (B,) each, from the
-    start step's log-probabilities `first` (B, V) and encoder-decoder `cache`; a pass has at most `limit` rows."""
+    start step's log-probabilities `first` (B, V) and encoder-decoder `cache`; a pass has at most `limit` rows.
+    None when the prefixes worth a step at one level would hold more than `cache_bytes` of self-attention cache (a
+    model too unsure to prune much): the caller then scores every label, a bounded chunk at a time."""
     from ia3_trainer.modeling.layers import example_rows  # peft, imported where rank classification runs
 
     batch = attention_mask.shape[0]
@@ -199,8 +211,11 @@ def best_candidates(model, hidden, attention_mask, first, cache, sequences, limi
                                                     for layer in cache.cross_attention_cache.layers],
                     build_tree(sequences, hidden.device), length_normalize, limit, keyword, example_rows,
                     torch.full((batch,), -torch.inf, device=hidden.device),
-                    torch.full((batch,), len(sequences), dtype=torch.long, device=hidden.device), cache)
+                    torch.full((batch,), len(sequences), dtype=torch.long, device=hidden.device), cache, cache_bytes)
     start = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
-    search.walk(first, start, greedy=True)  # a score to beat, from each example's most likely path
-    search.walk(first, start, greedy=False)
+    try:
+        search.walk(first, start, greedy=True)  # a score to beat, from each example's most likely path
+        search.walk(first, start, greedy=False)
+    except TooManyPrefixes:
+        return None
     return search.choice, search.best

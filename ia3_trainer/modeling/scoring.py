@@ -1,12 +1,11 @@
 """The one evaluation kernel: token losses, teacher-forced argmax, rank classification and bounded generation.
 
 `score_batch` runs the whole model once per batch (so FSDP's and autocast's hooks on it run) for the per-example
-token losses and the teacher-forced argmax, then reuses that pass's encoder output for rank classification (one
-decoder step per distinct prefix of the candidate labels, see [`score_candidates`]) and for the bounded greedy
-generation. [`IA3Seq2SeqTrainer`]'s
-`prediction_step`, [`IA3Predictor.score`] and `benchmarks/throughput.py` all call it, so every number the package
-reports about an adapter comes from this code. [`EvalOutputs`] holds the per-example results of a whole pass, which
-metrics and the report are computed from.
+token losses and the teacher-forced argmax, then reuses that pass's encoder output for rank classification (a
+branch-and-bound walk of the labels' prefix tree, see [`rank_candidates`]) and for the bounded greedy generation.
+[`IA3Seq2SeqTrainer`]'s `prediction_step`, [`IA3Predictor.score`] and `benchmarks/throughput.py` all call it, so
+every number the package reports about an adapter comes from this code. [`EvalOutputs`] holds the per-example
+results of a whole pass, which metrics and the report are computed from.
 """
 
 from __future__ import annotations
@@ -137,10 +136,13 @@ def rank_candidates(
     candidate_ids = candidate_ids.to(attention_mask.device)
     sequences = [[token for token in row if token != IGNORE_INDEX] for row in candidate_ids.tolist()]
     started = _start_step(model, hidden, attention_mask, candidate_ids, sequences, chunk_rows, chunk_logits)
+    found = None
     if started is not None:
         first, cache, limit, keyword = started
-        choice, best = best_candidates(model, hidden, attention_mask, first, cache, sequences, limit, keyword,
-                                       length_normalize)
+        found = best_candidates(model, hidden, attention_mask, first, cache, sequences, limit, keyword,
+                                length_normalize, RANK_CACHE_BYTES)
+    if found is not None and bool((found[0] < len(sequences)).all()) and bool(torch.isfinite(found[1]).all()):
+        choice, best = found  # (a score that is no number leaves its example unchosen: scored the long way below)
         labels = candidate_ids[choice]
         labels = labels[:, :max(1, int((labels != IGNORE_INDEX).sum(dim=1).max()))]
         outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask, use_cache=False,
@@ -148,6 +150,9 @@ def rank_candidates(
         nll, tokens = token_nll(outputs.logits, labels)
         if torch.allclose(best, -(nll / tokens) if length_normalize else -nll, atol=1e-3, rtol=1e-3):
             return choice
+    if started is not None and found is None:  # too little pruned: every label along the tree, bounded
+        return score_candidates(model, (hidden,), attention_mask, candidate_ids, length_normalize, chunk_rows,
+                                chunk_logits).argmax(dim=-1)
     return score_sequences(model, hidden, attention_mask, candidate_ids, length_normalize, chunk_rows,
                            chunk_logits).argmax(dim=-1)
 
@@ -270,6 +275,7 @@ def score_batch(
     generate: bool = True,
     max_new_tokens: int | None = None,
     generate_fn: Callable | None = None,
+    sharded: bool = False,
     **generate_kwargs,
 ) -> BatchScores:
     """Score one collated batch (`input_ids`, `attention_mask`, optional `labels`) with `model` (a `PeftModel` or a
@@ -281,7 +287,10 @@ def score_batch(
     `rank_choice` itself (`IA3Predictor.score` passes one for rows with different label sets). With `generate`,
     `generated` holds greedy output ids bounded by `max_new_tokens`; the encoder output of the loss pass is reused
     when there is one. `generate_fn` replaces `model.generate` (the trainer passes its own
-    to add `synced_gpus`); `generate_kwargs` go to it. `seconds` times the rank and generate steps.
+    to add `synced_gpus`); `generate_kwargs` go to it. `seconds` times the rank and generate steps. `sharded` (weights
+    gathered module by module across processes: FSDP, ZeRO-3) ranks by decoding every label whole, whose passes
+    depend only on the batch size and the labels, so every process runs the same passes; the branch and bound runs
+    as many as each process's own texts need.
     """
     result = BatchScores()
     labels = batch.get("labels")
@@ -299,6 +308,10 @@ def score_batch(
                 started = time.perf_counter()
                 if rank_fn is not None:
                     result.rank_choice = rank_fn(model, encoded, batch["attention_mask"])
+                elif sharded:
+                    result.rank_choice = score_sequences(model, encoded[0], batch["attention_mask"],
+                                                         candidate_ids.to(batch["attention_mask"].device)
+                                                         ).argmax(dim=-1)
                 else:
                     result.rank_choice = rank_candidates(model, encoded, batch["attention_mask"], candidate_ids)
                 result.seconds["rank"] = time.perf_counter() - started
