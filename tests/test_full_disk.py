@@ -1,39 +1,18 @@
 """A full disk: a save that cannot be written whole fails with one line and leaves what was there before as it was
 (a file size limit, RLIMIT_FSIZE, stands for the full disk)."""
 
-import hashlib
 import json
-import os
 import re
 import resource
 import signal
 import subprocess
 import sys
-from pathlib import Path
+
+from test_runs import ENV, SAVES, snapshot, write  # the run-folder tests' recipes, environment and file hashes
 
 from ia3_trainer.cli.main import main
-from ia3_trainer.training.runs import LOCK_FILE, RUN_FILE
 
-from conftest import REPO, tiny_recipe
-
-
-# Checkpoints at steps 2 and 4, no evaluation.
-SAVES = {"training.max_steps": 4, "training.save_strategy": "steps", "training.save_steps": 2,
-         "training.save_total_limit": None, "training.disable_tqdm": True, "training.bf16": False}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-
-
-def write(tmp_path, raw, name="recipe.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(raw))
-    return str(path)
-
-
-def snapshot(folder: Path, skip=(RUN_FILE, LOCK_FILE)) -> dict[str, str]:
-    """Every file below `folder` with a hash of its bytes."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name not in skip}
+from conftest import tiny_recipe
 
 
 def limit_file_size(limit):
