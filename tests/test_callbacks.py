@@ -536,9 +536,8 @@ def test_the_interpreter_exit_waits_a_bounded_time_for_a_push(tmp_path):
                "HF_HUB_OFFLINE": "0", "IA3_TRAINER_HUB_TIMEOUT": "1", "TMPDIR": str(tmp_path / "tmp"),
                "OMP_NUM_THREADS": "1"}
         command = [sys.executable, "-c", SCRIPT, str(ASSETS), str(tmp_path / "out"), REPO_ID]
-        start = time.monotonic()
+        # A wait that never ended would hit the subprocess timeout.
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if REPO_ID in line]
     assert lines[0] == (f"Waiting up to 5 s for Hub repo {REPO_ID}: create the repo; Upload final adapter (step 1) "
@@ -547,7 +546,6 @@ def test_the_interpreter_exit_waits_a_bounded_time_for_a_push(tmp_path):
     assert lines[2].startswith(f"Stopped waiting after 5 s: 1 push(es) to Hub repo {REPO_ID} did not finish")
     assert lines[2].endswith(f"push it later with: ia3-trainer push {tmp_path / 'out'} {REPO_ID}")
     assert len(lines) == 3
-    assert elapsed < 90  # imports and one step take ~15 s on a busy 2-core machine; a hang would never end
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
