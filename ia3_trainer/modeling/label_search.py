@@ -143,8 +143,11 @@ class Search:
         self.record(examples[rows], totals / tree.lengths[candidates] if self.length_normalize else totals,
                     candidates)
         totals = sums[parents] + child_log_probs
-        if greedy:
-            keep = (child_log_probs == top_child[parents]) & ~stop[parents]
+        if greedy:  # one child per row (the first of equally likely ones: a flat model must not walk the whole tree)
+            kept = ((child_log_probs == top_child[parents]) & ~stop[parents]).nonzero().squeeze(1)
+            first = torch.ones_like(kept, dtype=torch.bool)
+            first[1:] = parents[kept[1:]] != parents[kept[:-1]]  # pairs come row by row
+            keep = torch.zeros_like(parents, dtype=torch.bool).index_fill_(0, kept[first], True)
         else:
             bounds = totals / tree.longest[children] if self.length_normalize else totals
             keep = bounds >= self.best[examples[parents]] - TOLERANCE
