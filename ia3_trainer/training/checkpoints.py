@@ -207,7 +207,5 @@ def _mtimes_order(run_dir: str) -> bool:
     """Whether the checkpoints' modification times order them, as Trainer orders them before it rotates: when they
     span a second or more. Saves closer together than that (a small model) are ordered by step, which Trainer also
     falls back to, there with a warning the user can do nothing about."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    times = [os.path.getmtime(path) for path in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    times = [os.path.getmtime(path) for path in checkpoint_folders(run_dir) if path.is_dir()]
     return len(times) > 1 and max(times) - min(times) >= 1.0
