@@ -145,8 +145,8 @@ def rank_candidates(
         choice, best = found  # (a score that is no number leaves its example unchosen: scored the long way below)
         labels = candidate_ids[choice]
         labels = labels[:, :max(1, int((labels != IGNORE_INDEX).sum(dim=1).max()))]
-        outputs = model(encoder_outputs=(hidden,), attention_mask=attention_mask, use_cache=False,
-                        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
+        outputs = model(encoder_outputs=(hidden,),
+                        **teacher_forced_inputs(model, {"attention_mask": attention_mask, "labels": labels}))
         nll, tokens = token_nll(outputs.logits, labels)
         if torch.allclose(best, -(nll / tokens) if length_normalize else -nll, atol=1e-3, rtol=1e-3):
             return choice
