@@ -100,7 +100,8 @@ class IA3TrainingArguments(Seq2SeqTrainingArguments):
     )
     rank_classification: bool = field(
         default=True,
-        metadata={"help": "Also report eval_rank_accuracy: the most likely of the known labels, one decoder pass."},
+        metadata={"help": "Also report eval_rank_accuracy: the most likely of the known labels (a branch-and-bound "
+                          "walk of their prefix tree)."},
     )
     fused_kernels: bool = field(
         default=True, metadata={"help": "Swap T5's RMS norm and gelu_new for torch's fused equivalents."}
